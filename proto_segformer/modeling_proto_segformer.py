@@ -1,0 +1,301 @@
+"""ProtoSeg ("Rethinking Semantic Segmentation: A Prototype View", Zhou et al., CVPR 2022) on SegFormer.
+
+SegFormer's Mix Transformer encoder and all-MLP decoder, a projection to unit pixel embeddings, and instead of a
+learnable classifier a persistent buffer `prototypes` of shape (K, M, D): each pixel takes the class of its nearest
+prototype. The prototypes are running means of pixel embeddings, updated in training mode from labelled pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.models.segformer.modeling_segformer import SegformerMLP, SegformerModel
+from transformers.utils import ModelOutput
+
+from .configuration_proto_segformer import ProtoSegformerConfig
+from .prototypes import (
+    average_across_processes,
+    class_scores,
+    l2_normalize,
+    momentum_update,
+    normalize_class_scores,
+    ppc_loss,
+    ppd_loss,
+    random_unit_prototypes,
+    sinkhorn_assignments,
+)
+
+# SegFormer checkpoints (transformers 4.x and 5.x alike) store the decoder's stage projections as
+# `decode_head.linear_c.*`; transformers 5 calls the in-memory module `linear_projections`. Register the same
+# renaming for our class so that parametric checkpoints load and ours are written in the common layout.
+register_checkpoint_conversion_mapping(
+    "ProtoSegformerForSemanticSegmentation",
+    [WeightRenaming("decode_head.linear_c.", "decode_head.linear_projections.")],
+    overwrite=True,
+)
+
+
+@dataclass
+class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
+    """
+    Output of [`ProtoSegformerForSemanticSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            CE + ppc_weight * PPC + ppd_weight * PPD.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / 4, width / 4)`):
+            Nearest-prototype class scores max_m <e, p_{k,m}>, normalised over the class axis by a LayerNorm without
+            affine parameters. Their argmax is the nearest prototype's class.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): encoder stage outputs, as SegFormer's.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, as SegFormer's.
+        pixel_embeddings (`torch.FloatTensor` of shape `(batch_size, prototype_dim, height / 4, width / 4)`, *optional*):
+            Unit-norm pixel embeddings, returned when `output_pixel_embeddings=True`.
+        loss_ce, loss_ppc, loss_ppd (`torch.FloatTensor` of shape `()`, *optional*):
+            The loss terms, detached, for logging (returned with `loss`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    pixel_embeddings: torch.FloatTensor | None = None
+    loss_ce: torch.FloatTensor | None = None
+    loss_ppc: torch.FloatTensor | None = None
+    loss_ppd: torch.FloatTensor | None = None
+
+
+class ProtoSegformerDecodeHead(nn.Module):
+    """SegFormer's all-MLP decoder without the classifier: (B, C_s, H/s, W/s) stages -> (B, decoder_hidden_size, H/4, W/4).
+
+    Parameter names are those of transformers' `SegformerDecodeHead`, so parametric checkpoints load into it.
+    """
+
+    def __init__(self, config: ProtoSegformerConfig) -> None:
+        super().__init__()
+        self.linear_projections = nn.ModuleList(
+            [SegformerMLP(config, input_dim=config.hidden_sizes[i]) for i in range(config.num_encoder_blocks)]
+        )
+        self.linear_fuse = nn.Conv2d(
+            config.decoder_hidden_size * config.num_encoder_blocks, config.decoder_hidden_size, kernel_size=1, bias=False
+        )
+        self.batch_norm = nn.BatchNorm2d(config.decoder_hidden_size)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+
+    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        batch_size = encoder_hidden_states[-1].shape[0]
+        target_size = encoder_hidden_states[0].shape[2:]
+        upsampled = []
+        for hidden_state, projection in zip(encoder_hidden_states, self.linear_projections):
+            height, width = hidden_state.shape[2], hidden_state.shape[3]
+            hidden_state = projection(hidden_state).transpose(1, 2).reshape(batch_size, -1, height, width)
+            upsampled.append(F.interpolate(hidden_state, size=target_size, mode="bilinear", align_corners=False))
+        hidden_states = self.linear_fuse(torch.cat(upsampled[::-1], dim=1))
+        return self.dropout(self.activation(self.batch_norm(hidden_states)))
+
+
+class ProtoSegformerProjection(nn.Module):
+    """1x1 conv -> ReLU -> 1x1 conv -> LayerNorm over channels -> L2 normalisation over channels.
+
+    (B, decoder_hidden_size, h, w) -> (B, D, h, w) with unit norm along D.
+    """
+
+    def __init__(self, config: ProtoSegformerConfig) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(config.decoder_hidden_size, config.decoder_hidden_size, kernel_size=1)
+        self.activation = nn.ReLU()
+        self.conv2 = nn.Conv2d(config.decoder_hidden_size, config.embedding_dim, kernel_size=1)
+        self.layer_norm = nn.LayerNorm(config.embedding_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        embeddings = self.conv2(self.activation(self.conv1(hidden_states)))
+        embeddings = self.layer_norm(embeddings.permute(0, 2, 3, 1))
+        return l2_normalize(embeddings, dim=-1).permute(0, 3, 1, 2)
+
+
+class ProtoSegformerPreTrainedModel(PreTrainedModel):
+    config_class = ProtoSegformerConfig
+    config: ProtoSegformerConfig
+    base_model_prefix = "segformer"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SegformerStage"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ProtoSegformerForSemanticSegmentation):
+            # `init.copy_` skips a buffer that was loaded from a checkpoint, so reloading never resets prototypes.
+            num_classes, num_prototypes, dim = module.prototypes.shape
+            fresh = random_unit_prototypes(num_classes, num_prototypes, dim, device=module.prototypes.device)
+            init.copy_(module.prototypes, fresh.to(module.prototypes.dtype))
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch_size, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
+            " Use the image processor (or permute channels-last arrays) to build them."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor (normalised images), got {pixel_values.dtype}."
+            " Use the image processor, or convert with .float() and normalise."
+        )
+    if pixel_values.shape[2] < 4 or pixel_values.shape[3] < 4:
+        raise ValueError(f"pixel_values are too small for SegFormer (at least 4x4), got {tuple(pixel_values.shape)}.")
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contain NaN or inf values.")
+
+
+def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: int, ignore_index: int) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}.")
+    expected = (pixel_values.shape[0], *pixel_values.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"labels must have shape (batch_size, height, width) = {expected} to match pixel_values"
+            f" {tuple(pixel_values.shape)}, got {tuple(labels.shape)}."
+        )
+    invalid = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
+    if invalid.any():
+        values = torch.unique(labels[invalid]).tolist()
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise ValueError(
+            f"labels contain values {shown} that are neither a class index in [0, {num_labels - 1}] nor the ignore"
+            f" index {ignore_index}. If 0 is background to ignore and classes start at 1, use reduce_labels."
+        )
+
+
+class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
+    """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
+
+    def __init__(self, config: ProtoSegformerConfig) -> None:
+        super().__init__(config)
+        if config.num_labels < 2:
+            raise ValueError(f"ProtoSeg needs at least 2 classes (num_labels), got {config.num_labels}.")
+        self.segformer = SegformerModel(config)
+        self.decode_head = ProtoSegformerDecodeHead(config)
+        self.projection = ProtoSegformerProjection(config)
+        shape = (config.num_labels, config.num_prototypes_per_class, config.embedding_dim)
+        self.register_buffer("prototypes", random_unit_prototypes(*shape), persistent=True)
+        self.post_init()
+
+    def embed_pixels(self, pixel_values: torch.Tensor, **encoder_kwargs) -> tuple[torch.Tensor, ModelOutput]:
+        """Unit pixel embeddings (B, D, H/4, W/4) and the encoder outputs."""
+        encoder_outputs = self.segformer(pixel_values, output_hidden_states=True, **encoder_kwargs)
+        decoded = self.decode_head(encoder_outputs.hidden_states)
+        return self.projection(decoded), encoder_outputs
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_pixel_embeddings: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ProtoSegformerSemanticSegmenterOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images.
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): class indices in
+                `[0, num_labels)` or `semantic_loss_ignore_index`. With labels the loss is computed; in training
+                mode the prototypes are also updated (and averaged across processes under torch.distributed).
+            output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, height/4, width/4).
+
+        Returns: [`ProtoSegformerSemanticSegmenterOutput`] with `logits` of shape (B, num_labels, height/4, width/4).
+        """
+        config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        _check_pixel_values(pixel_values, config.num_channels)
+        if labels is not None:
+            _check_labels(labels, pixel_values, config.num_labels, config.semantic_loss_ignore_index)
+
+        embeddings, encoder_outputs = self.embed_pixels(pixel_values, output_attentions=output_attentions)
+        batch, dim, height, width = embeddings.shape
+
+        loss = loss_ce = loss_ppc = loss_ppd = None
+        if labels is None:
+            scores = class_scores(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
+            logits = normalize_class_scores(scores, dim=1)
+        else:
+            logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
+
+        output = ProtoSegformerSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=encoder_outputs.hidden_states if output_hidden_states else None,
+            attentions=encoder_outputs.attentions if output_attentions else None,
+            pixel_embeddings=embeddings if output_pixel_embeddings else None,
+            loss_ce=loss_ce,
+            loss_ppc=loss_ppc,
+            loss_ppd=loss_ppd,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _train_head(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """Logits, losses and (in training mode) the prototype update for one labelled batch."""
+        config = self.config
+        batch, dim, height, width = embeddings.shape
+        num_classes, num_prototypes, _ = self.prototypes.shape
+        # The losses use the prototypes before this step's update; a snapshot keeps autograd's saved tensor intact.
+        prototypes = self.prototypes.detach().clone()
+
+        pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
+        similarities = (pixels @ prototypes.to(pixels.dtype).reshape(-1, dim).t()).view(-1, num_classes, num_prototypes)
+        scores = similarities.amax(dim=-1)
+        logits = normalize_class_scores(scores.view(batch, height, width, num_classes), dim=-1).permute(0, 3, 1, 2)
+
+        upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=config.semantic_loss_ignore_index)
+        if torch.isnan(loss_ce):  # every pixel ignored
+            loss_ce = upsampled.sum() * 0.0
+
+        small_labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest").long().view(-1)
+        valid = small_labels != config.semantic_loss_ignore_index
+        classes = small_labels[valid]
+        valid_similarities = similarities[valid]
+        own = valid_similarities.gather(1, classes[:, None, None].expand(-1, 1, num_prototypes)).squeeze(1)
+        assignments = sinkhorn_assignments(
+            own, classes, num_classes, config.sinkhorn_epsilon, config.sinkhorn_iterations
+        )
+        targets = classes * num_prototypes + assignments
+        loss_ppc = ppc_loss(valid_similarities, targets, config.ppc_temperature)
+        loss_ppd = ppd_loss(own.gather(1, assignments[:, None]).squeeze(1))
+        loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
+
+        if self.training:
+            correct = scores[valid].argmax(dim=1) == classes
+            updated = momentum_update(
+                prototypes, pixels[valid][correct], targets[correct], config.prototype_momentum
+            )
+            with torch.no_grad():
+                self.prototypes.copy_(average_across_processes(updated))
+        return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()
+
+
+__all__ = [
+    "ProtoSegformerDecodeHead",
+    "ProtoSegformerForSemanticSegmentation",
+    "ProtoSegformerPreTrainedModel",
+    "ProtoSegformerProjection",
+    "ProtoSegformerSemanticSegmenterOutput",
+]
