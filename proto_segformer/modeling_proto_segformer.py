@@ -55,7 +55,7 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
             affine parameters. Their argmax is the nearest prototype's class.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): encoder stage outputs, as SegFormer's.
         attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, as SegFormer's.
-        pixel_embeddings (`torch.FloatTensor` of shape `(batch_size, prototype_dim, height / 4, width / 4)`, *optional*):
+        pixel_embeddings (`torch.FloatTensor` of shape `(batch_size, D, height / 4, width / 4)`, *optional*):
             Unit-norm pixel embeddings, returned when `output_pixel_embeddings=True`.
         loss_ce, loss_ppc, loss_ppd (`torch.FloatTensor` of shape `()`, *optional*):
             The loss terms, detached, for logging (returned with `loss`).
@@ -72,7 +72,7 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
 
 
 class ProtoSegformerDecodeHead(nn.Module):
-    """SegFormer's all-MLP decoder without the classifier: (B, C_s, H/s, W/s) stages -> (B, decoder_hidden_size, H/4, W/4).
+    """SegFormer's all-MLP decoder without the classifier: stages (B, C_s, H/s, W/s) -> (B, C, H/4, W/4).
 
     Parameter names are those of transformers' `SegformerDecodeHead`, so parametric checkpoints load into it.
     """
@@ -83,7 +83,10 @@ class ProtoSegformerDecodeHead(nn.Module):
             [SegformerMLP(config, input_dim=config.hidden_sizes[i]) for i in range(config.num_encoder_blocks)]
         )
         self.linear_fuse = nn.Conv2d(
-            config.decoder_hidden_size * config.num_encoder_blocks, config.decoder_hidden_size, kernel_size=1, bias=False
+            config.decoder_hidden_size * config.num_encoder_blocks,
+            config.decoder_hidden_size,
+            kernel_size=1,
+            bias=False,
         )
         self.batch_norm = nn.BatchNorm2d(config.decoder_hidden_size)
         self.activation = nn.ReLU()
@@ -144,7 +147,8 @@ def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
         raise ValueError(
-            f"pixel_values must have shape (batch_size, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
+            f"pixel_values must have shape (batch_size, {num_channels}, height, width),"
+            f" got {tuple(pixel_values.shape)}."
             " Use the image processor (or permute channels-last arrays) to build them."
         )
     if not pixel_values.is_floating_point():
@@ -221,9 +225,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         """
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         _check_pixel_values(pixel_values, config.num_channels)
         if labels is not None:
@@ -284,9 +286,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
 
         if self.training:
             correct = scores[valid].argmax(dim=1) == classes
-            updated = momentum_update(
-                prototypes, pixels[valid][correct], targets[correct], config.prototype_momentum
-            )
+            updated = momentum_update(prototypes, pixels[valid][correct], targets[correct], config.prototype_momentum)
             with torch.no_grad():
                 self.prototypes.copy_(average_across_processes(updated))
         return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()

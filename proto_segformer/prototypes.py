@@ -58,8 +58,10 @@ def class_scores(embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size:
         scores = prototype_similarities(pixels, prototypes).amax(dim=-1)
     else:
         scores = torch.cat(
-            [prototype_similarities(pixels, prototypes[start : start + block]).amax(dim=-1)
-             for start in range(0, num_classes, block)],
+            [
+                prototype_similarities(pixels, prototypes[start : start + block]).amax(dim=-1)
+                for start in range(0, num_classes, block)
+            ],
             dim=1,
         )
     return scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
@@ -173,6 +175,73 @@ def momentum_update(
     return updated.view(num_classes, num_prototypes, dim).to(prototypes.dtype)
 
 
+def own_class_similarities(
+    embeddings: torch.Tensor, classes: torch.Tensor, prototypes: torch.Tensor, chunk_pixels: int = 4096
+) -> torch.Tensor:
+    """(N, M) similarity of each embedding (N, D) to the M prototypes of its own class, prototypes (K, M, D).
+
+    Gathers only the own class's prototypes, in chunks of pixels, so memory is O(chunk * M * D) whatever K is.
+    """
+    parts = [
+        torch.bmm(
+            prototypes[classes[start : start + chunk_pixels]], embeddings[start : start + chunk_pixels, :, None]
+        ).squeeze(-1)
+        for start in range(0, embeddings.shape[0], chunk_pixels)
+    ]
+    if not parts:
+        return embeddings.new_zeros(0, prototypes.shape[1])
+    return torch.cat(parts)
+
+
+def cluster_prototypes(
+    embeddings: torch.Tensor,
+    classes: torch.Tensor,
+    num_classes: int,
+    num_prototypes: int,
+    epsilon: float = 0.05,
+    sinkhorn_iterations: int = 3,
+    rounds: int = 10,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means of each class's embeddings into M prototypes, with Sinkhorn equipartition assignments.
+
+    The same clustering the training step uses, run to convergence from M pixels of each class picked at random.
+    All classes at once.
+
+    Args:
+        embeddings: (N, D) unit embeddings.
+        classes: (N,) class of each embedding in [0, num_classes).
+
+    Returns:
+        (K, M, D) unit prototypes (rows of classes without any embedding are zero) and a (K,) bool mask of the
+        classes that had embeddings.
+    """
+    embeddings = _float32_or_wider(embeddings.detach())
+    counts = torch.bincount(classes, minlength=num_classes)
+    present = counts > 0
+    # Random order within each class, classes contiguous: sort by class + uniform noise in [0, 1).
+    noise = torch.rand(classes.shape[0], generator=generator, dtype=torch.float64).to(classes.device)
+    order = torch.argsort(classes.double() + noise)
+    starts = torch.cumsum(counts, 0) - counts
+    picks = (
+        starts[:, None]
+        + (torch.arange(num_prototypes, device=classes.device)[None] * counts[:, None]) // num_prototypes
+    )
+    picks = picks.clamp(max=max(classes.shape[0] - 1, 0))
+    if classes.shape[0] == 0:
+        return embeddings.new_zeros(num_classes, num_prototypes, embeddings.shape[1]), present
+    centers = embeddings[order[picks]] * present[:, None, None]
+    for _ in range(rounds):
+        own = own_class_similarities(embeddings, classes, centers)
+        assignments = sinkhorn_assignments(own, classes, num_classes, epsilon, sinkhorn_iterations)
+        targets = classes * num_prototypes + assignments
+        flat = centers.reshape(num_classes * num_prototypes, -1)
+        sums = torch.zeros_like(flat).index_add_(0, targets, embeddings)
+        hit = torch.bincount(targets, minlength=flat.shape[0]) > 0
+        centers = torch.where(hit[:, None], l2_normalize(sums), flat).view_as(centers)
+    return centers, present
+
+
 def average_across_processes(prototypes: torch.Tensor) -> torch.Tensor:
     """All-reduce mean of the prototypes over processes, L2-normalised; identity without torch.distributed.
 
@@ -188,9 +257,11 @@ def average_across_processes(prototypes: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "average_across_processes",
     "class_scores",
+    "cluster_prototypes",
     "l2_normalize",
     "momentum_update",
     "normalize_class_scores",
+    "own_class_similarities",
     "ppc_loss",
     "ppd_loss",
     "prototype_similarities",
