@@ -78,6 +78,8 @@ class ProtoSegformerConfig(SegformerConfig):
         inference_chunk_size: int = 2**24,
         **kwargs: Any,
     ) -> None:
+        # A parametric SegFormer config.json says "segformer"; this config is always a proto_segformer one.
+        kwargs.pop("model_type", None)
         super().__init__(**kwargs)
         self.num_prototypes_per_class = num_prototypes_per_class
         self.prototype_dim = prototype_dim

@@ -136,7 +136,7 @@ def ppc_loss(similarities: torch.Tensor, targets: torch.Tensor, temperature: flo
         similarities: (N, K, M) or (N, K*M) cosine similarities of labelled pixels to every prototype.
         targets: (N,) flat index k_i * M + a_i of each pixel's assigned prototype.
     """
-    logits = similarities.reshape(similarities.shape[0], -1)
+    logits = similarities.flatten(1)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(_float32_or_wider(logits) / temperature, targets)
