@@ -291,6 +291,33 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 self.prototypes.copy_(average_across_processes(updated))
         return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()
 
+    def add_classes(self, images, masks, names, **options) -> dict[str, int]:
+        """Learn new classes from a few labelled images, without training; returns {name: new class id}.
+
+        `images`: pixel_values (N, 3, H, W) float, or a list of PIL images (normalised like SegformerImageProcessor,
+        optionally resized with `image_size=(h, w)`); `masks`: (N, H, W) integers at image resolution, value i + 1
+        marking the pixels of `names[i]` and 0 pixels to leave out. The support pixels of each new class are embedded
+        (eval mode, no gradient) and clustered into M prototypes with the training step's Sinkhorn clustering, which
+        are appended to `prototypes`; `config.id2label`/`label2id`/`num_labels` are extended. Existing prototypes and
+        weights stay bit-identical; on any error the model is unchanged. Options and details:
+        `class_editing.add_classes_to_model`.
+        """
+        from .class_editing import add_classes_to_model
+
+        return add_classes_to_model(self, images, masks, names, **options)
+
+    def remove_classes(self, names) -> dict[int, int]:
+        """Drop classes (and their prototypes) by name; returns {old id: new id}. Later class ids shift down."""
+        from .class_editing import remove_classes_from_model
+
+        return remove_classes_from_model(self, names)
+
+    def rename_class(self, old: str, new: str) -> int:
+        """Rename class `old` to `new` in `config.id2label`/`label2id`; returns its id."""
+        from .class_editing import rename_class_of_model
+
+        return rename_class_of_model(self, old, new)
+
 
 __all__ = [
     "ProtoSegformerDecodeHead",
