@@ -401,3 +401,66 @@ def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipe
     assert report["renamed"] == ["navy thing", "red thing"]
     assert report["added"] == {"top strip": 7}
     assert report["num_labels"] == 8 and report["prototypes"] == [8, 4, 32]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/add_classes.py
+
+
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_support_folder(folder, count: int = 2) -> None:
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for index in range(count):
+        image, mask = two_colour_image(seed=index, size=40)
+        image.save(folder / "images" / f"scene{index}.jpg", quality=95)
+        mask.save(folder / "masks" / f"scene{index}.png")
+
+
+@pytest.mark.parametrize("with_processor", [True, False])
+def test_add_classes_script_saves_an_extended_model(tmp_path, with_processor):
+    from transformers import SegformerImageProcessor
+
+    script = load_script("add_classes")
+    model_dir, support_dir, output_dir = tmp_path / "model", tmp_path / "support", tmp_path / "out"
+    model = make_model()
+    model.save_pretrained(model_dir)
+    if with_processor:
+        SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    write_support_folder(support_dir)
+
+    arguments = script.AddClassesArguments(
+        model_dir=str(model_dir), support_dir=str(support_dir), names=["red", "blue"], output_dir=str(output_dir)
+    )
+    assert script.main(arguments) == {"red": 5, "blue": 6}
+
+    extended = ProtoSegformerForSemanticSegmentation.from_pretrained(output_dir)
+    assert extended.config.id2label[5] == "red" and extended.config.id2label[6] == "blue"
+    assert torch.equal(extended.prototypes[:5], model.prototypes)
+    assert (output_dir / "preprocessor_config.json").exists() == with_processor
+    image, _ = two_colour_image(seed=0, size=40)
+    size = (32, 32) if with_processor else None
+    pixel_values = pil_to_pixel_values(image, size)[None]
+    predictions = extended.eval()(pixel_values).logits.argmax(dim=1)
+    assert set(predictions[0, :, :3].unique().tolist()) == {5} and set(predictions[0, :, -3:].unique().tolist()) == {6}
+
+
+def test_add_classes_script_names_unmatched_files(tmp_path):
+    script = load_script("add_classes")
+    write_support_folder(tmp_path)
+    (tmp_path / "masks" / "scene1.png").rename(tmp_path / "masks" / "other.png")
+    with pytest.raises(ValueError, match=r"images without a mask \['scene1'\], masks without an image \['other'\]"):
+        script.support_pairs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="needs images/ and masks/"):
+        script.support_pairs(tmp_path / "missing")
