@@ -1,10 +1,422 @@
-"""Model cards for trained ProtoSegformer checkpoints (stub: the publishing work renders the full card)."""
+"""Model cards for trained ProtoSegformer checkpoints, rendered with huggingface_hub's `ModelCard` / `ModelCardData`.
+
+The card's body is the Jinja template `model_cards/template.md` at the repository root; its metadata (YAML header)
+holds library_name, pipeline_tag, license, tags, datasets, metrics, base_model, widget examples and a `model-index`
+with the evaluation results read from the training output (`all_results.json` / `eval_results.json`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+TAGS = ["protoseg", "segformer", "semantic-segmentation", "custom_code", "vision", "image-segmentation"]
+DEFAULT_LICENSE = "apache-2.0"
+# NVIDIA's SegFormer / MiT weights on the Hub are under NVIDIA's own (non-commercial) licence.
+NVIDIA_LICENSE = {
+    "license": "other",
+    "license_name": "nvidia-segformer",
+    "license_link": "https://github.com/NVlabs/SegFormer/blob/master/LICENSE",
+}
+DEFAULT_WIDGET = [
+    {
+        "src": "https://huggingface.co/datasets/hf-internal-testing/fixtures_ade20k/resolve/main/ADE_val_00000001.jpg",
+        "example_title": "House",
+    },
+    {"src": "http://images.cocodataset.org/val2017/000000039769.jpg", "example_title": "Cats"},
+]
+# metric key (without the "eval_" prefix) -> (model-index metric type, display name)
+KNOWN_METRICS: dict[str, tuple[str, str]] = {
+    "mean_iou": ("mean_iou", "Mean IoU"),
+    "mean_accuracy": ("mean_accuracy", "Mean Accuracy"),
+    "overall_accuracy": ("accuracy", "Overall Accuracy"),
+}
+BOOKKEEPING = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "step", "model_preparation_time"}
+RESULT_FILES = ("all_results.json", "eval_results.json")
+PROTOTYPE_STATS_FILE = "prototype_stats.json"
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+# ---------------------------------------------------------------------------------------------- reading the output
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def read_eval_results(output_dir: str | Path) -> dict[str, Any]:
+    """Evaluation metrics of a training output: the `eval_*` entries of all_results.json and eval_results.json
+    (the latter wins), with the `eval_` prefix removed. Empty when neither file exists."""
+    results: dict[str, Any] = {}
+    for name in RESULT_FILES:
+        path = Path(output_dir) / name
+        if path.is_file():
+            results.update({k: v for k, v in _read_json(path).items() if k.startswith("eval_")})
+    return strip_eval_prefix(results)
+
+
+def strip_eval_prefix(results: Mapping[str, Any]) -> dict[str, Any]:
+    """{"eval_mean_iou": x} -> {"mean_iou": x}; keys without the prefix are kept as they are."""
+    return {(k[len("eval_") :] if k.startswith("eval_") else k): v for k, v in results.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def scalar_metrics(eval_results: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(metric type, display name, value) of the scalar metrics worth a model-index entry, known ones first."""
+    results = strip_eval_prefix(eval_results)
+    entries = [(t, n, float(results[k])) for k, (t, n) in KNOWN_METRICS.items() if _is_number(results.get(k))]
+    for key, value in results.items():
+        if key in KNOWN_METRICS or key in BOOKKEEPING or not _is_number(value):
+            continue
+        if key.startswith(("iou_", "accuracy_")):  # per-class entries go to the table in the body
+            continue
+        entries.append((key, key.replace("_", " ").title(), float(value)))
+    return entries
+
+
+def per_class_metrics(eval_results: Mapping[str, Any], id2label: Mapping[int, str]) -> dict[str, dict[str, float]]:
+    """{class name: {"iou": x, "accuracy": y}} from `per_category_iou`/`per_category_accuracy` lists or
+    `iou_<name>`/`accuracy_<name>` entries; values that are nan are left out."""
+    results = strip_eval_prefix(eval_results)
+    table: dict[str, dict[str, float]] = {}
+    for metric in ("iou", "accuracy"):
+        values = results.get(f"per_category_{metric}")
+        if isinstance(values, Sequence) and not isinstance(values, str):
+            for index, value in enumerate(values):
+                if _is_number(value):
+                    table.setdefault(str(id2label.get(index, index)), {})[metric] = float(value)
+        for key, value in results.items():
+            if key.startswith(f"{metric}_") and _is_number(value):
+                table.setdefault(key[len(metric) + 1 :], {})[metric] = float(value)
+    return table
+
+
+def prototype_tensor_stats(output_dir: Path, id2label: Mapping[int, str]) -> dict[str, Any] | None:
+    """`prototype_statistics` (near-duplicates, within-class cosines) of the prototypes in the checkpoint's weights."""
+    weights = output_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    from .visualization import prototype_statistics
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            if "prototypes" not in handle.keys():
+                return None
+            prototypes = handle.get_tensor("prototypes")
+    except Exception as error:  # a corrupt file is reported by the checkpoint checks, not here
+        logger.warning("Could not read prototypes from %s: %s", weights, error)
+        return None
+    return prototype_statistics(prototypes, dict(id2label))
+
+
+def learnable_parameter_count(output_dir: Path) -> int | None:
+    """Parameters in the weights, leaving out `prototypes` and BatchNorm running statistics (not learnable)."""
+    weights = output_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():
+                if name == "prototypes" or name.rsplit(".", 1)[-1] in (
+                    "running_mean",
+                    "running_var",
+                    "num_batches_tracked",
+                ):
+                    continue
+                total += math.prod(handle.get_slice(name).get_shape())
+    except Exception:
+        return None
+    return total
+
+
+def mit_size(config: Mapping[str, Any]) -> str | None:
+    """The MiT preset name ("mit-b0" ..) matching the config's hidden_sizes, depths and decoder width, else None."""
+    from .configuration_proto_segformer import MIT_PRESETS
+
+    for name, preset in MIT_PRESETS.items():
+        if all(
+            list(config.get(k) or []) == list(v) if isinstance(v, list) else config.get(k) == v
+            for k, v in preset.items()
+        ):
+            return name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ body sections
+
+
+def _format_metric(value: float) -> str:
+    return f"{100 * value:.2f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+
+
+def results_section(eval_results: Mapping[str, Any], id2label: Mapping[int, str], dataset_text: str) -> str:
+    """Markdown: a table of the scalar metrics and, when available, per-class IoU / accuracy."""
+    metrics = scalar_metrics(eval_results)
+    if not metrics:
+        return "No evaluation results were recorded with this checkpoint."
+    lines = [f"On the evaluation split of {dataset_text} (values in [0, 1] shown as percentages):", ""]
+    lines += ["| metric | value |", "|---|---|"] + [f"| {name} | {_format_metric(v)} |" for _, name, v in metrics]
+    per_class = per_class_metrics(eval_results, id2label)
+    if per_class:
+        lines += ["", "| class | IoU | accuracy |", "|---|---|---|"]
+        for name, values in per_class.items():
+            iou = _format_metric(values["iou"]) if "iou" in values else "-"
+            accuracy = _format_metric(values["accuracy"]) if "accuracy" in values else "-"
+            lines.append(f"| {name} | {iou} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def training_section(
+    training_args: Mapping[str, Any] | None, train_results: Mapping[str, Any], dataset_text: str
+) -> str:
+    """Markdown: the data, the recorded training arguments and run statistics."""
+    lines = [f"Data: {dataset_text}."]
+    summary = {k: v for k, v in train_results.items() if k in ("train_loss", "train_runtime", "epoch", "total_flos")}
+    if training_args:
+        lines += ["", "| argument | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v} |" for k, v in training_args.items() if not isinstance(v, (dict, list)) or len(str(v)) < 80
+        ]
+    else:
+        lines += ["", "The training arguments were not recorded with this checkpoint."]
+    if summary:
+        lines += [
+            "",
+            "Run: " + ", ".join(f"{k} = {v:.4g}" if _is_number(v) else f"{k} = {v}" for k, v in summary.items()),
+        ]
+    return "\n".join(lines)
+
+
+def prototype_section(stats: Mapping[str, Any] | None) -> str:
+    """Markdown: near-duplicate and unused prototypes (the official release's prototypes collapse; these do not?)."""
+    if not stats:
+        return ""
+    num_classes, num_prototypes = stats["num_classes"], stats["num_prototypes_per_class"]
+    pairs = num_classes * num_prototypes * (num_prototypes - 1) // 2
+    duplicates = stats.get("near_duplicates", [])
+    cosine = stats.get("within_class_cosine", {})
+    lines = ["### Prototype health", ""]
+    lines.append(
+        f"- Near-duplicates (two prototypes of one class with cosine > {stats.get('near_duplicate_threshold', 0.95)}):"
+        f" **{len(duplicates)}** of {pairs} within-class pairs"
+        + (
+            f" (within-class cosine: max {cosine.get('max')}, mean {cosine.get('mean')})."
+            if cosine.get("max") is not None
+            else "."
+        )
+    )
+    if duplicates:
+        shown = ", ".join(
+            f"{d['class']} p{d['prototypes'][0]}~p{d['prototypes'][1]} ({d['cosine']})" for d in duplicates[:10]
+        )
+        lines.append(f"  Pairs: {shown}{', ...' if len(duplicates) > 10 else ''}.")
+    usage = stats.get("usage")
+    if usage:
+        where = f" on {usage['data']}" if usage.get("data") else ""
+        seen = usage.get("classes_seen", num_classes)
+        lines.append(
+            f"- Unused prototypes{where} (never the nearest prototype of any pixel of their class):"
+            f" **{usage['unused_count']}** of {seen * num_prototypes}; used by < 1% of their class's pixels:"
+            f" {usage.get('rarely_used_count', 0)}."
+        )
+        if usage["unused"]:
+            shown = ", ".join(f"{u['class']} p{u['prototype']}" for u in usage["unused"][:20])
+            lines.append(f"  Unused: {shown}{', ...' if len(usage['unused']) > 20 else ''}.")
+        if usage.get("mean_effective_prototypes") is not None:
+            lines.append(
+                f"- Effective prototypes per class (exp of the entropy of usage; {num_prototypes} = all used equally,"
+                f" 1 = collapsed): mean **{usage['mean_effective_prototypes']}**."
+            )
+    else:
+        lines.append("- Usage on data was not measured (run scripts/visualize_prototypes.py to add it).")
+    return "\n".join(lines) + "\n"
+
+
+def pictures_section(pictures: Sequence[tuple[str, str]] | None) -> str:
+    """Markdown images for (relative path, caption) pairs."""
+    if not pictures:
+        return ""
+    lines = ["### Pictures", ""]
+    for path, caption in pictures:
+        lines += [f"![{caption}]({path})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ the card
+
+
+def build_card_data(
+    *,
+    model_name: str,
+    id2label: Mapping[int, str],
+    eval_results: Mapping[str, Any],
+    dataset_name: str | None,
+    base_model: str | None,
+    license: str | None = None,
+    widget: list[dict[str, str]] | None = None,
+) -> ModelCardData:
+    """The card's metadata: library, task, licence, tags, datasets, metrics, base model, widget and model-index."""
+    licence = (
+        {"license": license}
+        if license
+        else (
+            dict(NVIDIA_LICENSE)
+            if base_model and base_model.lower().startswith("nvidia/")
+            else {"license": DEFAULT_LICENSE}
+        )
+    )
+    metrics = scalar_metrics(eval_results)
+    dataset = dataset_name or "built-in"
+    results = [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Semantic Segmentation",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="validation",
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=round(value, 6),
+        )
+        for metric_type, name, value in metrics
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=list(TAGS),
+        datasets=[dataset_name] if dataset_name else None,
+        metrics=sorted({t for t, _, _ in metrics}) or None,
+        base_model=base_model,
+        model_name=model_name,
+        eval_results=results or None,
+        widget=widget if widget is not None else [dict(w) for w in DEFAULT_WIDGET],
+        **licence,
+    )
+
+
+def render_model_card(
+    output_dir: str | Path,
+    *,
+    dataset_name: str | None = None,
+    eval_results: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    prototype_stats: Mapping[str, Any] | None = None,
+    pictures: Sequence[tuple[str, str]] | None = None,
+    widget: list[dict[str, str]] | None = None,
+    project_url: str | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
+
+    Missing inputs are read from the folder: eval results from all_results.json / eval_results.json, training
+    arguments from training_args.json, prototype statistics from prototype_stats.json (written by
+    scripts/visualize_prototypes.py) or, for near-duplicates only, from the prototypes in model.safetensors.
+    """
+    output_dir = Path(output_dir)
+    config_path = output_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"Cannot write a model card: {output_dir} has no config.json (save the model first).")
+    config = _read_json(config_path)
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    num_labels = len(id2label) or int(config.get("num_labels", 0))
+    results = strip_eval_prefix(eval_results) if eval_results is not None else read_eval_results(output_dir)
+    if training_args is None and (output_dir / TRAINING_ARGS_FILE).is_file():
+        training_args = _read_json(output_dir / TRAINING_ARGS_FILE)
+    if prototype_stats is None and (output_dir / PROTOTYPE_STATS_FILE).is_file():
+        prototype_stats = _read_json(output_dir / PROTOTYPE_STATS_FILE)
+    if prototype_stats is None:
+        prototype_stats = prototype_tensor_stats(output_dir, id2label)
+    train_results = {}
+    for name in ("train_results.json", "all_results.json"):
+        if (output_dir / name).is_file():
+            train_results.update(
+                {k: v for k, v in _read_json(output_dir / name).items() if k.startswith(("train_", "epoch"))}
+            )
+
+    size = mit_size(config)
+    dataset_text = f"`{dataset_name}`" if dataset_name else "the data it was trained on"
+    name = (
+        repo_id.split("/")[-1]
+        if repo_id
+        else f"protosegformer-{size or 'custom'}" + (f"-{dataset_name.split('/')[-1]}" if dataset_name else "")
+    )
+    card_data = build_card_data(
+        model_name=name,
+        id2label=id2label,
+        eval_results=results,
+        dataset_name=dataset_name,
+        base_model=base_model,
+        license=license,
+        widget=widget,
+    )
+    processor_path = output_dir / "preprocessor_config.json"
+    crop = "the processor's size"
+    if processor_path.is_file():
+        size_field = _read_json(processor_path).get("size") or {}
+        if "height" in size_field and "width" in size_field:
+            crop = f"{size_field['height']}x{size_field['width']}"
+    num_parameters = learnable_parameter_count(output_dir)
+    template = Path(template_path) if template_path else TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"Model card template {template} is missing (it ships in the repository's model_cards/)."
+        )
+    embedding_dim = config.get("prototype_dim") or config.get("decoder_hidden_size")
+    summary = (
+        f"A SegFormer ({size or 'custom MiT size'}) semantic segmentation model with a ProtoSeg prototype classifier"
+        f" ({num_labels} classes x {config.get('num_prototypes_per_class')} prototypes), trained on {dataset_text}."
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        title=name,
+        summary=summary,
+        repo_id=repo_id or f"<namespace>/{name}",
+        num_labels=num_labels,
+        num_prototypes=config.get("num_prototypes_per_class"),
+        embedding_dim=embedding_dim,
+        config=config,
+        crop_size=crop,
+        num_parameters=f"{num_parameters:,}" if num_parameters is not None else "unknown",
+        base_model_text=f"[{base_model}](https://huggingface.co/{base_model})"
+        if base_model
+        else "none (trained from scratch)",
+        class_list=", ".join(f"{k}: {v}" for k, v in sorted(id2label.items())),
+        dataset_text=dataset_text,
+        project_text=f"the [`proto_segformer`]({project_url}) implementation"
+        if project_url
+        else "the `proto_segformer` implementation",
+        training_section=training_section(training_args, train_results, dataset_text),
+        results_section=results_section(results, id2label, dataset_text),
+        prototype_section=prototype_section(prototype_stats),
+        pictures_section=pictures_section(pictures),
+    )
 
 
 def write_model_card(
@@ -14,24 +426,54 @@ def write_model_card(
     eval_results: dict[str, Any] | None = None,
     base_model: str | None = None,
     training_args: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    prototype_stats: dict[str, Any] | None = None,
+    pictures: Sequence[tuple[str, str]] | None = None,
+    widget: list[dict[str, str]] | None = None,
+    project_url: str | None = None,
+    filename: str = "README.md",
 ) -> Path:
-    """Write `README.md` (the model card) into `output_dir`, which holds a saved model; return its path."""
-    output_dir = Path(output_dir)
-    config = json.loads((output_dir / "config.json").read_text())
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-segmentation",
-        "tags: [protoseg, segformer, semantic-segmentation, custom_code]",
-        "---",
-        f"# ProtoSegformer ({config.get('num_labels')} classes)",
-        "",
-        f"Trained on: {dataset_name or 'built-in data'}",
-        "",
-        "```json",
-        json.dumps(eval_results or {}, indent=2),
-        "```",
-    ]
-    path = output_dir / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
+
+    Args:
+        output_dir: folder with config.json (and normally model.safetensors, preprocessor_config.json and the
+            training output's all_results.json / eval_results.json).
+        dataset_name: the training data (a Hub dataset id, or the name of a built-in data set).
+        eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
+        base_model: the Hub id of the checkpoint training started from (e.g. "nvidia/mit-b0"), if any.
+        training_args: the training settings to list in the card; default: training_args.json if present.
+        repo_id: "owner/name" used in the usage snippets; a placeholder if None.
+        license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
+        prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
+            else near-duplicate statistics of the stored prototypes.
+        pictures: (relative path, caption) of pictures to show in the card.
+        widget: widget examples [{"src": url, "example_title": title}]; default: two public photos.
+    """
+    card = render_model_card(
+        output_dir,
+        dataset_name=dataset_name,
+        eval_results=eval_results,
+        base_model=base_model,
+        training_args=training_args,
+        repo_id=repo_id,
+        license=license,
+        prototype_stats=prototype_stats,
+        pictures=pictures,
+        widget=widget,
+        project_url=project_url,
+    )
+    path = Path(output_dir) / filename
+    card.save(path)
     return path
+
+
+__all__ = [
+    "TEMPLATE_PATH",
+    "build_card_data",
+    "per_class_metrics",
+    "read_eval_results",
+    "render_model_card",
+    "scalar_metrics",
+    "write_model_card",
+]

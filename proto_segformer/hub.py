@@ -1,0 +1,246 @@
+"""Publish a trained ProtoSegformer: assemble a complete Hugging Face Hub repository folder and upload it in one commit.
+
+The repository holds everything needed to use the model without the `proto_segformer` package:
+
+- `model.safetensors`: the weights, including the `prototypes` buffer (K, M, D);
+- `config.json` with `auto_map` (AutoConfig / AutoModel / AutoModelForSemanticSegmentation) and the custom-code
+  files it points to (`configuration_proto_segformer.py`, `modeling_proto_segformer.py` and their local imports);
+- `preprocessor_config.json` (the image processor);
+- `README.md`: the model card (`model_card.py`);
+- `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`);
+- the training output's result files (all_results.json, eval_results.json, train_results.json, ...) and pictures.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .inference import (
+    CheckpointError,
+    find_processor_folder,
+    load_image_processor,
+    load_model,
+    validate_checkpoint,
+)
+from .model_card import PROTOTYPE_STATS_FILE, RESULT_FILES, TRAINING_ARGS_FILE, write_model_card
+
+HANDLER_SOURCE = Path(__file__).resolve().parent / "endpoint_handler.py"
+HANDLER_NAME = "handler.py"
+# Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
+ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
+# Files of a training output copied into the repository when present (the checkpoint folder, else its parent).
+SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE)
+REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
+
+
+class HubError(ValueError):
+    """A problem with publishing (repository id, token, destination folder)."""
+
+
+@dataclass
+class PushResult:
+    """What `push_to_hub` did: the assembled folder, the files in it (relative paths) and the commit URL if uploaded."""
+
+    local_dir: Path
+    files: list[str]
+    repo_id: str | None = None
+    commit_url: str | None = None
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it has the form "owner/name" with characters the Hub accepts; `HubError` otherwise."""
+    if not isinstance(repo_id, str) or not REPO_ID_FORM.match(repo_id):
+        raise HubError(
+            f"Repository id {repo_id!r} is not of the form 'owner/name' (e.g. 'alice/protosegformer-b0-scenes');"
+            " 'owner' is your user or organisation name."
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"Repository id {repo_id!r} is not valid on the Hub: {error}") from error
+    return repo_id
+
+
+def require_token(token: str | None = None) -> str:
+    """The given token, or the one huggingface_hub finds (HF_TOKEN, `hf auth login`); `HubError` if there is none."""
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "No Hugging Face token found: log in with `hf auth login`, set HF_TOKEN, or pass --token."
+            " Use --dry_run (or --local_dir) to assemble the repository folder without uploading."
+        )
+    return token
+
+
+def custom_code_files() -> list[Path]:
+    """The package's source files the remote code needs: the modelling file and everything it imports locally."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    modeling = Path(__file__).resolve().parent / "modeling_proto_segformer.py"
+    return [modeling, *sorted(Path(p) for p in get_relative_import_files(str(modeling)))]
+
+
+def sidecar_source(folder: Path, name: str) -> Path | None:
+    """`folder/name`, or for a `checkpoint-*` folder `folder.parent/name`, if it exists."""
+    for candidate in (folder, folder.parent):
+        if (candidate / name).is_file():
+            return candidate / name
+    return None
+
+
+def prepare_destination(local_dir: Path, source: Path, overwrite: bool) -> None:
+    """Create `local_dir`; refuse the checkpoint itself, and a non-empty folder unless `overwrite` and it holds a
+    previously assembled repository (config.json and handler.py), which is then replaced."""
+    if local_dir.resolve() == source.resolve():
+        raise HubError(f"The repository folder must differ from the checkpoint folder {source}.")
+    if local_dir.exists() and not local_dir.is_dir():
+        raise HubError(f"{local_dir} exists and is a file; choose a folder for the repository.")
+    if local_dir.is_dir() and any(local_dir.iterdir()):
+        if not overwrite:
+            raise HubError(f"{local_dir} is not empty; choose an empty folder (or pass overwrite=True / --overwrite).")
+        if not (local_dir / HANDLER_NAME).is_file() or not (local_dir / "config.json").is_file():
+            raise HubError(f"{local_dir} is not empty and not a previously assembled repository; not overwriting it.")
+        shutil.rmtree(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+
+
+def list_files(folder: Path) -> list[str]:
+    """Relative POSIX paths of the files under `folder`, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def assemble_repository(
+    source: str | Path,
+    local_dir: str | Path,
+    *,
+    repo_id: str | None = None,
+    dataset_name: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    pictures: Sequence[str | Path] = (),
+    project_url: str | None = None,
+    card_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write the complete Hub repository of the checkpoint `source` into `local_dir`; return its files (relative).
+
+    `source` is a training output folder or one of its `checkpoint-*` folders (the processor config and result
+    files are then taken from the parent). The weights are loaded and re-saved, so a checkpoint that does not load,
+    or lacks tensors, fails here with a `CheckpointError` rather than on the Hub.
+    """
+    source, local_dir = Path(source), Path(local_dir)
+    validate_checkpoint(source)
+    if find_processor_folder(source) is None:
+        raise CheckpointError(
+            f"{source} (and its parent) has no preprocessor_config.json: save the image processor with the model"
+            " (the training script does) so that users preprocess images as in training."
+        )
+    model = load_model(source)
+    processor = load_image_processor(source)
+    prepare_destination(local_dir, source, overwrite)
+
+    model.save_pretrained(local_dir)  # model.safetensors with `prototypes`, config.json with auto_map, code files
+    for code_file in custom_code_files():
+        shutil.copyfile(code_file, local_dir / code_file.name)
+    processor.save_pretrained(local_dir)
+    shutil.copyfile(HANDLER_SOURCE, local_dir / HANDLER_NAME)
+    (local_dir / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+    for name in SIDECAR_FILES:
+        found = sidecar_source(source, name)
+        if found is not None:
+            shutil.copyfile(found, local_dir / name)
+
+    picture_entries = []
+    for picture in pictures:
+        picture = Path(picture)
+        if not picture.is_file():
+            raise HubError(f"Picture {picture} does not exist.")
+        (local_dir / "images").mkdir(exist_ok=True)
+        shutil.copyfile(picture, local_dir / "images" / picture.name)
+        picture_entries.append((f"images/{picture.name}", picture.stem.replace("_", " ").replace("-", " ")))
+
+    write_model_card(
+        local_dir,
+        dataset_name=dataset_name,
+        base_model=base_model,
+        repo_id=repo_id,
+        license=license,
+        pictures=picture_entries,
+        project_url=project_url,
+        **(card_kwargs or {}),
+    )
+    missing = [
+        name
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+        if not (local_dir / name).is_file()
+    ]
+    if missing:
+        raise HubError(f"Assembling {local_dir} failed: {missing} were not written.")
+    return list_files(local_dir)
+
+
+def push_to_hub(
+    source: str | Path,
+    repo_id: str | None,
+    *,
+    local_dir: str | Path | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+    overwrite: bool = False,
+    **assemble_kwargs: Any,
+) -> PushResult:
+    """Assemble the repository of `source` and, unless `dry_run` or `local_dir` is given, upload it in one commit.
+
+    Checks first (before any work): the repo id form ("owner/name"; optional for a dry run) and, for an upload, a
+    token. The upload creates the repository if needed (`create_repo(exist_ok=True)`) and adds every file in a
+    single `create_commit`. Files already in the repository and not in the folder are left as they are.
+    """
+    upload = not dry_run and local_dir is None
+    if repo_id is not None or upload:
+        if repo_id is None:
+            raise HubError("A repository id 'owner/name' is needed to upload (or use --dry_run / --local_dir).")
+        check_repo_id(repo_id)
+    if upload:
+        token = require_token(token)
+    folder = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="protoseg_hub_"))
+    files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
+    result = PushResult(local_dir=folder, files=files, repo_id=repo_id)
+    if not upload:
+        return result
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    info = api.create_commit(
+        repo_id=repo_id,
+        repo_type="model",
+        operations=operations,
+        commit_message=commit_message or "Upload ProtoSegformer (weights with prototypes, remote code, card, handler)",
+        token=token,
+    )
+    result.commit_url = getattr(info, "commit_url", None) or str(info)
+    return result
+
+
+__all__ = [
+    "HANDLER_NAME",
+    "HubError",
+    "PushResult",
+    "assemble_repository",
+    "check_repo_id",
+    "custom_code_files",
+    "push_to_hub",
+    "require_token",
+]

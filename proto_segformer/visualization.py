@@ -1,0 +1,370 @@
+"""The prototype atlas and prototype statistics of a trained ProtoSegformer.
+
+Atlas: for every class k (a row) and each of its M prototypes (a column), the image patches, over a data set,
+centred on the pixel of class k that is most similar to that prototype (at most one patch per image). Under each
+patch: the share of class k's pixels whose nearest prototype (among class k's M) is this one ("usage").
+
+Statistics: unused prototypes (no pixel of their class has them as nearest prototype), near-duplicates (two
+prototypes of the same class with cosine similarity above a threshold, 0.95 by default) and the effective number of
+prototypes per class (exp of the entropy of the usage shares: M when usage is uniform, 1 when one prototype takes
+all). The official ProtoSeg release's prototypes collapse (near-duplicates, one prototype per class doing the work);
+these numbers show whether a checkpoint's do.
+
+Shapes: K classes, M prototypes per class, D embedding width, (h, w) = the embedding grid (input / 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+NEAR_DUPLICATE_COSINE = 0.95
+
+
+# ------------------------------------------------------------------------------------------------------ statistics
+
+
+def near_duplicate_pairs(
+    prototypes: torch.Tensor, threshold: float = NEAR_DUPLICATE_COSINE
+) -> list[tuple[int, int, int, float]]:
+    """(class, m1, m2, cosine) for every pair m1 < m2 of prototypes (K, M, D) of one class with cosine > threshold."""
+    unit = F.normalize(prototypes.float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)  # (K, M, M)
+    upper = torch.triu(torch.ones_like(cosine[0], dtype=torch.bool), diagonal=1)
+    hits = (cosine > threshold) & upper
+    return [(int(k), int(a), int(b), float(cosine[k, a, b])) for k, a, b in hits.nonzero().tolist()]
+
+
+def within_class_cosines(prototypes: torch.Tensor) -> np.ndarray:
+    """(K, M*(M-1)/2) cosine similarities of all within-class prototype pairs."""
+    unit = F.normalize(prototypes.float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)
+    rows, cols = torch.triu_indices(cosine.shape[1], cosine.shape[2], offset=1)
+    return cosine[:, rows, cols].cpu().numpy()
+
+
+def effective_prototypes(usage: np.ndarray) -> np.ndarray:
+    """(K,) exp(entropy) of each class's usage shares (K, M) of pixel counts; nan for a class with no pixels."""
+    usage = np.asarray(usage, dtype=np.float64)
+    totals = usage.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = usage / totals
+        entropy = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
+    return np.where(totals[:, 0] > 0, np.exp(entropy), np.nan)
+
+
+def prototype_statistics(
+    prototypes: torch.Tensor,
+    id2label: dict[int, str] | None = None,
+    usage: np.ndarray | None = None,
+    threshold: float = NEAR_DUPLICATE_COSINE,
+    data_description: str | None = None,
+) -> dict[str, Any]:
+    """JSON-ready statistics of prototypes (K, M, D) and, when given, their usage counts (K, M) on a data set.
+
+    Keys: num_classes, num_prototypes_per_class, near_duplicate_threshold, near_duplicates (list of {class,
+    prototypes, cosine}), within_class_cosine {max, mean}, and with `usage`: usage {data, pixels, classes_seen,
+    unused (list of {class, prototype}), unused_count, rarely_used_count (< 1% of their class's pixels),
+    effective_prototypes_per_class {class: value}, mean_effective_prototypes}.
+    """
+    num_classes, num_prototypes, _ = prototypes.shape
+    names = {int(k): str(v) for k, v in (id2label or {}).items()}
+    name = lambda k: names.get(k, str(k))  # noqa: E731
+    pairs = near_duplicate_pairs(prototypes, threshold)
+    cosines = within_class_cosines(prototypes) if num_prototypes > 1 else np.zeros((num_classes, 0))
+    stats: dict[str, Any] = {
+        "num_classes": int(num_classes),
+        "num_prototypes_per_class": int(num_prototypes),
+        "near_duplicate_threshold": threshold,
+        "near_duplicates": [{"class": name(k), "prototypes": [a, b], "cosine": round(c, 4)} for k, a, b, c in pairs],
+        "within_class_cosine": {
+            "max": round(float(cosines.max()), 4) if cosines.size else None,
+            "mean": round(float(cosines.mean()), 4) if cosines.size else None,
+        },
+    }
+    if usage is not None:
+        usage = np.asarray(usage, dtype=np.int64)
+        seen = usage.sum(axis=1) > 0
+        unused = [(int(k), int(m)) for k, m in zip(*np.nonzero((usage == 0) & seen[:, None]))]
+        shares = usage / np.maximum(usage.sum(axis=1, keepdims=True), 1)
+        effective = effective_prototypes(usage)
+        stats["usage"] = {
+            "data": data_description,
+            "pixels": int(usage.sum()),
+            "classes_seen": int(seen.sum()),
+            "unused": [{"class": name(k), "prototype": m} for k, m in unused],
+            "unused_count": len(unused),
+            "rarely_used_count": int(((shares < 0.01) & seen[:, None]).sum()),
+            "effective_prototypes_per_class": {
+                name(k): round(float(effective[k]), 2) for k in range(num_classes) if seen[k]
+            },
+            "mean_effective_prototypes": round(float(np.nanmean(effective)), 2) if seen.any() else None,
+        }
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------- data for atlas
+
+
+class DatasetSamples(Sequence):
+    """Random access (image (H, W, 3) uint8, label (H, W) int or None) over a `datasets.Dataset` or a list."""
+
+    def __init__(self, data: Any, image_column: str = "image", label_column: str | None = "label") -> None:
+        self.data = data
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:  # type: ignore[override]
+        row = self.data[index]
+        if isinstance(row, tuple):
+            image, label = row
+        else:
+            image = row[self.image_column]
+            label = row.get(self.label_column) if self.label_column else None
+        image = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+        label = None if label is None else np.asarray(label).astype(np.int64)
+        return image, label
+
+
+@dataclass
+class PrototypeMatches:
+    """What `match_prototypes` collects over a data set.
+
+    usage: (K, M) int64, pixels of class k whose nearest prototype of class k is m.
+    scores: (N_images, K, M) float32 best similarity of prototype (k, m) to a pixel of class k in each image
+        (-inf where the image has no pixel of class k).
+    positions: (N_images, K, M, 2) int64 (row, col) of that pixel on the embedding grid.
+    grid_size: (h, w) of the embedding grid; input_size: (H, W) the images were resized to.
+    """
+
+    usage: np.ndarray
+    scores: np.ndarray
+    positions: np.ndarray
+    grid_size: tuple[int, int]
+    input_size: tuple[int, int]
+    labelled: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def best(self, top_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(K, M, top_n) image indices and scores of the best matches, best first (score -inf: no match)."""
+        count = min(top_n, self.scores.shape[0])
+        order = np.argsort(-self.scores, axis=0, kind="stable")[:count]  # (n, K, M)
+        scores = np.take_along_axis(self.scores, order, axis=0)
+        return np.moveaxis(order, 0, -1), np.moveaxis(scores, 0, -1)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) label map to `size` = (h, w)."""
+    tensor = torch.from_numpy(label.astype(np.int64))[None, None].float()
+    return F.interpolate(tensor, size=size, mode="nearest")[0, 0].long().numpy()
+
+
+@torch.no_grad()
+def match_prototypes(
+    model, processor, samples: Sequence, batch_size: int = 4, progress: bool = False
+) -> PrototypeMatches:
+    """Run `model` over `samples` (image, label-or-None) resized by `processor` and match pixels to prototypes.
+
+    A pixel counts for the class of its label (resized to the embedding grid; values >= K, e.g. 255, are left out),
+    or, for unlabelled samples, for its predicted class.
+    """
+    from tqdm.auto import tqdm
+
+    prototypes = model.prototypes.detach().float()
+    num_classes, num_prototypes, _ = prototypes.shape
+    device = prototypes.device
+    dtype = next(model.parameters()).dtype
+    total = len(samples)
+    usage = np.zeros((num_classes, num_prototypes), dtype=np.int64)
+    scores = np.full((total, num_classes, num_prototypes), -np.inf, dtype=np.float32)
+    positions = np.zeros((total, num_classes, num_prototypes, 2), dtype=np.int64)
+    grid_size = input_size = (0, 0)
+    labelled = True
+    bar = tqdm(total=total, desc="matching prototypes", unit="img", disable=not progress)
+    for start in range(0, total, batch_size):
+        batch = [samples[i] for i in range(start, min(total, start + batch_size))]
+        pixel_values = processor(images=[image for image, _ in batch], return_tensors="pt")["pixel_values"]
+        input_size = tuple(pixel_values.shape[2:])
+        output = model(pixel_values=pixel_values.to(device=device, dtype=dtype), output_pixel_embeddings=True)
+        embeddings = output.pixel_embeddings.float()
+        grid_size = tuple(embeddings.shape[2:])
+        for offset, (_, label) in enumerate(batch):
+            index = start + offset
+            if label is None:
+                labelled = False
+                classes = output.logits[offset].argmax(dim=0)
+            else:
+                if getattr(processor, "do_reduce_labels", False):  # 0 (background) -> ignore, k -> k - 1
+                    label = np.where(label == 0, 255, label - 1)
+                classes = torch.from_numpy(resize_label(label, grid_size)).to(device)
+            pixels = embeddings[offset].reshape(embeddings.shape[1], -1).t()  # (h*w, D)
+            flat_classes = classes.reshape(-1)
+            for k in torch.unique(flat_classes).tolist():
+                if not 0 <= k < num_classes:
+                    continue
+                where = (flat_classes == k).nonzero().squeeze(1)
+                similarities = pixels[where] @ prototypes[k].t()  # (n_k, M)
+                usage[k] += np.bincount(similarities.argmax(dim=1).cpu().numpy(), minlength=num_prototypes)
+                best_score, best_pixel = similarities.max(dim=0)
+                flat_index = where[best_pixel].cpu().numpy()
+                scores[index, k] = best_score.cpu().numpy()
+                positions[index, k, :, 0] = flat_index // grid_size[1]
+                positions[index, k, :, 1] = flat_index % grid_size[1]
+        bar.update(len(batch))
+    bar.close()
+    return PrototypeMatches(usage, scores, positions, grid_size, input_size, labelled)
+
+
+# ---------------------------------------------------------------------------------------------------- atlas picture
+
+
+def crop_patch(image: np.ndarray, centre: tuple[int, int], size: int) -> np.ndarray:
+    """(size, size, 3) patch of `image` centred at (row, col), padded with grey beyond the borders."""
+    half = size // 2
+    padded = np.pad(image, ((half, half), (half, half), (0, 0)), constant_values=128)
+    row, col = centre
+    return padded[row : row + size, col : col + size]
+
+
+def mark_centre(patch: Image.Image, colour: tuple[int, int, int] = (255, 255, 0)) -> Image.Image:
+    """Draw a small ring at the centre of a patch (the matched pixel)."""
+    draw = ImageDraw.Draw(patch)
+    cx, cy, radius = patch.width // 2, patch.height // 2, max(3, patch.width // 12)
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(0, 0, 0), width=3)
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=colour, width=1)
+    return patch
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render_atlas(
+    matches: PrototypeMatches,
+    samples: Sequence,
+    id2label: dict[int, str],
+    top_n: int = 1,
+    patch_size: int = 64,
+    context: float = 0.25,
+    classes: Sequence[int] | None = None,
+) -> Image.Image:
+    """One PNG-ready grid: a row per class, a column per prototype, `top_n` patches per cell.
+
+    Each patch covers a square of `context` times the shorter side of the resized input (the model's view) around the
+    matched pixel (ringed) and is shown at `patch_size` pixels. Under each cell: the prototype's usage share within
+    its class; unused prototypes get a red frame, cells without any pixel of the class are left grey.
+    """
+    num_classes, num_prototypes = matches.usage.shape
+    classes = list(range(num_classes)) if classes is None else list(classes)
+    best_images, best_scores = matches.best(top_n)
+    shares = matches.usage / np.maximum(matches.usage.sum(axis=1, keepdims=True), 1)
+    font, small = _font(12), _font(10)
+    label_width, header, caption, gap = 110, 18, 14, 4
+    cell_w, cell_h = top_n * patch_size + (top_n - 1) * 2, patch_size + caption
+    width = label_width + num_prototypes * (cell_w + gap)
+    height = header + len(classes) * (cell_h + gap)
+    atlas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(atlas)
+    for m in range(num_prototypes):
+        draw.text((label_width + m * (cell_w + gap) + cell_w // 2 - 8, 2), f"p{m}", fill=(0, 0, 0), font=font)
+    scale_h = matches.input_size[0] / max(1, matches.grid_size[0])
+    scale_w = matches.input_size[1] / max(1, matches.grid_size[1])
+    crop = max(8, int(round(min(matches.input_size) * context)))
+    cache: dict[int, np.ndarray] = {}
+
+    def resized(index: int) -> np.ndarray:
+        if index not in cache:
+            image = Image.fromarray(samples[index][0]).resize(matches.input_size[::-1], Image.BILINEAR)
+            cache[index] = np.asarray(image)
+        return cache[index]
+
+    for row, k in enumerate(classes):
+        top = header + row * (cell_h + gap)
+        name = str(id2label.get(k, k))[:16]
+        draw.text((4, top + patch_size // 2 - 6), name, fill=(0, 0, 0), font=font)
+        seen = matches.usage[k].sum() > 0
+        for m in range(num_prototypes):
+            left = label_width + m * (cell_w + gap)
+            for rank in range(min(top_n, best_images.shape[-1])):
+                x = left + rank * (patch_size + 2)
+                if not np.isfinite(best_scores[k, m, rank]):
+                    draw.rectangle((x, top, x + patch_size - 1, top + patch_size - 1), fill=(225, 225, 225))
+                    continue
+                index = int(best_images[k, m, rank])
+                grid_row, grid_col = matches.positions[index, k, m]
+                centre = (int((grid_row + 0.5) * scale_h), int((grid_col + 0.5) * scale_w))
+                patch = Image.fromarray(crop_patch(resized(index), centre, crop)).resize(
+                    (patch_size, patch_size), Image.BILINEAR
+                )
+                atlas.paste(mark_centre(patch), (x, top))
+            unused = seen and matches.usage[k, m] == 0
+            if unused:
+                draw.rectangle(
+                    (left - 2, top - 2, left + cell_w + 1, top + patch_size + 1), outline=(220, 0, 0), width=2
+                )
+            text = "unused" if unused else (f"{100 * shares[k, m]:.0f}%" if seen else "-")
+            draw.text((left + 2, top + patch_size + 1), text, fill=(200, 0, 0) if unused else (60, 60, 60), font=small)
+    return atlas
+
+
+@dataclass
+class AtlasResult:
+    """The atlas picture, the matches it was drawn from, and `prototype_statistics` of the model on the data."""
+
+    image: Image.Image
+    matches: PrototypeMatches
+    statistics: dict[str, Any]
+
+
+def build_prototype_atlas(
+    model,
+    processor,
+    samples: Sequence,
+    id2label: dict[int, str] | None = None,
+    *,
+    top_n: int = 1,
+    patch_size: int = 64,
+    batch_size: int = 4,
+    classes: Sequence[int] | None = None,
+    threshold: float = NEAR_DUPLICATE_COSINE,
+    data_description: str | None = None,
+    progress: bool = False,
+) -> AtlasResult:
+    """Match `samples` to the prototypes of `model` and draw the atlas (see the module docstring)."""
+    if len(samples) == 0:
+        raise ValueError("The prototype atlas needs at least one image.")
+    id2label = id2label or {int(k): v for k, v in model.config.id2label.items()}
+    matches = match_prototypes(model, processor, samples, batch_size=batch_size, progress=progress)
+    image = render_atlas(matches, samples, id2label, top_n=top_n, patch_size=patch_size, classes=classes)
+    statistics = prototype_statistics(
+        model.prototypes.detach().cpu(), id2label, matches.usage, threshold, data_description
+    )
+    statistics["usage"]["labelled"] = matches.labelled
+    return AtlasResult(image, matches, statistics)
+
+
+__all__ = [
+    "NEAR_DUPLICATE_COSINE",
+    "AtlasResult",
+    "DatasetSamples",
+    "PrototypeMatches",
+    "build_prototype_atlas",
+    "effective_prototypes",
+    "match_prototypes",
+    "near_duplicate_pairs",
+    "prototype_statistics",
+    "render_atlas",
+    "within_class_cosines",
+]

@@ -1,0 +1,90 @@
+"""Predict label maps, colour overlays and (optionally) prototype assignment maps for images, globs or folders.
+
+    python scripts/predict.py --model runs/scenes --inputs photos/ "more/*.jpg" --output_dir predictions \
+        --prototype_maps --device cpu --batch_size 4
+
+For each image: <name>_label.png (palette PNG, value = class index), <name>_overlay.jpg (classes over the image,
+with a legend) and with --prototype_maps <name>_prototype.png (value = index of the predicted class's prototype the
+pixel matched) and <name>_prototype_overlay.jpg. Images larger than the training crop go through sliding-window
+inference (--mode auto). Files that are not readable images are skipped with a warning and counted at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class PredictArguments:
+    model: str = field(metadata={"help": "Checkpoint folder (training output or checkpoint-*, or an assembled repo)."})
+    inputs: list[str] = field(metadata={"help": "Image files, folders and/or glob patterns (quote globs)."})
+    output_dir: str = field(metadata={"help": "Folder for the outputs (created if needed)."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    batch_size: int = field(default=4, metadata={"help": "Images (whole mode) or windows (slide mode) per forward."})
+    mode: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (slide when larger than the crop), whole (resize) or slide.",
+            "choices": ["auto", "whole", "slide"],
+        },
+    )
+    crop_size: int | None = field(
+        default=None, metadata={"help": "Sliding window side (default: the processor's size)."}
+    )
+    stride: int | None = field(default=None, metadata={"help": "Sliding window step (default: 2/3 of the crop)."})
+    prototype_maps: bool = field(default=False, metadata={"help": "Also write prototype assignment maps."})
+    recursive: bool = field(default=False, metadata={"help": "Descend into sub-folders of input folders."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from proto_segformer.inference import (
+        CheckpointError,
+        InferenceOptions,
+        Segmenter,
+        collect_inputs,
+        predict_files,
+    )
+
+    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        square = lambda side: (side, side) if side else None  # noqa: E731
+        options = InferenceOptions(
+            mode=args.mode,
+            crop_size=square(args.crop_size),
+            stride=square(args.stride),
+            batch_size=args.batch_size,
+            prototype_maps=args.prototype_maps,
+        )
+        paths = collect_inputs(args.inputs, recursive=args.recursive)
+        if not paths:
+            print("error: no input files found.", file=sys.stderr)
+            return 2
+        segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress)
+    print(
+        f"Predicted {len(summary.written)} image(s) into {args.output_dir} in {summary.seconds:.1f} s"
+        f" ({summary.images_per_second:.2f} images/s on {args.device})."
+    )
+    if summary.skipped:
+        print(f"Skipped {len(summary.skipped)} file(s) that are not readable images:")
+        for path, reason in summary.skipped:
+            print(f"  {path}: {reason}")
+    return 0 if summary.written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

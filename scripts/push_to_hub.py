@@ -1,0 +1,73 @@
+"""Assemble a complete Hugging Face Hub repository from a trained ProtoSegformer and upload it in one commit.
+
+    python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes --dataset_name scenes
+    python scripts/push_to_hub.py --model runs/scenes --local_dir hub_repo          # assemble only, no network
+    python scripts/push_to_hub.py --model runs/scenes --dry_run                     # same, into a temporary folder
+
+The repository: model.safetensors (with the `prototypes` buffer), config.json with auto_map, the custom-code files,
+preprocessor_config.json, README.md (model card), handler.py + requirements.txt (Inference Endpoints), the training
+result files and optional pictures. Uploading needs a token (`hf auth login` or HF_TOKEN).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class PushArguments:
+    model: str = field(metadata={"help": "Training output folder or one of its checkpoint-* folders."})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repository 'owner/name'."})
+    local_dir: str | None = field(default=None, metadata={"help": "Write the repository here and do not upload."})
+    dry_run: bool = field(default=False, metadata={"help": "Assemble into a temporary folder, list files, no upload."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a previously assembled --local_dir."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Training data (Hub id or built-in name)."})
+    base_model: str | None = field(default=None, metadata={"help": "Hub id of the starting checkpoint, if any."})
+    license: str | None = field(
+        default=None, metadata={"help": "Licence id (default apache-2.0; NVIDIA's for nvidia/)."}
+    )
+    pictures: list[str] = field(default_factory=list, metadata={"help": "Pictures to add under images/ and show."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message of the upload."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from proto_segformer.hub import HubError, push_to_hub
+    from proto_segformer.inference import CheckpointError
+
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        result = push_to_hub(
+            args.model,
+            args.repo_id,
+            local_dir=args.local_dir,
+            dry_run=args.dry_run,
+            token=args.token,
+            private=args.private,
+            commit_message=args.commit_message,
+            overwrite=args.overwrite,
+            dataset_name=args.dataset_name,
+            base_model=args.base_model,
+            license=args.license,
+            pictures=args.pictures,
+        )
+    except (HubError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    action = (
+        f"Uploaded to {result.repo_id} in one commit: {result.commit_url}" if result.commit_url else "Not uploaded."
+    )
+    print(f"Repository folder: {result.local_dir} ({len(result.files)} files)")
+    for name in result.files:
+        size = (result.local_dir / name).stat().st_size
+        print(f"  {name}  ({size:,} bytes)")
+    print(action)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Draw the prototype atlas of a trained ProtoSegformer and measure unused / near-duplicate prototypes.
+
+    python scripts/visualize_prototypes.py --model runs/scenes --dataset scenes --num_images 64 \
+        --output runs/scenes/prototype_atlas.png
+
+One PNG grid: a row per class, a column per prototype, each cell the image patch(es) whose pixel of that class is
+nearest to the prototype, captioned with the prototype's share of its class's pixels ("unused" in red when it is
+never the nearest). Also writes the statistics as JSON (default: prototype_stats.json next to the picture), which
+the model card reads when it sits in the model folder (--stats_output <model>/prototype_stats.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class AtlasArguments:
+    model: str = field(metadata={"help": "Checkpoint folder (training output or checkpoint-*)."})
+    output: str = field(default="prototype_atlas.png", metadata={"help": "Path of the atlas PNG."})
+    dataset: str = field(
+        default="scenes",
+        metadata={"help": "Built-in data set name, or a folder saved with datasets' save_to_disk (image/label)."},
+    )
+    split: str = field(default="validation", metadata={"help": "Split of the data set."})
+    num_images: int = field(default=64, metadata={"help": "Images used (the first N of the split)."})
+    image_size: int | None = field(default=None, metadata={"help": "Built-in data: image side (default: crop)."})
+    images: list[str] = field(
+        default_factory=list, metadata={"help": "Unlabelled images/folders/globs instead of a data set."}
+    )
+    top_n: int = field(default=1, metadata={"help": "Patches per prototype (from different images)."})
+    patch_size: int = field(default=64, metadata={"help": "Displayed patch side in pixels."})
+    max_classes: int | None = field(default=None, metadata={"help": "Only the first N classes (rows)."})
+    stats_output: str | None = field(default=None, metadata={"help": "JSON statistics path."})
+    batch_size: int = field(default=4, metadata={"help": "Images per forward pass."})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
+
+
+def load_samples(args: AtlasArguments, crop: int):
+    """(samples, description) for the atlas."""
+    from proto_segformer.inference import collect_inputs, read_image
+    from proto_segformer.visualization import DatasetSamples
+
+    if args.images:
+        images = []
+        for path in collect_inputs(args.images):
+            try:
+                images.append((read_image(path), None))
+            except OSError as error:
+                logging.warning("Skipping %s: %s", path, error)
+        return DatasetSamples(images[: args.num_images]), f"{len(images[: args.num_images])} unlabelled images"
+    if Path(args.dataset).is_dir():
+        import datasets
+
+        data = datasets.load_from_disk(args.dataset)
+        data = data[args.split] if isinstance(data, datasets.DatasetDict) else data
+        data = data.select(range(min(args.num_images, len(data))))
+        return DatasetSamples(data), f"{len(data)} images of {args.dataset} ({args.split})"
+    from proto_segformer.data import build_builtin_dataset
+
+    size = args.image_size or crop
+    data, _ = build_builtin_dataset(
+        args.dataset, num_train=1, num_validation=args.num_images, image_size=size, seed=args.seed
+    )
+    split = data[args.split].select(range(min(args.num_images, len(data[args.split]))))
+    return DatasetSamples(split), f"{len(split)} {args.split} images of the built-in '{args.dataset}' data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from proto_segformer.inference import (
+        CheckpointError,
+        load_image_processor,
+        load_model,
+        processor_crop_size,
+        resolve_device,
+    )
+    from proto_segformer.visualization import build_prototype_atlas
+
+    (args,) = HfArgumentParser(AtlasArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        model = load_model(args.model, device=resolve_device(args.device))
+        processor = load_image_processor(args.model)
+        samples, description = load_samples(args, processor_crop_size(processor)[0])
+        num_classes = model.prototypes.shape[0]
+        classes = list(range(min(num_classes, args.max_classes))) if args.max_classes else None
+        result = build_prototype_atlas(
+            model,
+            processor,
+            samples,
+            top_n=args.top_n,
+            patch_size=args.patch_size,
+            batch_size=args.batch_size,
+            classes=classes,
+            data_description=description,
+            progress=True,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(output, optimize=True)
+    stats_path = Path(args.stats_output) if args.stats_output else output.with_name("prototype_stats.json")
+    stats_path.write_text(json.dumps(result.statistics, indent=2) + "\n")
+    stats, usage = result.statistics, result.statistics["usage"]
+    print(f"Atlas: {output} ({result.image.width}x{result.image.height}); statistics: {stats_path}")
+    print(
+        f"{stats['num_classes']} classes x {stats['num_prototypes_per_class']} prototypes on {description}:"
+        f" unused {usage['unused_count']}, near-duplicates (cosine > {stats['near_duplicate_threshold']})"
+        f" {len(stats['near_duplicates'])}, mean effective prototypes per class {usage['mean_effective_prototypes']}."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

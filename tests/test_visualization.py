@@ -1,0 +1,133 @@
+"""Prototype statistics (unused, near-duplicates, effective count) and the prototype atlas."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from transformers import SegformerImageProcessor
+
+from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.visualization import (
+    DatasetSamples,
+    build_prototype_atlas,
+    effective_prototypes,
+    near_duplicate_pairs,
+    prototype_statistics,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_near_duplicates_and_unused_prototypes():
+    torch.manual_seed(0)
+    prototypes = F.normalize(torch.randn(3, 4, 64), dim=-1)
+    prototypes[1, 2] = F.normalize(prototypes[1, 0] + 0.01 * torch.randn(64), dim=0)  # cosine ~0.999
+    pairs = near_duplicate_pairs(prototypes)
+    assert [(k, a, b) for k, a, b, _ in pairs] == [(1, 0, 2)]
+    assert pairs[0][3] > 0.95
+    usage = np.array([[10, 10, 10, 10], [30, 0, 0, 10], [0, 0, 0, 0]])
+    stats = prototype_statistics(prototypes, {0: "sky", 1: "road", 2: "car"}, usage, data_description="test data")
+    assert stats["near_duplicates"] == [
+        {"class": "road", "prototypes": [0, 2], "cosine": pytest.approx(pairs[0][3], abs=1e-4)}
+    ]
+    usage_stats = stats["usage"]
+    assert usage_stats["classes_seen"] == 2  # "car" has no pixels: its prototypes are not counted as unused
+    assert usage_stats["unused"] == [{"class": "road", "prototype": 1}, {"class": "road", "prototype": 2}]
+    assert usage_stats["unused_count"] == 2 and usage_stats["pixels"] == 80
+    assert usage_stats["effective_prototypes_per_class"]["sky"] == pytest.approx(4.0)
+    assert usage_stats["effective_prototypes_per_class"]["road"] == pytest.approx(
+        np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))), abs=0.01
+    )
+    json.dumps(stats)  # JSON-ready
+
+
+def test_effective_prototypes_limits():
+    values = effective_prototypes(np.array([[5, 5, 5, 5], [9, 0, 0, 0], [0, 0, 0, 0]]))
+    assert values[0] == pytest.approx(4.0) and values[1] == pytest.approx(1.0) and np.isnan(values[2])
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
+    return model, SegformerImageProcessor(size={"height": 32, "width": 32})
+
+
+def striped_samples() -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(3):
+        image = rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8)
+        label = np.zeros((48, 48), dtype=np.int64)
+        label[:, 16:32] = 1
+        label[:, 32:] = 255 if index == 0 else 1  # an ignored region; class 2 never appears
+        samples.append((image, label))
+    return samples
+
+
+def test_atlas_grid_and_usage(model_and_processor):
+    model, processor = model_and_processor
+    samples = DatasetSamples(striped_samples())
+    result = build_prototype_atlas(model, processor, samples, top_n=2, patch_size=32)
+    matches = result.matches
+    # 3 images at 32x32 -> 8x8 grid; labels resized: class 0 covers 8x3 cells (3 columns of 8 rows) per image...
+    assert matches.grid_size == (8, 8) and matches.input_size == (32, 32)
+    assert matches.usage[0].sum() == 3 * 8 * 3
+    assert matches.usage[1].sum() == 8 * 3 + 2 * 8 * 5
+    assert matches.usage[2].sum() == 0
+    assert np.isinf(matches.scores[:, 2]).all()
+    # best matches are per image, best first
+    images, scores = matches.best(2)
+    assert images.shape == (3, 4, 2) and np.all(scores[..., 0] >= scores[..., 1])
+    # layout: header 18 + 3 rows of (32 + 14 caption + 4 gap); label column 110 + 4 cells of (2*32+2 + 4)
+    assert result.image.size == (110 + 4 * (66 + 4), 18 + 3 * (46 + 4))
+    stats = result.statistics
+    assert stats["usage"]["classes_seen"] == 2 and stats["usage"]["labelled"] is True
+    assert stats["usage"]["unused_count"] == int((matches.usage[:2] == 0).sum())
+
+
+def test_atlas_of_unlabelled_images_uses_predicted_classes(model_and_processor):
+    model, processor = model_and_processor
+    samples = DatasetSamples([(image, None) for image, _ in striped_samples()])
+    result = build_prototype_atlas(model, processor, samples)
+    assert result.matches.usage.sum() == 3 * 8 * 8
+    assert result.statistics["usage"]["labelled"] is False
+    with pytest.raises(ValueError, match="at least one image"):
+        build_prototype_atlas(model, processor, DatasetSamples([]))
+
+
+def test_visualize_script_on_builtin_data(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=11)).eval()
+    model.save_pretrained(tmp_path / "model")
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import visualize_prototypes
+    finally:
+        sys.path.pop(0)
+    output = tmp_path / "atlas" / "atlas.png"
+    code = visualize_prototypes.main(
+        ["--model", str(tmp_path / "model"), "--dataset", "scenes", "--num_images", "4", "--output", str(output)]
+    )
+    assert code == 0
+    stats = json.loads((output.parent / "prototype_stats.json").read_text())
+    assert stats["num_classes"] == 11 and stats["num_prototypes_per_class"] == 4
+    assert stats["usage"]["pixels"] == 4 * 16 * 16  # every pixel of the 64x64 scenes is labelled
+    assert "unused" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(output).size[1] == 18 + 11 * (64 + 14 + 4)
