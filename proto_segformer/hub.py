@@ -114,6 +114,25 @@ def prepare_destination(local_dir: Path, source: Path, overwrite: bool) -> None:
     local_dir.mkdir(parents=True, exist_ok=True)
 
 
+def card_defaults(source: Path) -> dict[str, Any]:
+    """dataset_name, base_model and license from the metadata of the model card already in `source` (written by the
+    training script), so that re-rendering the card for the Hub keeps them; empty if there is no readable card."""
+    from huggingface_hub import ModelCard
+
+    found = sidecar_source(source, "README.md")
+    if found is None:
+        return {}
+    try:
+        data = ModelCard.load(found, ignore_metadata_errors=True).data
+    except Exception:
+        return {}
+    datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets] if data.datasets else []
+    base_model = data.base_model[0] if isinstance(data.base_model, list) and data.base_model else data.base_model
+    license = data.license if data.license not in (None, "other") else None
+    defaults = {"dataset_name": datasets[0] if datasets else None, "base_model": base_model, "license": license}
+    return {k: v for k, v in defaults.items() if v}
+
+
 def list_files(folder: Path) -> list[str]:
     """Relative POSIX paths of the files under `folder`, sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -140,6 +159,10 @@ def assemble_repository(
     """
     source, local_dir = Path(source), Path(local_dir)
     validate_checkpoint(source)
+    defaults = card_defaults(source)
+    dataset_name = dataset_name or defaults.get("dataset_name")
+    base_model = base_model or defaults.get("base_model")
+    license = license or defaults.get("license")
     if find_processor_folder(source) is None:
         raise CheckpointError(
             f"{source} (and its parent) has no preprocessor_config.json: save the image processor with the model"

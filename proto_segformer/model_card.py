@@ -189,17 +189,55 @@ def results_section(eval_results: Mapping[str, Any], id2label: Mapping[int, str]
     return "\n".join(lines)
 
 
+# Training arguments worth showing; any argument that is not a TrainingArguments field (script settings such as
+# the crop size or the data set) is shown too.
+SHOWN_TRAINING_ARGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "per_device_eval_batch_size",
+    "seed",
+    "bf16",
+    "fp16",
+)
+
+
+def selected_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments to list in the card: `SHOWN_TRAINING_ARGS` (unless max_steps is -1) and non-Trainer ones."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    trainer_fields = {f.name for f in fields(TrainingArguments)}
+    chosen = {}
+    for key, value in training_args.items():
+        if key in SHOWN_TRAINING_ARGS:
+            if key == "max_steps" and value in (-1, None):
+                continue
+            if key in ("warmup_steps", "warmup_ratio") and not value:
+                continue
+            chosen[key] = value
+        elif key not in trainer_fields and value is not None and len(str(value)) <= 80:
+            chosen[key] = value
+    return chosen
+
+
 def training_section(
     training_args: Mapping[str, Any] | None, train_results: Mapping[str, Any], dataset_text: str
 ) -> str:
-    """Markdown: the data, the recorded training arguments and run statistics."""
+    """Markdown: the data, the main training arguments and run statistics."""
     lines = [f"Data: {dataset_text}."]
-    summary = {k: v for k, v in train_results.items() if k in ("train_loss", "train_runtime", "epoch", "total_flos")}
-    if training_args:
-        lines += ["", "| argument | value |", "|---|---|"]
-        lines += [
-            f"| {k} | {v} |" for k, v in training_args.items() if not isinstance(v, (dict, list)) or len(str(v)) < 80
-        ]
+    summary = {k: v for k, v in train_results.items() if k in ("train_loss", "train_runtime", "epoch")}
+    shown = selected_training_args(training_args) if training_args else {}
+    if shown:
+        lines += ["", "| argument | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in shown.items()]
     else:
         lines += ["", "The training arguments were not recorded with this checkpoint."]
     if summary:
@@ -442,7 +480,9 @@ def write_model_card(
         dataset_name: the training data (a Hub dataset id, or the name of a built-in data set).
         eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
         base_model: the Hub id of the checkpoint training started from (e.g. "nvidia/mit-b0"), if any.
-        training_args: the training settings to list in the card; default: training_args.json if present.
+        training_args: the training settings (e.g. TrainingArguments.to_dict() plus script settings); the main ones
+            are listed in the card, and all are saved as training_args.json if that file does not exist yet.
+            Default: training_args.json if present.
         repo_id: "owner/name" used in the usage snippets; a placeholder if None.
         license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
         prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
@@ -465,6 +505,10 @@ def write_model_card(
     )
     path = Path(output_dir) / filename
     card.save(path)
+    args_path = Path(output_dir) / TRAINING_ARGS_FILE
+    if training_args is not None and not args_path.exists():
+        # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
+        args_path.write_text(json.dumps(training_args, indent=2, default=str) + "\n")
     return path
 
 

@@ -374,3 +374,24 @@ def test_destination_must_be_empty(checkpoint, tmp_path):
     with pytest.raises(HubError, match="not a previously assembled repository"):
         assemble_repository(checkpoint, tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_hub_card_keeps_what_the_training_card_recorded(tmp_path):
+    from transformers import TrainingArguments
+
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    args = {**TrainingArguments(output_dir=str(tmp_path / "x"), learning_rate=6e-5, max_steps=300).to_dict()}
+    args["image_size"] = 64  # a script setting, not a TrainingArguments field
+    write_model_card(run, dataset_name="scenes", base_model="nvidia/mit-b0", training_args=args)
+    assert json.loads((run / "training_args.json").read_text())["max_steps"] == 300
+    files = assemble_repository(run, tmp_path / "repo")  # no card arguments: taken from the training card
+    assert "training_args.json" in files
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    assert card.data.datasets == ["scenes"] and card.data.base_model == "nvidia/mit-b0"
+    assert card.data.license == "other"
+    assert "| learning_rate | 6e-05 |" in card.text and "| max_steps | 300 |" in card.text
+    assert "| image_size | 64 |" in card.text
+    assert "| logging_dir |" not in card.text and "| num_train_epochs |" in card.text
