@@ -309,12 +309,10 @@ class Prediction:
 
     label_map: (H, W) int64 class index (argmax of the nearest-prototype scores).
     prototype_map: (H, W) int64 index in [0, M) of the predicted class's prototype each pixel matched, or None.
-    probabilities: (K,) mean softmax probability of each class over the pixels predicted as it (0 where absent).
     """
 
     label_map: np.ndarray
     prototype_map: np.ndarray | None
-    probabilities: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------------- the forward
@@ -398,6 +396,29 @@ def nearest_prototype_per_class(embeddings: torch.Tensor, prototypes: torch.Tens
     return torch.cat(parts).view(num_classes, height, width)
 
 
+def upsampled_argmax(
+    logits: torch.Tensor, scaled_size: tuple[int, int], output_size: tuple[int, int], max_values: int = 2**25
+) -> torch.Tensor:
+    """(H, W) argmax over classes of grid logits (K, h, w) upsampled bilinearly to `scaled_size`, cropped to
+    `output_size`. Classes go in blocks so that at most about `max_values` upsampled values exist at once (large
+    images with many classes); the result equals the argmax of the full upsampled stack (ties: lowest index)."""
+    num_classes = logits.shape[0]
+    block = max(1, min(num_classes, max_values // max(1, scaled_size[0] * scaled_size[1])))
+    best_value = best_index = None
+    for start in range(0, num_classes, block):
+        chunk = F.interpolate(
+            logits[None, start : start + block], size=scaled_size, mode="bilinear", align_corners=False
+        )
+        value, index = chunk[0, :, : output_size[0], : output_size[1]].max(dim=0)
+        if best_value is None:
+            best_value, best_index = value, index
+        else:
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + start, best_index)
+    return best_index
+
+
 def grid_to_prediction(
     logits: torch.Tensor,
     embeddings: torch.Tensor | None,
@@ -411,16 +432,7 @@ def grid_to_prediction(
     input for "slide"); `output_size` = (H, W) of the original image.
     """
     height, width = output_size
-    full = F.interpolate(logits[None], size=scaled_size, mode="bilinear", align_corners=False)[0, :, :height, :width]
-    probabilities = full.softmax(dim=0)
-    label_map = probabilities.argmax(dim=0)
-    num_classes = logits.shape[0]
-    picked = probabilities.gather(0, label_map[None])[0]
-    totals = torch.zeros(num_classes, dtype=picked.dtype, device=picked.device).index_add_(
-        0, label_map.reshape(-1), picked.reshape(-1)
-    )
-    counts = torch.bincount(label_map.reshape(-1), minlength=num_classes).to(picked.dtype)
-    mean_probability = torch.where(counts > 0, totals / counts.clamp_min(1), torch.zeros_like(totals))
+    label_map = upsampled_argmax(logits, scaled_size, (height, width))
     prototype_map = None
     if embeddings is not None:
         per_class = nearest_prototype_per_class(embeddings, prototypes.to(embeddings.device))
@@ -429,7 +441,7 @@ def grid_to_prediction(
         rows = (torch.arange(height, device=per_class.device) * grid_h // scaled_size[0]).clamp_max(grid_h - 1)
         cols = (torch.arange(width, device=per_class.device) * grid_w // scaled_size[1]).clamp_max(grid_w - 1)
         prototype_map = per_class[label_map, rows[:, None], cols[None, :]].cpu().numpy()
-    return Prediction(label_map.cpu().numpy(), prototype_map, mean_probability.cpu().numpy())
+    return Prediction(label_map.cpu().numpy(), prototype_map)
 
 
 class Segmenter:
@@ -745,6 +757,7 @@ __all__ = [
     "resolve_device",
     "save_prediction",
     "slide_grid",
+    "upsampled_argmax",
     "validate_checkpoint",
     "window_starts",
 ]
