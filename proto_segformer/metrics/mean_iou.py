@@ -1,0 +1,264 @@
+# Copyright 2025 The proto_segformer authors. Apache-2.0.
+"""Mean Intersection-over-Union (mean IoU) as an `evaluate` metric module, plus a streaming confusion matrix.
+
+Self-contained (numpy, plus torch when given torch tensors) so that `evaluate.load(<path to this file>)` works
+offline. It returns the same keys and values as the Hub's `mean_iou` metric (evaluate-metric/mean_iou), with the
+same definitions:
+
+- pixels whose (mapped, reduced) reference is `ignore_index` are left out;
+- a reference value outside [0, num_labels) that is not `ignore_index` adds nothing to any class's reference area,
+  but the prediction at that pixel still counts in its class's predicted area (the Hub metric's histogram
+  behaviour); predictions outside [0, num_labels) count nowhere;
+- `label_map` {old: new} is applied to the references, one pair after the other, before `reduce_labels`;
+- `reduce_labels`: reference 0 becomes 255, every other value v becomes v - 1 (255 stays 255);
+- per class: IoU = |P n R| / |P u R|, accuracy = |P n R| / |R|; a class with an empty union (IoU) or an empty
+  reference (accuracy) gets nan, and `mean_iou` / `mean_accuracy` are nan-means over classes;
+  `overall_accuracy` = sum |P n R| / sum |R|;
+- `nan_to_num`, when given, replaces nan in every returned value.
+
+Instead of concatenating predictions, it accumulates a (num_labels + 1) x (num_labels + 1) confusion matrix: the
+extra row / column holds out-of-range references / predictions. `ConfusionMatrix` does this batch by batch (memory
+independent of the number of images) on numpy arrays or torch tensors (on their device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+
+_DESCRIPTION = """
+Mean IoU is the area of overlap between the predicted segmentation and the ground truth divided by the area of union
+between them, averaged over classes. Same keys, definitions and arguments as the Hub's `mean_iou` metric; computed
+through a confusion matrix, so it is fast and its memory does not depend on the image size.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`List[ndarray]`): predicted segmentation maps, each (height, width) of class indices.
+    references (`List[ndarray]`): ground-truth maps of the same shapes.
+    num_labels (`int`): number of classes.
+    ignore_index (`int`): reference value to leave out (e.g. 255).
+    nan_to_num (`int`, *optional*): replace nan values by this number.
+    label_map (`dict`, *optional*): old reference id -> new id, applied before `reduce_labels`.
+    reduce_labels (`bool`, defaults to `False`): reference 0 becomes 255 and every other value is decreased by one.
+Returns:
+    `mean_iou`, `mean_accuracy`, `overall_accuracy` (floats), `per_category_iou`, `per_category_accuracy`
+    (arrays of shape (num_labels,)).
+Examples:
+    >>> metric = evaluate.load("proto_segformer/metrics/mean_iou.py")
+    >>> metric.compute(predictions=[np.array([[0, 1], [1, 1]])], references=[np.array([[0, 1], [255, 0]])],
+    ...                num_labels=2, ignore_index=255)["mean_iou"]
+    0.5
+"""
+
+_CITATION = """
+@software{MMSegmentation_Contributors_OpenMMLab_Semantic_Segmentation_2020,
+  author = {MMSegmentation Contributors},
+  license = {Apache-2.0},
+  title = {{OpenMMLab Semantic Segmentation Toolbox and Benchmark}},
+  url = {https://github.com/open-mmlab/mmsegmentation},
+  year = {2020}
+}
+"""
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _label_lookup(label_map: Mapping[int, int] | None, reduce_labels: bool, max_value: int) -> np.ndarray | None:
+    """Table t (max_value + 1,) with t[v] = the reference value v becomes after `label_map` then `reduce_labels`."""
+    if not label_map and not reduce_labels:
+        return None
+    table = np.arange(max_value + 1, dtype=np.int64)
+    for old, new in (label_map or {}).items():  # one pair after the other, like the Hub metric
+        table[table == int(old)] = int(new)
+    if reduce_labels:
+        table[table == 0] = 255
+        table = table - 1
+        table[table == 254] = 255
+    return table
+
+
+class ConfusionMatrix:
+    """Streaming confusion matrix for semantic segmentation.
+
+    `matrix[r, p]` counts pixels with reference r and prediction p; index `num_labels` collects out-of-range
+    values. Update with any number of (prediction, reference) batches of equal shapes (e.g. (B, H, W) or (H, W)),
+    numpy or torch (counted on the tensors' device); memory is O(num_labels^2).
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        ignore_index: int = 255,
+        label_map: Mapping[int, int] | None = None,
+        reduce_labels: bool = False,
+    ) -> None:
+        if int(num_labels) < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = int(num_labels)
+        self.ignore_index = int(ignore_index)
+        self.label_map = dict(label_map) if label_map else None
+        self.reduce_labels = bool(reduce_labels)
+        self.matrix = np.zeros((self.num_labels + 1, self.num_labels + 1), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.matrix[...] = 0
+
+    def _map_references(self, references: Any) -> Any:
+        if self.label_map is None and not self.reduce_labels:
+            return references
+        if _is_torch(references):
+            import torch
+
+            references = references.long()
+            if references.numel() == 0:
+                return references
+            max_value = max(int(references.max()), 255, *(int(k) for k in (self.label_map or {0: 0})))
+            table = _label_lookup(self.label_map, self.reduce_labels, max_value)
+            table = torch.as_tensor(table, device=references.device)
+            return torch.where(references < 0, references, table[references.clamp_min(0)])
+        references = np.asarray(references).astype(np.int64, copy=False)
+        if references.size == 0:
+            return references
+        max_value = max(int(references.max()), 255, *(int(k) for k in (self.label_map or {0: 0})))
+        table = _label_lookup(self.label_map, self.reduce_labels, max_value)
+        return np.where(references < 0, references, table[np.clip(references, 0, None)])
+
+    def update(self, predictions: Any, references: Any) -> ConfusionMatrix:
+        """Add a batch: `predictions` and `references` of the same shape, integer class indices."""
+        if tuple(predictions.shape) != tuple(references.shape):
+            raise ValueError(
+                f"predictions and references must have the same shape, got {tuple(predictions.shape)} and"
+                f" {tuple(references.shape)}."
+            )
+        references = self._map_references(references)
+        size = self.num_labels + 1
+        if _is_torch(predictions) or _is_torch(references):
+            import torch
+
+            predictions = torch.as_tensor(predictions)
+            references = torch.as_tensor(references, device=predictions.device).long()
+            predictions = predictions.long()
+            keep = references != self.ignore_index
+            ref = references[keep]
+            pred = predictions[keep]
+            ref = torch.where((ref < 0) | (ref >= self.num_labels), self.num_labels, ref)
+            pred = torch.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
+            counts = torch.bincount(ref * size + pred, minlength=size * size)
+            self.matrix += counts.cpu().numpy().reshape(size, size)
+            return self
+        predictions = np.asarray(predictions)
+        references = np.asarray(references)
+        keep = references != self.ignore_index
+        ref = references[keep].astype(np.int64, copy=False)
+        pred = predictions[keep].astype(np.int64, copy=False)
+        ref = np.where((ref < 0) | (ref >= self.num_labels), self.num_labels, ref)
+        pred = np.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
+        self.matrix += np.bincount(ref * size + pred, minlength=size * size).reshape(size, size)
+        return self
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add another accumulator's counts (e.g. from another process)."""
+        self.matrix += other.matrix
+        return self
+
+    def areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class (num_labels,) areas: intersection, union, predicted, reference (float64)."""
+        matrix = self.matrix.astype(np.float64)
+        k = self.num_labels
+        intersect = np.diag(matrix)[:k]
+        area_reference = matrix[:k, :].sum(axis=1)
+        area_prediction = matrix[:, :k].sum(axis=0)
+        return intersect, area_prediction + area_reference - intersect, area_prediction, area_reference
+
+    def compute(self, nan_to_num: float | None = None) -> dict[str, Any]:
+        """The Hub `mean_iou` result dict from the counts so far."""
+        return metrics_from_areas(*self.areas(), nan_to_num=nan_to_num)
+
+
+def metrics_from_areas(
+    intersect: np.ndarray,
+    union: np.ndarray,
+    area_prediction: np.ndarray,
+    area_reference: np.ndarray,
+    nan_to_num: float | None = None,
+) -> dict[str, Any]:
+    """mean_iou, mean_accuracy, overall_accuracy, per_category_iou, per_category_accuracy from per-class areas."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = intersect / union
+        accuracy = intersect / area_reference
+        overall = intersect.sum() / area_reference.sum()
+        # nanmean of an all-nan vector is nan (the Hub metric warns; stay quiet and return nan).
+        mean_iou = np.nanmean(iou) if np.any(~np.isnan(iou)) else np.float64("nan")
+        mean_accuracy = np.nanmean(accuracy) if np.any(~np.isnan(accuracy)) else np.float64("nan")
+    metrics = {
+        "mean_iou": mean_iou,
+        "mean_accuracy": mean_accuracy,
+        "overall_accuracy": overall,
+        "per_category_iou": iou,
+        "per_category_accuracy": accuracy,
+    }
+    if nan_to_num is not None:
+        metrics = {name: np.nan_to_num(value, nan=nan_to_num) for name, value in metrics.items()}
+    return metrics
+
+
+def mean_iou(
+    results: Iterable[Any],
+    gt_seg_maps: Iterable[Any],
+    num_labels: int,
+    ignore_index: int,
+    nan_to_num: float | None = None,
+    label_map: Mapping[int, int] | None = None,
+    reduce_labels: bool = False,
+) -> dict[str, Any]:
+    """The Hub metric's function: per-image maps (any shapes, pairwise equal) -> the metrics dict."""
+    matrix = ConfusionMatrix(num_labels, ignore_index, label_map, reduce_labels)
+    for prediction, reference in zip(results, gt_seg_maps, strict=True):
+        matrix.update(np.asarray(prediction), np.asarray(reference))
+    return matrix.compute(nan_to_num=nan_to_num)
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class MeanIoU(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("uint16"))),
+                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("uint16"))),
+                }
+            ),
+            reference_urls=[
+                "https://github.com/open-mmlab/mmsegmentation/blob/71c201b1813267d78764f306a297ca717827c4bf/mmseg/core/evaluation/metrics.py"
+            ],
+        )
+
+    def _compute(
+        self,
+        predictions: list[Any],
+        references: list[Any],
+        num_labels: int,
+        ignore_index: int,
+        nan_to_num: float | None = None,
+        label_map: Mapping[int, int] | None = None,
+        reduce_labels: bool = False,
+    ) -> dict[str, Any]:
+        return mean_iou(
+            results=predictions,
+            gt_seg_maps=references,
+            num_labels=num_labels,
+            ignore_index=ignore_index,
+            nan_to_num=nan_to_num,
+            label_map=label_map,
+            reduce_labels=reduce_labels,
+        )

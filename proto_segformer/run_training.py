@@ -1,0 +1,547 @@
+"""Command-line training of ProtoSegformer (the logic behind `scripts/train.py`).
+
+Modelled on transformers' `examples/pytorch/semantic-segmentation/run_semantic_segmentation.py`: `HfArgumentParser`
+over `ModelArguments`, `DataTrainingArguments` and the full `TrainingArguments`; the Trainer underneath; runs as
+`python scripts/train.py ...` and as `accelerate launch scripts/train.py ...`.
+
+With no `--dataset_name` it trains on the built-in offline data set "scenes" with the demo defaults of
+`BUILTIN_DEMO_DEFAULTS` (every one of them can still be overridden on the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from transformers import HfArgumentParser, SegformerImageProcessor, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_proto_segformer import MIT_PRESETS
+from .data.builtin import build_builtin_dataset
+from .data.dataset import SegmentationDataset
+from .data.loading import (
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    DataError,
+    check_split,
+    ensure_validation_split,
+    id2label_from_dataset,
+    infer_num_labels,
+    load_dataset_any,
+    parse_builtin_name,
+    read_id2label_file,
+    resolve_column,
+)
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
+from .training import (
+    PROTOSEG_FIELDS,
+    MeanIoUMetric,
+    ModelInputError,
+    ProtoSegTrainer,
+    RankPrototypesCallback,
+    build_model,
+    save_training_outputs,
+)
+
+logger = logging.getLogger(__name__)
+
+# Files whose presence makes an output folder look like a finished run.
+FINAL_OUTPUT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "all_results.json",
+    "eval_results.json",
+    "train_results.json",
+)
+
+# Defaults that differ from TrainingArguments' for every run (a segmentation run, evaluated with mean IoU).
+COMMON_DEFAULTS: dict[str, Any] = {
+    "do_train": True,
+    "do_eval": True,
+    "remove_unused_columns": False,
+    "batch_eval_metrics": True,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_steps": 10,
+    "lr_scheduler_type": "polynomial",
+    "learning_rate": 6e-5,
+    "weight_decay": 0.01,
+    "warmup_steps": 0.05,
+    "per_device_eval_batch_size": 1,
+    "optim": "adamw_torch",
+    "report_to": "none",
+}
+
+# With the built-in data (no --dataset_name): a run that shows learning on 2 CPU cores in a few minutes. A slim
+# mit-b0 (decoder width 128, D = 64, 5 prototypes per class), trained from scratch on 64x64 scenes.
+BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "max_steps": 400,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 50,
+    "warmup_steps": 30,
+    "eval_strategy": "steps",
+    "eval_steps": 200,
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "decoder_hidden_size": 128,
+    "prototype_dim": 64,
+    "num_prototypes_per_class": 5,
+    "crop_size": 64,
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint (ours, a parametric SegFormer, or a MiT backbone) or a MiT preset."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder or Hub id of a ProtoSegformer checkpoint, a parametric SegFormer checkpoint"
+            " (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or a MiT backbone (e.g. nvidia/mit-b0)."
+            " Without it, --model_preset builds a model from scratch."
+        },
+    )
+    model_preset: str = field(
+        default="mit-b0", metadata={"help": f"MiT size when training from scratch: one of {sorted(MIT_PRESETS)}."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Any other config fields, as 'name=value,name=value' (e.g. 'drop_path_rate=0.2')."},
+    )
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (SegFormer field)."})
+    classifier_dropout_prob: float | None = field(default=None, metadata={"help": "Decoder dropout."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the encoder."})
+    num_prototypes_per_class: int | None = field(default=None, metadata={"help": "M, prototypes per class."})
+    prototype_dim: int | None = field(default=None, metadata={"help": "D, embedding width (default: decoder)."})
+    prototype_momentum: float | None = field(default=None, metadata={"help": "mu of the prototype update."})
+    sinkhorn_epsilon: float | None = field(default=None, metadata={"help": "Sinkhorn-Knopp epsilon."})
+    sinkhorn_iterations: int | None = field(default=None, metadata={"help": "Sinkhorn-Knopp iterations."})
+    ppc_weight: float | None = field(default=None, metadata={"help": "Weight of the PPC loss."})
+    ppd_weight: float | None = field(default=None, metadata={"help": "Weight of the PPD loss."})
+    ppc_temperature: float | None = field(default=None, metadata={"help": "Temperature of the PPC loss."})
+    inference_chunk_size: int | None = field(default=None, metadata={"help": "Memory bound at inference."})
+    prototype_init_batches: int = field(
+        default=0,
+        metadata={
+            "help": "Initialise the prototypes before step one by clustering the embeddings of this many training"
+            " batches per process (0: keep the model's prototypes). Not done when resuming."
+        },
+    )
+    prototype_init_max_pixels: int = field(
+        default=2000, metadata={"help": "Pixels per class (per process) used by the prototype initialisation."}
+    )
+    head_learning_rate_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The decoder and projection learn with learning_rate times this (SegFormer: 10)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models / data sets."})
+
+    def config_fields(self) -> dict[str, Any]:
+        """The config overrides given on the command line."""
+        fields = {
+            name: getattr(self, name)
+            for name in ("decoder_hidden_size", "classifier_dropout_prob", "drop_path_rate", *PROTOSEG_FIELDS)
+            if getattr(self, name) is not None
+        }
+        fields.update(parse_config_overrides(self.config_overrides))
+        return fields
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on, and the training augmentation."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path: a DatasetDict saved with save_to_disk, a folder of parquet files, or an"
+            " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png). 'builtin:<name>' picks a"
+            " built-in offline data set (scenes, scenes-large, scenes-fashion, voc, arc2017); none: builtin:scenes."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": f"Image column (default: the first of {list(IMAGE_COLUMN_CANDIDATES)})."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": f"Label column (default: the first of {list(LABEL_COLUMN_CANDIDATES)})."}
+    )
+    id2label: str | None = field(
+        default=None,
+        metadata={
+            "help": "json file with the class names ({'0': 'wall', ...} or a list). Default: from the data set's"
+            " features or its id2label.json, else from the model checkpoint, else class_<i>."
+        },
+    )
+    reduce_labels: bool = field(
+        default=False,
+        metadata={"help": "Label 0 becomes the ignore index and every other label shifts down by one (ADE20K)."},
+    )
+    train_val_split: float | None = field(
+        default=0.15, metadata={"help": "Fraction of train held out for validation when there is no such split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation samples."})
+    check_samples: int | None = field(
+        default=2000,
+        metadata={
+            "help": "Before training, read this many samples per split and check them (files, sizes, label values);"
+            " -1 checks every sample. Every sample is checked again when it is loaded."
+        },
+    )
+    crop_size: int | None = field(
+        default=None, metadata={"help": "Training crop side (default 512; the built-in data: its image size)."}
+    )
+    base_size: int | None = field(
+        default=None, metadata={"help": "Short side before the random resize ratio (default: the crop size)."}
+    )
+    min_scale: float = field(default=0.5, metadata={"help": "Smallest random resize ratio."})
+    max_scale: float = field(default=2.0, metadata={"help": "Largest random resize ratio."})
+    cat_max_ratio: float = field(default=0.75, metadata={"help": "Re-draw crops where a class covers more."})
+    photometric_distortion: bool = field(default=True, metadata={"help": "Random brightness/contrast/colour."})
+    hue_delta: float | None = field(
+        default=None, metadata={"help": "Hue jitter (+-, OpenCV units; default 18, 0 for builtin:scenes-large)."}
+    )
+    builtin_num_train: int = field(default=2000, metadata={"help": "Built-in data: training images."})
+    builtin_num_validation: int = field(default=200, metadata={"help": "Built-in data: validation images."})
+    builtin_image_size: int = field(default=64, metadata={"help": "Built-in data: image side."})
+    builtin_seed: int = field(default=0, metadata={"help": "Built-in data: seed of the generated images."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a finished run already in --output_dir."}
+    )
+    save_rank_prototypes: bool = field(
+        default=False,
+        metadata={"help": "Write each process's final prototypes to <output_dir>/rank_prototypes/ (a check)."},
+    )
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """'a=1,b=0.5,c=[1,2],d=true' -> {'a': 1, 'b': 0.5, 'c': [1, 2], 'd': True} (values parsed as json if they can)."""
+    if not text:
+        return {}
+    result: dict[str, Any] = {}
+    depth, start, parts = 0, 0, []
+    for i, char in enumerate(text):
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    for part in filter(None, (p.strip() for p in parts)):
+        if "=" not in part:
+            raise ValueError(f"--config_overrides: {part!r} is not of the form name=value.")
+        name, value = (s.strip() for s in part.split("=", 1))
+        try:
+            result[name] = json.loads(value)
+        except json.JSONDecodeError:
+            result[name] = value
+    return result
+
+
+def build_parser(argv: list[str]) -> HfArgumentParser:
+    """The parser, with the project's defaults (and the demo defaults when no --dataset_name is given)."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    defaults = dict(COMMON_DEFAULTS)
+    if not any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv):
+        defaults.update(BUILTIN_DEMO_DEFAULTS)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train: SegmentationDataset
+    validation: SegmentationDataset
+    id2label: dict[int, str]
+    dataset_label: str
+    crop_size: int
+
+
+def _checkpoint_id2label(model_args: ModelArguments) -> dict[int, str] | None:
+    if model_args.model_name_or_path is None:
+        return None
+    try:
+        from transformers import PretrainedConfig
+
+        config, _ = PretrainedConfig.get_config_dict(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    except OSError:
+        return None
+    if config.get("model_type") != "proto_segformer" or not config.get("id2label"):
+        return None
+    return {int(k): v for k, v in config["id2label"].items()}
+
+
+def prepare_data(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
+) -> PreparedData:
+    """Load, split, name and check the data (raises `DataError` naming any problem), and wrap it for the Trainer."""
+    builtin = parse_builtin_name(data_args.dataset_name)
+    ignore_index = 255
+    if builtin is not None:
+        with training_args.main_process_first():
+            dataset, id2label = build_builtin_dataset(
+                builtin,
+                num_train=data_args.builtin_num_train,
+                num_validation=data_args.builtin_num_validation,
+                image_size=data_args.builtin_image_size,
+                seed=data_args.builtin_seed,
+            )
+        image_column, label_column = "image", "label"
+        dataset_label = f"builtin:{builtin}"
+        if data_args.id2label is not None:
+            raise DataError("--id2label cannot rename the classes of a built-in data set.")
+    else:
+        with training_args.main_process_first():
+            dataset = load_dataset_any(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                cache_dir=model_args.cache_dir,
+                token=model_args.token,
+            )
+        dataset = ensure_validation_split(dataset, data_args.train_val_split, training_args.seed)
+        columns = dataset["train"].column_names
+        image_column = resolve_column(
+            columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
+        )
+        label_column = resolve_column(
+            columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", "--label_column_name"
+        )
+        for split_name in ("validation",):
+            missing = [c for c in (image_column, label_column) if c not in dataset[split_name].column_names]
+            if missing:
+                raise DataError(
+                    f"The {split_name!r} split has no column {missing[0]!r}; its columns are"
+                    f" {dataset[split_name].column_names}."
+                )
+        dataset_label = data_args.dataset_name
+        if data_args.id2label is not None:
+            id2label = read_id2label_file(data_args.id2label)
+        else:
+            id2label = id2label_from_dataset(dataset, data_args.dataset_name, label_column)
+            id2label = id2label or _checkpoint_id2label(model_args)
+            if id2label is None:
+                for split_name in ("train", "validation"):
+                    if len(dataset[split_name]) == 0:
+                        raise DataError(f"The {split_name!r} split is empty.")
+                num_labels = infer_num_labels(
+                    dataset["train"], image_column, label_column, data_args.reduce_labels, ignore_index
+                )
+                id2label = {i: f"class_{i}" for i in range(num_labels)}
+                logger.warning(
+                    "No class names found (pass --id2label FILE.json): using %d classes class_0..class_%d, from the"
+                    " largest label value in the first training samples.",
+                    num_labels,
+                    num_labels - 1,
+                )
+    if len(id2label) < 2:
+        raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
+    if data_args.max_train_samples is not None:
+        dataset["train"] = dataset["train"].select(range(min(data_args.max_train_samples, len(dataset["train"]))))
+    if data_args.max_eval_samples is not None:
+        dataset["validation"] = dataset["validation"].select(
+            range(min(data_args.max_eval_samples, len(dataset["validation"])))
+        )
+    limit = None if data_args.check_samples is None or data_args.check_samples < 0 else data_args.check_samples
+    for split_name in ("train", "validation"):
+        check_split(
+            dataset[split_name],
+            split_name,
+            image_column,
+            label_column,
+            num_labels=len(id2label),
+            ignore_index=ignore_index,
+            reduce_labels=data_args.reduce_labels,
+            max_samples=limit,
+        )
+
+    if builtin is not None:
+        crop_size = data_args.crop_size or data_args.builtin_image_size
+    else:
+        crop_size = data_args.crop_size or 512
+    hue_delta = data_args.hue_delta if data_args.hue_delta is not None else (0.0 if builtin == "scenes-large" else 18.0)
+    augmentation = AugmentationConfig(
+        crop_size=(crop_size, crop_size),
+        base_size=data_args.base_size,
+        min_scale=data_args.min_scale,
+        max_scale=data_args.max_scale,
+        cat_max_ratio=data_args.cat_max_ratio,
+        photometric_distortion=data_args.photometric_distortion,
+        hue_delta=hue_delta,
+        ignore_index=ignore_index,
+    )
+    common = {
+        "image_column": image_column,
+        "label_column": label_column,
+        "num_labels": len(id2label),
+        "reduce_labels": data_args.reduce_labels,
+        "ignore_index": ignore_index,
+        "seed": training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+    }
+    train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
+    validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
+    return PreparedData(train, validation, id2label, dataset_label, crop_size)
+
+
+# --------------------------------------------------------------------------------------------------- output folder
+
+
+def prepare_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> str | None:
+    """Resolve --resume_from_checkpoint ("last"/"true": the newest checkpoint in output_dir) and refuse to start a
+    fresh run over a finished one unless --overwrite_output_dir (which removes the finished run's files first)."""
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("last", "true"):
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if resume is None:
+            raise DataError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}.")
+    if resume is not None and not Path(resume).is_dir():
+        raise DataError(f"--resume_from_checkpoint: {resume} is not a folder.")
+    finished = [name for name in FINAL_OUTPUT_FILES if (output_dir / name).exists()]
+    if finished and resume is None and training_args.do_train:
+        if not data_args.overwrite_output_dir:
+            raise DataError(
+                f"{output_dir} already holds a finished run ({', '.join(finished)}). Pass --overwrite_output_dir"
+                " to replace it, --resume_from_checkpoint to continue it, or another --output_dir."
+            )
+        if training_args.process_index == 0:
+            for name in finished:
+                (output_dir / name).unlink()
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+    return resume
+
+
+def image_processor_for(model_args: ModelArguments, reduce_labels: bool) -> SegformerImageProcessor:
+    """The processor that reproduces the evaluation transform: full size (no resize), the checkpoint's
+    normalisation (ImageNet's by default), reduce_labels as trained."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if model_args.model_name_or_path is not None:
+        try:
+            source = SegformerImageProcessor.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision
+            )
+            mean, std = tuple(source.image_mean), tuple(source.image_std)
+        except OSError:
+            pass
+    return SegformerImageProcessor(
+        do_resize=False, image_mean=list(mean), image_std=list(std), do_reduce_labels=reduce_labels
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
+    """Train and evaluate; returns {"train": metrics, "eval": metrics, "output_dir": path}."""
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logger.setLevel(training_args.get_process_log_level())
+    resume = prepare_output_dir(training_args, data_args)
+    data = prepare_data(model_args, data_args, training_args)
+    image_processor = image_processor_for(model_args, data_args.reduce_labels)
+    data.train.image_mean, data.train.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+    data.validation.image_mean, data.validation.image_std = data.train.image_mean, data.train.image_std
+    model, source = build_model(
+        model_name_or_path=model_args.model_name_or_path,
+        model_preset=model_args.model_preset,
+        id2label=data.id2label,
+        overrides=model_args.config_fields(),
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+    )
+    logger.info("Model: %s; %d classes; data: %s", source, len(data.id2label), data.dataset_label)
+
+    callbacks = []
+    if data_args.save_rank_prototypes:
+        callbacks.append(RankPrototypesCallback(Path(training_args.output_dir) / "rank_prototypes"))
+    trainer = ProtoSegTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train if training_args.do_train else None,
+        eval_dataset=data.validation if training_args.do_eval else None,
+        data_collator=pad_collate,
+        compute_metrics=MeanIoUMetric(data.id2label),
+        callbacks=callbacks,
+        head_learning_rate_multiplier=model_args.head_learning_rate_multiplier,
+        prototype_init_batches=model_args.prototype_init_batches,
+        prototype_init_max_pixels=model_args.prototype_init_max_pixels,
+    )
+    results: dict[str, Any] = {"output_dir": training_args.output_dir}
+    train_metrics = None
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        train_metrics = dict(train_result.metrics)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_state()
+        results["train"] = train_metrics
+    eval_metrics = None
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        results["eval"] = eval_metrics
+    save_training_outputs(
+        trainer,
+        training_args.output_dir,
+        image_processor=image_processor,
+        train_metrics=train_metrics,
+        eval_metrics=eval_metrics,
+        dataset_name=data.dataset_label,
+        base_model=model_args.model_name_or_path,
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of scripts/train.py. User errors (data, arguments) exit with a one-paragraph message."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    try:
+        return run_training(model_args, data_args, training_args)
+    except (DataError, ModelInputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = [
+    "BUILTIN_DEMO_DEFAULTS",
+    "COMMON_DEFAULTS",
+    "DataTrainingArguments",
+    "ModelArguments",
+    "build_parser",
+    "main",
+    "parse_config_overrides",
+    "prepare_data",
+    "run_training",
+]

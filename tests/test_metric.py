@@ -1,0 +1,202 @@
+"""The packaged mean IoU: against a direct confusion-matrix computation and the Hub `mean_iou` definitions."""
+
+from __future__ import annotations
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+
+from proto_segformer.metrics import MEAN_IOU_PATH, ConfusionMatrix, load_mean_iou, mean_iou
+from proto_segformer.training import MeanIoUMetric, segmentation_areas, upsampled_argmax
+
+
+def hub_reference(
+    results, gt_seg_maps, num_labels, ignore_index, nan_to_num=None, label_map=None, reduce_labels=False
+) -> dict:
+    """The Hub metric's documented algorithm (evaluate-metric/mean_iou, from mmsegmentation), image by image with
+    np.histogram, written out here as the slow reference (the Hub module cannot be downloaded in tests)."""
+    total = np.zeros((4, num_labels), dtype=np.float64)
+    for pred_label, label in zip(results, gt_seg_maps):
+        label = np.array(label).copy()
+        pred_label = np.array(pred_label)
+        if label_map is not None:
+            for old_id, new_id in label_map.items():
+                label[label == old_id] = new_id
+        if reduce_labels:
+            label[label == 0] = 255
+            label = label - 1
+            label[label == 254] = 255
+        mask = np.not_equal(label, ignore_index)
+        pred_label = pred_label[mask]
+        label = label[mask]
+        intersect = pred_label[pred_label == label]
+        bins = dict(bins=num_labels, range=(0, num_labels - 1))
+        area_intersect = np.histogram(intersect, **bins)[0]
+        area_pred_label = np.histogram(pred_label, **bins)[0]
+        area_label = np.histogram(label, **bins)[0]
+        total += [area_intersect, area_pred_label + area_label - area_intersect, area_pred_label, area_label]
+    intersect, union, _, area_label = total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = intersect / union
+        acc = intersect / area_label
+        metrics = {
+            "mean_iou": np.nanmean(iou) if not np.all(np.isnan(iou)) else np.nan,
+            "mean_accuracy": np.nanmean(acc) if not np.all(np.isnan(acc)) else np.nan,
+            "overall_accuracy": intersect.sum() / area_label.sum(),
+            "per_category_iou": iou,
+            "per_category_accuracy": acc,
+        }
+    if nan_to_num is not None:
+        metrics = {k: np.nan_to_num(v, nan=nan_to_num) for k, v in metrics.items()}
+    return metrics
+
+
+def assert_same(result: dict, expected: dict) -> None:
+    assert (
+        set(result)
+        == set(expected)
+        == {
+            "mean_iou",
+            "mean_accuracy",
+            "overall_accuracy",
+            "per_category_iou",
+            "per_category_accuracy",
+        }
+    )
+    for key in expected:
+        np.testing.assert_allclose(np.asarray(result[key], dtype=float), np.asarray(expected[key], dtype=float))
+
+
+def random_maps(rng, count, num_labels, shapes=((17, 23), (8, 8), (31, 5)), extra_values=(255,)):
+    preds, refs = [], []
+    for i in range(count):
+        shape = shapes[i % len(shapes)]
+        preds.append(rng.integers(0, num_labels, size=shape))
+        ref = rng.integers(0, num_labels, size=shape)
+        ref[rng.random(shape) < 0.1] = rng.choice(extra_values)
+        refs.append(ref)
+    return preds, refs
+
+
+def test_evaluate_load_offline_matches_hub_definitions() -> None:
+    rng = np.random.default_rng(0)
+    preds, refs = random_maps(rng, 6, num_labels=7)
+    metric = evaluate.load(MEAN_IOU_PATH)
+    result = metric.compute(predictions=preds, references=refs, num_labels=7, ignore_index=255)
+    assert_same(result, hub_reference(preds, refs, 7, 255))
+
+
+def test_add_batch_then_compute() -> None:
+    rng = np.random.default_rng(1)
+    preds, refs = random_maps(rng, 4, num_labels=5, shapes=((9, 9),))
+    metric = load_mean_iou()
+    metric.add_batch(predictions=preds[:2], references=refs[:2])
+    metric.add_batch(predictions=preds[2:], references=refs[2:])
+    assert_same(metric.compute(num_labels=5, ignore_index=255), hub_reference(preds, refs, 5, 255))
+
+
+def test_absent_class_is_nan_and_nan_to_num() -> None:
+    # Class 2 appears in neither predictions nor references: nan IoU and accuracy, left out of the means.
+    pred = np.array([[0, 1], [1, 1]])
+    ref = np.array([[0, 1], [0, 0]])
+    result = mean_iou([pred], [ref], num_labels=3, ignore_index=255)
+    assert np.isnan(result["per_category_iou"][2]) and np.isnan(result["per_category_accuracy"][2])
+    np.testing.assert_allclose(result["per_category_iou"][:2], [1 / 3, 1 / 3])
+    assert result["mean_iou"] == pytest.approx(1 / 3)
+    assert result["overall_accuracy"] == pytest.approx(0.5)
+    filled = mean_iou([pred], [ref], num_labels=3, ignore_index=255, nan_to_num=0)
+    assert filled["per_category_iou"][2] == 0
+    assert_same(filled, hub_reference([pred], [ref], 3, 255, nan_to_num=0))
+
+
+def test_predicted_but_absent_class_has_zero_iou_and_nan_accuracy() -> None:
+    pred = np.array([[2, 1]])
+    ref = np.array([[0, 1]])
+    result = mean_iou([pred], [ref], num_labels=3, ignore_index=255)
+    assert result["per_category_iou"][2] == 0.0
+    assert np.isnan(result["per_category_accuracy"][2])
+    assert_same(result, hub_reference([pred], [ref], 3, 255))
+
+
+def test_ignore_index_pixels_count_nowhere() -> None:
+    pred = np.array([[0, 1, 1]])
+    ref = np.array([[0, 255, 1]])
+    result = mean_iou([pred], [ref], num_labels=2, ignore_index=255)
+    np.testing.assert_allclose(result["per_category_iou"], [1.0, 1.0])
+    other = mean_iou([pred], [np.array([[0, 7, 1]])], num_labels=2, ignore_index=7)
+    np.testing.assert_allclose(other["per_category_iou"], [1.0, 1.0])
+
+
+def test_reduce_labels_and_label_map_follow_the_hub_order() -> None:
+    rng = np.random.default_rng(2)
+    preds, refs = random_maps(rng, 5, num_labels=6, extra_values=(0, 255))
+    for kwargs in ({"reduce_labels": True}, {"label_map": {1: 3, 3: 4}}, {"label_map": {2: 0}, "reduce_labels": True}):
+        result = mean_iou(preds, refs, num_labels=6, ignore_index=255, **kwargs)
+        assert_same(result, hub_reference(preds, refs, 6, 255, **kwargs))
+    # reduce_labels: 0 -> ignored, 1 -> class 0, 255 stays ignored.
+    pred, ref = np.array([[0, 0, 1]]), np.array([[0, 1, 255]])
+    reduced = mean_iou([pred], [ref], num_labels=2, ignore_index=255, reduce_labels=True)
+    np.testing.assert_allclose(reduced["per_category_accuracy"], [1.0, np.nan])
+    assert reduced["overall_accuracy"] == 1.0
+
+
+def test_out_of_range_reference_counts_only_its_prediction() -> None:
+    # The Hub metric's histograms: reference 9 (>= num_labels, not ignored) adds to no reference area, while the
+    # prediction at that pixel (1) still adds to class 1's predicted area (lowering class 1's IoU).
+    pred = np.array([[0, 1, 1]])
+    ref = np.array([[0, 1, 9]])
+    result = mean_iou([pred], [ref], num_labels=2, ignore_index=255)
+    np.testing.assert_allclose(result["per_category_iou"], [1.0, 0.5])
+    assert_same(result, hub_reference([pred], [ref], 2, 255))
+
+
+def test_confusion_matrix_matches_a_direct_computation() -> None:
+    rng = np.random.default_rng(3)
+    num_labels = 9
+    preds = rng.integers(0, num_labels, size=(6, 20, 20))
+    refs = rng.integers(0, num_labels, size=(6, 20, 20))
+    refs[:, :3] = 255
+    direct = np.zeros((num_labels, num_labels), dtype=np.int64)
+    for p, r in zip(preds.ravel(), refs.ravel()):
+        if r != 255:
+            direct[r, p] += 1
+    matrix = ConfusionMatrix(num_labels)
+    matrix.update(preds[:2], refs[:2]).update(torch.from_numpy(preds[2:]), torch.from_numpy(refs[2:]))
+    np.testing.assert_array_equal(matrix.matrix[:num_labels, :num_labels], direct)
+    iou = np.diag(direct) / (direct.sum(0) + direct.sum(1) - np.diag(direct))
+    np.testing.assert_allclose(matrix.compute()["per_category_iou"], iou)
+    np.testing.assert_allclose(matrix.compute()["overall_accuracy"], np.trace(direct) / direct.sum())
+
+
+def test_confusion_matrix_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        ConfusionMatrix(3).update(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_trainer_metric_from_logits_matches_the_hub_definition() -> None:
+    torch.manual_seed(0)
+    num_labels = 4
+    logits = torch.randn(3, num_labels, 5, 6)
+    labels = torch.randint(0, num_labels, (3, 20, 24))
+    labels[0, :4] = 255
+    labels[1, 0, 0] = 7  # out of range, not ignored
+    predictions = upsampled_argmax(logits, (20, 24), class_chunk=3)
+    full = torch.nn.functional.interpolate(logits, size=(20, 24), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(predictions, full)
+    areas = segmentation_areas(predictions, labels, num_labels, 255)
+    metric = MeanIoUMetric({i: f"c{i}" for i in range(num_labels)})
+
+    class Prediction:
+        def __init__(self, predictions):
+            self.predictions = predictions
+
+    assert metric(Prediction(areas[:1]), compute_result=False) is None
+    result = metric(Prediction(areas[1:]), compute_result=True)
+    expected = hub_reference(list(predictions.numpy()), list(labels.numpy()), num_labels, 255)
+    assert result["mean_iou"] == pytest.approx(expected["mean_iou"])
+    assert result["overall_accuracy"] == pytest.approx(expected["overall_accuracy"])
+    assert result["iou_c2"] == pytest.approx(expected["per_category_iou"][2])
+    # The accumulator resets after computing.
+    again = metric(Prediction(areas), compute_result=True)
+    assert again["mean_iou"] == pytest.approx(expected["mean_iou"])
