@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ TRAINING_ARGS_FILE = "training_args.json"
 
 
 # ---------------------------------------------------------------------------------------------- reading the output
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` if it can be a Hub repository id ("name" or "owner/name") and is not a local path, else None."""
+    if not name or not HUB_ID.match(name) or Path(name).exists():
+        return None
+    return name
+
+
+def slug(text: str) -> str:
+    """A repository-name-safe version of `text` (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -217,9 +233,12 @@ def selected_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
 
     trainer_fields = {f.name for f in fields(TrainingArguments)}
     chosen = {}
+    uses_max_steps = isinstance(training_args.get("max_steps"), int) and training_args["max_steps"] > 0
     for key, value in training_args.items():
         if key in SHOWN_TRAINING_ARGS:
-            if key == "max_steps" and value in (-1, None):
+            if key == "max_steps" and not uses_max_steps:
+                continue
+            if key == "num_train_epochs" and uses_max_steps:  # max_steps overrides the epochs
                 continue
             if key in ("warmup_steps", "warmup_ratio") and not value:
                 continue
@@ -293,6 +312,15 @@ def prototype_section(stats: Mapping[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def base_model_text(base_model: str | None) -> str:
+    """Markdown for the "Base model" row: a Hub link, a local starting point, or none."""
+    if not base_model:
+        return "none (trained from scratch)"
+    if hub_id_or_none(base_model):
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    return f"a local checkpoint (`{Path(base_model).name}`)"
+
+
 def pictures_section(pictures: Sequence[tuple[str, str]] | None) -> str:
     """Markdown images for (relative path, caption) pairs."""
     if not pictures:
@@ -345,9 +373,9 @@ def build_card_data(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         tags=list(TAGS),
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[hub_id_or_none(dataset_name)] if hub_id_or_none(dataset_name) else None,
         metrics=sorted({t for t, _, _ in metrics}) or None,
-        base_model=base_model,
+        base_model=hub_id_or_none(base_model),
         model_name=model_name,
         eval_results=results or None,
         widget=widget if widget is not None else [dict(w) for w in DEFAULT_WIDGET],
@@ -402,7 +430,7 @@ def render_model_card(
     name = (
         repo_id.split("/")[-1]
         if repo_id
-        else f"protosegformer-{size or 'custom'}" + (f"-{dataset_name.split('/')[-1]}" if dataset_name else "")
+        else slug(f"protosegformer-{size or 'custom'}" + (f"-{dataset_name.split('/')[-1]}" if dataset_name else ""))
     )
     card_data = build_card_data(
         model_name=name,
@@ -442,9 +470,7 @@ def render_model_card(
         config=config,
         crop_size=crop,
         num_parameters=f"{num_parameters:,}" if num_parameters is not None else "unknown",
-        base_model_text=f"[{base_model}](https://huggingface.co/{base_model})"
-        if base_model
-        else "none (trained from scratch)",
+        base_model_text=base_model_text(base_model),
         class_list=", ".join(f"{k}: {v}" for k, v in sorted(id2label.items())),
         dataset_text=dataset_text,
         project_text=f"the [`proto_segformer`]({project_url}) implementation"

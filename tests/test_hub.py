@@ -394,4 +394,20 @@ def test_hub_card_keeps_what_the_training_card_recorded(tmp_path):
     assert card.data.license == "other"
     assert "| learning_rate | 6e-05 |" in card.text and "| max_steps | 300 |" in card.text
     assert "| image_size | 64 |" in card.text
-    assert "| logging_dir |" not in card.text and "| num_train_epochs |" in card.text
+    assert "| logging_dir |" not in card.text
+    assert "| num_train_epochs |" not in card.text  # max_steps overrides it
+
+
+def test_card_metadata_keeps_only_hub_ids(tmp_path):
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    (tmp_path / "local_start").mkdir()
+    card = ModelCard.load(
+        write_model_card(run, dataset_name="builtin:scenes", base_model=str(tmp_path / "local_start"))
+    )
+    assert card.data.datasets is None and card.data.base_model is None  # not Hub ids: body only
+    assert card.data.model_name == "protosegformer-custom-builtin-scenes"
+    assert card.data.eval_results[0].dataset_name == "builtin:scenes"
+    assert "a local checkpoint (`local_start`)" in card.text and "`builtin:scenes`" in card.text
