@@ -5,8 +5,8 @@ Shapes: K classes, M prototypes per class, D embedding width, an image (H, W, 3)
 (h, w) = (H/4, W/4) of the network input.
 
 Modes (as in mmsegmentation):
-- "whole": the image processor resizes the image to its `size` (the training crop); logits are upsampled back to the
-  original size.
+- "whole": the image processor resizes the image to its `size` (the training crop) or, if it does not resize
+  (`do_resize=False`), the image runs at its own resolution; logits are upsampled back to the original size.
 - "slide": the image keeps its resolution; windows of `crop` pixels every `stride` pixels (the last window of a
   row/column is shifted back inside the image) are run in batches and their logits averaged where they overlap.
 - "auto": "slide" for an image larger than the crop in either dimension, else "whole".
@@ -278,7 +278,8 @@ class InferenceOptions:
     """How to run the model over images.
 
     mode: "auto" | "whole" | "slide" (see the module docstring).
-    crop_size: window (height, width) for "slide", multiples of 4; `None` = the image processor's size.
+    crop_size: window (height, width) for "slide", multiples of 4; `None` = the image processor's size (which
+        should be the training crop).
     stride: window step (height, width), multiples of 4; `None` = 2/3 of the crop.
     batch_size: images ("whole") or windows ("slide") per forward pass.
     prototype_maps: also compute which prototype of the predicted class each pixel matched.
@@ -471,6 +472,12 @@ class Segmenter:
     def id2label(self) -> dict[int, str]:
         return {int(k): v for k, v in self.model.config.id2label.items()}
 
+    @property
+    def resizes(self) -> bool:
+        """Whether the image processor resizes images to its `size` ("whole" then runs at that size); a processor
+        with `do_resize=False` runs "whole" images at their own resolution."""
+        return bool(getattr(self.processor, "do_resize", True))
+
     def uses_slide(self, image: np.ndarray) -> bool:
         """Whether `image` (H, W, 3) goes through sliding windows under the current mode."""
         if self.options.mode == "auto":
@@ -486,10 +493,15 @@ class Segmenter:
         for i, array in enumerate(arrays):
             if i not in whole_set:
                 results[i] = self._predict_slide(array)
-        for start in range(0, len(whole), self.options.batch_size):
-            indices = whole[start : start + self.options.batch_size]
-            for i, prediction in zip(indices, self._predict_whole([arrays[i] for i in indices])):
-                results[i] = prediction
+        # A resizing processor gives every image the same input size; without resizing, batch equal sizes only.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in whole:
+            groups.setdefault(() if self.resizes else arrays[i].shape, []).append(i)
+        for indices_of_size in groups.values():
+            for start in range(0, len(indices_of_size), self.options.batch_size):
+                indices = indices_of_size[start : start + self.options.batch_size]
+                for i, prediction in zip(indices, self._predict_whole([arrays[i] for i in indices])):
+                    results[i] = prediction
         return results  # type: ignore[return-value]
 
     def _predict_whole(self, arrays: list[np.ndarray]) -> list[Prediction]:

@@ -142,17 +142,28 @@ class PrototypeMatches:
     usage: (K, M) int64, pixels of class k whose nearest prototype of class k is m.
     scores: (N_images, K, M) float32 best similarity of prototype (k, m) to a pixel of class k in each image
         (-inf where the image has no pixel of class k).
-    positions: (N_images, K, M, 2) int64 (row, col) of that pixel on the embedding grid.
-    grid_size: (h, w) of the embedding grid; input_size: (H, W) the images were resized to.
+    positions: (N_images, K, M, 2) int64 (row, col) of that pixel on the image's embedding grid.
+    grid_sizes: (N_images, 2) (h, w) of each image's embedding grid; input_sizes: (N_images, 2) (H, W) of each
+        network input (the processor's size, or the image's own size for a processor that does not resize).
     """
 
     usage: np.ndarray
     scores: np.ndarray
     positions: np.ndarray
-    grid_size: tuple[int, int]
-    input_size: tuple[int, int]
+    grid_sizes: np.ndarray
+    input_sizes: np.ndarray
     labelled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the first image's embedding grid (all images share it when the processor resizes)."""
+        return tuple(int(v) for v in self.grid_sizes[0])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the first image's network input."""
+        return tuple(int(v) for v in self.input_sizes[0])
 
     def best(self, top_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(K, M, top_n) image indices and scores of the best matches, best first (score -inf: no match)."""
@@ -166,6 +177,36 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an (H, W) label map to `size` = (h, w)."""
     tensor = torch.from_numpy(label.astype(np.int64))[None, None].float()
     return F.interpolate(tensor, size=size, mode="nearest")[0, 0].long().numpy()
+
+
+def match_image(
+    embeddings: torch.Tensor,
+    classes: torch.Tensor,
+    prototypes: torch.Tensor,
+    usage: np.ndarray,
+    scores: np.ndarray,
+    positions: np.ndarray,
+) -> None:
+    """Add one image to the running matches, in place.
+
+    embeddings (D, h, w) unit; classes (h, w) class per grid pixel (values outside [0, K) are left out);
+    usage (K, M) counts; scores (K, M) and positions (K, M, 2) of this image's best pixel per prototype.
+    """
+    num_classes, num_prototypes, _ = prototypes.shape
+    width = embeddings.shape[2]
+    pixels = embeddings.reshape(embeddings.shape[0], -1).t()  # (h*w, D)
+    flat_classes = classes.reshape(-1)
+    for k in torch.unique(flat_classes).tolist():  # the classes present in one image
+        if not 0 <= k < num_classes:
+            continue
+        where = (flat_classes == k).nonzero().squeeze(1)
+        similarities = pixels[where] @ prototypes[k].t()  # (n_k, M)
+        usage[k] += np.bincount(similarities.argmax(dim=1).cpu().numpy(), minlength=num_prototypes)
+        best_score, best_pixel = similarities.max(dim=0)
+        flat_index = where[best_pixel].cpu().numpy()
+        scores[k] = best_score.cpu().numpy()
+        positions[k, :, 0] = flat_index // width
+        positions[k, :, 1] = flat_index % width
 
 
 @torch.no_grad()
@@ -187,41 +228,36 @@ def match_prototypes(
     usage = np.zeros((num_classes, num_prototypes), dtype=np.int64)
     scores = np.full((total, num_classes, num_prototypes), -np.inf, dtype=np.float32)
     positions = np.zeros((total, num_classes, num_prototypes, 2), dtype=np.int64)
-    grid_size = input_size = (0, 0)
+    grid_sizes = np.zeros((total, 2), dtype=np.int64)
+    input_sizes = np.zeros((total, 2), dtype=np.int64)
     labelled = True
+    resizes = bool(getattr(processor, "do_resize", True))
     bar = tqdm(total=total, desc="matching prototypes", unit="img", disable=not progress)
     for start in range(0, total, batch_size):
-        batch = [samples[i] for i in range(start, min(total, start + batch_size))]
-        pixel_values = processor(images=[image for image, _ in batch], return_tensors="pt")["pixel_values"]
-        input_size = tuple(pixel_values.shape[2:])
-        output = model(pixel_values=pixel_values.to(device=device, dtype=dtype), output_pixel_embeddings=True)
-        embeddings = output.pixel_embeddings.float()
-        grid_size = tuple(embeddings.shape[2:])
-        for offset, (_, label) in enumerate(batch):
-            index = start + offset
-            if label is None:
-                labelled = False
-                classes = output.logits[offset].argmax(dim=0)
-            else:
-                if getattr(processor, "do_reduce_labels", False):  # 0 (background) -> ignore, k -> k - 1
-                    label = np.where(label == 0, 255, label - 1)
-                classes = torch.from_numpy(resize_label(label, grid_size)).to(device)
-            pixels = embeddings[offset].reshape(embeddings.shape[1], -1).t()  # (h*w, D)
-            flat_classes = classes.reshape(-1)
-            for k in torch.unique(flat_classes).tolist():
-                if not 0 <= k < num_classes:
-                    continue
-                where = (flat_classes == k).nonzero().squeeze(1)
-                similarities = pixels[where] @ prototypes[k].t()  # (n_k, M)
-                usage[k] += np.bincount(similarities.argmax(dim=1).cpu().numpy(), minlength=num_prototypes)
-                best_score, best_pixel = similarities.max(dim=0)
-                flat_index = where[best_pixel].cpu().numpy()
-                scores[index, k] = best_score.cpu().numpy()
-                positions[index, k, :, 0] = flat_index // grid_size[1]
-                positions[index, k, :, 1] = flat_index % grid_size[1]
+        batch = [(i, *samples[i]) for i in range(start, min(total, start + batch_size))]
+        # Without resizing only images of one size can share a forward pass.
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
+        for entry in batch:
+            groups.setdefault(() if resizes else entry[1].shape, []).append(entry)
+        for group in groups.values():
+            pixel_values = processor(images=[image for _, image, _ in group], return_tensors="pt")["pixel_values"]
+            output = model(pixel_values=pixel_values.to(device=device, dtype=dtype), output_pixel_embeddings=True)
+            embeddings = output.pixel_embeddings.float()
+            grid_size = tuple(embeddings.shape[2:])
+            for offset, (index, _, label) in enumerate(group):
+                input_sizes[index] = pixel_values.shape[2:]
+                grid_sizes[index] = grid_size
+                if label is None:
+                    labelled = False
+                    classes = output.logits[offset].argmax(dim=0)
+                else:
+                    if getattr(processor, "do_reduce_labels", False):  # 0 (background) -> ignore, k -> k - 1
+                        label = np.where(label == 0, 255, label - 1)
+                    classes = torch.from_numpy(resize_label(label, grid_size)).to(device)
+                match_image(embeddings[offset], classes, prototypes, usage, scores[index], positions[index])
         bar.update(len(batch))
     bar.close()
-    return PrototypeMatches(usage, scores, positions, grid_size, input_size, labelled)
+    return PrototypeMatches(usage, scores, positions, grid_sizes, input_sizes, labelled)
 
 
 # ---------------------------------------------------------------------------------------------------- atlas picture
@@ -279,15 +315,14 @@ def render_atlas(
     draw = ImageDraw.Draw(atlas)
     for m in range(num_prototypes):
         draw.text((label_width + m * (cell_w + gap) + cell_w // 2 - 8, 2), f"p{m}", fill=(0, 0, 0), font=font)
-    scale_h = matches.input_size[0] / max(1, matches.grid_size[0])
-    scale_w = matches.input_size[1] / max(1, matches.grid_size[1])
-    crop = max(8, int(round(min(matches.input_size) * context)))
     cache: dict[int, np.ndarray] = {}
 
     def resized(index: int) -> np.ndarray:
+        """The image as the network saw it (its input size)."""
         if index not in cache:
-            image = Image.fromarray(samples[index][0]).resize(matches.input_size[::-1], Image.BILINEAR)
-            cache[index] = np.asarray(image)
+            size = (int(matches.input_sizes[index][1]), int(matches.input_sizes[index][0]))
+            image = Image.fromarray(samples[index][0])
+            cache[index] = np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR))
         return cache[index]
 
     for row, k in enumerate(classes):
@@ -304,7 +339,9 @@ def render_atlas(
                     continue
                 index = int(best_images[k, m, rank])
                 grid_row, grid_col = matches.positions[index, k, m]
-                centre = (int((grid_row + 0.5) * scale_h), int((grid_col + 0.5) * scale_w))
+                (input_h, input_w), (grid_h, grid_w) = matches.input_sizes[index], matches.grid_sizes[index]
+                centre = (int((grid_row + 0.5) * input_h / grid_h), int((grid_col + 0.5) * input_w / grid_w))
+                crop = max(8, int(round(min(input_h, input_w) * context)))
                 patch = Image.fromarray(crop_patch(resized(index), centre, crop)).resize(
                     (patch_size, patch_size), Image.BILINEAR
                 )
@@ -355,6 +392,36 @@ def build_prototype_atlas(
     return AtlasResult(image, matches, statistics)
 
 
+# -------------------------------------------------------------------------------------------- prediction panel
+
+
+def prediction_panel(
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    scale: int = 3,
+    gap: int = 4,
+) -> Image.Image:
+    """A grid of pictures (each (H, W, 3) uint8, all the same size per row): one row per image, one column per
+    view (e.g. image, ground truth, prediction overlay, prototype map), upscaled `scale` times (nearest), with the
+    column titles on top."""
+    if not rows:
+        raise ValueError("prediction_panel needs at least one row.")
+    cell_h = max(row[0].shape[0] for row in rows) * scale
+    cell_w = max(picture.shape[1] for row in rows for picture in row) * scale
+    columns = max(len(row) for row in rows)
+    header = 20
+    panel = Image.new("RGB", (columns * (cell_w + gap) - gap, header + len(rows) * (cell_h + gap) - gap), "white")
+    draw = ImageDraw.Draw(panel)
+    font = _font(13)
+    for column, title in enumerate(titles[:columns]):
+        draw.text((column * (cell_w + gap) + 4, 3), title, fill=(0, 0, 0), font=font)
+    for row_index, row in enumerate(rows):
+        for column, picture in enumerate(row):
+            image = Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST)
+            panel.paste(image, (column * (cell_w + gap), header + row_index * (cell_h + gap)))
+    return panel
+
+
 __all__ = [
     "NEAR_DUPLICATE_COSINE",
     "AtlasResult",
@@ -364,6 +431,7 @@ __all__ = [
     "effective_prototypes",
     "match_prototypes",
     "near_duplicate_pairs",
+    "prediction_panel",
     "prototype_statistics",
     "render_atlas",
     "within_class_cosines",

@@ -274,3 +274,17 @@ def test_blockwise_upsampled_argmax_equals_the_full_one():
         np.testing.assert_array_equal(
             upsampled_argmax(logits, (20, 24), (19, 22), max_values=max_values).numpy(), full.argmax(dim=0).numpy()
         )
+
+
+def test_processor_without_resizing_runs_whole_images_at_their_resolution(model, photo):
+    processor = SegformerImageProcessor(size={"height": 48, "width": 48}, do_resize=False)
+    segmenter = Segmenter(model, processor, InferenceOptions(batch_size=4, prototype_maps=True))
+    images = [photo[:40, :44], photo[:32, :32], photo[40:80, :44], photo[:100, :60]]  # the last one slides
+    predictions = segmenter.predict(images)
+    assert [p.label_map.shape for p in predictions] == [(40, 44), (32, 32), (40, 44), (100, 60)]
+    pixel_values = processor(images=images[1], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape[-2:] == (32, 32)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values).logits
+    expected = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)[0].argmax(dim=0)
+    np.testing.assert_array_equal(predictions[1].label_map, expected.numpy())

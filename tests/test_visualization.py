@@ -131,3 +131,20 @@ def test_visualize_script_on_builtin_data(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(output).size[1] == 18 + 11 * (64 + 14 + 4)
+
+
+def test_atlas_with_a_processor_that_keeps_image_sizes(model_and_processor):
+    model, _ = model_and_processor
+    processor = SegformerImageProcessor(do_resize=False)
+    rng = np.random.default_rng(1)
+    samples = DatasetSamples(
+        [
+            (rng.integers(0, 255, size=(32, 48, 3), dtype=np.uint8), np.ones((32, 48), dtype=np.int64)),
+            (rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8), np.zeros((40, 40), dtype=np.int64)),
+        ]
+    )
+    result = build_prototype_atlas(model, processor, samples, batch_size=2)
+    np.testing.assert_array_equal(result.matches.input_sizes, [[32, 48], [40, 40]])
+    np.testing.assert_array_equal(result.matches.grid_sizes, [[8, 12], [10, 10]])
+    assert result.matches.usage[1].sum() == 8 * 12 and result.matches.usage[0].sum() == 10 * 10
+    assert (result.matches.positions[0, 1, :, 1] < 12).all() and (result.matches.positions[1, 0, :, 0] < 10).all()

@@ -1,0 +1,130 @@
+"""Pictures and card of a checkpoint trained on built-in data: a prediction panel, a prototype atlas, statistics.
+
+    python scripts/make_card_pictures.py --model runs/demo --dataset scenes --output_dir model_cards/demo
+
+Writes into --output_dir: predictions.png (rows: validation images; columns: image, ground truth, prediction
+overlay, prototype assignment map), prototype_atlas.png, prototype_stats.json (also copied into the model folder,
+where the card and push_to_hub pick it up) and README.md, the model card rendered with these pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+@dataclass
+class PictureArguments:
+    model: str = field(metadata={"help": "Checkpoint folder trained on a built-in data set."})
+    output_dir: str = field(metadata={"help": "Folder for the pictures and the card (e.g. model_cards/<name>)."})
+    dataset: str = field(default="scenes", metadata={"help": "Built-in data set the model was trained on."})
+    image_size: int = field(default=64, metadata={"help": "Side of the built-in images (as in training)."})
+    num_panel_images: int = field(default=4, metadata={"help": "Validation images (rows) in predictions.png."})
+    num_atlas_images: int = field(default=100, metadata={"help": "Validation images searched for the atlas."})
+    scale: int = field(default=3, metadata={"help": "Upscaling of the panel pictures (built-in images are small)."})
+    seed: int = field(default=1, metadata={"help": "Seed of the validation images (differs from training's)."})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub id used in the card's snippets."})
+    base_model: str | None = field(default=None, metadata={"help": "Hub id of the starting checkpoint, if any."})
+
+
+def upscale(array, factor: int):
+    return array.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import imgviz
+    import numpy as np
+
+    from proto_segformer.data import build_builtin_dataset
+    from proto_segformer.inference import (
+        CheckpointError,
+        InferenceOptions,
+        Segmenter,
+        colour_overlay,
+        prototype_overlay,
+    )
+    from proto_segformer.model_card import render_model_card
+    from proto_segformer.visualization import DatasetSamples, build_prototype_atlas, prediction_panel
+
+    (args,) = HfArgumentParser(PictureArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        segmenter = Segmenter.from_pretrained(args.model, options=InferenceOptions(mode="whole", prototype_maps=True))
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data, id2label = build_builtin_dataset(
+        args.dataset, num_train=1, num_validation=args.num_atlas_images, image_size=args.image_size, seed=args.seed
+    )
+    samples = DatasetSamples(data["validation"])
+    num_prototypes = int(segmenter.model.prototypes.shape[1])
+
+    rows = []
+    panel_samples = [samples[i] for i in range(min(args.num_panel_images, len(samples)))]
+    predictions = segmenter.predict([image for image, _ in panel_samples])
+    for (image, label), prediction in zip(panel_samples, predictions):
+        big_image = upscale(image, args.scale)
+        big_label = upscale(np.where(label == 255, 0, label), args.scale)
+        big_prediction = upscale(prediction.label_map, args.scale)
+        rows.append(
+            [
+                big_image,
+                imgviz.label2rgb(big_label.astype(np.int32)),
+                colour_overlay(big_image, big_prediction, segmenter.id2label, alpha=0.6),
+                prototype_overlay(
+                    big_image, big_prediction, upscale(prediction.prototype_map, args.scale), num_prototypes
+                ),
+            ]
+        )
+    panel = prediction_panel(rows, ["image", "ground truth", "prediction", "prototype matched"], scale=1)
+    panel.save(output_dir / "predictions.png", optimize=True)
+
+    description = f"{len(samples)} validation images of the built-in '{args.dataset}' data (seed {args.seed})"
+    atlas = build_prototype_atlas(
+        segmenter.model, segmenter.processor, samples, data_description=description, progress=True
+    )
+    atlas.image.save(output_dir / "prototype_atlas.png", optimize=True)
+    stats_text = json.dumps(atlas.statistics, indent=2) + "\n"
+    (output_dir / "prototype_stats.json").write_text(stats_text)
+    (Path(args.model) / "prototype_stats.json").write_text(stats_text)
+
+    card = render_model_card(
+        args.model,
+        dataset_name=f"builtin:{args.dataset}",
+        base_model=args.base_model,
+        repo_id=args.repo_id,
+        prototype_stats=atlas.statistics,
+        pictures=[
+            (
+                "predictions.png",
+                "Validation images: ground truth, prediction overlay, and which prototype of the"
+                " predicted class each pixel matched (one colour per prototype index, class borders in white)",
+            ),
+            (
+                "prototype_atlas.png",
+                "Prototype atlas: per class (row) and prototype (column), the validation patch"
+                " whose pixel is nearest to the prototype; under it the prototype's share of its class's pixels",
+            ),
+        ],
+    )
+    card.save(output_dir / "README.md")
+    if (Path(args.model) / "training_args.json").is_file():
+        shutil.copyfile(Path(args.model) / "training_args.json", output_dir / "training_args.json")
+    usage = atlas.statistics["usage"]
+    print(f"Wrote {output_dir}/predictions.png, prototype_atlas.png, prototype_stats.json, README.md")
+    print(
+        f"Prototypes: unused {usage['unused_count']} of {usage['classes_seen'] * num_prototypes},"
+        f" near-duplicates {len(atlas.statistics['near_duplicates'])},"
+        f" mean effective prototypes per class {usage['mean_effective_prototypes']} of {num_prototypes}."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
