@@ -386,15 +386,15 @@ def nearest_prototype_per_class(embeddings: torch.Tensor, prototypes: torch.Tens
     """For unit embeddings (D, h, w) and prototypes (K, M, D): (K, h, w) index of each class's nearest prototype."""
     dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
-    pixels = embeddings.reshape(dim, -1)
-    # Classes in blocks so that at most ~2**24 scores exist at once.
-    block = max(1, min(num_classes, 2**24 // max(1, pixels.shape[1] * num_prototypes)))
+    pixels = embeddings.reshape(dim, -1).t()  # (n, D)
+    # Classes in blocks so that at most ~2**24 scores exist at once; the argmax runs over the contiguous last axis.
+    block = max(1, min(num_classes, 2**24 // max(1, pixels.shape[0] * num_prototypes)))
     parts = []
     for start in range(0, num_classes, block):
-        chunk = prototypes[start : start + block].to(pixels.dtype)
-        scores = torch.einsum("kmd,dn->kmn", chunk, pixels)
-        parts.append(scores.argmax(dim=1))
-    return torch.cat(parts).view(num_classes, height, width)
+        chunk = prototypes[start : start + block].to(pixels.dtype)  # (k, M, D)
+        scores = pixels @ chunk.reshape(-1, dim).t()  # (n, k*M)
+        parts.append(scores.view(pixels.shape[0], chunk.shape[0], num_prototypes).argmax(dim=-1).t())
+    return torch.cat(parts).reshape(num_classes, height, width)
 
 
 def upsampled_argmax(
@@ -436,12 +436,14 @@ def grid_to_prediction(
     label_map = upsampled_argmax(logits, scaled_size, (height, width))
     prototype_map = None
     if embeddings is not None:
-        per_class = nearest_prototype_per_class(embeddings, prototypes.to(embeddings.device))
+        # Only the classes that are predicted somewhere need their nearest-prototype map.
+        present, position = torch.unique(label_map, return_inverse=True)
+        per_class = nearest_prototype_per_class(embeddings, prototypes.to(embeddings.device)[present])
         grid_h, grid_w = per_class.shape[1:]
         # torch's "nearest": source index floor(dst * in / out).
         rows = (torch.arange(height, device=per_class.device) * grid_h // scaled_size[0]).clamp_max(grid_h - 1)
         cols = (torch.arange(width, device=per_class.device) * grid_w // scaled_size[1]).clamp_max(grid_w - 1)
-        prototype_map = per_class[label_map, rows[:, None], cols[None, :]].cpu().numpy()
+        prototype_map = per_class[position, rows[:, None], cols[None, :]].cpu().numpy()
     return Prediction(label_map.cpu().numpy(), prototype_map)
 
 

@@ -444,9 +444,12 @@ def render_model_card(
     processor_path = output_dir / "preprocessor_config.json"
     crop = "the processor's size"
     if processor_path.is_file():
-        size_field = _read_json(processor_path).get("size") or {}
+        processor_config = _read_json(processor_path)
+        size_field = processor_config.get("size") or {}
         if "height" in size_field and "width" in size_field:
             crop = f"{size_field['height']}x{size_field['width']}"
+            if processor_config.get("do_resize") is False:
+                crop += "; the image processor does not resize, so smaller images run at their own resolution"
     num_parameters = learnable_parameter_count(output_dir)
     template = Path(template_path) if template_path else TEMPLATE_PATH
     if not template.is_file():
