@@ -376,6 +376,11 @@ def prepare_data(
         crop_size = data_args.crop_size or data_args.builtin_image_size
     else:
         crop_size = data_args.crop_size or 512
+    if crop_size < 32:
+        raise DataError(
+            f"--crop_size {crop_size} is too small: SegFormer's spatial-reduction attention needs inputs of at least"
+            " 32x32 pixels."
+        )
     hue_delta = data_args.hue_delta if data_args.hue_delta is not None else (0.0 if builtin == "scenes-large" else 18.0)
     augmentation = AugmentationConfig(
         crop_size=(crop_size, crop_size),

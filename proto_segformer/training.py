@@ -355,6 +355,22 @@ class RankPrototypesCallback(TrainerCallback):
         torch.save(model.prototypes.detach().cpu().clone(), self.folder / f"prototypes_rank{rank}.pt")
 
 
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Load the weights (and prototypes, BatchNorm statistics) of a saved checkpoint folder into `model`, strictly.
+
+    Trainer's own resume path calls `load_state_dict(saved_state, strict=False)`, but the saved names are not the
+    in-memory names: transformers 5 writes SegFormer encoders and decoders under their checkpoint names
+    (`segformer.encoder.block.*`, `decode_head.linear_c.*`) through registered conversion mappings, so most
+    weights would be skipped in silence. Loading through `from_pretrained` applies the same conversions.
+    """
+    loaded, info = type(model).from_pretrained(str(checkpoint_dir), output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise RuntimeError(f"The checkpoint {checkpoint_dir} does not match the model: {problems}.")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+
+
 class ProtoSegTrainer(Trainer):
     """`Trainer` for `ProtoSegformerForSemanticSegmentation`.
 
@@ -458,6 +474,27 @@ class ProtoSegTrainer(Trainer):
         # The areas carry everything the metric needs; a per-sample placeholder stands in for the labels.
         return loss, areas, torch.zeros(labels.shape[0], device=labels.device)
 
+    # ------------------------------------------------------------------ checkpoints
+    def _plain_weights_file(self, folder: str | None) -> Path | None:
+        if folder is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        path = Path(folder) / "model.safetensors"
+        return path if path.is_file() else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        weights = self._plain_weights_file(resume_from_checkpoint) if model is None else None
+        if weights is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading model from %s.", resume_from_checkpoint)
+        load_checkpoint_weights(self.model, weights.parent)
+
+    def _load_best_model(self):
+        weights = self._plain_weights_file(self.state.best_model_checkpoint)
+        if weights is None:
+            return super()._load_best_model()
+        logger.info("Loading best model from %s.", self.state.best_model_checkpoint)
+        load_checkpoint_weights(self.model, weights.parent)
+
     # ------------------------------------------------------------------ prototype initialisation
     def initialize_prototypes(self) -> torch.Tensor:
         """Cluster the embeddings of `prototype_init_batches` training batches per process into the prototypes."""
@@ -539,6 +576,7 @@ __all__ = [
     "build_model",
     "collect_class_embeddings",
     "initialize_prototypes_from_data",
+    "load_checkpoint_weights",
     "save_training_outputs",
     "segmentation_areas",
     "upsampled_argmax",

@@ -312,10 +312,13 @@ def test_photometric_distortion_without_hue_keeps_hue() -> None:
 def test_pad_collate_pads_labels_with_ignore() -> None:
     a = {"pixel_values": torch.ones(3, 4, 6), "labels": torch.zeros(4, 6, dtype=torch.long)}
     b = {"pixel_values": torch.ones(3, 5, 3), "labels": torch.ones(5, 3, dtype=torch.long)}
-    batch = pad_collate([a, b])
+    batch = pad_collate([a, b], min_size=1)
     assert batch["pixel_values"].shape == (2, 3, 5, 6) and batch["labels"].shape == (2, 5, 6)
     assert (batch["labels"][0, 4] == 255).all() and (batch["labels"][1, :, 3:] == 255).all()
     assert batch["pixel_values"][1, :, :, 3:].abs().sum() == 0
+    # Inputs smaller than SegFormer's minimum (32) are padded up to it, even alone.
+    small = pad_collate([a])
+    assert small["pixel_values"].shape == (1, 3, 32, 32) and (small["labels"][0, 4:] == 255).all()
 
 
 def test_segmentation_dataset_augmentation_depends_on_seed_epoch_index(scenes) -> None:

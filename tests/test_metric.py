@@ -200,3 +200,31 @@ def test_trainer_metric_from_logits_matches_the_hub_definition() -> None:
     # The accumulator resets after computing.
     again = metric(Prediction(areas), compute_result=True)
     assert again["mean_iou"] == pytest.approx(expected["mean_iou"])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64])
+def test_every_input_dtype_and_argument_gives_the_hub_values(dtype) -> None:
+    rng = np.random.default_rng(4)
+    preds, refs = random_maps(rng, 4, num_labels=6, extra_values=(0, 255, 9))
+    preds = [p.astype(dtype) for p in preds]
+    refs = [r.astype(dtype) for r in refs]
+    for kwargs in ({}, {"reduce_labels": True}, {"label_map": {1: 2, 2: 5}}, {"nan_to_num": -1}):
+        expected = hub_reference(preds, refs, 6, 255, **kwargs)
+        assert_same(mean_iou(preds, refs, num_labels=6, ignore_index=255, **kwargs), expected)
+        metric = load_mean_iou()
+        for pred, ref in zip(preds, refs):
+            metric.add(prediction=pred, reference=ref)
+        assert_same(metric.compute(num_labels=6, ignore_index=255, **kwargs), expected)
+
+
+def test_streaming_module_memory_does_not_hold_the_maps() -> None:
+    metric = load_mean_iou()
+    big = np.zeros((64, 64), np.uint8)
+    for _ in range(5):
+        metric.add_batch(predictions=[big, big], references=[big, big])
+    assert metric._joint.kept == [] and metric._joint.counts.shape == (256, 256)
+    assert metric.compute(num_labels=2, ignore_index=255)["per_category_iou"][0] == 1.0
+    # Values outside the histogram's range are kept and still counted exactly.
+    negative = np.array([[-1, 0]])
+    result = metric.compute(predictions=[np.array([[0, 0]])], references=[negative], num_labels=2, ignore_index=255)
+    np.testing.assert_allclose(result["per_category_iou"], [0.5, np.nan])

@@ -105,7 +105,13 @@ def load_dataset_any(
     path = Path(os.path.expanduser(dataset_name))
     if path.exists():
         if path.is_dir() and _is_save_to_disk(path):
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except (IndexError, ValueError, OSError, KeyError) as error:
+                raise DataError(
+                    f"Could not read the saved data set {path} ({type(error).__name__}: {error}). If a split is"
+                    " empty, remove it or add samples; otherwise save it again with DatasetDict.save_to_disk."
+                ) from error
             if isinstance(loaded, datasets.Dataset):
                 loaded = datasets.DatasetDict({"train": loaded})
             return _rename_splits(loaded)

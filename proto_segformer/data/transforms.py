@@ -261,20 +261,23 @@ def eval_transform(
     return {"pixel_values": normalize(array, mean, std), "labels": torch.from_numpy(np.ascontiguousarray(label))}
 
 
-def pad_collate(features: list[dict[str, torch.Tensor]], ignore_index: int = 255, multiple: int = 1) -> dict:
+def pad_collate(
+    features: list[dict[str, torch.Tensor]], ignore_index: int = 255, multiple: int = 1, min_size: int = 32
+) -> dict:
     """Stack samples, padding pixel_values with 0 and labels with `ignore_index` (bottom / right) to the batch's
-    largest size (rounded up to `multiple`). Same-size samples (training crops) are stacked as they are.
+    largest size (at least `min_size`, the smallest input SegFormer's spatial-reduction attention accepts; rounded
+    up to `multiple`). Same-size samples of at least `min_size` (training crops) are stacked as they are.
 
     Padding changes what the encoder sees near the padded border; per_device_eval_batch_size 1 evaluates every
-    image exactly at its own size."""
+    image exactly at its own size (when it is at least `min_size`)."""
     sizes = {tuple(f["pixel_values"].shape[-2:]) for f in features}
-    if len(sizes) == 1:
+    if len(sizes) == 1 and min(next(iter(sizes))) >= min_size:
         return {
             "pixel_values": torch.stack([f["pixel_values"] for f in features]),
             "labels": torch.stack([f["labels"] for f in features]),
         }
-    height = max(size[0] for size in sizes)
-    width = max(size[1] for size in sizes)
+    height = max(min_size, *(size[0] for size in sizes))
+    width = max(min_size, *(size[1] for size in sizes))
     height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
     pixel_values = torch.zeros(len(features), 3, height, width)
     labels = torch.full((len(features), height, width), ignore_index, dtype=torch.long)

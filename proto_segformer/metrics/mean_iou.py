@@ -137,31 +137,66 @@ class ConfusionMatrix:
                 f"predictions and references must have the same shape, got {tuple(predictions.shape)} and"
                 f" {tuple(references.shape)}."
             )
-        references = self._map_references(references)
-        size = self.num_labels + 1
         if _is_torch(predictions) or _is_torch(references):
             import torch
 
             predictions = torch.as_tensor(predictions)
-            references = torch.as_tensor(references, device=predictions.device).long()
-            predictions = predictions.long()
-            keep = references != self.ignore_index
-            ref = references[keep]
-            pred = predictions[keep]
-            ref = torch.where((ref < 0) | (ref >= self.num_labels), self.num_labels, ref)
-            pred = torch.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
-            counts = torch.bincount(ref * size + pred, minlength=size * size)
-            self.matrix += counts.cpu().numpy().reshape(size, size)
+            references = torch.as_tensor(references, device=predictions.device)
+            if predictions.device.type == "cpu":  # numpy's bincount is several times faster than torch's on CPU
+                return self.update(predictions.numpy(), references.cpu().numpy())
+            self.matrix += self._torch_counts(predictions, references)
             return self
-        predictions = np.asarray(predictions)
-        references = np.asarray(references)
-        keep = references != self.ignore_index
-        ref = references[keep].astype(np.int64, copy=False)
-        pred = predictions[keep].astype(np.int64, copy=False)
-        ref = np.where((ref < 0) | (ref >= self.num_labels), self.num_labels, ref)
-        pred = np.where((pred < 0) | (pred >= self.num_labels), self.num_labels, pred)
-        self.matrix += np.bincount(ref * size + pred, minlength=size * size).reshape(size, size)
+        self.matrix += self._numpy_counts(np.asarray(predictions), np.asarray(references))
         return self
+
+    def _bins(self) -> tuple[int, int]:
+        size = self.num_labels + 1
+        return size, size * size
+
+    def _reference_rows(self, values: np.ndarray) -> np.ndarray:
+        """Row offset (index * (K + 1)) of each reference value after mapping; ignored -> the spill-over bin."""
+        size, spill = self._bins()
+        table = _label_lookup(self.label_map, self.reduce_labels, int(values.max()) if values.size else 0)
+        mapped = values if table is None else table[values]
+        rows = np.where((mapped < 0) | (mapped >= self.num_labels), self.num_labels, mapped) * size
+        return np.where(mapped == self.ignore_index, spill, rows)
+
+    def _numpy_counts(self, predictions: np.ndarray, references: np.ndarray) -> np.ndarray:
+        size, spill = self._bins()
+        small = predictions.dtype.kind in "ub" and references.dtype.kind in "ub"
+        small = small and predictions.dtype.itemsize <= 2 and references.dtype.itemsize <= 2
+        if small:
+            # Look-up tables over every possible value: no masking, no wide temporaries.
+            reference_rows = self._reference_rows(np.arange(np.iinfo(references.dtype).max + 1, dtype=np.int64))
+            prediction_columns = np.minimum(np.arange(np.iinfo(predictions.dtype).max + 1), self.num_labels)
+            dtype = np.int32
+            codes = reference_rows.astype(dtype)[references] + prediction_columns.astype(dtype)[predictions]
+        else:
+            references = references.astype(np.int64, copy=False)
+            if references.size and references.min() < 0:
+                references = np.where(references < 0, -1, references)
+            table_input = np.clip(references, 0, None)
+            reference_rows = self._reference_rows(table_input)
+            reference_rows = np.where(references < 0, self.num_labels * size, reference_rows)
+            if self.label_map is None and not self.reduce_labels:
+                reference_rows = np.where(references == self.ignore_index, spill, reference_rows)
+            predictions = predictions.astype(np.int64, copy=False)
+            columns = np.where((predictions < 0) | (predictions >= self.num_labels), self.num_labels, predictions)
+            codes = reference_rows + columns
+        counts = np.bincount(codes.ravel(), minlength=spill + size)
+        return counts[:spill].reshape(size, size)
+
+    def _torch_counts(self, predictions, references) -> np.ndarray:
+        import torch
+
+        size, spill = self._bins()
+        references = self._map_references(references.long())
+        predictions = predictions.long()
+        rows = torch.where((references < 0) | (references >= self.num_labels), self.num_labels, references) * size
+        rows = torch.where(references == self.ignore_index, spill, rows)
+        columns = torch.where((predictions < 0) | (predictions >= self.num_labels), self.num_labels, predictions)
+        counts = torch.bincount((rows + columns).reshape(-1), minlength=spill + size)
+        return counts[:spill].cpu().numpy().reshape(size, size)
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another accumulator's counts (e.g. from another process)."""
@@ -225,8 +260,111 @@ def mean_iou(
     return matrix.compute(nan_to_num=nan_to_num)
 
 
+class JointValueHistogram:
+    """Counts of (reference value, prediction value) pairs over [0, V)^2, V <= `max_values`: enough to compute
+    the metric later for any num_labels, ignore_index, label_map and reduce_labels (which are only known at
+    `compute` time in the `evaluate` API), with memory independent of the number and size of the images. Pairs of
+    maps with values outside [0, max_values) are kept as they are (exact, but memory grows)."""
+
+    def __init__(self, max_values: int = 1024) -> None:
+        self.max_values = max_values
+        self.size = 0
+        self.counts = np.zeros((0, 0), dtype=np.int64)
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, prediction: Any, reference: Any) -> None:
+        if _is_torch(prediction):
+            prediction = prediction.detach().cpu().numpy()
+        if _is_torch(reference):
+            reference = reference.detach().cpu().numpy()
+        prediction, reference = np.asarray(prediction), np.asarray(reference)
+        if prediction.shape != reference.shape:
+            raise ValueError(
+                f"prediction and reference must have the same shape, got {prediction.shape} and {reference.shape}."
+            )
+        if prediction.size == 0:
+            return
+        low = min(int(prediction.min()), int(reference.min()))
+        high = max(int(prediction.max()), int(reference.max()))
+        if low < 0 or high >= self.max_values:
+            self.kept.append((prediction, reference))
+            return
+        if high >= self.size:
+            size = max(256, 1 << int(high).bit_length())
+            grown = np.zeros((size, size), dtype=np.int64)
+            grown[: self.size, : self.size] = self.counts
+            self.counts, self.size = grown, size
+        codes = reference.astype(np.int32, copy=False) * self.size + prediction.astype(np.int32, copy=False)
+        self.counts += np.bincount(codes.ravel(), minlength=self.size * self.size).reshape(self.size, self.size)
+
+    def confusion(
+        self, num_labels: int, ignore_index: int, label_map: Mapping[int, int] | None, reduce_labels: bool
+    ) -> ConfusionMatrix:
+        """The class confusion matrix these counts give under the metric's arguments."""
+        matrix = ConfusionMatrix(num_labels, ignore_index, label_map, reduce_labels)
+        if self.size:
+            size, spill = matrix._bins()
+            values = np.arange(self.size, dtype=np.int64)
+            rows = matrix._reference_rows(values)
+            columns = np.minimum(values, num_labels)
+            codes = (rows[:, None] + columns[None, :]).ravel()
+            counts = np.bincount(codes, weights=self.counts.ravel().astype(np.float64), minlength=spill + size)
+            matrix.matrix += np.rint(counts[:spill]).astype(np.int64).reshape(size, size)
+        for prediction, reference in self.kept:
+            matrix.update(prediction, reference)
+        return matrix
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MeanIoU(evaluate.Metric):
+    """The Hub `mean_iou` metric. In a single process, `add`/`add_batch` stream the maps into a joint histogram of
+    (reference, prediction) values instead of storing them, so memory does not grow with the data set and
+    `compute` is fast; with several processes (`num_process > 1`) the standard `evaluate` storage is used."""
+
+    def _streaming(self) -> bool:
+        return self.num_process == 1
+
+    def _histogram(self) -> JointValueHistogram:
+        if getattr(self, "_joint", None) is None:
+            self._joint = JointValueHistogram()
+        return self._joint
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of predicted and reference maps (lists of (H, W) arrays)."""
+        if not self._streaming():
+            return super().add_batch(predictions=predictions, references=references, **kwargs)
+        if predictions is None or references is None:
+            raise ValueError("add_batch needs both predictions and references.")
+        if len(predictions) != len(references):
+            raise ValueError(f"Got {len(predictions)} predictions and {len(references)} references.")
+        histogram = self._histogram()
+        for prediction, reference in zip(predictions, references):
+            histogram.add(prediction, reference)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one predicted and one reference map ((H, W) arrays)."""
+        if not self._streaming():
+            return super().add(prediction=prediction, reference=reference, **kwargs)
+        self._histogram().add(prediction, reference)
+
+    def compute(self, *, predictions=None, references=None, **kwargs) -> dict[str, Any] | None:
+        """The metrics of everything added (and of `predictions` / `references` if given); then start afresh."""
+        if not self._streaming():
+            return super().compute(predictions=predictions, references=references, **kwargs)
+        if predictions is not None or references is not None:
+            self.add_batch(predictions=predictions, references=references)
+        missing = [name for name in ("num_labels", "ignore_index") if name not in kwargs]
+        if missing:
+            raise TypeError(f"compute() missing required argument(s): {', '.join(missing)}.")
+        histogram, self._joint = self._histogram(), None
+        matrix = histogram.confusion(
+            int(kwargs["num_labels"]),
+            int(kwargs["ignore_index"]),
+            kwargs.get("label_map"),
+            bool(kwargs.get("reduce_labels", False)),
+        )
+        return matrix.compute(nan_to_num=kwargs.get("nan_to_num"))
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
