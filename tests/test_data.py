@@ -33,7 +33,7 @@ from proto_segformer.data.transforms import (
 
 @pytest.fixture(scope="module")
 def scenes():
-    return build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=0)
+    return build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=0, cache_dir=False)
 
 
 # ------------------------------------------------------------------------------------------------ built-in data
@@ -55,8 +55,8 @@ def test_scenes_layout(scenes) -> None:
 
 
 def test_builtin_is_deterministic_and_seeded(scenes) -> None:
-    again, _ = build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=0)
-    other, _ = build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=1)
+    again, _ = build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=0, cache_dir=False)
+    other, _ = build_builtin_dataset("scenes", num_train=24, num_validation=8, image_size=48, seed=1, cache_dir=False)
     first = scenes[0]
     for index in (0, 5, 23):
         assert np.array_equal(np.array(first["train"][index]["image"]), np.array(again["train"][index]["image"]))
@@ -64,6 +64,18 @@ def test_builtin_is_deterministic_and_seeded(scenes) -> None:
     assert not np.array_equal(np.array(first["train"][0]["image"]), np.array(other["train"][0]["image"]))
     # Train and validation use different scenes.
     assert not np.array_equal(np.array(first["train"][0]["image"]), np.array(first["validation"][0]["image"]))
+
+
+def test_cache_round_trip(tmp_path, scenes) -> None:
+    kwargs = {"num_train": 24, "num_validation": 8, "image_size": 48, "seed": 0, "cache_dir": tmp_path}
+    built, id2label = build_builtin_dataset("scenes", **kwargs)
+    cached, cached_id2label = build_builtin_dataset("scenes", **kwargs)
+    assert cached_id2label == id2label == scenes[1] and len(list(tmp_path.iterdir())) == 1
+    for a, b in zip(cached["train"], scenes[0]["train"]):
+        assert np.array_equal(np.array(a["image"]), np.array(b["image"]))
+        assert np.array_equal(np.array(a["label"]), np.array(b["label"]))
+    build_builtin_dataset("scenes", **{**kwargs, "seed": 1})
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_ignore_classes_only_in_train() -> None:

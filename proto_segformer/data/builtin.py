@@ -22,6 +22,11 @@ from __future__ import annotations
 import colorsys
 import functools
 import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
+CACHE_VERSION = 1  # bump when the generated pixels change
 BUILTIN_DATASETS = ("scenes", "scenes-large", "scenes-fashion", "voc", "arc2017")
 
 # Hue centres (degrees) of the colour families of "scenes-large": far enough apart to be told by eye.
@@ -387,6 +393,7 @@ def build_builtin_dataset(
     items_per_image: tuple[int, int] = (1, 3),
     item_scale: tuple[float, float] | None = None,
     long_tail: float | None = None,
+    cache_dir: str | os.PathLike | bool | None = None,
 ) -> tuple[datasets.DatasetDict, dict[int, str]]:
     """Build a built-in data set offline; the same arguments give the same pixels.
 
@@ -403,6 +410,8 @@ def build_builtin_dataset(
         item_scale: (min, max) item side as a fraction of S; default (0.3, 0.5).
         long_tail: Zipf exponent of the training class frequencies (0: uniform); default 1 for "scenes-large",
             0 otherwise. Validation is always uniform.
+        cache_dir: where a built data set is kept (save_to_disk) and reused by later calls with the same
+            arguments; None: `<datasets cache>/proto_segformer_builtin`; False: build every time.
 
     Returns:
         DatasetDict with splits "train" and "validation", columns "image" (PIL RGB) and "label" (PIL "L", class
@@ -420,6 +429,59 @@ def build_builtin_dataset(
         raise ValueError(f"items_per_image must be (min, max) with 0 <= min <= max, got {items_per_image}.")
     if item_scale is not None and not 0 < item_scale[0] <= item_scale[1] <= 1:
         raise ValueError(f"item_scale must be (min, max) with 0 < min <= max <= 1, got {item_scale}.")
+    arguments = {
+        "name": name,
+        "num_train": int(num_train),
+        "num_validation": int(num_validation),
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "ignore_classes": sorted(int(c) for c in ignore_classes or []),
+        "items_per_image": list(items_per_image),
+        "item_scale": list(item_scale) if item_scale is not None else None,
+        "long_tail": long_tail,
+        "fashion": str(find_fashion_mnist()) if name == "scenes-fashion" else None,
+        "version": CACHE_VERSION,
+    }
+    folder = _cache_folder(cache_dir, arguments)
+    if folder is not None and (folder / "id2label.json").is_file():
+        try:
+            id2label = {int(k): v for k, v in json.loads((folder / "id2label.json").read_text()).items()}
+            return datasets.load_from_disk(str(folder / "data")), id2label
+        except (OSError, ValueError, KeyError, IndexError):
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged cache entry: build again
+    dataset, id2label = _build(name, arguments, ignore_classes)
+    if folder is not None:
+        _save_atomically(dataset, id2label, folder)
+    return dataset, id2label
+
+
+def _cache_folder(cache_dir, arguments: dict) -> Path | None:
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "proto_segformer_builtin"
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{arguments['name']}-{digest}"
+
+
+def _save_atomically(dataset: datasets.DatasetDict, id2label: dict[int, str], folder: Path) -> None:
+    """Write to a temporary sibling folder, then rename, so a reader never sees a half-written entry."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        dataset.save_to_disk(str(staging / "data"))
+        (staging / "id2label.json").write_text(json.dumps(id2label))
+        os.replace(staging, folder)
+    except OSError:  # read-only or full disk, or another process won the race: the data set is still returned
+        shutil.rmtree(locals().get("staging", folder.parent / "missing"), ignore_errors=True)
+
+
+def _build(name: str, arguments: dict, ignore_classes) -> tuple[datasets.DatasetDict, dict[int, str]]:
+    num_train, num_validation = arguments["num_train"], arguments["num_validation"]
+    image_size, seed = arguments["image_size"], arguments["seed"]
+    items_per_image = tuple(arguments["items_per_image"])
+    item_scale = tuple(arguments["item_scale"]) if arguments["item_scale"] is not None else None
+    long_tail = arguments["long_tail"]
     if name in ("voc", "arc2017"):
         return build_annotated_photo(
             name, num_train=num_train, image_size=image_size, seed=seed, ignore_classes=ignore_classes
