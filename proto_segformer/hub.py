@@ -133,6 +133,33 @@ def card_defaults(source: Path) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if v}
 
 
+PLACEHOLDER_REPO_ID = re.compile(r"<namespace>/[\w.-]+")
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prepared_card_pictures(card: Path) -> list[str]:
+    """Relative paths of the local pictures a prepared model card links to; `HubError` if the card is missing,
+    has invalid metadata, or links a relative picture that does not exist."""
+    from huggingface_hub import ModelCard
+
+    if not card.is_file():
+        raise HubError(f"Model card {card} does not exist.")
+    try:
+        data = ModelCard.load(card).data
+    except Exception as error:
+        raise HubError(f"Model card {card} has invalid metadata: {error}") from error
+    if data.library_name != "transformers" or "custom_code" not in (data.tags or []):
+        raise HubError(f"Model card {card} is not a ProtoSegformer card (library_name transformers, tag custom_code).")
+    pictures = []
+    for link in MARKDOWN_IMAGE.findall(card.read_text()):
+        if "://" in link or link.startswith("/"):
+            continue
+        if not (card.parent / link).is_file() or ".." in Path(link).parts:
+            raise HubError(f"Model card {card} links to {link!r}, which is not a file next to it.")
+        pictures.append(link)
+    return sorted(set(pictures))
+
+
 def list_files(folder: Path) -> list[str]:
     """Relative POSIX paths of the files under `folder`, sorted."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -149,6 +176,7 @@ def assemble_repository(
     pictures: Sequence[str | Path] = (),
     project_url: str | None = None,
     card_kwargs: dict[str, Any] | None = None,
+    card: str | Path | None = None,
     overwrite: bool = False,
 ) -> list[str]:
     """Write the complete Hub repository of the checkpoint `source` into `local_dir`; return its files (relative).
@@ -156,8 +184,17 @@ def assemble_repository(
     `source` is a training output folder or one of its `checkpoint-*` folders (the processor config and result
     files are then taken from the parent). The weights are loaded and re-saved, so a checkpoint that does not load,
     or lacks tensors, fails here with a `CheckpointError` rather than on the Hub.
+
+    The card is rendered afresh (dataset_name, base_model and license default to those of the folder's existing
+    card), unless `card` names a prepared model card (e.g. model_cards/<name>/README.md): it is then used as it
+    is, with the pictures it links to by relative path (and `repo_id` in place of its "<namespace>/..."
+    placeholders).
     """
     source, local_dir = Path(source), Path(local_dir)
+    for picture in pictures:
+        if not Path(picture).is_file():
+            raise HubError(f"Picture {picture} does not exist.")
+    card_pictures = prepared_card_pictures(Path(card)) if card is not None else []
     validate_checkpoint(source)
     defaults = card_defaults(source)
     dataset_name = dataset_name or defaults.get("dataset_name")
@@ -184,24 +221,30 @@ def assemble_repository(
             shutil.copyfile(found, local_dir / name)
 
     picture_entries = []
-    for picture in pictures:
-        picture = Path(picture)
-        if not picture.is_file():
-            raise HubError(f"Picture {picture} does not exist.")
+    for picture in map(Path, pictures):
         (local_dir / "images").mkdir(exist_ok=True)
         shutil.copyfile(picture, local_dir / "images" / picture.name)
         picture_entries.append((f"images/{picture.name}", picture.stem.replace("_", " ").replace("-", " ")))
 
-    write_model_card(
-        local_dir,
-        dataset_name=dataset_name,
-        base_model=base_model,
-        repo_id=repo_id,
-        license=license,
-        pictures=picture_entries,
-        project_url=project_url,
-        **(card_kwargs or {}),
-    )
+    if card is not None:
+        text = Path(card).read_text()
+        if repo_id is not None:  # a card rendered without a repo id has placeholders in its snippets
+            text = PLACEHOLDER_REPO_ID.sub(repo_id, text)
+        (local_dir / "README.md").write_text(text)
+        for relative in card_pictures:
+            (local_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(card).parent / relative, local_dir / relative)
+    else:
+        write_model_card(
+            local_dir,
+            dataset_name=dataset_name,
+            base_model=base_model,
+            repo_id=repo_id,
+            license=license,
+            pictures=picture_entries,
+            project_url=project_url,
+            **(card_kwargs or {}),
+        )
     missing = [
         name
         for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")

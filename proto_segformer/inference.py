@@ -226,7 +226,8 @@ def read_image(path: str | Path) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise OSError(f"cannot read {path} as an image ({type(error).__name__}: {error})") from error
+        reason = str(error).replace(f" '{path}'", "").replace(str(path), "<file>")
+        raise OSError(f"not a readable image ({type(error).__name__}: {reason})") from error
 
 
 def as_rgb_array(image: Any) -> np.ndarray:
@@ -592,11 +593,24 @@ def class_boundaries(label_map: np.ndarray) -> np.ndarray:
     return edges
 
 
+def prototype_shades(label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int) -> np.ndarray:
+    """(H, W, 3) uint8: each pixel in its class's colour (as in `colour_overlay`), shaded by its prototype index:
+    prototype 0 darkest, prototype M-1 lightest (near-black class colours are lifted to grey first)."""
+    base = class_colormap(int(label_map.max()) + 1)[label_map].astype(np.float32)
+    dark = base.max(axis=-1, keepdims=True) < 60
+    base = np.where(dark, 128.0, base)
+    level = prototype_map.astype(np.float32)[..., None] / max(1, num_prototypes - 1) - 0.5  # in [-0.5, 0.5]
+    amount = np.abs(level) * 1.5  # up to 75% towards black or white
+    target = np.where(level > 0, 255.0, 0.0)
+    return (base * (1 - amount) + target * amount).round().clip(0, 255).astype(np.uint8)
+
+
 def prototype_overlay(
-    image: np.ndarray, label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int, alpha: float = 0.55
+    image: np.ndarray, label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int, alpha: float = 0.7
 ) -> np.ndarray:
-    """(H, W, 3) uint8: each pixel coloured by the index of the prototype it matched, class boundaries in white."""
-    colours = prototype_colormap(num_prototypes)[prototype_map]
+    """(H, W, 3) uint8: `prototype_shades` blended over the image, class boundaries in white; pixels of one class
+    that matched different prototypes get different shades of the class colour."""
+    colours = prototype_shades(label_map, prototype_map, num_prototypes).astype(np.float32)
     blended = (alpha * colours + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
     blended[class_boundaries(label_map)] = 255
     return blended
@@ -766,6 +780,7 @@ __all__ = [
     "nearest_prototype_per_class",
     "predict_files",
     "prototype_overlay",
+    "prototype_shades",
     "read_config",
     "read_image",
     "resolve_device",

@@ -169,14 +169,12 @@ def learnable_parameter_count(output_dir: Path) -> int | None:
 
 
 def mit_size(config: Mapping[str, Any]) -> str | None:
-    """The MiT preset name ("mit-b0" ..) matching the config's hidden_sizes, depths and decoder width, else None."""
+    """The MiT encoder size ("mit-b0" ..) matching the config's hidden_sizes and depths, else None (the decoder
+    width is reported separately)."""
     from .configuration_proto_segformer import MIT_PRESETS
 
     for name, preset in MIT_PRESETS.items():
-        if all(
-            list(config.get(k) or []) == list(v) if isinstance(v, list) else config.get(k) == v
-            for k, v in preset.items()
-        ):
+        if all(list(config.get(k) or []) == list(preset[k]) for k in ("hidden_sizes", "depths")):
             return name
     return None
 
@@ -249,10 +247,13 @@ def selected_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_section(
-    training_args: Mapping[str, Any] | None, train_results: Mapping[str, Any], dataset_text: str
+    training_args: Mapping[str, Any] | None,
+    train_results: Mapping[str, Any],
+    dataset_text: str,
+    data_note: str | None = None,
 ) -> str:
-    """Markdown: the data, the main training arguments and run statistics."""
-    lines = [f"Data: {dataset_text}."]
+    """Markdown: the data (and a note on it), the main training arguments and run statistics."""
+    lines = [f"Data: {dataset_text}." + (f" {data_note}" if data_note else "")]
     summary = {k: v for k, v in train_results.items() if k in ("train_loss", "train_runtime", "epoch")}
     shown = selected_training_args(training_args) if training_args else {}
     if shown:
@@ -396,6 +397,7 @@ def render_model_card(
     pictures: Sequence[tuple[str, str]] | None = None,
     widget: list[dict[str, str]] | None = None,
     project_url: str | None = None,
+    data_note: str | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
@@ -479,7 +481,7 @@ def render_model_card(
         project_text=f"the [`proto_segformer`]({project_url}) implementation"
         if project_url
         else "the `proto_segformer` implementation",
-        training_section=training_section(training_args, train_results, dataset_text),
+        training_section=training_section(training_args, train_results, dataset_text, data_note),
         results_section=results_section(results, id2label, dataset_text),
         prototype_section=prototype_section(prototype_stats),
         pictures_section=pictures_section(pictures),
@@ -499,6 +501,7 @@ def write_model_card(
     pictures: Sequence[tuple[str, str]] | None = None,
     widget: list[dict[str, str]] | None = None,
     project_url: str | None = None,
+    data_note: str | None = None,
     filename: str = "README.md",
 ) -> Path:
     """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
@@ -518,6 +521,9 @@ def write_model_card(
             else near-duplicate statistics of the stored prototypes.
         pictures: (relative path, caption) of pictures to show in the card.
         widget: widget examples [{"src": url, "example_title": title}]; default: two public photos.
+        project_url: link to the proto_segformer code, if public.
+        data_note: a sentence on the data shown after it in the Training section (e.g. how the evaluation split
+            relates to the training data).
     """
     card = render_model_card(
         output_dir,
@@ -531,6 +537,7 @@ def write_model_card(
         pictures=pictures,
         widget=widget,
         project_url=project_url,
+        data_note=data_note,
     )
     path = Path(output_dir) / filename
     card.save(path)

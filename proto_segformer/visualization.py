@@ -296,14 +296,17 @@ def render_atlas(
     context: float = 0.25,
     classes: Sequence[int] | None = None,
 ) -> Image.Image:
-    """One PNG-ready grid: a row per class, a column per prototype, `top_n` patches per cell.
+    """One PNG-ready grid: a row per class (`classes`, default: those with pixels in the data), a column per
+    prototype, `top_n` patches per cell.
 
     Each patch covers a square of `context` times the shorter side of the resized input (the model's view) around the
     matched pixel (ringed) and is shown at `patch_size` pixels. Under each cell: the prototype's usage share within
     its class; unused prototypes get a red frame, cells without any pixel of the class are left grey.
     """
     num_classes, num_prototypes = matches.usage.shape
-    classes = list(range(num_classes)) if classes is None else list(classes)
+    if classes is None:  # the classes present in the data (all of them if none is)
+        classes = [k for k in range(num_classes) if matches.usage[k].sum() > 0] or list(range(num_classes))
+    classes = list(classes)
     best_images, best_scores = matches.best(top_n)
     shares = matches.usage / np.maximum(matches.usage.sum(axis=1, keepdims=True), 1)
     font, small = _font(12), _font(10)

@@ -2,7 +2,7 @@
 
     python scripts/make_card_pictures.py --model runs/demo --dataset scenes --output_dir model_cards/demo
 
-Writes into --output_dir: predictions.png (rows: validation images; columns: image, ground truth, prediction
+Writes into --output_dir: predictions.png or .jpg (rows: validation images; columns: image, ground truth, prediction
 overlay, prototype assignment map), prototype_atlas.png, prototype_stats.json (also copied into the model folder,
 where the card and push_to_hub pick it up) and README.md, the model card rendered with these pictures.
 """
@@ -10,7 +10,6 @@ where the card and push_to_hub pick it up) and README.md, the model card rendere
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,28 @@ class PictureArguments:
     image_size: int = field(default=64, metadata={"help": "Side of the built-in images (as in training)."})
     num_panel_images: int = field(default=4, metadata={"help": "Validation images (rows) in predictions.png."})
     num_atlas_images: int = field(default=100, metadata={"help": "Validation images searched for the atlas."})
-    scale: int = field(default=3, metadata={"help": "Upscaling of the panel pictures (built-in images are small)."})
+    scale: float = field(default=3.0, metadata={"help": "Display scale of the panel pictures (scenes are small)."})
+    atlas_split: str = field(
+        default="validation", metadata={"help": "Split searched for the atlas ('train' for voc/arc2017: one photo)."}
+    )
+    panel_format: str = field(default="png", metadata={"help": "png or jpg (photos compress better as jpg)."})
     seed: int = field(default=1, metadata={"help": "Seed of the validation images (differs from training's)."})
     repo_id: str | None = field(default=None, metadata={"help": "Hub id used in the card's snippets."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the starting checkpoint, if any."})
+    data_note: str | None = field(default=None, metadata={"help": "A sentence on the data for the card."})
 
 
-def upscale(array, factor: int):
-    return array.repeat(factor, axis=0).repeat(factor, axis=1)
+def rescale(array, factor: float, nearest: bool):
+    """An image (H, W, 3) or label map (H, W) resized by `factor` (nearest for label maps)."""
+    import numpy as np
+    from PIL import Image
+
+    if factor == 1:
+        return array
+    size = (max(1, round(array.shape[1] * factor)), max(1, round(array.shape[0] * factor)))
+    if nearest:
+        return np.asarray(Image.fromarray(array.astype(np.int32)).resize(size, Image.NEAREST)).astype(array.dtype)
+    return np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,34 +73,39 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data, id2label = build_builtin_dataset(
-        args.dataset, num_train=1, num_validation=args.num_atlas_images, image_size=args.image_size, seed=args.seed
+        args.dataset,
+        num_train=args.num_atlas_images if args.atlas_split == "train" else 1,
+        num_validation=args.num_atlas_images,
+        image_size=args.image_size,
+        seed=args.seed,
     )
     samples = DatasetSamples(data["validation"])
+    atlas_samples = DatasetSamples(data[args.atlas_split])
     num_prototypes = int(segmenter.model.prototypes.shape[1])
 
     rows = []
     panel_samples = [samples[i] for i in range(min(args.num_panel_images, len(samples)))]
     predictions = segmenter.predict([image for image, _ in panel_samples])
     for (image, label), prediction in zip(panel_samples, predictions):
-        big_image = upscale(image, args.scale)
-        big_label = upscale(np.where(label == 255, 0, label), args.scale)
-        big_prediction = upscale(prediction.label_map, args.scale)
+        big_image = rescale(image, args.scale, nearest=args.scale > 1)
+        big_label = rescale(np.where(label == 255, 0, label), args.scale, nearest=True)
+        big_prediction = rescale(prediction.label_map, args.scale, nearest=True)
+        big_prototypes = rescale(prediction.prototype_map, args.scale, nearest=True)
         rows.append(
             [
                 big_image,
                 imgviz.label2rgb(big_label.astype(np.int32)),
                 colour_overlay(big_image, big_prediction, segmenter.id2label, alpha=0.6),
-                prototype_overlay(
-                    big_image, big_prediction, upscale(prediction.prototype_map, args.scale), num_prototypes
-                ),
+                prototype_overlay(big_image, big_prediction, big_prototypes, num_prototypes),
             ]
         )
     panel = prediction_panel(rows, ["image", "ground truth", "prediction", "prototype matched"], scale=1)
-    panel.save(output_dir / "predictions.png", optimize=True)
+    panel_name = f"predictions.{args.panel_format}"
+    panel.save(output_dir / panel_name, **({"optimize": True} if args.panel_format == "png" else {"quality": 85}))
 
-    description = f"{len(samples)} validation images of the built-in '{args.dataset}' data (seed {args.seed})"
+    description = f"{len(atlas_samples)} {args.atlas_split} images of the built-in '{args.dataset}' data"
     atlas = build_prototype_atlas(
-        segmenter.model, segmenter.processor, samples, data_description=description, progress=True
+        segmenter.model, segmenter.processor, atlas_samples, data_description=description, progress=True
     )
     atlas.image.save(output_dir / "prototype_atlas.png", optimize=True)
     stats_text = json.dumps(atlas.statistics, indent=2) + "\n"
@@ -100,24 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         base_model=args.base_model,
         repo_id=args.repo_id,
         prototype_stats=atlas.statistics,
+        data_note=args.data_note,
         pictures=[
             (
-                "predictions.png",
+                panel_name,
                 "Validation images: ground truth, prediction overlay, and which prototype of the"
-                " predicted class each pixel matched (one colour per prototype index, class borders in white)",
+                " predicted class each pixel matched (the class colour, darkest = prototype 0, lightest ="
+                " prototype M-1; class borders in white)",
             ),
             (
                 "prototype_atlas.png",
-                "Prototype atlas: per class (row) and prototype (column), the validation patch"
-                " whose pixel is nearest to the prototype; under it the prototype's share of its class's pixels",
+                f"Prototype atlas: per class (row) and prototype (column), the {args.atlas_split} patch whose pixel"
+                " is nearest to the prototype (ringed); under it the prototype's share of its class's pixels",
             ),
         ],
     )
     card.save(output_dir / "README.md")
-    if (Path(args.model) / "training_args.json").is_file():
-        shutil.copyfile(Path(args.model) / "training_args.json", output_dir / "training_args.json")
     usage = atlas.statistics["usage"]
-    print(f"Wrote {output_dir}/predictions.png, prototype_atlas.png, prototype_stats.json, README.md")
+    print(f"Wrote {output_dir}/{panel_name}, prototype_atlas.png, prototype_stats.json, README.md")
     print(
         f"Prototypes: unused {usage['unused_count']} of {usage['classes_seen'] * num_prototypes},"
         f" near-duplicates {len(atlas.statistics['near_duplicates'])},"

@@ -32,6 +32,10 @@ class PushArguments:
         default=None, metadata={"help": "Licence id (default apache-2.0; NVIDIA's for nvidia/)."}
     )
     pictures: list[str] = field(default_factory=list, metadata={"help": "Pictures to add under images/ and show."})
+    data_note: str | None = field(default=None, metadata={"help": "A sentence on the data for the card."})
+    card: str | None = field(
+        default=None, metadata={"help": "Use this prepared card (e.g. model_cards/<name>/README.md) and its pictures."}
+    )
     commit_message: str | None = field(default=None, metadata={"help": "Commit message of the upload."})
 
 
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
             license=args.license,
             pictures=args.pictures,
+            card=args.card,
+            card_kwargs={"data_note": args.data_note} if args.data_note else None,
         )
     except (HubError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -411,3 +411,32 @@ def test_card_metadata_keeps_only_hub_ids(tmp_path):
     assert card.data.model_name == "protosegformer-custom-builtin-scenes"
     assert card.data.eval_results[0].dataset_name == "builtin:scenes"
     assert "a local checkpoint (`local_start`)" in card.text and "`builtin:scenes`" in card.text
+
+
+def test_prepared_card_is_published_with_its_pictures(checkpoint, tmp_path):
+    from PIL import Image
+
+    from proto_segformer.model_card import render_model_card
+
+    cards = tmp_path / "model_cards" / "tiny"
+    cards.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(cards / "atlas.png")
+    render_model_card(checkpoint, pictures=[("atlas.png", "the atlas")]).save(cards / "README.md")
+    assert (
+        'from_pretrained("<namespace>/protosegformer-custom", trust_remote_code=True)'
+        in (cards / "README.md").read_text()
+    )
+    files = assemble_repository(checkpoint, tmp_path / "repo", card=cards / "README.md", repo_id="alice/tiny")
+    assert "atlas.png" in files and EXPECTED_FILES <= set(files)
+    published = (tmp_path / "repo" / "README.md").read_text()
+    assert published == (cards / "README.md").read_text().replace("<namespace>/protosegformer-custom", "alice/tiny")
+    assert 'from_pretrained("alice/tiny", trust_remote_code=True)' in published
+
+    (cards / "atlas.png").unlink()
+    with pytest.raises(HubError, match="links to 'atlas.png', which is not a file next to it"):
+        assemble_repository(checkpoint, tmp_path / "repo2", card=cards / "README.md")
+    (cards / "other.md").write_text("---\nlibrary_name: timm\n---\n# Another model\n")
+    with pytest.raises(HubError, match="is not a ProtoSegformer card"):
+        assemble_repository(checkpoint, tmp_path / "repo3", card=cards / "other.md")
+    with pytest.raises(HubError, match="Picture .*missing.png does not exist"):
+        assemble_repository(checkpoint, tmp_path / "repo4", pictures=[tmp_path / "missing.png"])

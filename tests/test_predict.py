@@ -288,3 +288,15 @@ def test_processor_without_resizing_runs_whole_images_at_their_resolution(model,
         logits = model(pixel_values=pixel_values).logits
     expected = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)[0].argmax(dim=0)
     np.testing.assert_array_equal(predictions[1].label_map, expected.numpy())
+
+
+def test_prototype_shades_tell_prototypes_of_one_class_apart():
+    from proto_segformer.inference import class_colormap, prototype_shades
+
+    label = np.array([[1, 1, 1], [0, 0, 2]])
+    prototype = np.array([[0, 2, 4], [0, 4, 2]])
+    shades = prototype_shades(label, prototype, num_prototypes=5).astype(int)
+    assert shades[0, 0].sum() < shades[0, 1].sum() < shades[0, 2].sum()  # darker to lighter within class 1
+    np.testing.assert_array_equal(shades[0, 1], class_colormap(3)[1])  # the middle prototype: the class colour
+    np.testing.assert_array_equal(shades[1, 2], class_colormap(3)[2])
+    assert shades[1, 0].sum() < shades[1, 1].sum()  # black background is lifted to grey, then shaded

@@ -92,8 +92,9 @@ def test_atlas_grid_and_usage(model_and_processor):
     # best matches are per image, best first
     images, scores = matches.best(2)
     assert images.shape == (3, 4, 2) and np.all(scores[..., 0] >= scores[..., 1])
-    # layout: header 18 + 3 rows of (32 + 14 caption + 4 gap); label column 110 + 4 cells of (2*32+2 + 4)
-    assert result.image.size == (110 + 4 * (66 + 4), 18 + 3 * (46 + 4))
+    # layout: header 18 + a row per class present (2) of (32 + 14 caption + 4 gap); label column 110 + 4 cells of
+    # (2*32+2 + 4)
+    assert result.image.size == (110 + 4 * (66 + 4), 18 + 2 * (46 + 4))
     stats = result.statistics
     assert stats["usage"]["classes_seen"] == 2 and stats["usage"]["labelled"] is True
     assert stats["usage"]["unused_count"] == int((matches.usage[:2] == 0).sum())
@@ -130,7 +131,7 @@ def test_visualize_script_on_builtin_data(tmp_path, capsys):
     assert "unused" in capsys.readouterr().out
     from PIL import Image
 
-    assert Image.open(output).size[1] == 18 + 11 * (64 + 14 + 4)
+    assert Image.open(output).size[1] == 18 + stats["usage"]["classes_seen"] * (64 + 14 + 4)
 
 
 def test_atlas_with_a_processor_that_keeps_image_sizes(model_and_processor):
