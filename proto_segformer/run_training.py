@@ -85,15 +85,15 @@ COMMON_DEFAULTS: dict[str, Any] = {
 # With the built-in data (no --dataset_name): a run that shows learning on 2 CPU cores in a few minutes. A slim
 # mit-b0 (decoder width 128, D = 64, 5 prototypes per class), trained from scratch on 64x64 scenes.
 BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-3,
-    "max_steps": 400,
-    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-3,
+    "max_steps": 300,
+    "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 50,
-    "warmup_steps": 30,
+    "warmup_steps": 20,
     "eval_strategy": "steps",
-    "eval_steps": 200,
+    "eval_steps": 150,
     "save_strategy": "no",
-    "logging_steps": 20,
+    "logging_steps": 25,
     "decoder_hidden_size": 128,
     "prototype_dim": 64,
     "num_prototypes_per_class": 5,
@@ -214,7 +214,10 @@ class DataTrainingArguments:
     cat_max_ratio: float = field(default=0.75, metadata={"help": "Re-draw crops where a class covers more."})
     photometric_distortion: bool = field(default=True, metadata={"help": "Random brightness/contrast/colour."})
     hue_delta: float | None = field(
-        default=None, metadata={"help": "Hue jitter (+-, OpenCV units; default 18, 0 for builtin:scenes-large)."}
+        default=None,
+        metadata={
+            "help": "Hue jitter (+-, OpenCV units; default 18; 0 for the built-in scenes, whose colours matter)."
+        },
     )
     builtin_num_train: int = field(default=2000, metadata={"help": "Built-in data: training images."})
     builtin_num_validation: int = field(default=200, metadata={"help": "Built-in data: validation images."})
@@ -381,7 +384,11 @@ def prepare_data(
             f"--crop_size {crop_size} is too small: SegFormer's spatial-reduction attention needs inputs of at least"
             " 32x32 pixels."
         )
-    hue_delta = data_args.hue_delta if data_args.hue_delta is not None else (0.0 if builtin == "scenes-large" else 18.0)
+    hue_delta = (
+        data_args.hue_delta
+        if data_args.hue_delta is not None
+        else (0.0 if builtin and builtin.startswith("scenes") else 18.0)
+    )
     augmentation = AugmentationConfig(
         crop_size=(crop_size, crop_size),
         base_size=data_args.base_size,

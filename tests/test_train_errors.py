@@ -1,0 +1,113 @@
+"""Bad input to scripts/train.py: a clear message, exit code 2, no output folder that looks complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from train_helpers import TINY_ARGS
+
+from proto_segformer.run_training import FINAL_OUTPUT_FILES, main
+
+
+def _ade_folder(root: Path, label_values=(0, 1, 2), sizes=None, bad_image: bool = False) -> Path:
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(3):
+            h, w = (sizes or {}).get((split, i), (24, 24))
+            rng = np.random.default_rng(i)
+            image_path = root / "images" / split / f"{i}.jpg"
+            if bad_image and split == "training" and i == 1:
+                image_path.write_bytes(b"\x00garbage")
+            else:
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(image_path)
+            label = rng.choice(np.array(label_values, np.uint8), size=(24, 24))
+            Image.fromarray(label).save(root / "annotations" / split / f"{i}.png")
+    (root / "id2label.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
+    return root
+
+
+def _fails_cleanly(argv: list[str], output: Path, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output_dir", str(output), "--max_steps", "2", *TINY_ARGS, *argv])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and "Traceback" not in message
+    assert not any((output / name).exists() for name in FINAL_OUTPUT_FILES)
+    assert not list(output.glob("checkpoint-*")) if output.exists() else True
+    return message
+
+
+def test_bad_inputs_fail_before_training_with_clear_messages(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    good = _ade_folder(tmp_path / "good")
+    message = _fails_cleanly(["--dataset_name", str(good), "--label_column_name", "mask"], out, capsys)
+    assert "no label column 'mask'; its columns are ['image', 'label']" in message
+
+    one_based = _ade_folder(tmp_path / "one_based", label_values=(1, 2, 3))
+    message = _fails_cleanly(["--dataset_name", str(one_based)], out, capsys)
+    assert "label values 3" in message and "--reduce_labels" in message
+
+    wrong = _ade_folder(tmp_path / "wrong", label_values=(0, 7))
+    message = _fails_cleanly(["--dataset_name", str(wrong)], out, capsys)
+    assert "label values 7" in message and "outside id2label (class ids 0..2)" in message
+
+    sizes = _ade_folder(tmp_path / "sizes", sizes={("validation", 2): (20, 24)})
+    message = _fails_cleanly(["--dataset_name", str(sizes)], out, capsys)
+    assert "Split 'validation', sample 2" in message and "20x24" in message and "24x24" in message
+
+    broken = _ade_folder(tmp_path / "broken", bad_image=True)
+    message = _fails_cleanly(["--dataset_name", str(broken)], out, capsys)
+    assert "sample 1, image" in message and "1.jpg" in message and "cannot read" in message
+
+    message = _fails_cleanly(["--dataset_name", str(tmp_path / "no" / "such" / "folder")], out, capsys)
+    assert "does not exist" in message
+
+
+def test_empty_split(tmp_path: Path, capsys) -> None:
+    root = _ade_folder(tmp_path / "ade")
+    for path in (root / "images" / "validation").iterdir():
+        path.unlink()
+    for path in (root / "annotations" / "validation").iterdir():
+        path.unlink()
+    message = _fails_cleanly(["--dataset_name", str(root)], tmp_path / "out", capsys)
+    assert "The 'validation' split is empty" in message
+
+
+def test_reduce_labels_makes_one_based_labels_train(tmp_path: Path) -> None:
+    root = _ade_folder(tmp_path / "ade", label_values=(0, 1, 2, 3))
+    output = tmp_path / "out"
+    main(
+        [
+            "--dataset_name",
+            str(root),
+            "--reduce_labels",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--crop_size",
+            "32",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            *TINY_ARGS,
+        ]
+    )
+    config = json.loads((output / "config.json").read_text())
+    assert config["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    assert json.loads((output / "preprocessor_config.json").read_text())["do_reduce_labels"] is True
+    assert 0.0 <= json.loads((output / "eval_results.json").read_text())["eval_mean_iou"] <= 1.0
+
+
+def test_bad_model_arguments(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    message = _fails_cleanly(["--prototype_momentum", "1.5"], out, capsys)
+    assert "prototype_momentum must lie in [0, 1]" in message
+    message = _fails_cleanly(["--model_name_or_path", str(tmp_path / "missing_model")], out, capsys)
+    assert "Could not load a model config" in message
