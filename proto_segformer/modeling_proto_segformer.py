@@ -8,6 +8,7 @@ prototype. The prototypes are running means of pixel embeddings, updated in trai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,14 @@ from .configuration_proto_segformer import ProtoSegformerConfig
 from .prototypes import (
     average_across_processes,
     class_scores,
+    fused_scores_and_contrast,
     l2_normalize,
     momentum_update,
     normalize_class_scores,
-    ppc_loss,
     ppd_loss,
+    prototype_logits,
     random_unit_prototypes,
+    scores_and_contrast,
     sinkhorn_assignments,
 )
 
@@ -118,9 +121,13 @@ class ProtoSegformerProjection(nn.Module):
         self.layer_norm = nn.LayerNorm(config.embedding_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        embeddings = self.conv2(self.activation(self.conv1(hidden_states)))
-        embeddings = self.layer_norm(embeddings.permute(0, 2, 3, 1))
-        return l2_normalize(embeddings, dim=-1).permute(0, 3, 1, 2)
+        # The 1x1 convolutions as matmuls on the channels-last pixels (B, h*w, C): same result, no im2col copy, and
+        # the LayerNorm and L2 normalisation then run over a contiguous last axis.
+        batch, _, height, width = hidden_states.shape
+        pixels = hidden_states.flatten(2).transpose(1, 2)
+        hidden = self.activation(F.linear(pixels, self.conv1.weight.flatten(1), self.conv1.bias))
+        embeddings = self.layer_norm(F.linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias))
+        return l2_normalize(embeddings, dim=-1).view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 class ProtoSegformerPreTrainedModel(PreTrainedModel):
@@ -186,6 +193,11 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: 
 class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
     """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
 
+    # The head's fused paths (`prototype_logits`, `fused_scores_and_contrast`) compute what the plain composition of
+    # the functions in `prototypes.py` computes, with less memory traffic. Set to False on an instance to run the plain
+    # reference head (the tests check both agree; the plain head also supports backward with retain_graph=True).
+    fast_head: bool = True
+
     def __init__(self, config: ProtoSegformerConfig) -> None:
         super().__init__(config)
         if config.num_labels < 2:
@@ -235,7 +247,9 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         batch, dim, height, width = embeddings.shape
 
         loss = loss_ce = loss_ppc = loss_ppd = None
-        if labels is None:
+        if labels is None and self.fast_head:
+            logits = prototype_logits(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
+        elif labels is None:
             scores = class_scores(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
             logits = normalize_class_scores(scores, dim=1)
         else:
@@ -262,31 +276,32 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         prototypes = self.prototypes.detach().clone()
 
         pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
-        similarities = (pixels @ prototypes.to(pixels.dtype).reshape(-1, dim).t()).view(-1, num_classes, num_prototypes)
-        scores = similarities.amax(dim=-1)
-        logits = normalize_class_scores(scores.view(batch, height, width, num_classes), dim=-1).permute(0, 3, 1, 2)
+        small_labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest").long().view(-1)
+        rows = (small_labels != config.semantic_loss_ignore_index).nonzero().squeeze(1)
+        classes = small_labels[rows]
+        assign = partial(
+            sinkhorn_assignments,
+            num_classes=num_classes,
+            epsilon=config.sinkhorn_epsilon,
+            iterations=config.sinkhorn_iterations,
+        )
+        head = fused_scores_and_contrast if self.fast_head else scores_and_contrast
+        scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, config.ppc_temperature)
+        loss_ppd = ppd_loss(assigned)
+        # Contiguous (B, K, h, w), as SegFormer's logits: the upsampling and cross-entropy below run faster on it.
+        logits = normalize_class_scores(scores.view(batch, height, width, num_classes), dim=-1)
+        logits = logits.permute(0, 3, 1, 2).contiguous()
 
         upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=config.semantic_loss_ignore_index)
         if torch.isnan(loss_ce):  # every pixel ignored
             loss_ce = upsampled.sum() * 0.0
 
-        small_labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest").long().view(-1)
-        valid = small_labels != config.semantic_loss_ignore_index
-        classes = small_labels[valid]
-        valid_similarities = similarities[valid]
-        own = valid_similarities.gather(1, classes[:, None, None].expand(-1, 1, num_prototypes)).squeeze(1)
-        assignments = sinkhorn_assignments(
-            own, classes, num_classes, config.sinkhorn_epsilon, config.sinkhorn_iterations
-        )
-        targets = classes * num_prototypes + assignments
-        loss_ppc = ppc_loss(valid_similarities, targets, config.ppc_temperature)
-        loss_ppd = ppd_loss(own.gather(1, assignments[:, None]).squeeze(1))
         loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
 
         if self.training:
-            correct = scores[valid].argmax(dim=1) == classes
-            updated = momentum_update(prototypes, pixels[valid][correct], targets[correct], config.prototype_momentum)
+            correct = scores.detach()[rows].argmax(dim=1) == classes
+            updated = momentum_update(prototypes, pixels[rows[correct]], targets[correct], config.prototype_momentum)
             with torch.no_grad():
                 self.prototypes.copy_(average_across_processes(updated))
         return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()

@@ -73,6 +73,250 @@ def normalize_class_scores(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return F.layer_norm(moved, (moved.shape[-1],)).movedim(-1, dim)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Fast paths. Each computes exactly what a composition of the plain functions above computes (the tests check both
+# against each other); they differ in how much they materialise. Inside them the M*K similarities of a pixel are laid
+# out prototype-major (column m*K + k), so the max over the M prototypes of a class is an elementwise max of M
+# contiguous K-vectors.
+
+# Pixels per chunk: enough rows for an efficient matmul, few enough that a chunk's scores stay in cache.
+FAST_CHUNK_ROWS = 1024
+
+
+def _compute_dtypes(tensor: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """Dtypes of `tensor @ tensor` and of a layer_norm of that product, under the current autocast state.
+
+    The fast paths run with autocast disabled and cast explicitly, so they reproduce the dtypes of the plain path
+    (which differ between devices: CPU autocast keeps layer_norm in bfloat16, CUDA autocast runs it in float32).
+    """
+    probe = torch.zeros(1, 1, device=tensor.device, dtype=tensor.dtype)
+    product = probe @ probe
+    return product.dtype, F.layer_norm(product, (1,)).dtype
+
+
+def _prototype_major(prototypes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K, M, D) -> (M*K, D) with row m*K + k holding p_{k,m}."""
+    num_classes, num_prototypes, dim = prototypes.shape
+    return prototypes.detach().transpose(0, 1).reshape(num_prototypes * num_classes, dim).to(dtype)
+
+
+def _rows_per_chunk(num_scores_per_row: int, limit: int | None) -> int:
+    """FAST_CHUNK_ROWS pixels, or fewer when `limit` (scores held at once) asks for it."""
+    if limit is None:
+        return FAST_CHUNK_ROWS
+    return max(1, min(FAST_CHUNK_ROWS, limit // max(1, num_scores_per_row)))
+
+
+def prototype_logits(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """Fast path of `normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)`: (B, K, h, w).
+
+    Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it fuses the similarity matmul, the max over
+    prototypes and the class-axis LayerNorm per chunk of FAST_CHUNK_ROWS pixels (fewer if `chunk_size`, a bound on
+    the pixel-by-prototype scores held at once, asks for it), so the only full-size tensor is the (contiguous)
+    result. When a gradient is needed it returns the plain, differentiable composition.
+    """
+    if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
+        return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
+    batch, dim, height, width = embeddings.shape
+    num_classes, num_prototypes, _ = prototypes.shape
+    matmul_dtype, out_dtype = _compute_dtypes(embeddings)
+    num_pixels = height * width
+    rows = min(num_pixels, _rows_per_chunk(num_classes * num_prototypes, chunk_size))
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        pixels = embeddings.detach().permute(0, 2, 3, 1).reshape(batch, num_pixels, dim)
+        flat_prototypes = _prototype_major(prototypes, matmul_dtype)
+        logits = torch.empty(batch, num_classes, num_pixels, device=embeddings.device, dtype=out_dtype)
+        similarities = torch.empty(rows, num_prototypes * num_classes, device=embeddings.device, dtype=matmul_dtype)
+        best = torch.empty(rows, num_classes, device=embeddings.device, dtype=matmul_dtype)
+        for image in range(batch):
+            for start in range(0, num_pixels, rows):
+                stop = min(num_pixels, start + rows)
+                sims, scores = similarities[: stop - start], best[: stop - start]
+                torch.mm(pixels[image, start:stop].to(matmul_dtype), flat_prototypes.t(), out=sims)
+                torch.amax(sims.view(stop - start, num_prototypes, num_classes), dim=1, out=scores)
+                logits[image, :, start:stop].copy_(F.layer_norm(scores.to(out_dtype), (num_classes,), eps=eps).t())
+    return logits.view(batch, num_classes, height, width)
+
+
+def scores_and_contrast(
+    pixels: torch.Tensor,
+    prototypes: torch.Tensor,
+    rows: torch.Tensor,
+    classes: torch.Tensor,
+    assign,
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training head's class scores, PPC loss and prototype assignment: the plain reference composition.
+
+    Args:
+        pixels: (N, D) unit embeddings (may require grad).
+        prototypes: (K, M, D) unit prototypes (used as constants).
+        rows: (V,) indices of the labelled pixels; classes: (V,) their classes.
+        assign: (own (V, M), classes (V,)) -> (V,) prototype index in [0, M), e.g. Sinkhorn assignments.
+
+    Returns:
+        scores (N, K) = max_m s_{k,m}, loss_ppc (), assigned (V,) = s_{k_i, a_i}(i), targets (V,) = k_i * M + a_i.
+    """
+    num_prototypes = prototypes.shape[1]
+    similarities = prototype_similarities(pixels, prototypes.detach().to(pixels.dtype))
+    scores = similarities.amax(dim=-1)
+    labelled = similarities[rows]
+    own = labelled.gather(1, classes[:, None, None].expand(-1, 1, num_prototypes)).squeeze(1)
+    assignments = assign(own.detach(), classes)
+    targets = classes * num_prototypes + assignments
+    loss_ppc = ppc_loss(labelled, targets, temperature)
+    assigned = own.gather(1, assignments[:, None]).squeeze(1)
+    return scores, loss_ppc, assigned, targets
+
+
+def _index_dtype(num_prototypes: int) -> torch.dtype:
+    return torch.uint8 if num_prototypes <= 256 else torch.long
+
+
+def _max_over_prototypes(similarities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and argmax over m of (n, M, K) similarities: (n, K) each.
+
+    Same values and indices as `similarities.max(dim=1)`; computed as a (M x 1) max-pooling of the channels-last
+    view (n, K, M, 1), whose kernel is vectorised over the K channels (several times faster than `max(dim=1)`).
+    """
+    count, num_prototypes, num_classes = similarities.shape
+    channels_last = similarities.view(count, num_prototypes, 1, num_classes).permute(0, 3, 1, 2)
+    values, indices = F.max_pool2d(channels_last, kernel_size=(num_prototypes, 1), return_indices=True)
+    return values.reshape(count, num_classes), indices.reshape(count, num_classes)
+
+
+class _FusedScoresAndContrast(torch.autograd.Function):
+    """Class scores, PPC loss and own-prototype similarities from one (N, M*K) similarity buffer.
+
+    Forward, per chunk of pixels: similarities by one matmul, max and argmax over the M prototypes of each class,
+    each labelled pixel's M similarities to its own class, then the buffer is overwritten in place with
+    exp((s - max_row s) / tau) and its row sums (the softmax of the PPC loss). The Sinkhorn assignment runs on the
+    own-class similarities. Backward writes the gradient with respect to the similarities into the same buffer (the
+    PPC softmax term, the one-hot target terms, and the class-score gradient at each argmax) and multiplies it by the
+    prototypes once. So the (N, M*K) similarities exist once, in the matmul's dtype, and nothing else of that size.
+    """
+
+    @staticmethod
+    def forward(ctx, pixels, prototypes, rows, classes, assign, temperature, chunk_rows):
+        num_classes, num_prototypes, dim = prototypes.shape
+        num_pixels = pixels.shape[0]
+        matmul_dtype, _ = _compute_dtypes(pixels)
+        stats_dtype = torch.promote_types(matmul_dtype, torch.float32)
+        device = pixels.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            flat_prototypes = _prototype_major(prototypes, matmul_dtype)
+            buffer = torch.empty(num_pixels, num_prototypes * num_classes, device=device, dtype=matmul_dtype)
+            scores = torch.empty(num_pixels, num_classes, device=device, dtype=matmul_dtype)
+            best = torch.empty(num_pixels, num_classes, device=device, dtype=_index_dtype(num_prototypes))
+            row_max = torch.empty(num_pixels, device=device, dtype=stats_dtype)
+            row_sum = torch.empty(num_pixels, device=device, dtype=stats_dtype)
+            # Column of each pixel's own class, m*K + k (pixels without a label use class 0; they are dropped).
+            own_class = torch.zeros(num_pixels, device=device, dtype=torch.long).index_copy_(0, rows, classes)
+            own_columns = own_class[:, None] + torch.arange(num_prototypes, device=device) * num_classes
+            own = torch.empty(num_pixels, num_prototypes, device=device, dtype=matmul_dtype)
+            for start in range(0, num_pixels, chunk_rows):
+                stop = min(num_pixels, start + chunk_rows)
+                sims = buffer[start:stop]
+                torch.mm(pixels[start:stop].detach().to(matmul_dtype), flat_prototypes.t(), out=sims)
+                values, indices = _max_over_prototypes(sims.view(stop - start, num_prototypes, num_classes))
+                scores[start:stop] = values
+                best[start:stop] = indices
+                torch.gather(sims, 1, own_columns[start:stop], out=own[start:stop])
+                row_max[start:stop] = scores[start:stop].amax(dim=1)
+                # exp(s / tau - max_row s / tau): in (0, 1], no overflow whatever tau is.
+                shifted = sims.to(stats_dtype)
+                torch.add(row_max[start:stop, None] / -temperature, shifted, alpha=1.0 / temperature, out=shifted)
+                torch.sum(shifted.exp_(), dim=1, out=row_sum[start:stop])
+                if shifted.data_ptr() != sims.data_ptr():
+                    sims.copy_(shifted)
+            own = own[rows]
+            assignments = assign(own, classes)
+            assigned = own.gather(1, assignments[:, None]).squeeze(1)
+            targets = classes * num_prototypes + assignments
+            if rows.numel() > 0:
+                log_partition = row_max[rows] / temperature + row_sum[rows].log()
+                loss_ppc = (log_partition - assigned.to(stats_dtype) / temperature).mean()
+            else:
+                loss_ppc = torch.zeros((), device=device, dtype=stats_dtype)
+        ctx.mark_non_differentiable(targets)
+        ctx.save_for_backward(buffer, best, row_sum, rows, assignments * num_classes + classes, flat_prototypes)
+        ctx.temperature, ctx.chunk_rows, ctx.pixels_dtype = temperature, chunk_rows, pixels.dtype
+        ctx.consumed = False
+        return scores, loss_ppc, assigned, targets
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_ppc, grad_assigned, _grad_targets):
+        if ctx.consumed:
+            raise RuntimeError(
+                "The fused prototype head frees its similarity buffer in backward; it cannot be back-propagated twice"
+                " (set model.fast_head = False to use the plain head with retain_graph=True)."
+            )
+        ctx.consumed = True
+        buffer, best, row_sum, rows, target_columns, flat_prototypes = ctx.saved_tensors
+        num_pixels = buffer.shape[0]
+        num_classes = best.shape[1]
+        num_labelled = rows.numel()
+        device = buffer.device
+        stats_dtype = row_sum.dtype
+        # d PPC / d s = (softmax(s / tau) - onehot(target)) / (tau * V) on labelled rows, 0 on the others.
+        row_scale = torch.zeros(num_pixels, device=device, dtype=stats_dtype)
+        target_grad = torch.zeros(num_pixels, device=device, dtype=stats_dtype)
+        target_column = torch.zeros(num_pixels, device=device, dtype=torch.long)
+        if num_labelled > 0:
+            target_column[rows] = target_columns
+            if grad_ppc is not None:
+                factor = grad_ppc.to(stats_dtype) / (ctx.temperature * num_labelled)
+                row_scale[rows] = factor / row_sum[rows]
+                target_grad[rows] = -factor
+            if grad_assigned is not None:
+                target_grad[rows] += grad_assigned.to(stats_dtype)
+        grad_pixels = torch.empty(num_pixels, flat_prototypes.shape[1], device=device, dtype=buffer.dtype)
+        with torch.autocast(device_type=device.type, enabled=False):
+            for start in range(0, num_pixels, ctx.chunk_rows):
+                stop = min(num_pixels, start + ctx.chunk_rows)
+                grad = buffer[start:stop].mul_(row_scale[start:stop, None].to(buffer.dtype))
+                grad.scatter_add_(1, target_column[start:stop, None], target_grad[start:stop, None].to(buffer.dtype))
+                if grad_scores is not None:
+                    grad.view(stop - start, -1, num_classes).scatter_add_(
+                        1, best[start:stop, None].long(), grad_scores[start:stop, None].to(buffer.dtype)
+                    )
+                torch.mm(grad, flat_prototypes, out=grad_pixels[start:stop])
+        return grad_pixels.to(ctx.pixels_dtype), None, None, None, None, None, None
+
+
+def fused_scores_and_contrast(
+    pixels: torch.Tensor,
+    prototypes: torch.Tensor,
+    rows: torch.Tensor,
+    classes: torch.Tensor,
+    assign,
+    temperature: float = 0.1,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fast path of the training head's scores, PPC loss and assignment, differentiable w.r.t. `pixels`.
+
+    Computes what `scores_and_contrast` computes (same values and gradients to float rounding), keeping one (N, K*M)
+    buffer (see `_FusedScoresAndContrast`) where the plain composition makes several. One difference, on exact ties
+    only: where two prototypes of a class have exactly the same similarity to a pixel, the class-score gradient goes
+    to one of them instead of being split between them. It cannot be back-propagated twice (retain_graph).
+
+    Args:
+        pixels: (N, D) unit embeddings (may require grad).
+        prototypes: (K, M, D) unit prototypes (constants: no gradient flows to them).
+        rows: (V,) indices of the labelled pixels; classes: (V,) their classes.
+        assign: (own (V, M), classes (V,)) -> (V,) prototype index in [0, M), e.g. Sinkhorn assignments.
+        chunk_size: pixel-by-prototype scores per chunk (cache blocking only; results do not depend on it).
+
+    Returns:
+        scores (N, K) class scores, loss_ppc (), assigned (V,) similarity to the assigned prototype, targets (V,)
+        flat index k*M + a (no gradient).
+    """
+    chunk_rows = _rows_per_chunk(prototypes.shape[0] * prototypes.shape[1], chunk_size)
+    return _FusedScoresAndContrast.apply(pixels, prototypes, rows, classes, assign, temperature, chunk_rows)
+
+
 def sinkhorn_knopp(
     scores: torch.Tensor,
     classes: torch.Tensor,
@@ -258,14 +502,17 @@ __all__ = [
     "average_across_processes",
     "class_scores",
     "cluster_prototypes",
+    "fused_scores_and_contrast",
     "l2_normalize",
     "momentum_update",
     "normalize_class_scores",
     "own_class_similarities",
     "ppc_loss",
     "ppd_loss",
+    "prototype_logits",
     "prototype_similarities",
     "random_unit_prototypes",
+    "scores_and_contrast",
     "sinkhorn_assignments",
     "sinkhorn_knopp",
 ]

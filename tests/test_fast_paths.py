@@ -1,0 +1,284 @@
+"""The fused head paths against the plain reference composition: same logits, losses, gradients and updates."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.modeling_proto_segformer import ProtoSegformerProjection
+from proto_segformer.prototypes import (
+    class_scores,
+    fused_scores_and_contrast,
+    l2_normalize,
+    normalize_class_scores,
+    prototype_logits,
+    random_unit_prototypes,
+    scores_and_contrast,
+    sinkhorn_assignments,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
+    return l2_normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+
+
+def random_labels(num_pixels: int, num_classes: int, seed: int, ignored_fraction: float = 0.2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (num_pixels,), generator=generator)
+    labels[torch.rand(num_pixels, generator=generator) < ignored_fraction] = 255
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference: prototype_logits == normalize_class_scores(class_scores(...))
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "width", "classes", "prototypes", "dim", "chunk_size"),
+    [
+        (1, 5, 7, 2, 1, 3, None),
+        (2, 9, 6, 5, 4, 8, None),
+        (2, 9, 6, 5, 4, 8, 1),  # one pixel per chunk
+        (3, 4, 11, 13, 3, 16, 100),  # chunks that straddle nothing and end unevenly
+        (1, 16, 16, 847, 10, 8, None),
+        (2, 8, 8, 847, 10, 8, 847 * 10 * 7),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prototype_logits_equal_the_plain_composition(
+    batch, height, width, classes, prototypes, dim, chunk_size, dtype
+):
+    embeddings = unit(batch, height, width, dim, seed=0, dtype=dtype).permute(0, 3, 1, 2)
+    protos = unit(classes, prototypes, dim, seed=1, dtype=dtype)
+    expected = normalize_class_scores(class_scores(embeddings, protos), dim=1)
+    with torch.no_grad():
+        fast = prototype_logits(embeddings, protos, chunk_size=chunk_size)
+    assert fast.shape == (batch, classes, height, width) and fast.dtype == dtype and fast.is_contiguous()
+    tolerance = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-5}
+    torch.testing.assert_close(fast, expected, **tolerance)
+    assert torch.equal(fast.argmax(dim=1), class_scores(embeddings, protos).argmax(dim=1))
+
+
+def test_prototype_logits_channels_first_embeddings_and_gradients_fall_back_to_the_plain_path():
+    embeddings = unit(2, 3, 6, 5, seed=2).contiguous()  # (B, D=3... ) read as (B, D, h, w) channels-first
+    protos = unit(4, 2, 3, seed=3)
+    expected = normalize_class_scores(class_scores(embeddings, protos), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(prototype_logits(embeddings, protos), expected)
+    leaf = embeddings.clone().requires_grad_(True)
+    weights = torch.randn(expected.shape, dtype=expected.dtype, generator=torch.Generator().manual_seed(4))
+    (prototype_logits(leaf, protos) * weights).sum().backward()
+    reference = embeddings.clone().requires_grad_(True)
+    (normalize_class_scores(class_scores(reference, protos), dim=1) * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training head: fused_scores_and_contrast == scores_and_contrast, values and gradients
+
+
+def run_head(head, pixels, prototypes, rows, classes, upstream, chunk_size=None, temperature=0.1):
+    leaf = pixels.clone().requires_grad_(True)
+    assign = partial(sinkhorn_assignments, num_classes=prototypes.shape[0])
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    scores, loss_ppc, assigned, targets = head(leaf, prototypes, rows, classes, assign, temperature, **kwargs)
+    grad_scores, grad_ppc, grad_assigned = upstream
+    total = (scores * grad_scores[: scores.shape[0]]).sum() + grad_ppc * loss_ppc
+    total = total + (assigned * grad_assigned[: assigned.shape[0]]).sum()
+    total.backward()
+    return scores.detach(), loss_ppc.detach(), assigned.detach(), targets, leaf.grad
+
+
+@pytest.mark.parametrize(
+    ("num_pixels", "classes", "prototypes", "dim", "ignored", "chunk_size"),
+    [
+        (37, 5, 3, 8, 0.2, None),
+        (37, 5, 3, 8, 0.0, 15 * 4),  # 4 pixels per chunk
+        (64, 2, 1, 4, 0.5, 2),  # one pixel per chunk, M = 1
+        (300, 847, 10, 16, 0.1, None),
+        (300, 847, 10, 16, 0.3, 847 * 10 * 128),
+        (50, 19, 10, 8, 1.0, None),  # every pixel ignored: no PPC term, gradients from the scores only
+    ],
+)
+def test_fused_scores_and_contrast_equal_the_plain_composition(
+    num_pixels, classes, prototypes, dim, ignored, chunk_size
+):
+    pixels = unit(num_pixels, dim, seed=5)
+    protos = unit(classes, prototypes, dim, seed=6)
+    labels = random_labels(num_pixels, classes, seed=7, ignored_fraction=ignored)
+    rows = (labels != 255).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(8)
+    upstream = (
+        torch.randn(num_pixels, classes, generator=generator, dtype=torch.float64),
+        torch.tensor(1.7, dtype=torch.float64),
+        torch.randn(num_pixels, generator=generator, dtype=torch.float64),
+    )
+    plain = run_head(scores_and_contrast, pixels, protos, rows, labels[rows], upstream)
+    fast = run_head(fused_scores_and_contrast, pixels, protos, rows, labels[rows], upstream, chunk_size)
+    for name, a, b in zip(("scores", "loss_ppc", "assigned", "targets", "gradient"), fast, plain):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    assert fast[4].abs().max() > 0.1  # the gradient is not trivially zero
+    if rows.numel() == 0:
+        assert fast[1].item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.002])  # exp(s / 0.002) overflows float32 unshifted
+def test_fused_head_float32_at_847_classes_matches_the_plain_head(temperature):
+    pixels = unit(512, 32, seed=9, dtype=torch.float32)
+    protos = unit(847, 10, 32, seed=10, dtype=torch.float32)
+    labels = random_labels(512, 847, seed=11)
+    rows = (labels != 255).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(12)
+    upstream = (torch.randn(512, 847, generator=generator), torch.tensor(1.0), torch.randn(512, generator=generator))
+    plain = run_head(scores_and_contrast, pixels, protos, rows, labels[rows], upstream, temperature=temperature)
+    fast = run_head(fused_scores_and_contrast, pixels, protos, rows, labels[rows], upstream, temperature=temperature)
+    assert torch.equal(fast[3], plain[3]) and torch.isfinite(fast[1]) and torch.isfinite(fast[4]).all()
+    for name, a, b in zip(("scores", "loss_ppc", "assigned", "gradient"), fast[:3] + fast[4:], plain[:3] + plain[4:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_cannot_be_back_propagated_twice():
+    pixels = unit(20, 4, seed=13).requires_grad_(True)
+    protos = unit(3, 2, 4, seed=14)
+    rows = torch.arange(20)
+    classes = rows % 3
+    assign = partial(sinkhorn_assignments, num_classes=3)
+    scores, loss_ppc, assigned, _ = fused_scores_and_contrast(pixels, protos, rows, classes, assign)
+    loss = scores.sum() + loss_ppc
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be back-propagated twice.*fast_head = False"):
+        loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: fast_head True vs False
+
+
+def twin_models(num_labels: int, dtype: torch.dtype, **overrides):
+    torch.manual_seed(0)
+    fast = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=num_labels, **overrides)).to(dtype)
+    plain = copy.deepcopy(fast)
+    plain.fast_head = False
+    return fast, plain
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "prototypes", "batch", "height", "width", "dtype"),
+    [
+        (5, 4, 2, 32, 48, torch.float64),
+        (19, 10, 1, 64, 40, torch.float32),
+        (847, 10, 2, 32, 32, torch.float64),
+        (847, 10, 2, 32, 32, torch.float32),
+    ],
+)
+def test_model_fast_and_plain_heads_give_the_same_step(num_labels, prototypes, batch, height, width, dtype):
+    fast, plain = twin_models(num_labels, dtype, num_prototypes_per_class=prototypes)
+    generator = torch.Generator().manual_seed(1)
+    pixel_values = torch.randn(batch, 3, height, width, generator=generator, dtype=dtype)
+    labels = torch.randint(0, num_labels, (batch, height, width), generator=generator)
+    labels[:, :5] = 255
+    outputs = {}
+    for name, model in (("fast", fast), ("plain", plain)):
+        model.train()
+        torch.manual_seed(2)  # the same dropout masks
+        out = model(pixel_values, labels=labels)
+        out.loss.backward()
+        outputs[name] = out
+    tolerance = {"atol": 1e-9, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    for field in ("logits", "loss", "loss_ce", "loss_ppc", "loss_ppd"):
+        torch.testing.assert_close(getattr(outputs["fast"], field), getattr(outputs["plain"], field), **tolerance)
+    assert outputs["fast"].logits.is_contiguous()
+    # Gradients relative to the largest one (some, e.g. biases before a BatchNorm, are zero up to rounding).
+    scale = max(p.grad.abs().max() for p in plain.parameters())
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad / scale, b.grad / scale, **tolerance, msg=name)
+    torch.testing.assert_close(fast.prototypes, plain.prototypes, **tolerance)
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(pixel_values).logits, plain(pixel_values).logits, **tolerance)
+
+
+def test_model_prototype_update_happens_on_the_fast_path():
+    fast, _ = twin_models(3, torch.float32, num_prototypes_per_class=2)
+    before = fast.prototypes.clone()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 3, (2, 32, 32), generator=torch.Generator().manual_seed(4))
+    fast.train()(pixel_values, labels=labels).loss.backward()
+    assert not torch.equal(before, fast.prototypes)
+    torch.testing.assert_close(fast.prototypes.norm(dim=-1), torch.ones(3, 2))
+
+
+def test_model_all_ignored_labels_on_the_fast_path():
+    fast, plain = twin_models(4, torch.float32)
+    pixel_values = torch.randn(1, 3, 32, 32)
+    labels = torch.full((1, 32, 32), 255)
+    results = []
+    for model in (fast, plain):
+        torch.manual_seed(5)
+        out = model.train()(pixel_values, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.item(), out.loss_ppc.item(), out.loss_ppd.item()))
+    assert results[0] == results[1] and results[0][1] == 0.0
+
+
+def test_bfloat16_autocast_fast_head_matches_plain_to_bfloat16_precision():
+    fast, plain = twin_models(19, torch.float32, num_prototypes_per_class=4)
+    generator = torch.Generator().manual_seed(6)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 19, (2, 32, 32), generator=generator)
+    outputs = []
+    for model in (fast, plain):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.train()(pixel_values, labels=labels)
+        out.loss.backward()
+        outputs.append(out)
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(model(pixel_values))
+    (fast_train, fast_eval, plain_train, plain_eval) = outputs
+    assert fast_train.logits.dtype == plain_train.logits.dtype
+    assert fast_eval.logits.dtype == plain_eval.logits.dtype
+    for field in ("loss", "loss_ce", "loss_ppc", "loss_ppd"):
+        torch.testing.assert_close(getattr(fast_train, field), getattr(plain_train, field), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fast_eval.logits, plain_eval.logits, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fast.prototypes, plain.prototypes, atol=1e-3, rtol=0)
+
+
+def test_projection_equals_its_convolution_reference():
+    torch.manual_seed(8)
+    projection = ProtoSegformerProjection(tiny_config(prototype_dim=12)).double()
+    hidden = torch.randn(2, 32, 5, 7, dtype=torch.float64)
+    reference = projection.conv2(F.relu(projection.conv1(hidden)))
+    reference = l2_normalize(projection.layer_norm(reference.permute(0, 2, 3, 1)), dim=-1).permute(0, 3, 1, 2)
+    out = projection(hidden)
+    assert out.shape == (2, 12, 5, 7)
+    torch.testing.assert_close(out, reference)
+
+
+def test_random_unit_prototypes_stay_unit_in_the_prototype_major_layout():
+    # Guards the layout used inside the fused paths: row m*K + k of the reordered prototypes is p_{k,m}.
+    from proto_segformer.prototypes import _prototype_major
+
+    protos = random_unit_prototypes(3, 4, 5, dtype=torch.float64)
+    flat = _prototype_major(protos, torch.float64)
+    for k in range(3):
+        for m in range(4):
+            assert torch.equal(flat[m * 3 + k], protos[k, m])
