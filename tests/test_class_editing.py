@@ -464,3 +464,52 @@ def test_add_classes_script_names_unmatched_files(tmp_path):
         script.support_pairs(tmp_path)
     with pytest.raises(FileNotFoundError, match="needs images/ and masks/"):
         script.support_pairs(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/benchmark_add_classes.py: the pieces that produce its numbers
+
+
+def test_benchmark_class_layout_puts_held_out_classes_last_in_the_given_order():
+    benchmark = load_script("benchmark_add_classes")
+    id2label = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
+    table, old, final = benchmark.class_layout(id2label, [3, 1])
+    assert old == {0: "background", 1: "b", 2: "d"}
+    assert final == {0: "background", 1: "b", 2: "d", 3: "c", 4: "a"}
+    assert table[[0, 1, 2, 3, 4, 255]].tolist() == [0, 4, 1, 3, 2, 255]
+    with pytest.raises(ValueError, match="held_out must be distinct item class ids"):
+        benchmark.class_layout(id2label, [0])
+
+
+def test_benchmark_summary_separates_new_class_iou_and_old_class_damage():
+    benchmark = load_script("benchmark_add_classes")
+    # 2 old classes, 1 new; rows = true class, columns = prediction.
+    counts = torch.tensor([[8, 0, 2], [0, 10, 0], [1, 1, 6]])
+    summary = benchmark.summarise(counts, num_old=2)
+    assert summary["new_iou"] == pytest.approx([6 / 10])
+    assert summary["old_miou_all_pixels"] == pytest.approx((8 / 11 + 10 / 11) / 2)
+    assert summary["old_miou_old_pixels"] == pytest.approx((8 / 10 + 10 / 10) / 2)  # held-out pixels dropped
+
+
+def test_benchmark_parametric_row_fit_keeps_old_rows_and_learns_the_support_region():
+    from conftest import TINY
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    benchmark = load_script("benchmark_add_classes")
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=3, **TINY)).eval()
+    model.decode_head.batch_norm.running_var.fill_(1e-4)  # features of a trained scale (a fresh one's are ~0.01)
+    pixel_values, masks = support_tensors(count=1)
+    masks = torch.where(masks == 2, 1, 0)  # the new class is the blue right half
+    args = benchmark.BenchmarkArguments(row_fit_steps=100)
+    extended = benchmark.fit_new_rows(model, list(pixel_values), list(masks), ["blue"], args)
+
+    old, new = model.decode_head.classifier, extended.decode_head.classifier
+    assert new.out_channels == 4 and extended.config.id2label[3] == "blue"
+    assert torch.equal(new.weight[:3], old.weight) and torch.equal(new.bias[:3], old.bias)
+    for name, tensor in model.state_dict().items():
+        if "classifier" not in name:
+            assert torch.equal(extended.state_dict()[name], tensor), name
+    with torch.no_grad():
+        predictions = extended(pixel_values=pixel_values).logits.argmax(dim=1)[0]
+    assert (predictions[:, 5:] == 3).all() and (predictions[:, :3] != 3).all()
