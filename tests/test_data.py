@@ -348,3 +348,14 @@ def test_segmentation_dataset_augmentation_depends_on_seed_epoch_index(scenes) -
     with pytest.raises(DataError, match=r"Split 'validation': label values"):
         for index in range(len(strict)):
             strict[index]
+
+
+def test_fashion_scenes_explain_a_missing_debian_package() -> None:
+    from proto_segformer.data.builtin import find_fashion_mnist
+
+    if find_fashion_mnist() is not None:
+        dataset, id2label = build_builtin_dataset("scenes-fashion", num_train=4, num_validation=2, image_size=32)
+        assert id2label[1] == "t-shirt" and len(dataset["train"]) == 4
+    else:
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+            build_builtin_dataset("scenes-fashion", num_train=4, num_validation=2, image_size=32, cache_dir=False)

@@ -105,10 +105,24 @@ class ConfusionMatrix:
         self.ignore_index = int(ignore_index)
         self.label_map = dict(label_map) if label_map else None
         self.reduce_labels = bool(reduce_labels)
-        self.matrix = np.zeros((self.num_labels + 1, self.num_labels + 1), dtype=np.int64)
+        self._matrix = np.zeros((self.num_labels + 1, self.num_labels + 1), dtype=np.int64)
+        self._joint8: np.ndarray | None = None  # pending 8-bit (reference, prediction) value-pair counts
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(K + 1, K + 1) counts, reference by prediction; index K collects out-of-range values."""
+        if self._joint8 is not None:
+            self._matrix += self.fold_joint_counts(self._joint8)
+            self._joint8 = None
+        return self._matrix
+
+    @matrix.setter
+    def matrix(self, value: np.ndarray) -> None:
+        self._matrix, self._joint8 = value, None
 
     def reset(self) -> None:
-        self.matrix[...] = 0
+        self._matrix[...] = 0
+        self._joint8 = None
 
     def _map_references(self, references: Any) -> Any:
         if self.label_map is None and not self.reduce_labels:
@@ -144,9 +158,9 @@ class ConfusionMatrix:
             references = torch.as_tensor(references, device=predictions.device)
             if predictions.device.type == "cpu":  # numpy's bincount is several times faster than torch's on CPU
                 return self.update(predictions.numpy(), references.cpu().numpy())
-            self.matrix += self._torch_counts(predictions, references)
+            self._matrix += self._torch_counts(predictions, references)
             return self
-        self.matrix += self._numpy_counts(np.asarray(predictions), np.asarray(references))
+        self._matrix += self._numpy_counts(np.asarray(predictions), np.asarray(references))
         return self
 
     def _bins(self) -> tuple[int, int]:
@@ -161,8 +175,23 @@ class ConfusionMatrix:
         rows = np.where((mapped < 0) | (mapped >= self.num_labels), self.num_labels, mapped) * size
         return np.where(mapped == self.ignore_index, spill, rows)
 
+    def fold_joint_counts(self, joint: np.ndarray) -> np.ndarray:
+        """(K + 1, K + 1) class counts from joint counts (V, V) of (reference value, prediction value) pairs."""
+        size, spill = self._bins()
+        values = np.arange(joint.shape[0], dtype=np.int64)
+        codes = (self._reference_rows(values)[:, None] + np.minimum(values, self.num_labels)[None, :]).ravel()
+        counts = np.bincount(codes, weights=joint.ravel().astype(np.float64), minlength=spill + size)
+        return np.rint(counts[:spill]).astype(np.int64).reshape(size, size)
+
     def _numpy_counts(self, predictions: np.ndarray, references: np.ndarray) -> np.ndarray:
         size, spill = self._bins()
+        if predictions.dtype.itemsize == 1 and references.dtype.itemsize == 1 and predictions.dtype.kind in "ub":
+            if references.dtype.kind in "ub":
+                # 8-bit maps: count (reference, prediction) value pairs (65536 bins), then fold them into classes.
+                codes = references.astype(np.int32) * 256 + predictions
+                joint = np.bincount(codes.ravel(), minlength=256 * 256).reshape(256, 256)
+                self._joint8 = joint if self._joint8 is None else self._joint8 + joint
+                return np.zeros((size, size), dtype=np.int64)
         small = predictions.dtype.kind in "ub" and references.dtype.kind in "ub"
         small = small and predictions.dtype.itemsize <= 2 and references.dtype.itemsize <= 2
         if small:
@@ -303,13 +332,7 @@ class JointValueHistogram:
         """The class confusion matrix these counts give under the metric's arguments."""
         matrix = ConfusionMatrix(num_labels, ignore_index, label_map, reduce_labels)
         if self.size:
-            size, spill = matrix._bins()
-            values = np.arange(self.size, dtype=np.int64)
-            rows = matrix._reference_rows(values)
-            columns = np.minimum(values, num_labels)
-            codes = (rows[:, None] + columns[None, :]).ravel()
-            counts = np.bincount(codes, weights=self.counts.ravel().astype(np.float64), minlength=spill + size)
-            matrix.matrix += np.rint(counts[:spill]).astype(np.int64).reshape(size, size)
+            matrix.matrix += matrix.fold_joint_counts(self.counts)
         for prediction, reference in self.kept:
             matrix.update(prediction, reference)
         return matrix
