@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from transformers import HfArgumentParser, SegformerImageProcessor, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -260,6 +261,8 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
     """The parser, with the project's defaults (and the demo defaults when no --dataset_name is given)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     defaults = dict(COMMON_DEFAULTS)
+    if not torch.cuda.is_available():
+        defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator (and warns without one)
     if not any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv):
         defaults.update(BUILTIN_DEMO_DEFAULTS)
     parser.set_defaults(**defaults)

@@ -67,6 +67,10 @@ def test_bad_inputs_fail_before_training_with_clear_messages(tmp_path: Path, cap
     message = _fails_cleanly(["--dataset_name", str(tmp_path / "no" / "such" / "folder")], out, capsys)
     assert "does not exist" in message
 
+    # A Hub id goes through datasets.load_dataset; offline (as in the tests) it fails with a message, not a trace.
+    message = _fails_cleanly(["--dataset_name", "some-org/not-downloaded"], out, capsys)
+    assert "Could not load the data set 'some-org/not-downloaded'" in message
+
 
 def test_empty_split(tmp_path: Path, capsys) -> None:
     root = _ade_folder(tmp_path / "ade")
