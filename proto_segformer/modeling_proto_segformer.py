@@ -13,7 +13,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -190,6 +190,34 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: 
         )
 
 
+def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> str:
+    """Explain a size mismatch between a checkpoint and the requested model (usually the class count)."""
+    try:
+        saved, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path)
+    except (OSError, ValueError):
+        saved = {}
+    saved_classes = len(saved.get("id2label") or {}) or saved.get("num_labels")
+    requested = kwargs.get("config")
+    requested_classes = (
+        kwargs.get("num_labels")
+        or len(kwargs.get("id2label") or {})
+        or getattr(requested, "num_labels", None)
+        or saved_classes
+    )
+    if saved_classes != requested_classes:
+        return (
+            f"The checkpoint {pretrained_model_name_or_path} has prototypes for {saved_classes} classes, but the model"
+            f" was asked for {requested_classes} classes (num_labels / id2label). Load it without changing the class"
+            " count, add classes with model.add_classes(...), or pass ignore_mismatched_sizes=True to re-initialise"
+            " the prototypes randomly (they then need training)."
+        )
+    return (
+        f"The checkpoint {pretrained_model_name_or_path} has tensors whose shapes differ from the requested"
+        " configuration (for example num_prototypes_per_class, prototype_dim or hidden sizes); the load report"
+        " above lists them. Pass ignore_mismatched_sizes=True to re-initialise those tensors."
+    )
+
+
 class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
     """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
 
@@ -200,7 +228,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
 
     def __init__(self, config: ProtoSegformerConfig) -> None:
         super().__init__(config)
-        if config.num_labels < 2:
+        if config.num_labels is None or config.num_labels < 2:
             raise ValueError(f"ProtoSeg needs at least 2 classes (num_labels), got {config.num_labels}.")
         self.segformer = SegformerModel(config)
         self.decode_head = ProtoSegformerDecodeHead(config)
@@ -208,6 +236,16 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         shape = (config.num_labels, config.num_prototypes_per_class, config.embedding_dim)
         self.register_buffer("prototypes", random_unit_prototypes(*shape), persistent=True)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with a clear error when the checkpoint's class count differs."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(_mismatch_message(pretrained_model_name_or_path, kwargs)) from error
 
     def embed_pixels(self, pixel_values: torch.Tensor, **encoder_kwargs) -> tuple[torch.Tensor, ModelOutput]:
         """Unit pixel embeddings (B, D, H/4, W/4) and the encoder outputs."""
