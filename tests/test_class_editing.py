@@ -489,6 +489,7 @@ def test_benchmark_summary_separates_new_class_iou_and_old_class_damage():
     assert summary["new_iou"] == pytest.approx([6 / 10])
     assert summary["old_miou_all_pixels"] == pytest.approx((8 / 11 + 10 / 11) / 2)
     assert summary["old_miou_old_pixels"] == pytest.approx((8 / 10 + 10 / 10) / 2)  # held-out pixels dropped
+    assert summary["all_miou"] == pytest.approx((8 / 11 + 10 / 11 + 6 / 10) / 3)
 
 
 def test_benchmark_parametric_row_fit_keeps_old_rows_and_learns_the_support_region():
