@@ -149,7 +149,22 @@ class ProtoSegformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.prototypes, fresh.to(module.prototypes.dtype))
 
 
-def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
+def minimum_input_size(config: ProtoSegformerConfig) -> int:
+    """Smallest height/width the encoder accepts: every stage with sequence reduction needs a map >= its sr_ratio."""
+    size = 1
+    while True:
+        current, fits = size, True
+        for patch, stride, reduction in zip(config.patch_sizes, config.strides, config.sr_ratios):
+            current = (current + 2 * (patch // 2) - patch) // stride + 1
+            if current < max(1, reduction):
+                fits = False
+                break
+        if fits:
+            return size
+        size += 1
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int, min_size: int = 4) -> None:
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
@@ -163,8 +178,11 @@ def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
             f"pixel_values must be a floating-point tensor (normalised images), got {pixel_values.dtype}."
             " Use the image processor, or convert with .float() and normalise."
         )
-    if pixel_values.shape[2] < 4 or pixel_values.shape[3] < 4:
-        raise ValueError(f"pixel_values are too small for SegFormer (at least 4x4), got {tuple(pixel_values.shape)}.")
+    if pixel_values.shape[2] < min_size or pixel_values.shape[3] < min_size:
+        raise ValueError(
+            f"pixel_values are too small for this SegFormer encoder (height and width must be at least {min_size}),"
+            f" got {tuple(pixel_values.shape)}. Resize or pad the images."
+        )
     if not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values contain NaN or inf values.")
 
@@ -235,6 +253,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         self.projection = ProtoSegformerProjection(config)
         shape = (config.num_labels, config.num_prototypes_per_class, config.embedding_dim)
         self.register_buffer("prototypes", random_unit_prototypes(*shape), persistent=True)
+        self.min_input_size = minimum_input_size(config)
         self.post_init()
 
     @classmethod
@@ -277,7 +296,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
-        _check_pixel_values(pixel_values, config.num_channels)
+        _check_pixel_values(pixel_values, config.num_channels, self.min_input_size)
         if labels is not None:
             _check_labels(labels, pixel_values, config.num_labels, config.semantic_loss_ignore_index)
 

@@ -233,6 +233,13 @@ def test_bad_input_gets_a_clear_error_and_nothing_changes(tiny_model, make_input
         assert torch.equal(tensor, state[name]), name
 
 
+def test_images_too_small_for_the_encoder_are_a_clear_error(tiny_model):
+    assert tiny_model.min_input_size == 29  # stage 1 (stride 4) must keep >= sr_ratio 8 cells
+    tiny_model(torch.randn(1, 3, 29, 29))
+    with pytest.raises(ValueError, match=r"height and width must be at least 29\), got \(1, 3, 32, 24\)"):
+        tiny_model(torch.randn(1, 3, 32, 24))
+
+
 def test_reduce_labels_hint_when_labels_start_at_one(tiny_model):
     pixel_values, labels = make_batch()
     with pytest.raises(ValueError, match="reduce_labels"):
