@@ -79,8 +79,11 @@ def normalize_class_scores(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
 # out prototype-major (column m*K + k), so the max over the M prototypes of a class is an elementwise max of M
 # contiguous K-vectors.
 
-# Pixels per chunk: enough rows for an efficient matmul, few enough that a chunk's scores stay in cache.
+# Pixels per chunk: enough rows for an efficient matmul, few enough that a chunk's scores stay small (at most
+# FAST_CHUNK_SCORES pixel-by-prototype scores, 16 MiB in float32, unless that leaves fewer than FAST_CHUNK_MIN_ROWS).
 FAST_CHUNK_ROWS = 1024
+FAST_CHUNK_MIN_ROWS = 256
+FAST_CHUNK_SCORES = 2**22
 
 
 def _compute_dtypes(tensor: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -101,10 +104,11 @@ def _prototype_major(prototypes: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def _rows_per_chunk(num_scores_per_row: int, limit: int | None) -> int:
-    """FAST_CHUNK_ROWS pixels, or fewer when `limit` (scores held at once) asks for it."""
-    if limit is None:
-        return FAST_CHUNK_ROWS
-    return max(1, min(FAST_CHUNK_ROWS, limit // max(1, num_scores_per_row)))
+    """Pixels per chunk (see FAST_CHUNK_ROWS), fewer when `limit` (scores held at once) asks for it."""
+    rows = min(FAST_CHUNK_ROWS, max(FAST_CHUNK_MIN_ROWS, FAST_CHUNK_SCORES // max(1, num_scores_per_row)))
+    if limit is not None:
+        rows = min(rows, limit // max(1, num_scores_per_row))
+    return max(1, rows)
 
 
 def prototype_logits(
@@ -113,9 +117,9 @@ def prototype_logits(
     """Fast path of `normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)`: (B, K, h, w).
 
     Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it fuses the similarity matmul, the max over
-    prototypes and the class-axis LayerNorm per chunk of FAST_CHUNK_ROWS pixels (fewer if `chunk_size`, a bound on
-    the pixel-by-prototype scores held at once, asks for it), so the only full-size tensor is the (contiguous)
-    result. When a gradient is needed it returns the plain, differentiable composition.
+    prototypes and the class-axis LayerNorm per chunk of at most FAST_CHUNK_ROWS pixels (fewer if `chunk_size`, a
+    bound on the pixel-by-prototype scores held at once, asks for it), so the only full-size tensor is the
+    (contiguous) result. When a gradient is needed it returns the plain, differentiable composition.
     """
     if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
         return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
