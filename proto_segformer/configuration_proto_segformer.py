@@ -36,6 +36,9 @@ def mit_preset(name: str) -> dict[str, Any]:
     return {**_MIT_COMMON, **MIT_PRESETS[key]}
 
 
+# How class scores become logits (config.class_score_normalization); the first is the contract's default.
+CLASS_SCORE_NORMALIZATIONS = ("layer_norm", "temperature")
+
 # Written into config.json so that the Auto classes and the pipeline find the custom code next to the weights.
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_proto_segformer.ProtoSegformerConfig",
@@ -61,6 +64,11 @@ class ProtoSegformerConfig(SegformerConfig):
         ppc_temperature (`float`, defaults to 0.1): temperature of the pixel-prototype contrastive loss.
         inference_chunk_size (`int`, defaults to 2**24): bound on the number of pixel-by-prototype scores held at
             once at inference (in units of pixels x classes x M); it changes memory, never results.
+        class_score_normalization (`str`, defaults to `"layer_norm"`): how the class scores S become `logits`:
+            `"layer_norm"` (the contract: LayerNorm over the class axis without affine parameters) or `"temperature"`
+            (S / `class_score_temperature`, a fixed temperature whose scale does not depend on K). Both keep the
+            argmax; only training changes. An option for experiments (scripts/benchmark_quality.py --ablate).
+        class_score_temperature (`float`, defaults to 0.1): the temperature of `"temperature"` normalisation.
     """
 
     model_type = "proto_segformer"
@@ -76,6 +84,8 @@ class ProtoSegformerConfig(SegformerConfig):
         ppd_weight: float = 0.001,
         ppc_temperature: float = 0.1,
         inference_chunk_size: int = 2**24,
+        class_score_normalization: str = "layer_norm",
+        class_score_temperature: float = 0.1,
         **kwargs: Any,
     ) -> None:
         # A parametric SegFormer config.json says "segformer"; this config is always a proto_segformer one.
@@ -90,6 +100,8 @@ class ProtoSegformerConfig(SegformerConfig):
         self.ppd_weight = ppd_weight
         self.ppc_temperature = ppc_temperature
         self.inference_chunk_size = inference_chunk_size
+        self.class_score_normalization = class_score_normalization
+        self.class_score_temperature = class_score_temperature
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
         self._validate_prototype_fields()
@@ -112,6 +124,13 @@ class ProtoSegformerConfig(SegformerConfig):
             raise ValueError(f"sinkhorn_iterations must be >= 0, got {self.sinkhorn_iterations}.")
         if float(self.ppc_temperature) <= 0:
             raise ValueError(f"ppc_temperature must be > 0, got {self.ppc_temperature}.")
+        if self.class_score_normalization not in CLASS_SCORE_NORMALIZATIONS:
+            raise ValueError(
+                f"class_score_normalization must be one of {CLASS_SCORE_NORMALIZATIONS},"
+                f" got {self.class_score_normalization!r}."
+            )
+        if float(self.class_score_temperature) <= 0:
+            raise ValueError(f"class_score_temperature must be > 0, got {self.class_score_temperature}.")
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> ProtoSegformerConfig:

@@ -236,6 +236,14 @@ def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> str:
     )
 
 
+def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:
+    """Class scores S (any shape, classes along `dim`) -> logits, as `config.class_score_normalization` says:
+    LayerNorm over the classes (default, the contract) or S / `config.class_score_temperature`."""
+    if config.class_score_normalization == "temperature":
+        return scores / config.class_score_temperature
+    return normalize_class_scores(scores, dim=dim)
+
+
 class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
     """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
 
@@ -304,11 +312,11 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         batch, dim, height, width = embeddings.shape
 
         loss = loss_ce = loss_ppc = loss_ppd = None
-        if labels is None and self.fast_head:
+        if labels is None and self.fast_head and config.class_score_normalization == "layer_norm":
             logits = prototype_logits(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
         elif labels is None:
             scores = class_scores(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
-            logits = normalize_class_scores(scores, dim=1)
+            logits = scores_to_logits(scores, config, dim=1)
         else:
             logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
 
@@ -346,7 +354,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, config.ppc_temperature)
         loss_ppd = ppd_loss(assigned)
         # Contiguous (B, K, h, w), as SegFormer's logits: the upsampling and cross-entropy below run faster on it.
-        logits = normalize_class_scores(scores.view(batch, height, width, num_classes), dim=-1)
+        logits = scores_to_logits(scores.view(batch, height, width, num_classes), config, dim=-1)
         logits = logits.permute(0, 3, 1, 2).contiguous()
 
         upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
