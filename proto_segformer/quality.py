@@ -63,7 +63,7 @@ MODES: dict[str, dict[str, Any]] = {
     # 2 CPU cores, under an hour.
     "full": {
         "seeds": (0, 1, 2),
-        "train_args": {"max_steps": 400, "builtin_num_train": 2000, "builtin_num_validation": 200},
+        "train_args": {"max_steps": 800, "builtin_num_train": 2000, "builtin_num_validation": 200},
     },
     # A GPU: the full mit-b0 decoder, larger images, longer schedule, 5 seeds.
     "large": {
