@@ -212,24 +212,38 @@ def learnable_parameters(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- batch fingerprints
 
 
-class FingerprintingCollator:
-    """Wraps a data collator and hashes every batch it builds (pixel values and labels), in order."""
+class BatchFingerprint:
+    """sha1 digests of batches (pixel values and labels), in order, and one fingerprint over all of them."""
 
-    def __init__(self, collate: Callable[[list], dict]) -> None:
-        self.collate = collate
+    def __init__(self) -> None:
         self.digests: list[str] = []
 
-    def __call__(self, features: list) -> dict:
-        batch = self.collate(features)
+    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
         digest = hashlib.sha1()
         for key in ("pixel_values", "labels"):
             digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
         self.digests.append(digest.hexdigest())
-        return batch
 
     def fingerprint(self) -> str:
         """One sha1 over all batch digests, in order."""
         return hashlib.sha1("".join(self.digests).encode()).hexdigest()
+
+
+def fingerprinting_trainer_class():
+    """`ProtoSegTrainer` that also records a `BatchFingerprint` of the batches its optimisation steps train on
+    (after any prototype initialisation; whatever the number of dataloader workers). Training is unchanged."""
+    from .training import ProtoSegTrainer
+
+    class FingerprintingTrainer(ProtoSegTrainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.batch_fingerprint = BatchFingerprint()
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.batch_fingerprint.update(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return FingerprintingTrainer
 
 
 # --------------------------------------------------------------------------------------------- prototype diagnosis
@@ -346,10 +360,9 @@ def train_and_evaluate(
     """Train `model` with `ProtoSegTrainer` on `data` (a `run_training.PreparedData`) and evaluate it with
     `MeanIoUMetric`; returns the run's record (metrics, time, parameters, fingerprints, prototype diagnosis)."""
     from .data.transforms import pad_collate
-    from .training import MeanIoUMetric, ProtoSegTrainer
+    from .training import MeanIoUMetric
 
     is_protoseg = spec.head == "protoseg"
-    collator = FingerprintingCollator(pad_collate)
     metric = MeanIoUMetric(data.id2label, per_category_limit=10**6)
     record: dict[str, Any] = {
         "dataset": spec.dataset,
@@ -360,12 +373,12 @@ def train_and_evaluate(
         "initial_shared_weights": shared_weights_fingerprint(model, spec.head),
     }
     initial_prototypes = model.prototypes.detach().clone() if is_protoseg else None
-    trainer = ProtoSegTrainer(
+    trainer = fingerprinting_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=collator,
+        data_collator=pad_collate,
         compute_metrics=metric,
         head_learning_rate_multiplier=model_args.head_learning_rate_multiplier,
         prototype_init_batches=model_args.prototype_init_batches if is_protoseg else 0,
@@ -381,8 +394,8 @@ def train_and_evaluate(
     record["train_runtime"] = float(train_result.metrics.get("train_runtime", record["train_seconds"]))
     record["train_steps"] = int(train_result.global_step)
     record["train_loss"] = float(train_result.training_loss)
-    record["batches"] = collator.fingerprint()
-    record["num_batches"] = len(collator.digests)
+    record["batches"] = trainer.batch_fingerprint.fingerprint()
+    record["num_batches"] = len(trainer.batch_fingerprint.digests)
     record["last_log"] = next((dict(e) for e in reversed(trainer.state.log_history) if "loss" in e), {})
     record["eval_history"] = [
         [e["step"], e["eval_mean_iou"]] for e in trainer.state.log_history if "eval_mean_iou" in e
@@ -395,6 +408,8 @@ def train_and_evaluate(
     record["pixel_accuracy"] = float(metrics["eval_overall_accuracy"])
     per_class = {k: float(metrics.get(f"eval_iou_{name}", float("nan"))) for k, name in data.id2label.items()}
     record["per_class_iou"] = [per_class[k] for k in sorted(per_class)]
+    items = [v for k, v in per_class.items() if k != 0 and not math.isnan(v)]
+    record["item_mean_iou"] = float(np.mean(items)) if items else float("nan")  # background (index 0) left out
     if train_counts is not None:
         record["rare_half_mean_iou"] = rare_class_mean_iou(per_class, train_counts)
     if is_protoseg:
@@ -419,6 +434,7 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
 
 SUMMARY_FIELDS = (
     "mean_iou",
+    "item_mean_iou",
     "pixel_accuracy",
     "mean_accuracy",
     "rare_half_mean_iou",
@@ -507,16 +523,17 @@ def _pm(row: Mapping[str, Any], name: str, scale: float = 100.0, digits: int = 1
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
     """The summary as a markdown table (IoU and accuracies in %, mean ± std over seeds)."""
     lines = [
-        "| data set | head | variant | seeds | mIoU (%) | rare-half mIoU (%) | pixel acc. (%) | train wall (s)"
-        " | train CPU (s) | learnable params | prototypes used / class | prototype cos to init |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data set | head | variant | seeds | mIoU (%) | item mIoU (%) | rare-half mIoU (%) | pixel acc. (%)"
+        " | train wall (s) | train CPU (s) | learnable params | prototypes used / class | prototype cos to init |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         used = row.get("prototypes_used_per_class")
         moved = row.get("prototypes_cosine_to_init")
         lines.append(
             f"| {row['dataset']} | {row['head']} | {row['variant']} | {len(row['seeds'])}"
-            f" | {_pm(row, 'mean_iou')} | {_pm(row, 'rare_half_mean_iou')} | {_pm(row, 'pixel_accuracy')}"
+            f" | {_pm(row, 'mean_iou')} | {_pm(row, 'item_mean_iou')} | {_pm(row, 'rare_half_mean_iou')}"
+            f" | {_pm(row, 'pixel_accuracy')}"
             f" | {_pm(row, 'train_seconds', 1.0, 0)} | {_pm(row, 'train_cpu_seconds', 1.0, 0)}"
             f" | {row['learnable_parameters']:,}"
             f" | {'-' if used is None else f'{used:.1f}'} | {'-' if moved is None else f'{moved:.2f}'} |"
@@ -749,7 +766,7 @@ __all__ = [
     "HEADS",
     "MODES",
     "ComparisonSettings",
-    "FingerprintingCollator",
+    "BatchFingerprint",
     "Job",
     "job_options",
     "QualityInputError",
@@ -760,6 +777,7 @@ __all__ = [
     "compare",
     "copy_shared_weights",
     "format_comparison",
+    "fingerprinting_trainer_class",
     "format_table",
     "learnable_parameters",
     "parametric_config",

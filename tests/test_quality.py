@@ -16,8 +16,8 @@ import torch
 
 from proto_segformer import quality
 from proto_segformer.quality import (
+    BatchFingerprint,
     ComparisonSettings,
-    FingerprintingCollator,
     QualityInputError,
     build_model_pair,
     check_settings,
@@ -108,15 +108,13 @@ def test_copy_shared_weights_refuses_models_that_do_not_match():
         quality.copy_shared_weights(parametric, wider)
 
 
-def test_fingerprinting_collator_tells_batches_apart():
-    def collate(features):
-        return {"pixel_values": torch.stack(features), "labels": torch.zeros(len(features), 2, 2, dtype=torch.long)}
-
-    a, b, c = FingerprintingCollator(collate), FingerprintingCollator(collate), FingerprintingCollator(collate)
-    x, y = torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
-    for collator, order in ((a, (x, y)), (b, (x, y)), (c, (y, x))):
-        for tensor in order:
-            collator([tensor])
+def test_batch_fingerprint_tells_batches_and_their_order_apart():
+    x = {"pixel_values": torch.zeros(1, 3, 2, 2), "labels": torch.zeros(1, 2, 2, dtype=torch.long)}
+    y = {"pixel_values": torch.zeros(1, 3, 2, 2), "labels": torch.ones(1, 2, 2, dtype=torch.long)}
+    a, b, c = BatchFingerprint(), BatchFingerprint(), BatchFingerprint()
+    for fingerprint, order in ((a, (x, y)), (b, (x, y)), (c, (y, x))):
+        for batch in order:
+            fingerprint.update(batch)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()  # same batches, other order
 
@@ -125,18 +123,25 @@ def test_fingerprinting_collator_tells_batches_apart():
 
 
 def test_run_comparison_end_to_end_on_a_tiny_preset(tmp_path):
-    settings = ComparisonSettings(datasets=("scenes",), seeds=(0,), train_options=TINY_OPTIONS, mode="test")
+    variants = {"default": {}, "init-from-data": {"prototype_init_batches": 1}}
+    settings = ComparisonSettings(("scenes",), (0,), TINY_OPTIONS, variants, mode="test")
     result = run_comparison(settings, work_dir=tmp_path, log=lambda line: None)
-    runs = {run["head"]: run for run in result["runs"]}
-    assert set(runs) == {"parametric", "protoseg"}
-    parametric, protoseg = runs["parametric"], runs["protoseg"]
-    # Both heads: same initial encoder+decoder weights, the same 3 batches in the same order.
-    assert parametric["initial_shared_weights"] == protoseg["initial_shared_weights"]
-    assert parametric["batches"] == protoseg["batches"]
-    assert parametric["num_batches"] == protoseg["num_batches"] == parametric["train_steps"] == 3
+    runs = {(run["head"], run["variant"]): run for run in result["runs"]}
+    assert set(runs) == {("parametric", "default"), ("protoseg", "default"), ("protoseg", "init-from-data")}
+    parametric, protoseg = runs["parametric", "default"], runs["protoseg", "default"]
+    initialised = runs["protoseg", "init-from-data"]
+    # Every head: same initial encoder+decoder weights, the same 3 training batches in the same order (the batch
+    # that initialises the prototypes from data is not a training step).
+    for run in (protoseg, initialised):
+        assert run["initial_shared_weights"] == parametric["initial_shared_weights"]
+        assert run["batches"] == parametric["batches"]
+        assert run["num_batches"] == run["train_steps"] == 3
+    assert initialised["prototypes"]["cosine_to_init"] < protoseg["prototypes"]["cosine_to_init"]
     for run in runs.values():
         assert 0.0 <= run["mean_iou"] <= 1.0 and 0.0 <= run["pixel_accuracy"] <= 1.0
         assert len(run["per_class_iou"]) == 11
+        items = [v for v in run["per_class_iou"][1:] if not math.isnan(v)]
+        assert run["item_mean_iou"] == pytest.approx(sum(items) / len(items))
         assert run["train_seconds"] > 0
     # Learnable parameters: the classifier (11 x 16 + 11) against the projection (16 x 16 + 16 + 16 x 8 + 8 + 2 x 8).
     assert protoseg["learnable_parameters"] - parametric["learnable_parameters"] == (272 + 136 + 16) - (176 + 11)
@@ -144,10 +149,11 @@ def test_run_comparison_end_to_end_on_a_tiny_preset(tmp_path):
     assert -1.0 <= protoseg["prototypes"]["cosine_to_init"] <= 1.0
     assert "prototypes" not in parametric
 
-    (comparison,) = result["comparison"]
-    assert comparison["same_batches"] and comparison["same_initial_weights"]
+    comparison, with_init = result["comparison"]
+    assert comparison["variant"] == "default" and with_init["variant"] == "init-from-data"
+    assert comparison["same_batches"] and comparison["same_initial_weights"] and with_init["same_batches"]
     assert comparison["delta_mean_iou"] == pytest.approx(protoseg["mean_iou"] - parametric["mean_iou"])
-    rows = {row["head"]: row for row in result["summary"]}
+    rows = {row["head"]: row for row in result["summary"] if row["variant"] == "default"}
     for row in rows.values():
         for name in ("mean_iou_mean", "mean_iou_std", "pixel_accuracy_mean", "train_seconds_mean"):
             assert name in row
