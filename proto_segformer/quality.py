@@ -65,11 +65,13 @@ MODES: dict[str, dict[str, Any]] = {
         "seeds": (0, 1, 2),
         "train_args": {"max_steps": 800, "builtin_num_train": 2000, "builtin_num_validation": 200},
     },
-    # A GPU: the full mit-b0 decoder, larger images, longer schedule, 5 seeds.
+    # A GPU (not measured here: no GPU in this session; expect minutes a run, 20 runs): the full mit-b0 decoder, D
+    # and M, 128x128 images, a schedule long enough to learn item shapes (which scenes-large needs and CPU budgets do
+    # not reach), 5 seeds.
     "large": {
         "seeds": (0, 1, 2, 3, 4),
         "train_args": {
-            "max_steps": 4000,
+            "max_steps": 10000,
             "per_device_train_batch_size": 16,
             "builtin_num_train": 8000,
             "builtin_num_validation": 500,
@@ -467,13 +469,18 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# Two-sided 5 % critical values of Student's t by degrees of freedom (more: the normal's 1.96).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def compare(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """ProtoSeg (each variant) minus parametric, per data set, paired by seed (same weights, batches and order).
 
     Each row: `delta_mean_iou` (mean over seeds of the paired difference) and its std, the larger of the two heads'
     seed stds (`seed_spread`), `paired_t` (mean / (std / sqrt(n))), `same_batches` and `same_initial_weights` (every
     pair saw identical batches in the same order and started from identical encoder+decoder weights), and a
-    `verdict`: "ahead" / "behind" when |delta| exceeds the seed spread, else "equal within noise".
+    `verdict`: "ahead" / "behind" when |delta| exceeds the seed spread and the paired t-test rejects a zero mean
+    difference (two-sided, 5 %), else "equal within noise".
     """
     baseline = {(r["dataset"], r["seed"]): r for r in runs if r["head"] == "parametric"}
     groups: dict[tuple[str, str], list[tuple[Mapping, Mapping]]] = {}
@@ -488,8 +495,13 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         spread = max(
             mean_and_std([b["mean_iou"] for b, _ in pairs])[1], mean_and_std([p["mean_iou"] for _, p in pairs])[1]
         )
-        t = delta / (delta_std / math.sqrt(len(deltas))) if len(deltas) > 1 and delta_std > 0 else float("nan")
-        if abs(delta) > spread and len(deltas) > 1:
+        n = len(deltas)
+        if n > 1 and delta_std > 0:
+            t = delta / (delta_std / math.sqrt(n))
+        else:
+            t = math.copysign(math.inf, delta) if n > 1 and delta != 0 else float("nan")
+        significant = n > 1 and abs(t) > T_975.get(n - 1, 1.96)
+        if abs(delta) > spread and significant:
             verdict = "ahead" if delta > 0 else "behind"
         else:
             verdict = "equal within noise"

@@ -8,6 +8,7 @@ accuracy, training time and learnable parameters, and writes JSON.
     python scripts/benchmark_quality.py --large --device cuda  # a GPU: larger images and model, 5 seeds
     python scripts/benchmark_quality.py --quick --ablate       # + every ProtoSeg ablation (quality.ABLATIONS)
     python scripts/benchmark_quality.py --quick --ablations M-1,init-from-data --datasets scenes-large
+    python scripts/benchmark_quality.py --resummarize benchmarks/quality_quick.json   # statistics again, no training
 
 Logic: proto_segformer/quality.py.
 """
@@ -33,9 +34,11 @@ from proto_segformer.quality import (
     MODES,
     ComparisonSettings,
     QualityInputError,
+    compare,
     format_comparison,
     format_table,
     run_comparison,
+    summarize,
 )
 from proto_segformer.run_training import parse_config_overrides
 
@@ -57,6 +60,10 @@ class QualityArguments:
         default=None, metadata={"help": "Runs at a time (default: 2 on CPU, each on one thread; 1 on a GPU)."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch threads per run (default 1 on CPU)."})
+    resummarize: str | None = field(
+        default=None,
+        metadata={"help": "Recompute the summary and comparison of an existing JSON file from its runs (no training)."},
+    )
     output: str | None = field(
         default=None, metadata={"help": "JSON file (default: benchmarks/quality[_ablations]_<mode>.json)."}
     )
@@ -99,8 +106,39 @@ def default_output(settings: ComparisonSettings) -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks" / f"quality{ablated}_{settings.mode}.json"
 
 
+def resummarize(path: str, output: str | None) -> dict:
+    """Recompute `summary` and `comparison` of a result file from its `runs` (e.g. after the statistics changed)."""
+    source = Path(path)
+    if not source.is_file():
+        raise QualityInputError(f"--resummarize: {path} is not a file.")
+    try:
+        result = json.loads(source.read_text())
+        result["summary"], result["comparison"] = summarize(result["runs"]), compare(result["runs"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise QualityInputError(f"--resummarize: {path} is not a benchmark_quality result ({error}).") from error
+    target = Path(output) if output else source
+    target.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return result
+
+
+def print_result(result: dict, output: Path) -> None:
+    print()
+    print(format_table(result["summary"]))
+    print()
+    print(format_comparison(result["comparison"]))
+    print(f"\n{result['wall_seconds']:.0f} s in all; written to {output}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
+    if args.resummarize:
+        try:
+            result = resummarize(args.resummarize, args.output)
+        except QualityInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print_result(result, Path(args.output or args.resummarize))
+        return result
     try:
         settings, device = build_settings(args)
         workers = args.workers or (2 if device == "cpu" else 1)
@@ -117,11 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output) if args.output else default_output(settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print()
-    print(format_table(result["summary"]))
-    print()
-    print(format_comparison(result["comparison"]))
-    print(f"\n{result['wall_seconds']:.0f} s in all; written to {output}")
+    print_result(result, output)
     return result
 
 

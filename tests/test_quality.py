@@ -273,6 +273,12 @@ def test_comparison_within_noise_and_mismatched_batches_are_reported():
     behind = compare([_run("s", "parametric", 0, 0.5), _run("s", "parametric", 1, 0.5),
                       _run("s", "protoseg", 0, 0.3), _run("s", "protoseg", 1, 0.31)])  # fmt: skip
     assert behind[0]["verdict"] == "behind"
+    # |delta| (5.3 points) above the spread (5.0) but the paired differences (10, 0, 6) do not reject 0 (t = 1.8).
+    unsure = compare([_run("s", "parametric", s, 0.5) for s in range(3)]
+                     + [_run("s", "protoseg", s, v) for s, v in enumerate((0.6, 0.5, 0.56))])  # fmt: skip
+    assert unsure[0]["delta_mean_iou"] > unsure[0]["seed_spread"]
+    assert unsure[0]["paired_t"] == pytest.approx(1.835, abs=0.01)
+    assert unsure[0]["verdict"] == "equal within noise"
 
 
 def test_rare_class_mean_iou_takes_the_classes_with_fewest_training_pixels():
@@ -354,3 +360,22 @@ def test_script_arguments_and_their_errors(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--datasets", "nope", "--device", "cpu"])
     assert exit_info.value.code == 2
+
+
+def test_resummarize_recomputes_statistics_from_the_runs(tmp_path, capsys):
+    script = load_script()
+    runs = [_run("s", "parametric", i, 0.5 + i / 100) for i in range(3)]
+    runs += [_run("s", "protoseg", i, 0.6 + i / 100) for i in range(3)]
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps({"runs": runs, "summary": [], "comparison": [], "wall_seconds": 1.0}))
+    result = script.main(["--resummarize", str(source), "--output", str(tmp_path / "new.json")])
+    (row,) = result["comparison"]
+    assert row["delta_mean_iou"] == pytest.approx(0.1) and row["verdict"] == "ahead"
+    assert json.loads((tmp_path / "new.json").read_text())["comparison"][0]["verdict"] == "ahead"
+    assert "| s | default | +10.0 ± 0.0 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--resummarize", str(bad)])
+        assert exit_info.value.code == 2
+    assert "is not a benchmark_quality result" in capsys.readouterr().err
