@@ -173,7 +173,8 @@ class DataTrainingArguments:
         metadata={
             "help": "Hub id or local path: a DatasetDict saved with save_to_disk, a folder of parquet files, or an"
             " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png). 'builtin:<name>' picks a"
-            " built-in offline data set (scenes, scenes-large, scenes-fashion, voc, arc2017); none: builtin:scenes."
+            " built-in offline data set (scenes, scenes-shape, scenes-large, scenes-large-digits, scenes-fashion, voc,"
+            " arc2017); none: builtin:scenes."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
@@ -226,6 +227,13 @@ class DataTrainingArguments:
     builtin_num_validation: int = field(default=200, metadata={"help": "Built-in data: validation images."})
     builtin_image_size: int = field(default=64, metadata={"help": "Built-in data: image side."})
     builtin_seed: int = field(default=0, metadata={"help": "Built-in data: seed of the generated images."})
+    builtin_long_tail: float | None = field(
+        default=None,
+        metadata={
+            "help": "Built-in scenes: Zipf exponent of the training class frequencies (0: uniform; default 1 for"
+            " scenes-large and scenes-large-digits, 0 otherwise)."
+        },
+    )
     torch_threads: int | None = field(
         default=None,
         metadata={"help": "torch intra-op CPU threads per process (default: torch's; the built-in demo: 1)."},
@@ -309,13 +317,17 @@ def prepare_data(
     ignore_index = 255
     if builtin is not None:
         with training_args.main_process_first():
-            dataset, id2label = build_builtin_dataset(
-                builtin,
-                num_train=data_args.builtin_num_train,
-                num_validation=data_args.builtin_num_validation,
-                image_size=data_args.builtin_image_size,
-                seed=data_args.builtin_seed,
-            )
+            try:
+                dataset, id2label = build_builtin_dataset(
+                    builtin,
+                    num_train=data_args.builtin_num_train,
+                    num_validation=data_args.builtin_num_validation,
+                    image_size=data_args.builtin_image_size,
+                    seed=data_args.builtin_seed,
+                    long_tail=data_args.builtin_long_tail,
+                )
+            except (ValueError, FileNotFoundError) as error:  # bad builtin_* values, a missing optional package
+                raise DataError(f"builtin:{builtin}: {error}") from error
         image_column, label_column = "image", "label"
         dataset_label = f"builtin:{builtin}"
         if data_args.id2label is not None:

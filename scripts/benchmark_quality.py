@@ -86,7 +86,8 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
     train_options = dict(MODES[mode]["train_args"])
     train_options["use_cpu"] = device == "cpu"
     try:
-        train_options.update(parse_config_overrides(args.train_options))
+        requested = parse_config_overrides(args.train_options)
+        train_options.update(requested)
         seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else tuple(MODES[mode]["seeds"])
     except ValueError as error:
         raise QualityInputError(f"Bad --seeds or --train_options: {error}") from error
@@ -98,7 +99,13 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
             raise QualityInputError(f"Unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}.")
         variants.update({n: ABLATIONS[n] for n in names})
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
-    return ComparisonSettings(datasets, seeds, train_options, variants, mode), device
+    # The mode's per-data-set options (e.g. a longer schedule for scenes-large) yield to --train_options.
+    dataset_options = {
+        name: {k: v for k, v in options.items() if k not in requested}
+        for name, options in MODES[mode].get("dataset_train_args", {}).items()
+        if name in datasets
+    }
+    return ComparisonSettings(datasets, seeds, train_options, variants, mode, dataset_options), device
 
 
 def default_output(settings: ComparisonSettings) -> Path:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from proto_segformer.data import build_builtin_dataset
-from proto_segformer.data.builtin import COLOUR_FAMILIES
+from proto_segformer.data.builtin import COLOUR_FAMILIES, HUE_WHEEL, STRIPE_ORIENTATIONS, stripes
 from proto_segformer.data.dataset import SegmentationDataset
 from proto_segformer.data.loading import (
     DataError,
@@ -88,16 +88,61 @@ def test_ignore_classes_only_in_train() -> None:
         build_builtin_dataset("scenes", num_train=2, num_validation=2, image_size=32, ignore_classes=[0])
 
 
-def test_scenes_large_many_classes_long_tail() -> None:
-    dataset, id2label = build_builtin_dataset("scenes-large", num_train=300, num_validation=100, image_size=32)
-    assert len(id2label) == 101 and id2label[1] == "digit 0 red" and id2label[100] == "digit 9 magenta"
+@pytest.mark.parametrize(
+    "name, first, last",
+    [("scenes-large", "red+orange", "magenta+rose"), ("scenes-large-digits", "digit 0 red", "digit 9 magenta")],
+)
+def test_scenes_large_many_classes_long_tail(name: str, first: str, last: str) -> None:
+    dataset, id2label = build_builtin_dataset(name, num_train=300, num_validation=100, image_size=32)
+    num_classes = len(id2label)
+    assert num_classes in (101, 106) and id2label[1] == first and id2label[num_classes - 1] == last
     assert len(COLOUR_FAMILIES) == 10
     labels = np.stack([np.array(s["label"]) for s in dataset["train"]])
-    pixels = np.bincount(labels.ravel(), minlength=101)[1:]
+    pixels = np.bincount(labels.ravel(), minlength=num_classes)[1:num_classes]
     assert (pixels > 0).sum() > 60
     # Long tail: the 10 most frequent classes hold far more pixels than the 50 least frequent ones.
     ordered = np.sort(pixels)
     assert ordered[-10:].sum() > 2 * ordered[:50].sum()
+
+
+def test_stripes_run_along_their_orientation_and_alternate_across() -> None:
+    rng = np.random.default_rng(0)
+    inks = {name: stripes(i, 24, 24, 8.0, rng) for i, name in enumerate(STRIPE_ORIENTATIONS)}
+    for name, ink in inks.items():
+        assert ink.shape == (24, 24) and set(np.unique(ink)) == {0.0, 1.0} and 0.35 < ink.mean() < 0.65, name
+    horizontal, vertical = inks["horizontal"], inks["vertical"]
+    assert (horizontal == horizontal[:, :1]).all() and (vertical == vertical[:1]).all()
+    assert (horizontal[:, 0] != np.roll(horizontal[:, 0], 4)).all()  # half a period apart: opposite
+    assert (horizontal[:, 0] == np.roll(horizontal[:, 0], 8)).all()  # a period apart: equal
+    flipped = np.fliplr(inks["diagonal"])  # diagonal stripes (x + y const) become constant along the main diagonal
+    assert (np.diagonal(flipped) == flipped[0, 0]).mean() > 0.8 and (np.diagonal(inks["diagonal"]) != 0).any()
+    names = list(inks)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert (inks[a] != inks[b]).mean() > 0.2, (a, b)
+
+
+def test_scenes_large_items_show_both_colours_of_their_class() -> None:
+    dataset, id2label = build_builtin_dataset("scenes-large", num_train=2, num_validation=80, image_size=64)
+    assert len(id2label) == 106 and id2label[1] == "red+orange" and id2label[105] == "magenta+rose"
+    assert len(HUE_WHEEL) == 15
+    checked = 0
+    for sample in dataset["validation"]:
+        hsv = np.asarray(sample["image"].convert("HSV"), dtype=np.float32)
+        label = np.array(sample["label"])
+        for k in np.unique(label[label > 0]):
+            pixels = hsv[label == k]
+            pixels = pixels[pixels[:, 1] > 120]  # saturated: the item's own colours, not blended edges
+            if len(pixels) < 40:
+                continue
+            expected = [HUE_WHEEL[name] for name in id2label[int(k)].split("+")]
+            hues = pixels[:, 0] * 360 / 255
+            nearest = np.argmin([np.minimum(abs(hues - e), 360 - abs(hues - e)) for e in expected], axis=0)
+            distance = np.min([np.minimum(abs(hues - e), 360 - abs(hues - e)) for e in expected], axis=0)
+            assert np.median(distance) < 8, (id2label[int(k)], np.median(distance))
+            assert 0.2 < nearest.mean() < 0.8, id2label[int(k)]  # both colours, in comparable amounts
+            checked += 1
+    assert checked > 60
 
 
 @pytest.mark.parametrize("name, num_classes", [("voc", 21), ("arc2017", 41)])
@@ -117,6 +162,9 @@ def test_builtin_bad_arguments() -> None:
         build_builtin_dataset("scenes", num_train=0, num_validation=1, image_size=32)
     with pytest.raises(DataError, match="Unknown built-in"):
         parse_builtin_name("builtin:nope")
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="long_tail .* must be >= 0"):
+            build_builtin_dataset("scenes-large", num_train=1, num_validation=1, image_size=32, long_tail=bad)
     assert parse_builtin_name(None) == "scenes" and parse_builtin_name("builtin:voc") == "voc"
     assert parse_builtin_name("org/data") is None
 

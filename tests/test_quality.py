@@ -183,6 +183,26 @@ def test_plan_pairs_heads_per_seed_and_alternates_their_order():
     assert all(j.shared_options == jobs[0].shared_options for j in jobs)
 
 
+def test_dataset_options_apply_to_their_data_set_only_and_yield_to_train_options():
+    settings = ComparisonSettings(
+        datasets=("scenes", "scenes-large"),
+        seeds=(0,),
+        train_options={"max_steps": 10},
+        dataset_options={"scenes-large": {"max_steps": 30, "builtin_num_train": 7}},
+    )
+    steps = {(j.dataset, j.head): j.shared_options["max_steps"] for j in plan_jobs(settings)}
+    assert steps == {("scenes", "parametric"): 10, ("scenes", "protoseg"): 10,
+                     ("scenes-large", "parametric"): 30, ("scenes-large", "protoseg"): 30}  # fmt: skip
+    script = load_script()
+    quick, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu"))
+    assert quick.dataset_options == {"scenes-large": quality.MODES["quick"]["dataset_train_args"]["scenes-large"]}
+    assert quick.dataset_options["scenes-large"]["max_steps"] > quick.train_options["max_steps"]
+    mine, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu", train_options="max_steps=5"))
+    assert mine.train_options["max_steps"] == 5 and "max_steps" not in mine.dataset_options["scenes-large"]
+    only_small, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu", datasets="scenes"))
+    assert only_small.dataset_options == {}
+
+
 def test_job_options_merge_config_overrides_and_set_seed():
     job = quality.Job("scenes", "protoseg", "t", 3, {"max_steps": 5, "config_overrides": "depths=[1,1,1,1]"},
                       dict(quality.ABLATIONS["temperature-0.1"]))  # fmt: skip

