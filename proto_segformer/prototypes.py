@@ -407,6 +407,7 @@ def momentum_update(
 
     For each (k, m): f = normalise(sum of the embeddings whose target is k*M + m), and
     p <- normalise(momentum * p + (1 - momentum) * f). Prototypes that no embedding targets stay unchanged.
+    Embeddings with a NaN or inf (a diverging step) are left out, so they never reach the buffer.
 
     Args:
         prototypes: (K, M, D) unit prototypes.
@@ -416,8 +417,11 @@ def momentum_update(
     num_classes, num_prototypes, dim = prototypes.shape
     with torch.no_grad(), torch.autocast(device_type=prototypes.device.type, enabled=False):
         flat = _float32_or_wider(prototypes.reshape(num_classes * num_prototypes, dim))
-        sums = torch.zeros_like(flat).index_add_(0, targets, embeddings.detach().to(flat.dtype))
-        counts = torch.bincount(targets, minlength=flat.shape[0])
+        embeddings = embeddings.detach().to(flat.dtype)
+        finite = torch.isfinite(embeddings).all(dim=1)
+        embeddings = torch.where(finite[:, None], embeddings, torch.zeros_like(embeddings))
+        sums = torch.zeros_like(flat).index_add_(0, targets, embeddings)
+        counts = torch.zeros_like(flat[:, 0]).index_add_(0, targets, finite.to(flat.dtype))
         moved = l2_normalize(momentum * flat + (1.0 - momentum) * l2_normalize(sums))
         updated = torch.where((counts > 0)[:, None], moved, flat)
     return updated.view(num_classes, num_prototypes, dim).to(prototypes.dtype)

@@ -99,6 +99,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "momentum-0.9": {"prototype_momentum": 0.9},
     "M-1": {"num_prototypes_per_class": 1},
     "M-10": {"num_prototypes_per_class": 10},
+    # D = decoder width (the contract's default; the built-in demo uses D = 64 for speed).
+    "D-decoder-width": {"prototype_dim": None},
     "init-from-data": {"prototype_init_batches": 8},
     "head-lr-x10": {"head_learning_rate_multiplier": 10.0},
     "temperature-0.1": {"config_overrides": "class_score_normalization=temperature,class_score_temperature=0.1"},
@@ -717,12 +719,40 @@ def _describe(record: Mapping[str, Any]) -> str:
     )
 
 
+def reusable_runs(settings: ComparisonSettings, earlier: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The runs of an earlier result (a benchmark_quality JSON) that this comparison would repeat exactly: same data
+    set, head, variant, seed, shared options and variant options. Raises if the earlier result was made with other
+    shared options (its runs would not be comparable)."""
+    try:
+        same_options = earlier["train_options"] == settings.train_options and all(
+            earlier.get("dataset_options", {}).get(d, {}) == settings.dataset_options.get(d, {})
+            for d in settings.datasets
+        )
+        runs = list(earlier["runs"])
+    except (KeyError, TypeError) as error:
+        raise QualityInputError(f"The earlier result is not a benchmark_quality result ({error}).") from error
+    if not same_options:
+        raise QualityInputError(
+            "The earlier result was made with other training options"
+            f" ({earlier.get('train_options')}, {earlier.get('dataset_options', {})}) than this comparison"
+            f" ({settings.train_options}, {settings.dataset_options}): its runs cannot be reused."
+        )
+    wanted = {(j.dataset, j.head, j.variant, j.seed): j.extra_options for j in plan_jobs(settings)}
+    return [
+        dict(run)
+        for run in runs
+        if (key := (run["dataset"], run["head"], run["variant"], run["seed"])) in wanted
+        and run.get("options", {}) == wanted[key]
+    ]
+
+
 def run_comparison(
     settings: ComparisonSettings,
     work_dir: str | Path | None = None,
     workers: int = 1,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    reuse: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Train and evaluate every (data set, seed, head / ProtoSeg variant); returns the JSON-ready result.
 
@@ -734,14 +764,18 @@ def run_comparison(
         threads: torch threads per run (default: torch's current setting with 1 worker, 1 with several; on a
             busy machine one thread per process is much faster than several for these small models).
         log: called with one line per finished run.
+        reuse: finished runs (from `reusable_runs`) that are taken as they are instead of being trained again.
     """
     check_settings(settings)
     if workers < 1:
         raise QualityInputError(f"workers must be >= 1, got {workers}.")
     own_dir = work_dir is None
     root = Path(tempfile.mkdtemp(prefix="quality_")) if own_dir else Path(work_dir)
-    jobs = plan_jobs(settings)
-    runs: list[dict[str, Any]] = []
+    done = {(r["dataset"], r["head"], r["variant"], r["seed"]) for r in reuse}
+    jobs = [j for j in plan_jobs(settings) if (j.dataset, j.head, j.variant, j.seed) not in done]
+    runs: list[dict[str, Any]] = [{**r, "reused": True} for r in reuse]
+    for run in runs:
+        log(_describe(run) + "  (reused)")
     started = time.perf_counter()
     try:
         if workers == 1:
@@ -808,6 +842,7 @@ __all__ = [
     "prototype_geometry",
     "prototype_usage",
     "rare_class_mean_iou",
+    "reusable_runs",
     "run_comparison",
     "run_job",
     "shared_weights_fingerprint",

@@ -9,6 +9,8 @@ accuracy, training time and learnable parameters, and writes JSON.
     python scripts/benchmark_quality.py --quick --ablate       # + every ProtoSeg ablation (quality.ABLATIONS)
     python scripts/benchmark_quality.py --quick --ablations M-1,init-from-data --datasets scenes-large
     python scripts/benchmark_quality.py --resummarize benchmarks/quality_quick.json   # statistics again, no training
+    python scripts/benchmark_quality.py --ablations M-1 --datasets scenes-large --seeds 0 \
+        --reuse benchmarks/quality_full.json    # baseline runs taken from the full result: only M-1 trains
 
 Logic: proto_segformer/quality.py.
 """
@@ -37,6 +39,7 @@ from proto_segformer.quality import (
     compare,
     format_comparison,
     format_table,
+    reusable_runs,
     run_comparison,
     summarize,
 )
@@ -60,6 +63,14 @@ class QualityArguments:
         default=None, metadata={"help": "Runs at a time (default: 2 on CPU, each on one thread; 1 on a GPU)."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch threads per run (default 1 on CPU)."})
+    reuse: str | None = field(
+        default=None,
+        metadata={
+            "help": "Earlier result JSONs (comma-separated) made with the same options: their runs that this comparison"
+            " would repeat (e.g. the parametric baseline and the default ProtoSeg) are taken as they are instead of"
+            " trained again (the first file wins)."
+        },
+    )
     resummarize: str | None = field(
         default=None,
         metadata={"help": "Recompute the summary and comparison of an existing JSON file from its runs (no training)."},
@@ -113,6 +124,17 @@ def default_output(settings: ComparisonSettings) -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks" / f"quality{ablated}_{settings.mode}.json"
 
 
+def read_result(path: str) -> dict:
+    """A benchmark_quality result file (clear errors for a missing or unreadable one)."""
+    source = Path(path)
+    if not source.is_file():
+        raise QualityInputError(f"{path} is not a file.")
+    try:
+        return json.loads(source.read_text())
+    except json.JSONDecodeError as error:
+        raise QualityInputError(f"{path} is not a benchmark_quality result ({error}).") from error
+
+
 def resummarize(path: str, output: str | None) -> dict:
     """Recompute `summary` and `comparison` of a result file from its `runs` (e.g. after the statistics changed)."""
     source = Path(path)
@@ -155,7 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
             f" (parametric + {len(settings.variants)} ProtoSeg variants), {workers} at a time",
             flush=True,
         )
-        result = run_comparison(settings, workers=workers, threads=threads, log=lambda line: print(line, flush=True))
+        reused = {}
+        for path in args.reuse.split(",") if args.reuse else []:
+            for run in reusable_runs(settings, read_result(path.strip())):
+                reused.setdefault((run["dataset"], run["head"], run["variant"], run["seed"]), run)
+        reuse = list(reused.values())
+        result = run_comparison(
+            settings, workers=workers, threads=threads, log=lambda line: print(line, flush=True), reuse=reuse
+        )
     except QualityInputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -216,6 +216,22 @@ def test_momentum_update_with_momentum_one_or_no_pixels_is_identity():
     assert torch.equal(momentum_update(prototypes, embeddings[:0], targets[:0]), prototypes)
 
 
+def test_momentum_update_leaves_out_non_finite_embeddings():
+    prototypes = random_unit(3, 2, 4)
+    embeddings = random_unit(6, 4, seed=5)
+    targets = torch.tensor([0, 0, 1, 3, 3, 5])
+    poisoned = embeddings.clone()
+    poisoned[1, 2] = float("nan")  # prototype 0 keeps one finite embedding
+    poisoned[2] = float("inf")  # prototype 1 has only this one: unchanged
+    updated = momentum_update(prototypes, poisoned, targets, momentum=0.9)
+    keep = torch.tensor([True, False, False, True, True, True])
+    expected = momentum_update(prototypes, embeddings[keep], targets[keep], momentum=0.9)
+    assert torch.isfinite(updated).all()
+    torch.testing.assert_close(updated, expected)
+    assert torch.equal(updated.view(6, 4)[1], prototypes.view(6, 4)[1])
+    assert not torch.equal(updated.view(6, 4)[0], prototypes.view(6, 4)[0])
+
+
 def test_own_class_similarities_gathers_the_pixels_class():
     prototypes = random_unit(4, 3, 6)
     embeddings = random_unit(10, 6, seed=3)

@@ -399,3 +399,73 @@ def test_resummarize_recomputes_statistics_from_the_runs(tmp_path, capsys):
             script.main(["--resummarize", str(bad)])
         assert exit_info.value.code == 2
     assert "is not a benchmark_quality result" in capsys.readouterr().err
+
+
+def test_reused_runs_match_exactly_and_are_not_trained_again(monkeypatch):
+    settings = ComparisonSettings(
+        ("scenes",), (0, 1), {"max_steps": 9}, {"default": {}, "M-1": {"num_prototypes_per_class": 1}}
+    )
+    earlier_runs = [
+        _run("scenes", "parametric", 0, 0.5),
+        _run("scenes", "protoseg", 0, 0.6),
+        _run("scenes", "protoseg", 0, 0.7, variant="M-1"),
+        _run("scenes", "parametric", 5, 0.5),
+    ]
+    for run in earlier_runs:
+        run["options"] = {}
+    earlier_runs[2]["options"] = {"num_prototypes_per_class": 3}  # same name, other options: not reusable
+    earlier = {"train_options": {"max_steps": 9}, "dataset_options": {}, "runs": earlier_runs}
+    reused = quality.reusable_runs(settings, earlier)
+    assert [(r["head"], r["variant"], r["seed"]) for r in reused] == [
+        ("parametric", "default", 0),
+        ("protoseg", "default", 0),
+    ]
+    trained = []
+    monkeypatch.setattr(
+        quality,
+        "run_job",
+        lambda job, root: trained.append(job) or _run(job.dataset, job.head, job.seed, 0.4, job.variant),
+    )
+    result = run_comparison(settings, workers=1, reuse=reused, log=lambda line: None)
+    assert sorted((j.head, j.variant, j.seed) for j in trained) == [
+        ("parametric", "default", 1),
+        ("protoseg", "M-1", 0),
+        ("protoseg", "M-1", 1),
+        ("protoseg", "default", 1),
+    ]
+    assert len(result["runs"]) == 6 and sum(bool(r.get("reused")) for r in result["runs"]) == 2
+    with pytest.raises(QualityInputError, match="other training options"):
+        quality.reusable_runs(settings, {**earlier, "train_options": {"max_steps": 10}})
+    with pytest.raises(QualityInputError, match="not a benchmark_quality result"):
+        quality.reusable_runs(settings, {"runs": []})
+
+
+def test_script_reuse_reads_several_results_first_wins_and_reports_bad_files(tmp_path, monkeypatch, capsys):
+    script = load_script()
+    args = [
+        "--datasets",
+        "scenes",
+        "--seeds",
+        "0",
+        "--device",
+        "cpu",
+        "--train_options",
+        "max_steps=3",
+        "--workers",
+        "1",
+    ]
+    settings, _ = script.build_settings(script.QualityArguments(datasets="scenes", seeds="0", device="cpu",
+                                                                train_options="max_steps=3"))  # fmt: skip
+    for name, miou in (("a.json", 0.5), ("b.json", 0.9)):
+        runs = [{**_run("scenes", "parametric", 0, miou), "options": {}}]
+        earlier = {"train_options": settings.train_options, "dataset_options": settings.dataset_options, "runs": runs}
+        (tmp_path / name).write_text(json.dumps(earlier))
+    trained = []
+    monkeypatch.setattr(quality, "run_job", lambda job, root: trained.append(job) or _run("scenes", job.head, 0, 0.6))
+    result = script.main([*args, "--reuse", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                          "--output", str(tmp_path / "out.json")])  # fmt: skip
+    assert [j.head for j in trained] == ["protoseg"]
+    assert [r["mean_iou"] for r in result["runs"] if r["head"] == "parametric"] == [0.5]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*args, "--reuse", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2 and "missing.json is not a file" in capsys.readouterr().err
