@@ -288,8 +288,9 @@ def compose_scene(
         aspect = rng.uniform(0.8, 1.25)
         height = min(image_size, max(4, int(round(side * np.sqrt(aspect)))))
         width = min(image_size, max(4, int(round(side / np.sqrt(aspect)))))
-        if class_to_hue_pair is not None:
-            alpha = item_alpha(thicken(source), height, width)
+        striped = class_to_hue_pair is not None
+        alpha = item_alpha(thicken(source) if striped else source, height, width)
+        if striped:
             first, second = (
                 hsv_colour(hue + rng.uniform(-4.0, 4.0), rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
                 for hue in rng.permutation(class_to_hue_pair[item_class])
@@ -298,10 +299,8 @@ def compose_scene(
             ink = stripes(int(rng.integers(len(STRIPE_ORIENTATIONS))), height, width, period, rng)[..., None]
             colour = first * (1.0 - ink) + second * ink
         elif class_to_family is None:
-            alpha = item_alpha(source, height, width)
             colour = hsv_colour(rng.uniform(0, 360), rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
         else:
-            alpha = item_alpha(source, height, width)
             hue = hues[int(class_to_family[item_class])] + rng.uniform(-5.0, 5.0)
             colour = hsv_colour(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
         top, left = _place(rng, occupied, height, width)
