@@ -137,15 +137,12 @@ def read_result(path: str) -> dict:
 
 def resummarize(path: str, output: str | None) -> dict:
     """Recompute `summary` and `comparison` of a result file from its `runs` (e.g. after the statistics changed)."""
-    source = Path(path)
-    if not source.is_file():
-        raise QualityInputError(f"--resummarize: {path} is not a file.")
+    result = read_result(path)
     try:
-        result = json.loads(source.read_text())
         result["summary"], result["comparison"] = summarize(result["runs"]), compare(result["runs"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise QualityInputError(f"--resummarize: {path} is not a benchmark_quality result ({error}).") from error
-    target = Path(output) if output else source
+    except (KeyError, TypeError) as error:
+        raise QualityInputError(f"{path} is not a benchmark_quality result ({error}).") from error
+    target = Path(output or path)
     target.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
 
