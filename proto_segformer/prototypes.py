@@ -6,6 +6,8 @@ once (no Python loop over K); the model in `modeling_proto_segformer.py` wires t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -321,6 +323,11 @@ def fused_scores_and_contrast(
     return _FusedScoresAndContrast.apply(pixels, prototypes, rows, classes, assign, temperature, chunk_rows)
 
 
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 for sums over many pixels (float32 sums sequentially: 1e5 equal terms drift by 1e-4), where supported."""
+    return tensor.dtype if tensor.device.type == "mps" else torch.float64
+
+
 def sinkhorn_knopp(
     scores: torch.Tensor,
     classes: torch.Tensor,
@@ -338,7 +345,9 @@ def sinkhorn_knopp(
         iterations: T rounds of (prototype columns sum to 1/M, pixel rows sum to 1/n_k), per class.
 
     Returns:
-        (N, M) plan Q in float32 (float64 if `scores` is); within each class the rows sum to 1/n_k.
+        (N, M) plan Q in float32 (float64 if `scores` is); within each class the rows sum to 1/n_k. The sums over a
+        class's pixels accumulate in float64, so a plan entry is within a few units in the last place of the exact
+        plan of its (rounded) scores, however many pixels a class has.
     """
     if scores.shape[0] == 0:
         return _float32_or_wider(scores)
@@ -347,21 +356,67 @@ def sinkhorn_knopp(
         scores = _float32_or_wider(scores.detach())
         num_prototypes = scores.shape[1]
         tiny = torch.finfo(scores.dtype).tiny
+        wide = _accumulation_dtype(scores)
         # Shift each class by its own maximum before exp: the per-class normalisation cancels the shift.
         class_max = torch.full((num_classes,), float("-inf"), device=scores.device, dtype=scores.dtype)
         class_max = class_max.scatter_reduce(0, classes, scores.amax(dim=1), reduce="amax", include_self=True)
         plan = torch.exp((scores - class_max[classes, None]) / epsilon)
-        class_total = torch.zeros(num_classes, device=scores.device, dtype=scores.dtype)
-        class_total.index_add_(0, classes, plan.sum(dim=1))
-        plan = plan / class_total[classes, None].clamp_min(tiny)
+        class_total = torch.zeros(num_classes, device=scores.device, dtype=wide)
+        class_total.index_add_(0, classes, plan.sum(dim=1, dtype=wide))
+        plan = plan / class_total.to(scores.dtype)[classes, None].clamp_min(tiny)
         pixels_per_class = torch.bincount(classes, minlength=num_classes).to(scores.dtype)
         for _ in range(iterations):
-            column_sums = torch.zeros(num_classes, num_prototypes, device=scores.device, dtype=scores.dtype)
-            column_sums.index_add_(0, classes, plan)
-            plan = plan / (column_sums[classes] * num_prototypes).clamp_min(tiny)
+            column_sums = torch.zeros(num_classes, num_prototypes, device=scores.device, dtype=wide)
+            column_sums.index_add_(0, classes, plan.to(wide))
+            plan = plan / (column_sums.to(scores.dtype)[classes] * num_prototypes).clamp_min(tiny)
             row_sums = plan.sum(dim=1, keepdim=True)
             plan = plan / (row_sums * pixels_per_class[classes, None]).clamp_min(tiny)
     return plan
+
+
+# Ties in the assignment. Two similarities (cosines, in [-1, 1]) closer than SIMILARITY_TIE_TOLERANCE are equal. Two
+# code paths or two CPUs computing the same D-term dot products differ by rounding: measured up to 4e-7 in float32
+# (mm vs bmm, AVX-512 vs SSE kernels, D = 16..768). 1e-5 (about 80 float32 ulps near 1) is 25x that, and far below
+# the spread of a pixel's similarities to distinct prototypes (about 1 / sqrt(D), over 0.03 for D <= 1024). float64
+# uses the same tolerance, so a float64 run assigns like a float32 one. In bfloat16 / float16 the matmul accumulates
+# in float32 and rounds once, so two paths differ by one rounding step (2^-8 / 2^-11 near 1): the tolerance is 4 steps.
+# A plan entry ties with its row's maximum when epsilon * log(Q / max Q) (a similarity difference, shifted by the
+# columns' scalings) is within the similarity tolerance, or its relative difference within PLAN_TIE_TOLERANCE, 4x the
+# float32 Sinkhorn's own rounding (measured <= 2.5e-6 against float64 after T = 3 to 10 iterations).
+SIMILARITY_TIE_TOLERANCE = 1e-5
+HALF_PRECISION_TIE_TOLERANCE = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+PLAN_TIE_TOLERANCE = 1e-5
+
+
+def similarity_tie_tolerance(dtype: torch.dtype) -> float:
+    """Similarities computed in `dtype` closer than this count as equal in the assignment's tie-breaks."""
+    return HALF_PRECISION_TIE_TOLERANCE.get(dtype, SIMILARITY_TIE_TOLERANCE)
+
+
+def argmax_with_ties(
+    plan: torch.Tensor, similarities: torch.Tensor, log_tolerance: float, similarity_tolerance: float
+) -> torch.Tensor:
+    """Row-wise argmax of a transport plan that does not depend on the last bits of rounding: (N, M) -> (N,) long.
+
+    Candidates are the entries of a row with log(plan) within `log_tolerance` of the row's maximum (plan >= max *
+    exp(-log_tolerance)); among them the one with the highest similarity wins, and candidates whose similarity is
+    within `similarity_tolerance` of that highest are equal, the lowest index winning. A row that is uniform up to
+    rounding (a class with fewer pixels than prototypes, or whose pixels are all equal) thus goes to its nearest
+    prototype, and duplicated prototypes to the first of them. Rows without a candidate (NaN) get 0.
+
+    Args:
+        plan: (N, M) non-negative plan (float32 or float64).
+        similarities: (N, M) similarity of each pixel to each prototype (any float dtype).
+    """
+    num_prototypes = plan.shape[1]
+    top = plan.amax(dim=1, keepdim=True)
+    candidates = plan >= top * math.exp(-log_tolerance)
+    values = torch.where(candidates, similarities.to(plan.dtype), float("-inf"))
+    best = values.amax(dim=1, keepdim=True)
+    chosen = candidates & (values >= best - similarity_tolerance)
+    index = torch.arange(num_prototypes, device=plan.device).expand_as(chosen)
+    first = torch.where(chosen, index, num_prototypes).amin(dim=1)
+    return torch.where(first < num_prototypes, first, 0)
 
 
 def sinkhorn_assignments(
@@ -371,10 +426,18 @@ def sinkhorn_assignments(
     epsilon: float = 0.05,
     iterations: int = 3,
 ) -> torch.Tensor:
-    """(N,) index in [0, M) of the prototype of its own class each pixel is assigned to (argmax of the plan)."""
+    """(N,) index in [0, M) of the prototype of its own class each pixel is assigned to: the argmax of the plan.
+
+    Ties in the plan go to the prototype most similar to the pixel, ties in similarity to the lowest index
+    (`argmax_with_ties`), so the assignment is the same on every CPU and in every code path. Plan entries tie when
+    epsilon * log Q (a similarity shifted by the column's scaling) agree within the similarity tolerance of the
+    scores' dtype (`similarity_tie_tolerance`), or their relative difference is within PLAN_TIE_TOLERANCE.
+    """
     if scores.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
-    return sinkhorn_knopp(scores, classes, num_classes, epsilon, iterations).argmax(dim=1)
+    plan = sinkhorn_knopp(scores, classes, num_classes, epsilon, iterations)
+    tolerance = similarity_tie_tolerance(scores.dtype)
+    return argmax_with_ties(plan, scores.detach(), max(tolerance / epsilon, PLAN_TIE_TOLERANCE), tolerance)
 
 
 def ppc_loss(similarities: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -507,6 +570,7 @@ def average_across_processes(prototypes: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "argmax_with_ties",
     "average_across_processes",
     "class_scores",
     "cluster_prototypes",
@@ -521,6 +585,7 @@ __all__ = [
     "prototype_similarities",
     "random_unit_prototypes",
     "scores_and_contrast",
+    "similarity_tie_tolerance",
     "sinkhorn_assignments",
     "sinkhorn_knopp",
 ]

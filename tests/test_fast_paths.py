@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from test_prototypes import ulp_noise
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.modeling_proto_segformer import ProtoSegformerProjection
@@ -132,10 +133,66 @@ def test_fused_scores_and_contrast_equal_the_plain_composition(
     fast = run_head(fused_scores_and_contrast, pixels, protos, rows, labels[rows], upstream, chunk_size)
     for name, a, b in zip(("scores", "loss_ppc", "assigned", "targets", "gradient"), fast, plain):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
     assert fast[4].abs().max() > 0.1  # the gradient is not trivially zero
     if rows.numel() == 0:
         assert fast[1].item() == 0.0
+
+
+def tied_batch(dtype: torch.dtype):
+    """Pixels (N, D), prototypes (K = 7, M = 4, D) and labels whose Sinkhorn plan rows tie.
+
+    Classes 0-2: one pixel each (uniform plan rows); 3: two pixels (fewer than M); 4: 6 copies of one pixel (uniform
+    rows); 5: 30 pixels, prototypes 1 and 3 the same vector; 6: one pixel nearest to prototype 2, a copy of prototype
+    0 (a tie in the plan and in similarity: prototype 0). Then 20 unlabelled pixels.
+    """
+    generator = torch.Generator().manual_seed(30)
+    protos = unit(7, 4, 16, seed=31)
+    protos[5, 3] = protos[5, 1]
+    protos[6, 2] = protos[6, 0]
+    counts = torch.tensor([1, 1, 1, 2, 6, 30, 1])
+    classes = torch.repeat_interleave(torch.arange(7), counts)
+    near = torch.randint(0, 4, (len(classes),), generator=generator)
+    near[-1] = 2
+    pixels = l2_normalize(protos[classes, near] + 0.3 * torch.randn(len(classes), 16, generator=generator).double())
+    pixels[classes == 4] = pixels[classes == 4][0]
+    pixels = torch.cat([pixels, unit(20, 16, seed=32)])
+    labels = torch.cat([classes, torch.full((20,), 255)])
+    return pixels.to(dtype), protos.to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_both_heads_assign_tied_plan_rows_alike_and_to_the_nearest_prototype(dtype):
+    # PROTOSEG.md: ties in Q go to the most similar prototype, the same assignment on every CPU and in every code path.
+    # A few ulps of noise on the pixels stand for another CPU's rounding; bfloat16 runs under autocast (float32 inputs).
+    compute = torch.float32 if dtype == torch.bfloat16 else dtype
+    pixels, protos, labels = tied_batch(compute)
+    rows = (labels != 255).nonzero().squeeze(1)
+    classes = labels[rows]
+    generator = torch.Generator().manual_seed(33)
+    upstream = (torch.randn(len(labels), 7, generator=generator, dtype=compute), torch.tensor(1.3, dtype=compute))
+    upstream += (torch.randn(len(labels), generator=generator, dtype=compute),)
+    nearest = torch.einsum("nd,nmd->nm", pixels[rows].double(), protos[classes].double()).argmax(1)
+    nearest[classes == 6] = 0  # prototype 2 of class 6 is a copy of prototype 0: the lower index
+    lone_or_copies = torch.isin(classes, torch.tensor([0, 1, 2, 4, 6]))
+    results = {}
+    for seed in range(4):
+        noisy = pixels if seed == 0 else ulp_noise(pixels, seed=seed)
+        for name, head in (("plain", scores_and_contrast), ("fused", fused_scores_and_contrast)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                results[name, seed] = run_head(head, noisy, protos, rows, classes, upstream)
+    expected = results["plain", 0][3]
+    assert torch.equal(expected[lone_or_copies] % 4, nearest[lone_or_copies]), (expected % 4, nearest)
+    assert not ((expected[classes == 5] % 4) == 3).any()  # the later copy of a duplicated prototype is never chosen
+    for (name, seed), result in results.items():
+        assert torch.equal(result[3], expected), (name, seed, result[3], expected)
+    tolerance = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    if dtype == torch.bfloat16:
+        tolerance = {"atol": 0.05, "rtol": 0.02}
+    for field, a, b in zip(
+        ("scores", "loss_ppc", "assigned", "targets", "gradient"), results["fused", 0], results["plain", 0]
+    ):
+        torch.testing.assert_close(a, b, **tolerance, msg=lambda m, n=field: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.002])  # exp(s / 0.002) overflows float32 unshifted
@@ -150,7 +207,7 @@ def test_fused_head_float32_at_847_classes_matches_the_plain_head(temperature):
     fast = run_head(fused_scores_and_contrast, pixels, protos, rows, labels[rows], upstream, temperature=temperature)
     assert torch.equal(fast[3], plain[3]) and torch.isfinite(fast[1]) and torch.isfinite(fast[4]).all()
     for name, a, b in zip(("scores", "loss_ppc", "assigned", "gradient"), fast[:3] + fast[4:], plain[:3] + plain[4:]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_fused_head_cannot_be_back_propagated_twice():
@@ -207,7 +264,7 @@ def test_model_fast_and_plain_heads_give_the_same_step(num_labels, prototypes, b
     # Gradients relative to the largest one (some, e.g. biases before a BatchNorm, are zero up to rounding).
     scale = max(p.grad.abs().max() for p in plain.parameters())
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(a.grad / scale, b.grad / scale, **tolerance, msg=name)
+        torch.testing.assert_close(a.grad / scale, b.grad / scale, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
     torch.testing.assert_close(fast.prototypes, plain.prototypes, **tolerance)
     fast.eval()
     plain.eval()

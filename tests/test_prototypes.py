@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from proto_segformer.prototypes import (
+    PLAN_TIE_TOLERANCE,
+    SIMILARITY_TIE_TOLERANCE,
+    argmax_with_ties,
     average_across_processes,
     class_scores,
     cluster_prototypes,
@@ -20,6 +23,7 @@ from proto_segformer.prototypes import (
     ppd_loss,
     prototype_similarities,
     random_unit_prototypes,
+    similarity_tie_tolerance,
     sinkhorn_assignments,
     sinkhorn_knopp,
 )
@@ -36,6 +40,29 @@ def reference_sinkhorn_one_class(scores: torch.Tensor, epsilon: float, iteration
         q = q / q.sum(dim=0, keepdim=True) / m
         q = q / q.sum(dim=1, keepdim=True) / n
     return q
+
+
+def reference_argmax_with_ties(plan, similarities, log_tolerance, similarity_tolerance) -> torch.Tensor:
+    """One row at a time: candidates within the plan tolerance of the row's max, the most similar of them, similarity
+    ties (within the tolerance) to the lowest index."""
+    out = []
+    for q, s in zip(plan.tolist(), similarities.tolist()):
+        candidates = [m for m in range(len(q)) if q[m] >= max(q) * math.exp(-log_tolerance)]
+        best = max(s[m] for m in candidates)
+        out.append(min(m for m in candidates if s[m] >= best - similarity_tolerance))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def reference_assignments(scores, classes, epsilon=0.05, iterations=3) -> torch.Tensor:
+    """Sinkhorn assignments class by class: float64 plan, then the tie rule with the tolerances of `scores.dtype`."""
+    tolerance = similarity_tie_tolerance(scores.dtype)
+    out = torch.empty(len(classes), dtype=torch.long)
+    for k in classes.unique():
+        rows = classes == k
+        plan = reference_sinkhorn_one_class(scores[rows].double(), epsilon, iterations)
+        log_tolerance = max(tolerance / epsilon, PLAN_TIE_TOLERANCE)
+        out[rows] = reference_argmax_with_ties(plan, scores[rows].double(), log_tolerance, tolerance)
+    return out
 
 
 def reference_momentum_update(prototypes, embeddings, classes, assignments, correct, momentum):
@@ -109,14 +136,18 @@ def test_sinkhorn_spreads_pixels_that_all_prefer_one_prototype():
     assert not torch.equal(assignments, scores.argmax(1))
 
 
-def test_sinkhorn_assignments_are_plan_argmax_and_deterministic():
+def test_sinkhorn_assignments_are_the_plan_argmax_and_deterministic():
     torch.manual_seed(3)
     classes = torch.randint(0, 4, (50,))
     scores = torch.rand(50, 3)
     a1 = sinkhorn_assignments(scores, classes, 4)
     a2 = sinkhorn_assignments(scores, classes, 4)
     assert torch.equal(a1, a2)
-    assert torch.equal(a1, sinkhorn_knopp(scores, classes, 4).argmax(1))
+    plan = sinkhorn_knopp(scores, classes, 4)
+    top2 = plan.topk(2, dim=1).values
+    clear = top2[:, 1] < top2[:, 0] * (1 - 1e-3)  # rows whose maximum is not a tie: the plain argmax
+    assert clear.sum() > 40 and torch.equal(a1[clear], plan.argmax(1)[clear])
+    assert torch.equal(a1, reference_assignments(scores, classes))
     assert sinkhorn_assignments(scores[:0], classes[:0], 4).shape == (0,)
 
 
@@ -135,6 +166,135 @@ def test_sinkhorn_runs_in_float32_under_bfloat16_autocast():
 def test_sinkhorn_float64_stays_float64():
     plan = sinkhorn_knopp(torch.rand(10, 3, dtype=torch.float64), torch.zeros(10, dtype=torch.long), 1)
     assert plan.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ties in the plan: the same assignment whatever the last bits of rounding (PROTOSEG.md, training step 1)
+
+
+def ulp_noise(values: torch.Tensor, seed: int, ulps: float = 4.0) -> torch.Tensor:
+    """`values` with a few units in the last place of random noise, as another CPU's rounding would give."""
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.finfo(values.dtype).eps
+    return values * (1 + ulps * eps * (torch.rand(values.shape, generator=generator, dtype=values.dtype) * 2 - 1))
+
+
+def test_argmax_with_ties_follows_the_rule_row_by_row():
+    generator = torch.Generator().manual_seed(20)
+    plan = torch.rand(400, 6, generator=generator, dtype=torch.float64)
+    similarities = torch.rand(400, 6, generator=generator, dtype=torch.float64) * 2 - 1
+    plan[:100] = 1 / 6  # uniform rows
+    plan[100:200, 2] = plan[100:200, 4] = 2.0  # two equal maxima
+    plan[200:250, 1] = plan[200:250, 3] = plan[200:250, 5] = 3.0
+    similarities[200:250, 3] = similarities[200:250, 1]  # and equal similarities: the lower index
+    plan[250:300] = 0.0  # every entry underflowed: a uniform row
+    for log_tolerance, similarity_tolerance in ((1e-12, 1e-12), (2e-4, 1e-5), (0.3, 0.05)):
+        noisy = ulp_noise(plan, seed=21)
+        got = argmax_with_ties(noisy, ulp_noise(similarities, seed=22), log_tolerance, similarity_tolerance)
+        expected = reference_argmax_with_ties(plan, similarities, log_tolerance, similarity_tolerance)
+        assert got.dtype == torch.long
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    uniform = argmax_with_ties(ulp_noise(plan[:100], seed=23), similarities[:100], 2e-4, 1e-5)
+    torch.testing.assert_close(uniform, similarities[:100].argmax(1), rtol=0, atol=0)
+    assert (argmax_with_ties(ulp_noise(plan[200:250], seed=24), similarities[200:250], 2e-4, 1e-5) != 3).all()
+    nan_rows = torch.full((2, 3), float("nan"))
+    assert argmax_with_ties(nan_rows, torch.zeros(2, 3), 2e-4, 1e-5).tolist() == [0, 0]
+
+
+def tie_cases(dtype: torch.dtype, seed: int = 25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Own-class similarities (N, M = 6) of classes whose plan rows tie, next to ordinary ones.
+
+    Class 0: 40 distinct pixels (ordinary); 1-4: one pixel each; 5: 3 pixels (fewer than M: a pixel takes its whole
+    1/M share of each prototype it dominates, so several entries of its row are equal up to rounding); 6: 5 copies of
+    one pixel; 7: 30 copies of one pixel (more than M, still uniform rows); 8: 40 distinct pixels whose prototypes 1
+    and 4 are the same vector, 9: 2 pixels with prototypes 0 and 2 the same vector.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    counts = [40, 1, 1, 1, 1, 3, 5, 30, 40, 2]
+    classes = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    dim = 16
+    prototypes = random_unit(len(counts), 6, dim, seed=seed, dtype=torch.float64)
+    prototypes[8, 4] = prototypes[8, 1]
+    prototypes[9, 2] = prototypes[9, 0]
+    pixels = random_unit(len(classes), dim, seed=seed + 1, dtype=torch.float64)
+    pixels = l2_normalize(pixels + 0.8 * prototypes[classes, torch.randint(0, 6, (len(classes),), generator=generator)])
+    first = int((classes == 5).nonzero()[0])
+    pixels[first + 1] = -pixels[first]  # opposite pixels: each dominates several prototypes
+    pixels[classes == 6] = pixels[classes == 6][0]
+    pixels[classes == 7] = pixels[classes == 7][0]
+    own = own_class_similarities(pixels, classes, prototypes)
+    groups = {
+        "lone": torch.isin(classes, torch.tensor([1, 2, 3, 4])),
+        "fewer": classes == 5,
+        "copies": torch.isin(classes, torch.tensor([6, 7])),
+        "duplicated": classes == 8,
+        "duplicated_fewer": classes == 9,
+    }
+    return own.to(dtype), classes, prototypes, groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sinkhorn_assignment_ties_go_to_the_most_similar_prototype(dtype):
+    own, classes, _, groups = tie_cases(dtype)
+    assignments = sinkhorn_assignments(own, classes, 10)
+    torch.testing.assert_close(assignments, reference_assignments(own, classes), rtol=0, atol=0)
+    nearest = own.float().argmax(1)
+    # A lone pixel, or a class of copies of one pixel: a uniform plan row, the nearest prototype.
+    for group in ("lone", "copies"):
+        assert torch.equal(assignments[groups[group]], nearest[groups[group]]), (group, assignments, nearest)
+    plan = sinkhorn_knopp(own, classes, 10)
+    uniform = plan[groups["lone"] | groups["copies"]]
+    assert (uniform.amax(1) / uniform.amin(1) - 1).max() < 1e-6  # the rows do tie (so rounding decided before)
+    # Duplicated prototypes: the plan cannot tell them apart, the first one takes the pixels.
+    assert (assignments[groups["duplicated"]] != 4).all() and (assignments[groups["duplicated"]] == 1).any()
+    assert (assignments[groups["duplicated_fewer"]] != 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sinkhorn_assignments_do_not_change_with_last_bit_rounding(dtype):
+    # Another CPU (or code path) computes the similarities with other rounding: a few ulps of the compute dtype
+    # (float32 for half precision, which the matmul accumulates in before it rounds once).
+    own, classes, _, _ = tie_cases(torch.float64)
+    compute = torch.float32 if dtype == torch.bfloat16 else dtype
+    expected = sinkhorn_assignments(own.to(compute).to(dtype), classes, 10)
+    for seed in range(10):
+        noisy = ulp_noise(own.to(compute), seed=seed).to(dtype)
+        got = sinkhorn_assignments(noisy, classes, 10)
+        assert torch.equal(got, expected), (seed, (got != expected).nonzero().squeeze(1).tolist())
+    # Identical pixels or prototypes that come out a few ulps apart still tie.
+    for seed in range(10):
+        noisy = ulp_noise(own.to(compute), seed=100 + seed, ulps=16).to(dtype)
+        got = sinkhorn_assignments(noisy, classes, 10)
+        assert torch.equal(got, expected), (seed, (got != expected).nonzero().squeeze(1).tolist())
+
+
+def test_sinkhorn_float32_sums_stay_exact_for_large_classes():
+    # 300000 copies of one pixel: float32 sums drift (3e-3 relative, sequentially), which broke the uniform rows.
+    own = (torch.rand(1, 10, generator=torch.Generator().manual_seed(26)) * 2 - 1).expand(300_000, 10)
+    classes = torch.zeros(300_000, dtype=torch.long)
+    plan = sinkhorn_knopp(own, classes, 1)
+    assert (plan.amax(1) / plan.amin(1) - 1).max() < 1e-6
+    assert (sinkhorn_assignments(own, classes, 1) == own[0].argmax()).all()
+
+
+def test_tie_tolerances_are_far_above_the_rounding_of_two_code_paths():
+    # Similarities by two kernels (and against float64): an order of magnitude below the similarity tolerance.
+    for dim in (16, 768):
+        embeddings = random_unit(2000, dim, seed=27)
+        prototypes = random_unit(40, 6, dim, seed=28)
+        classes = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(29))
+        by_bmm = own_class_similarities(embeddings, classes, prototypes)
+        by_mm = prototype_similarities(embeddings, prototypes)[torch.arange(2000), classes]
+        exact = own_class_similarities(embeddings.double(), classes, prototypes.double())
+        for similarities in (by_bmm, by_mm):
+            assert (similarities.double() - exact).abs().max() < SIMILARITY_TIE_TOLERANCE / 10
+        # The float32 plan against the float64 one (of the same rounded scores), as log(Q): below the plan tolerance
+        for epsilon in (0.05, 1.0):
+            tolerance = max(SIMILARITY_TIE_TOLERANCE / epsilon, PLAN_TIE_TOLERANCE)
+            plan = sinkhorn_knopp(by_mm, classes, 40, epsilon)
+            wide = sinkhorn_knopp(by_mm.double(), classes, 40, epsilon)
+            assert (plan.double().log() - wide.log()).abs().max() < tolerance / 4
+    assert similarity_tie_tolerance(torch.float64) == SIMILARITY_TIE_TOLERANCE  # float64 assigns as float32 does
 
 
 def test_prototype_similarities_and_class_scores_match_loops():
@@ -270,10 +430,7 @@ def test_functions_are_vectorised_over_classes_at_large_k():
     embeddings = random_unit(2000, dim, seed=5)
     own = own_class_similarities(embeddings, classes, prototypes)
     assignments = sinkhorn_assignments(own, classes, num_classes)
-    for k in classes.unique()[:20]:
-        rows = classes == k
-        expected = reference_sinkhorn_one_class(own[rows], 0.05, 3).argmax(1)
-        assert torch.equal(assignments[rows], expected)
+    torch.testing.assert_close(assignments, reference_assignments(own, classes), rtol=0, atol=0)
     targets = classes * num_prototypes + assignments
     sims = prototype_similarities(embeddings, prototypes)
     torch.testing.assert_close(ppc_loss(sims, targets, 0.1), F.cross_entropy(sims.reshape(2000, -1) / 0.1, targets))

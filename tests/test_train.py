@@ -118,7 +118,7 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(demo_run: Path, tm
     start = load_file(str(demo_run / "checkpoint-4" / "model.safetensors"))
     assert not torch.equal(start["prototypes"], expected["prototypes"])  # the steps after 4 did change them
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_finished_run_is_not_overwritten_silently(demo_run: Path, capsys) -> None:
