@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from PIL import Image
+from rounding import assert_argmax_up_to_ties
 from transformers import SegformerImageProcessor
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
@@ -105,8 +106,8 @@ def test_prototype_map_is_the_nearest_prototype_of_the_predicted_class(model, pr
     similarities = torch.einsum("kmd,dhw->kmhw", model.prototypes, embeddings)
     rows, cols = np.arange(16) * 4 + 1, np.arange(16) * 4 + 1
     classes = prediction.label_map[np.ix_(rows, cols)]
-    expected = similarities.argmax(dim=1).numpy()[classes, np.arange(16)[:, None], np.arange(16)[None, :]]
-    np.testing.assert_array_equal(prediction.prototype_map[np.ix_(rows, cols)], expected)
+    own = similarities.permute(2, 3, 0, 1)[np.arange(16)[:, None], np.arange(16)[None, :], classes]  # (16, 16, M)
+    assert_argmax_up_to_ties(prediction.prototype_map[np.ix_(rows, cols)], own, dim=-1, atol=1e-5)
     assert prediction.prototype_map.max() < model.config.num_prototypes_per_class
     # Away from class borders the label is the argmax of the nearest-prototype scores.
     interior = classes == output.logits[0].argmax(dim=0).numpy()
@@ -286,8 +287,8 @@ def test_processor_without_resizing_runs_whole_images_at_their_resolution(model,
     assert pixel_values.shape[-2:] == (32, 32)
     with torch.no_grad():
         logits = model(pixel_values=pixel_values).logits
-    expected = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)[0].argmax(dim=0)
-    np.testing.assert_array_equal(predictions[1].label_map, expected.numpy())
+    upsampled = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)[0]
+    assert_argmax_up_to_ties(predictions[1].label_map, upsampled, dim=0, atol=1e-5)
 
 
 def test_prototype_shades_tell_prototypes_of_one_class_apart():

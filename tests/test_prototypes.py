@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rounding import ulp_noise
 
 from proto_segformer.prototypes import (
     PLAN_TIE_TOLERANCE,
@@ -170,13 +171,6 @@ def test_sinkhorn_float64_stays_float64():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ties in the plan: the same assignment whatever the last bits of rounding (PROTOSEG.md, training step 1)
-
-
-def ulp_noise(values: torch.Tensor, seed: int, ulps: float = 4.0) -> torch.Tensor:
-    """`values` with a few units in the last place of random noise, as another CPU's rounding would give."""
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.finfo(values.dtype).eps
-    return values * (1 + ulps * eps * (torch.rand(values.shape, generator=generator, dtype=values.dtype) * 2 - 1))
 
 
 def test_argmax_with_ties_follows_the_rule_row_by_row():
