@@ -408,15 +408,12 @@ def argmax_with_ties(
         plan: (N, M) non-negative plan (float32 or float64).
         similarities: (N, M) similarity of each pixel to each prototype (any float dtype).
     """
-    num_prototypes = plan.shape[1]
     top = plan.amax(dim=1, keepdim=True)
     candidates = plan >= top * math.exp(-log_tolerance)
     values = torch.where(candidates, similarities.to(plan.dtype), float("-inf"))
     best = values.amax(dim=1, keepdim=True)
     chosen = candidates & (values >= best - similarity_tolerance)
-    index = torch.arange(num_prototypes, device=plan.device).expand_as(chosen)
-    first = torch.where(chosen, index, num_prototypes).amin(dim=1)
-    return torch.where(first < num_prototypes, first, 0)
+    return chosen.to(torch.uint8).argmax(dim=1)  # the first maximum: the lowest chosen index (0 if none)
 
 
 def sinkhorn_assignments(
