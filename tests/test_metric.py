@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from proto_segformer.metrics import MEAN_IOU_PATH, ConfusionMatrix, load_mean_iou, mean_iou
+from proto_segformer.metrics import MEAN_IOU_PATH, ConfusionMatrix, load_mean_iou, mean_iou, metrics_from_areas
 from proto_segformer.training import MeanIoUMetric, segmentation_areas, upsampled_argmax
 
 
@@ -228,3 +228,104 @@ def test_streaming_module_memory_does_not_hold_the_maps() -> None:
     negative = np.array([[-1, 0]])
     result = metric.compute(predictions=[np.array([[0, 0]])], references=[negative], num_labels=2, ignore_index=255)
     np.testing.assert_allclose(result["per_category_iou"], [0.5, np.nan])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Negative values: the Hub metric's numpy semantics (`label != ignore_index` masks only that value; label_map and
+# reduce_labels apply to negative values like to any other; np.histogram over [0, K - 1] drops values outside it).
+
+
+def negative_maps(rng, count=4, num_labels=5, dtype=np.int64):
+    preds, refs = [], []
+    for shape in ((9, 11), (6, 6), (13, 4))[:count]:
+        preds.append(rng.integers(-3, num_labels + 2, size=shape).astype(dtype))
+        refs.append(rng.choice([-3, -2, -1, 0, 1, 2, 3, 4, 6, 255], size=shape).astype(dtype))
+    return preds, refs
+
+
+NEGATIVE_CASES = [
+    {"ignore_index": -1},  # -2 and -3 are not ignored: their predictions count
+    {"ignore_index": -2},
+    {"ignore_index": 255, "label_map": {-2: 1, -3: -1}},  # negative keys apply
+    {"ignore_index": -1, "label_map": {-3: 2, 2: -1}},  # -3 -> 2 -> -1 (one pair after the other): ignored
+    {"ignore_index": -2, "reduce_labels": True},  # -1 -> -2: ignored; 0 -> 255 (kept: not the ignore index)
+    {"ignore_index": -1, "label_map": {-1: 0, 4: -4}, "reduce_labels": True},  # -1 -> 0 -> 255; 4 -> -4 -> -5
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    [
+        (dtype, case)
+        for dtype in (np.int8, np.int16, np.int32, np.int64)
+        for case in range(len(NEGATIVE_CASES))
+        # The Hub metric's `label[label == 0] = 255` overflows int8: it has no value to match there.
+        if not (dtype == np.int8 and NEGATIVE_CASES[case].get("reduce_labels"))
+    ],
+)
+def test_negative_values_match_the_hub_metric(dtype, case) -> None:
+    kwargs = NEGATIVE_CASES[case]
+    preds, refs = negative_maps(np.random.default_rng(10 + case), dtype=dtype)
+    expected = hub_reference(preds, refs, 5, **kwargs)
+    assert not np.isnan(expected["per_category_iou"]).all()
+    assert_same(mean_iou(preds, refs, num_labels=5, **kwargs), expected)
+    # The evaluate module (maps with negative values are kept as they are) and the torch branch (on the device).
+    metric = load_mean_iou()
+    metric.add_batch(predictions=preds, references=refs)
+    assert_same(metric.compute(num_labels=5, **kwargs), expected)
+    matrix = ConfusionMatrix(5, **kwargs)
+    for pred, ref in zip(preds, refs):
+        matrix.matrix += matrix._torch_counts(torch.from_numpy(pred), torch.from_numpy(ref))
+    assert_same(matrix.compute(), expected)
+    cpu = ConfusionMatrix(5, **kwargs)
+    for pred, ref in zip(preds, refs):
+        cpu.update(torch.from_numpy(pred), torch.from_numpy(ref))
+    assert_same(cpu.compute(), expected)
+
+
+def test_negative_values_by_hand() -> None:
+    pred = np.array([[0, 1, 1, -2, 1]])
+    ref = np.array([[0, 1, -2, -2, -1]])
+    # ignore_index=-1: only the last pixel is left out; the reference -2 counts nowhere but its prediction 1 lowers
+    # class 1's IoU (1 / 2), and a prediction of -2 on a reference of -2 counts nowhere.
+    result = mean_iou([pred], [ref], num_labels=2, ignore_index=-1)
+    np.testing.assert_allclose(result["per_category_iou"], [1.0, 0.5])
+    np.testing.assert_allclose(result["per_category_accuracy"], [1.0, 1.0])
+    # label_map with a negative key: -2 -> 1, so class 1 gains two reference pixels, one of them predicted.
+    mapped = mean_iou([pred], [ref], num_labels=2, ignore_index=-1, label_map={-2: 1})
+    np.testing.assert_allclose(mapped["per_category_accuracy"], [1.0, 2 / 3])
+    # reduce_labels: -1 -> -2, now the ignore index; 0 -> 255 (not ignored here, out of range); 1 -> 0.
+    reduced = mean_iou([pred], [ref], num_labels=2, ignore_index=-2, reduce_labels=True)
+    np.testing.assert_allclose(reduced["per_category_accuracy"], [0.0, np.nan])
+    for got, kwargs in (
+        (result, {"ignore_index": -1}),
+        (mapped, {"ignore_index": -1, "label_map": {-2: 1}}),
+        (reduced, {"ignore_index": -2, "reduce_labels": True}),
+    ):
+        assert_same(got, hub_reference([pred], [ref], 2, **kwargs))
+
+
+def test_trainer_areas_with_negative_labels_match_the_hub_metric() -> None:
+    rng = np.random.default_rng(20)
+    preds, refs = negative_maps(rng, count=1, num_labels=5)
+    predictions = torch.from_numpy(np.stack([preds[0], preds[0][::-1]]))
+    labels = torch.from_numpy(np.stack([refs[0], refs[0][:, ::-1]]))
+    for ignore_index in (-1, -2, 255):
+        areas = segmentation_areas(predictions, labels, 5, ignore_index).sum(0).double().numpy()
+        intersect, area_prediction, area_reference = areas
+        union = area_prediction + area_reference - intersect
+        expected = hub_reference(list(predictions.numpy()), list(labels.numpy()), 5, ignore_index)
+        assert_same(metrics_from_areas(intersect, union, area_prediction, area_reference), expected)
+
+
+def test_references_spread_over_a_huge_range_match_the_hub_metric() -> None:
+    # Values 2^40 apart: mapped through their distinct values instead of a table over the range.
+    rng = np.random.default_rng(21)
+    pred = rng.integers(-1, 4, size=(7, 9))
+    ref = rng.choice(np.array([-(2**40), -1, 0, 1, 2, 3, 2**40]), size=(7, 9))
+    for kwargs in ({"ignore_index": -(2**40)}, {"ignore_index": 255, "label_map": {2**40: 1}, "reduce_labels": True}):
+        expected = hub_reference([pred], [ref], 4, **kwargs)
+        assert_same(mean_iou([pred], [ref], num_labels=4, **kwargs), expected)
+        matrix = ConfusionMatrix(4, **kwargs)
+        matrix.matrix += matrix._torch_counts(torch.from_numpy(pred), torch.from_numpy(ref))
+        assert_same(matrix.compute(), expected)

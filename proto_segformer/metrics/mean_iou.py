@@ -5,12 +5,15 @@ Self-contained (numpy, plus torch when given torch tensors) so that `evaluate.lo
 offline. It returns the same keys and values as the Hub's `mean_iou` metric (evaluate-metric/mean_iou), with the
 same definitions:
 
-- pixels whose (mapped, reduced) reference is `ignore_index` are left out;
-- a reference value outside [0, num_labels) that is not `ignore_index` adds nothing to any class's reference area,
-  but the prediction at that pixel still counts in its class's predicted area (the Hub metric's histogram
-  behaviour); predictions outside [0, num_labels) count nowhere;
-- `label_map` {old: new} is applied to the references, one pair after the other, before `reduce_labels`;
-- `reduce_labels`: reference 0 becomes 255, every other value v becomes v - 1 (255 stays 255);
+- pixels whose (mapped, reduced) reference is `ignore_index` are left out, and only those (any integer, negative
+  ones included: with `ignore_index=-1` a reference of -2 is not ignored);
+- a reference value outside [0, num_labels) that is not `ignore_index` (negative or too large) adds nothing to any
+  class's reference area, but the prediction at that pixel still counts in its class's predicted area (the Hub
+  metric's histogram behaviour); predictions outside [0, num_labels) count nowhere;
+- `label_map` {old: new} is applied to the references, one pair after the other ({1: 3, 3: 4} takes 1 to 4), before
+  `reduce_labels`; negative keys and values are applied like any other;
+- `reduce_labels`: reference 0 becomes 255, every other value v becomes v - 1 (255 stays 255, -1 becomes -2);
+- numpy arrays and torch tensors (on any device) give the same values;
 - per class: IoU = |P n R| / |P u R|, accuracy = |P n R| / |R|; a class with an empty union (IoU) or an empty
   reference (accuracy) gets nan, and `mean_iou` / `mean_accuracy` are nan-means over classes;
   `overall_accuracy` = sum |P n R| / sum |R|;
@@ -70,18 +73,23 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _label_lookup(label_map: Mapping[int, int] | None, reduce_labels: bool, max_value: int) -> np.ndarray | None:
-    """Table t (max_value + 1,) with t[v] = the reference value v becomes after `label_map` then `reduce_labels`."""
-    if not label_map and not reduce_labels:
-        return None
-    table = np.arange(max_value + 1, dtype=np.int64)
+def map_reference_values(values: np.ndarray, label_map: Mapping[int, int] | None, reduce_labels: bool) -> np.ndarray:
+    """The Hub metric's reference transform, on a copy of integer `values` (int64): each `label_map` pair in turn
+    (old -> new), then `reduce_labels` (0 -> 255, then every value minus one, then 254 -> 255). Negative values and
+    keys are mapped like any other."""
+    mapped = np.array(values, dtype=np.int64)
     for old, new in (label_map or {}).items():  # one pair after the other, like the Hub metric
-        table[table == int(old)] = int(new)
+        mapped[mapped == int(old)] = int(new)
     if reduce_labels:
-        table[table == 0] = 255
-        table = table - 1
-        table[table == 254] = 255
-    return table
+        mapped[mapped == 0] = 255
+        mapped -= 1
+        mapped[mapped == 254] = 255
+    return mapped
+
+
+# Reference values are mapped through a table over their range [min, max] when it has at most this many entries (or
+# no more than the map has pixels), else through their distinct values.
+_TABLE_SIZE = 1 << 16
 
 
 class ConfusionMatrix:
@@ -124,26 +132,6 @@ class ConfusionMatrix:
         self._matrix[...] = 0
         self._joint8 = None
 
-    def _map_references(self, references: Any) -> Any:
-        if self.label_map is None and not self.reduce_labels:
-            return references
-        if _is_torch(references):
-            import torch
-
-            references = references.long()
-            if references.numel() == 0:
-                return references
-            max_value = max(int(references.max()), 255, *(int(k) for k in (self.label_map or {0: 0})))
-            table = _label_lookup(self.label_map, self.reduce_labels, max_value)
-            table = torch.as_tensor(table, device=references.device)
-            return torch.where(references < 0, references, table[references.clamp_min(0)])
-        references = np.asarray(references).astype(np.int64, copy=False)
-        if references.size == 0:
-            return references
-        max_value = max(int(references.max()), 255, *(int(k) for k in (self.label_map or {0: 0})))
-        table = _label_lookup(self.label_map, self.reduce_labels, max_value)
-        return np.where(references < 0, references, table[np.clip(references, 0, None)])
-
     def update(self, predictions: Any, references: Any) -> ConfusionMatrix:
         """Add a batch: `predictions` and `references` of the same shape, integer class indices."""
         if tuple(predictions.shape) != tuple(references.shape):
@@ -168,12 +156,32 @@ class ConfusionMatrix:
         return size, size * size
 
     def _reference_rows(self, values: np.ndarray) -> np.ndarray:
-        """Row offset (index * (K + 1)) of each reference value after mapping; ignored -> the spill-over bin."""
+        """Row offset (row * (K + 1)) of each reference value after the Hub's mapping: its class; K for a value
+        outside [0, K) (in no reference area, its prediction still counts); the spill-over bin for `ignore_index`."""
         size, spill = self._bins()
-        table = _label_lookup(self.label_map, self.reduce_labels, int(values.max()) if values.size else 0)
-        mapped = values if table is None else table[values]
+        mapped = map_reference_values(values, self.label_map, self.reduce_labels)
         rows = np.where((mapped < 0) | (mapped >= self.num_labels), self.num_labels, mapped) * size
         return np.where(mapped == self.ignore_index, spill, rows)
+
+    def _rows_of(self, references: Any) -> Any:
+        """`_reference_rows` of every element of an int64 array or tensor (on its device), through a table over the
+        values' range, or over their distinct values when that range is much larger than the map."""
+        count = references.numel() if _is_torch(references) else references.size
+        if count == 0:
+            return references
+        low, high = int(references.min()), int(references.max())
+        if _is_torch(references):
+            import torch
+
+            if high - low < max(_TABLE_SIZE, count):
+                table = self._reference_rows(np.arange(low, high + 1, dtype=np.int64))
+                return torch.as_tensor(table, device=references.device)[references - low]
+            values, inverse = torch.unique(references, return_inverse=True)
+            return torch.as_tensor(self._reference_rows(values.cpu().numpy()), device=references.device)[inverse]
+        if high - low < max(_TABLE_SIZE, count):
+            return self._reference_rows(np.arange(low, high + 1, dtype=np.int64))[references - low]
+        values, inverse = np.unique(references, return_inverse=True)
+        return self._reference_rows(values)[inverse.reshape(references.shape)]
 
     def fold_joint_counts(self, joint: np.ndarray) -> np.ndarray:
         """(K + 1, K + 1) class counts from joint counts (V, V) of (reference value, prediction value) pairs."""
@@ -201,14 +209,7 @@ class ConfusionMatrix:
             dtype = np.int32
             codes = reference_rows.astype(dtype)[references] + prediction_columns.astype(dtype)[predictions]
         else:
-            references = references.astype(np.int64, copy=False)
-            if references.size and references.min() < 0:
-                references = np.where(references < 0, -1, references)
-            table_input = np.clip(references, 0, None)
-            reference_rows = self._reference_rows(table_input)
-            reference_rows = np.where(references < 0, self.num_labels * size, reference_rows)
-            if self.label_map is None and not self.reduce_labels:
-                reference_rows = np.where(references == self.ignore_index, spill, reference_rows)
+            reference_rows = self._rows_of(references.astype(np.int64, copy=False))
             predictions = predictions.astype(np.int64, copy=False)
             columns = np.where((predictions < 0) | (predictions >= self.num_labels), self.num_labels, predictions)
             codes = reference_rows + columns
@@ -219,10 +220,8 @@ class ConfusionMatrix:
         import torch
 
         size, spill = self._bins()
-        references = self._map_references(references.long())
+        rows = self._rows_of(references.long())
         predictions = predictions.long()
-        rows = torch.where((references < 0) | (references >= self.num_labels), self.num_labels, references) * size
-        rows = torch.where(references == self.ignore_index, spill, rows)
         columns = torch.where((predictions < 0) | (predictions >= self.num_labels), self.num_labels, predictions)
         counts = torch.bincount((rows + columns).reshape(-1), minlength=spill + size)
         return counts[:spill].cpu().numpy().reshape(size, size)
