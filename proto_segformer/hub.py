@@ -13,6 +13,8 @@ The repository holds everything needed to use the model without the `proto_segfo
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import tempfile
@@ -33,6 +35,9 @@ from .inference import (
     validate_checkpoint,
 )
 from .model_card import PROTOTYPE_STATS_FILE, RESULT_FILES, TRAINING_ARGS_FILE, write_model_card
+from .safe_files import exchange_folders, is_within, read_manifest, remove_listed, staging_folder, write_manifest
+
+logger = logging.getLogger(__name__)
 
 HANDLER_SOURCE = Path(__file__).resolve().parent / "endpoint_handler.py"
 HANDLER_NAME = "handler.py"
@@ -98,20 +103,67 @@ def sidecar_source(folder: Path, name: str) -> Path | None:
     return None
 
 
-def prepare_destination(local_dir: Path, source: Path, overwrite: bool) -> None:
-    """Create `local_dir`; refuse the checkpoint itself, and a non-empty folder unless `overwrite` and it holds a
-    previously assembled repository (config.json and handler.py), which is then replaced."""
-    if local_dir.resolve() == source.resolve():
-        raise HubError(f"The repository folder must differ from the checkpoint folder {source}.")
+MANIFEST_NAME = ".proto_segformer_assembly.json"  # the files an assembly wrote; only these are ever replaced
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """Relative POSIX paths of everything under `folder` (files, links and folders), sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def check_destination(local_dir: Path, source: Path, overwrite: bool) -> list[str]:
+    """Check the repository folder before any work; return the files of a previous assembly there (to replace).
+
+    Refused: a folder that is, contains or lies inside the checkpoint `source`; a file; a non-empty folder without
+    `overwrite`; and, with `overwrite`, a folder that holds anything but the files a previous assembly recorded in
+    its manifest (a training output, a `.git`, checkpoints, a user's notes): nothing the tool did not write is ever
+    deleted.
+    """
+    if is_within(local_dir, source) or is_within(source, local_dir):
+        raise HubError(
+            f"The repository folder {local_dir} and the checkpoint folder {source} overlap (one is, contains or lies"
+            " inside the other); choose a repository folder outside the checkpoint, e.g. a new folder beside it."
+        )
     if local_dir.exists() and not local_dir.is_dir():
         raise HubError(f"{local_dir} exists and is a file; choose a folder for the repository.")
-    if local_dir.is_dir() and any(local_dir.iterdir()):
-        if not overwrite:
-            raise HubError(f"{local_dir} is not empty; choose an empty folder (or pass overwrite=True / --overwrite).")
-        if not (local_dir / HANDLER_NAME).is_file() or not (local_dir / "config.json").is_file():
-            raise HubError(f"{local_dir} is not empty and not a previously assembled repository; not overwriting it.")
-        shutil.rmtree(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
+    if not local_dir.is_dir() or not any(local_dir.iterdir()):
+        return []
+    if not overwrite:
+        raise HubError(
+            f"{local_dir} is not empty; choose an empty folder (or --overwrite to replace a repository folder that"
+            " push_to_hub assembled before)."
+        )
+    previous = read_manifest(local_dir / MANIFEST_NAME)
+    if previous is None:
+        held = ", ".join(sorted(p.name for p in local_dir.iterdir())[:8])
+        raise HubError(
+            f"{local_dir} is not empty and not a previously assembled repository (no {MANIFEST_NAME}); not"
+            f" overwriting it. It holds: {held}. Choose another folder."
+        )
+    ours = set(previous) | {MANIFEST_NAME}
+    ours |= {parent.as_posix() for name in ours for parent in Path(name).parents if parent != Path(".")}
+    others = [name for name in folder_entries(local_dir) if name not in ours]
+    if others:
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise HubError(
+            f"{local_dir} holds files that push_to_hub did not write ({shown}); not overwriting it. Move them away"
+            " or choose another folder (--overwrite replaces only the files of a previous assembly)."
+        )
+    return previous
+
+
+def commit_assembly(staging: Path, local_dir: Path, previous: Sequence[str]) -> None:
+    """Put the assembled `staging` folder in place of `local_dir` in one step; delete only the previous assembly's
+    files (`previous` and its manifest). Anything else found there is left in place under the staging name."""
+    if not local_dir.exists():
+        os.rename(staging, local_dir)
+        return
+    exchange_folders(staging, local_dir)  # `staging` now holds the previous contents
+    left = remove_listed(staging, [*previous, MANIFEST_NAME])
+    if left:
+        logger.warning("%s appeared in %s during assembly; kept in %s.", ", ".join(left[:8]), local_dir, staging)
+    else:
+        staging.rmdir()
 
 
 def card_defaults(source: Path) -> dict[str, Any]:
@@ -161,8 +213,10 @@ def prepared_card_pictures(card: Path) -> list[str]:
 
 
 def list_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of the files under `folder`, sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """Relative POSIX paths of the repository files under `folder` (not the manifest), sorted."""
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
 
 
 def assemble_repository(
@@ -207,52 +261,82 @@ def assemble_repository(
         )
     model = load_model(source)
     processor = load_image_processor(source)
-    prepare_destination(local_dir, source, overwrite)
+    previous = check_destination(local_dir, source, overwrite)
+    staging = staging_folder(local_dir, "assembling")
+    try:
+        write_repository(
+            staging,
+            source,
+            model,
+            processor,
+            pictures=pictures,
+            card=card,
+            card_pictures=card_pictures,
+            repo_id=repo_id,
+            card_inputs={
+                "dataset_name": dataset_name,
+                "base_model": base_model,
+                "license": license,
+                "project_url": project_url,
+                **(card_kwargs or {}),
+            },
+        )
+        files = list_files(staging)
+        write_manifest(staging / MANIFEST_NAME, files, written_by="proto_segformer.hub.assemble_repository")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
+        raise
+    commit_assembly(staging, local_dir, previous)
+    return files
 
-    model.save_pretrained(local_dir)  # model.safetensors with `prototypes`, config.json with auto_map, code files
+
+def write_repository(
+    folder: Path,
+    source: Path,
+    model,
+    processor,
+    *,
+    pictures: Sequence[str | Path],
+    card: str | Path | None,
+    card_pictures: Sequence[str],
+    repo_id: str | None,
+    card_inputs: dict[str, Any],
+) -> None:
+    """Write every repository file of `model` (loaded from `source`) into the empty `folder`."""
+    model.save_pretrained(folder)  # model.safetensors with `prototypes`, config.json with auto_map, code files
     for code_file in custom_code_files():
-        shutil.copyfile(code_file, local_dir / code_file.name)
-    processor.save_pretrained(local_dir)
-    shutil.copyfile(HANDLER_SOURCE, local_dir / HANDLER_NAME)
-    (local_dir / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+        shutil.copyfile(code_file, folder / code_file.name)
+    processor.save_pretrained(folder)
+    shutil.copyfile(HANDLER_SOURCE, folder / HANDLER_NAME)
+    (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     for name in SIDECAR_FILES:
         found = sidecar_source(source, name)
         if found is not None:
-            shutil.copyfile(found, local_dir / name)
+            shutil.copyfile(found, folder / name)
 
     picture_entries = []
     for picture in map(Path, pictures):
-        (local_dir / "images").mkdir(exist_ok=True)
-        shutil.copyfile(picture, local_dir / "images" / picture.name)
+        (folder / "images").mkdir(exist_ok=True)
+        shutil.copyfile(picture, folder / "images" / picture.name)
         picture_entries.append((f"images/{picture.name}", picture.stem.replace("_", " ").replace("-", " ")))
 
     if card is not None:
         text = Path(card).read_text()
         if repo_id is not None:  # a card rendered without a repo id has placeholders in its snippets
             text = PLACEHOLDER_REPO_ID.sub(repo_id, text)
-        (local_dir / "README.md").write_text(text)
+        (folder / "README.md").write_text(text)
         for relative in card_pictures:
-            (local_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(card).parent / relative, local_dir / relative)
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(card).parent / relative, folder / relative)
     else:
-        write_model_card(
-            local_dir,
-            dataset_name=dataset_name,
-            base_model=base_model,
-            repo_id=repo_id,
-            license=license,
-            pictures=picture_entries,
-            project_url=project_url,
-            **(card_kwargs or {}),
-        )
+        write_model_card(folder, repo_id=repo_id, pictures=picture_entries, **card_inputs)
     missing = [
         name
         for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
-        if not (local_dir / name).is_file()
+        if not (folder / name).is_file()
     ]
     if missing:
-        raise HubError(f"Assembling {local_dir} failed: {missing} were not written.")
-    return list_files(local_dir)
+        raise HubError(f"Assembling the repository failed: {missing} were not written.")
 
 
 def push_to_hub(

@@ -440,3 +440,78 @@ def test_prepared_card_is_published_with_its_pictures(checkpoint, tmp_path):
         assemble_repository(checkpoint, tmp_path / "repo3", card=cards / "other.md")
     with pytest.raises(HubError, match="Picture .*missing.png does not exist"):
         assemble_repository(checkpoint, tmp_path / "repo4", pictures=[tmp_path / "missing.png"])
+
+
+# ------------------------------------------------------------------------------------ --overwrite deletes only its own
+
+
+def snapshot_tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for folders)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_overwrite_refuses_a_training_output_with_checkpoints(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, seed=1)
+    (run / "handler.py").write_text("# assembled here by hand once\n")
+    (run / "checkpoint-10").mkdir()
+    (run / "checkpoint-10" / "model.safetensors").write_bytes(b"weights of step 10")
+    (run / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    before = snapshot_tree(run)
+    with pytest.raises(HubError, match=r"not overwriting it. It holds: .*checkpoint-10"):
+        assemble_repository(checkpoint, run, overwrite=True)
+    assert snapshot_tree(run) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_overwrite_refuses_a_git_clone(checkpoint, tmp_path):
+    clone = tmp_path / "clone"
+    first = assemble_repository(checkpoint, clone)
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    before = snapshot_tree(clone)
+    with pytest.raises(HubError, match=r"did not write \(\.git, \.git/HEAD\)"):
+        assemble_repository(checkpoint, clone, overwrite=True)
+    assert snapshot_tree(clone) == before and "config.json" in first
+    (clone / "README.md").unlink()
+    (clone / ".proto_segformer_assembly.json").unlink()  # a clone made without the tool: no manifest at all
+    with pytest.raises(HubError, match=r"not a previously assembled repository \(no \.proto_segformer_assembly"):
+        assemble_repository(checkpoint, clone, overwrite=True)
+    assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+
+
+def test_overwrite_refuses_a_folder_that_contains_the_source(tmp_path):
+    target = tmp_path / "target"
+    source = target / "model"
+    save_checkpoint(source)
+    (target / "config.json").write_text("{}")
+    (target / "handler.py").write_text("# an old assembly\n")
+    before = snapshot_tree(target)
+    with pytest.raises(HubError, match="overlap"):
+        assemble_repository(source, target, overwrite=True)
+    with pytest.raises(HubError, match="overlap"):
+        assemble_repository(source, source / "hub", overwrite=True)
+    assert snapshot_tree(target) == before
+
+
+def test_overwrite_replaces_only_the_previous_assembly(checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    picture = tmp_path / "view.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "blue").save(picture)
+    first = assemble_repository(checkpoint, repo, pictures=[picture], dataset_name="scenes")
+    assert "images/view.png" in first and ".proto_segformer_assembly.json" not in first
+    second = assemble_repository(checkpoint, repo, overwrite=True, dataset_name="other")
+    assert "images/view.png" not in second and not (repo / "images").exists()
+    assert set(second) == {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()} - {
+        ".proto_segformer_assembly.json"
+    }
+    assert "`other`" in (repo / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "view.png"]  # no staging folder left
+    (repo / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match=r"did not write \(notes.txt\)"):
+        assemble_repository(checkpoint, repo, overwrite=True)
+    assert (repo / "notes.txt").read_text() == "mine"
