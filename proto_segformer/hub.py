@@ -355,8 +355,9 @@ def push_to_hub(
     """Assemble the repository of `source` and, unless `dry_run` or `local_dir` is given, upload it in one commit.
 
     Checks first (before any work): the repo id form ("owner/name"; optional for a dry run) and, for an upload, a
-    token. The upload creates the repository if needed (`create_repo(exist_ok=True)`) and adds every file in a
-    single `create_commit`. Files already in the repository and not in the folder are left as they are.
+    token and that the Hub answers (`whoami`); an unreachable Hub is a one-line `HubError`. The upload creates the
+    repository if needed (`create_repo(exist_ok=True)`) and adds every file in a single `create_commit`.
+    Files already in the repository and not in the folder are left as they are.
     """
     upload = not dry_run and local_dir is None
     if repo_id is not None or upload:
@@ -365,15 +366,17 @@ def push_to_hub(
         check_repo_id(repo_id)
     if upload:
         token = require_token(token)
+        api = api or HfApi(token=token)
+        hub_call(api.whoami, token=token)  # the Hub is reachable and the token valid, before any work
     folder = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="protoseg_hub_"))
     files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
     result = PushResult(local_dir=folder, files=files, repo_id=repo_id)
     if not upload:
         return result
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+    hub_call(api.create_repo, repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    info = api.create_commit(
+    info = hub_call(
+        api.create_commit,
         repo_id=repo_id,
         repo_type="model",
         operations=operations,
@@ -382,6 +385,44 @@ def push_to_hub(
     )
     result.commit_url = getattr(info, "commit_url", None) or str(info)
     return result
+
+
+# Transport failures of the HTTP clients huggingface_hub uses (httpx, requests), told apart by class name so that
+# none of them needs importing here.
+NETWORK_ERROR_NAMES = {"TransportError", "ConnectError", "TimeoutException", "NetworkError", "ConnectionError"}
+
+
+def is_network_error(error: BaseException) -> bool:
+    """True for a failure to reach a server (refused, unresolvable, timed out, offline mode), not an HTTP answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return False
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in NETWORK_ERROR_NAMES for cls in type(error).__mro__
+    )
+
+
+def hub_call(function, *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)`; a network failure becomes a one-line `HubError` that names the endpoint."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        return function(*args, **kwargs)
+    except OfflineModeIsEnabled as error:
+        raise HubError(
+            "Cannot upload: HF_HUB_OFFLINE is set (unset it to upload); --local_dir DIR assembles the repository"
+            " without network."
+        ) from error
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubError(
+            f"The Hugging Face Hub at {constants.ENDPOINT} is unreachable ({reason}); check the network (and"
+            " HF_ENDPOINT). --local_dir DIR assembles the repository without network."
+        ) from error
 
 
 __all__ = [

@@ -249,6 +249,7 @@ def test_upload_is_one_commit_with_every_file(checkpoint, tmp_path):
     commit = mock.Mock(commit_url="https://huggingface.co/alice/protoseg-tiny/commit/abc")
     with (
         mock.patch("proto_segformer.hub.get_token", return_value="hf_test_token"),
+        mock.patch.object(HfApi, "whoami", autospec=True, return_value={"name": "alice"}),
         mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=fake_create_repo),
         mock.patch.object(HfApi, "create_commit", autospec=True, return_value=commit) as create_commit,
         mock.patch.object(HfApi, "upload_file", autospec=True, side_effect=AssertionError("one commit only")),
@@ -515,3 +516,34 @@ def test_overwrite_replaces_only_the_previous_assembly(checkpoint, tmp_path):
     with pytest.raises(HubError, match=r"did not write \(notes.txt\)"):
         assemble_repository(checkpoint, repo, overwrite=True)
     assert (repo / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------ no network
+
+
+def test_push_without_network_is_one_line(checkpoint, tmp_path):
+    """A token and an unreachable Hub (a closed local port): a one-line error, fast, before the assembly."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "push_to_hub.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--model", str(checkpoint), "--repo_id", "alice/tiny", "--token", "hf_test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    lines = completed.stderr.strip().splitlines()
+    assert "Traceback" not in completed.stderr
+    assert len(lines) == 1, completed.stderr
+    assert "The Hugging Face Hub at http://127.0.0.1:9 is unreachable" in lines[0]
+    assert "--local_dir DIR assembles the repository without network" in lines[0]
+
+
+def test_push_in_offline_mode_says_so(checkpoint):
+    with (
+        mock.patch("proto_segformer.hub.get_token", return_value="hf_test_token"),
+        pytest.raises(HubError, match="HF_HUB_OFFLINE is set"),
+    ):
+        push_to_hub(checkpoint, "alice/protoseg-tiny")  # the tests run with HF_HUB_OFFLINE=1
