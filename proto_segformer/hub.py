@@ -34,7 +34,13 @@ from .inference import (
     load_model,
     validate_checkpoint,
 )
-from .model_card import PROTOTYPE_STATS_FILE, RESULT_FILES, TRAINING_ARGS_FILE, write_model_card
+from .model_card import (
+    CARD_INPUTS_FILE,
+    PROTOTYPE_STATS_FILE,
+    RESULT_FILES,
+    TRAINING_ARGS_FILE,
+    write_model_card,
+)
 from .safe_files import exchange_folders, is_within, read_manifest, remove_listed, staging_folder, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ HANDLER_NAME = "handler.py"
 # Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Files of a training output copied into the repository when present (the checkpoint folder, else its parent).
-SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE)
+SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE, CARD_INPUTS_FILE)
 REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
 
 
@@ -167,21 +173,28 @@ def commit_assembly(staging: Path, local_dir: Path, previous: Sequence[str]) -> 
 
 
 def card_defaults(source: Path) -> dict[str, Any]:
-    """dataset_name, base_model and license from the metadata of the model card already in `source` (written by the
-    training script), so that re-rendering the card for the Hub keeps them; empty if there is no readable card."""
+    """dataset_name, base_model and license of a training output written before model_card_inputs.json existed,
+    read from its card's metadata (the data set from `datasets` or, for a built-in or local one, the model-index),
+    so that re-rendering the card for the Hub keeps them; empty if the folder records its card inputs (the card
+    then reads them itself) or has no readable card."""
     from huggingface_hub import ModelCard
 
     found = sidecar_source(source, "README.md")
-    if found is None:
+    if found is None or sidecar_source(source, CARD_INPUTS_FILE) is not None:
         return {}
     try:
         data = ModelCard.load(found, ignore_metadata_errors=True).data
     except Exception:
         return {}
     datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets] if data.datasets else []
+    evaluated = [r.dataset_name for r in data.eval_results or [] if r.dataset_name not in (None, "built-in")]
     base_model = data.base_model[0] if isinstance(data.base_model, list) and data.base_model else data.base_model
     license = data.license if data.license not in (None, "other") else None
-    defaults = {"dataset_name": datasets[0] if datasets else None, "base_model": base_model, "license": license}
+    defaults = {
+        "dataset_name": datasets[0] if datasets else evaluated[0] if evaluated else None,
+        "base_model": base_model,
+        "license": license,
+    }
     return {k: v for k, v in defaults.items() if v}
 
 

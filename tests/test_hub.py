@@ -547,3 +547,46 @@ def test_push_in_offline_mode_says_so(checkpoint):
         pytest.raises(HubError, match="HF_HUB_OFFLINE is set"),
     ):
         push_to_hub(checkpoint, "alice/protoseg-tiny")  # the tests run with HF_HUB_OFFLINE=1
+
+
+# ------------------------------------------------------------------------------------ cards that tell the truth
+
+
+def test_hub_card_keeps_a_builtin_dataset_a_local_base_model_and_the_training_crop(tmp_path):
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    SegformerImageProcessor(do_resize=False).save_pretrained(run)  # as training saves it: size 512, no resizing
+    (tmp_path / "local_start").mkdir()
+    args = {"learning_rate": 1e-3, "crop_size": 64}
+    write_model_card(run, dataset_name="builtin:scenes", base_model=str(tmp_path / "local_start"), training_args=args)
+    for kind in ("current", "older output without model_card_inputs.json"):
+        repo = tmp_path / f"repo-{kind[:3]}"
+        assemble_repository(run, repo)
+        card = ModelCard.load(repo / "README.md")
+        assert "trained on `builtin:scenes`" in card.text, kind
+        assert "the data it was trained on" not in card.text
+        assert {r.dataset_name for r in card.data.eval_results} == {"builtin:scenes"}, kind
+        assert "| Training crop | 64x64 |" in card.text, kind
+        assert "(512x512; it does not resize" in card.text  # the processor's size is stated as what it is
+        if kind == "current":
+            assert "a local checkpoint (`local_start`)" in card.text
+        (run / "model_card_inputs.json").unlink(missing_ok=True)
+
+
+def test_card_widget_fits_the_classes(tmp_path):
+    from proto_segformer.model_card import widget_for_classes, write_model_card
+
+    digits = {0: "background", **{i + 1: f"digit {i}" for i in range(10)}}
+    assert widget_for_classes(digits) == []
+    assert [w["example_title"] for w in widget_for_classes(LABELS)] == ["Cats"]
+    assert [w["example_title"] for w in widget_for_classes({0: "wall", 1: "building", 2: "cat"})] == ["House", "Cats"]
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    config = json.loads((run / "config.json").read_text())
+    config["id2label"] = {str(k): v for k, v in list(digits.items())[:5]}
+    config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    (run / "config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(run, dataset_name="builtin:scenes"))
+    assert "widget" not in card.data.to_dict() and "widget examples in the metadata" not in card.text
