@@ -103,6 +103,8 @@ def remove_listed(folder: str | Path, files: Iterable[str]) -> list[str]:
             continue  # a name that points outside the folder is never followed
         if target.is_file() or target.is_symlink():
             target.unlink()
+        elif target.is_dir():
+            parents.add(target)  # a listed folder goes once it is empty
         parents.update(p for p in target.parents if p != folder and folder in p.parents)
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         if parent.is_dir() and not parent.is_symlink() and not any(parent.iterdir()):
