@@ -558,23 +558,24 @@ def colour_overlay(
     alpha: float = 0.5,
     legend: bool = True,
 ) -> np.ndarray:
-    """(H, W, 3) uint8: class colours blended over the image, with a legend of the classes present."""
+    """(H, W, 3) uint8: class colours blended over the image, with a legend of the classes present.
+
+    The legend (font scaled with the image) sits in the bottom-right corner when it covers at most
+    `visualization.LEGEND_MAX_FRACTION` of the image; for a smaller image it goes on a white strip beside it, so the
+    result is wider (and taller if the legend is): the image part is never hidden.
+    """
     import imgviz
 
-    names = None
-    if legend and id2label:
-        names = {int(k): str(v) for k, v in id2label.items() if (label_map == int(k)).any()}
-    font_size = max(10, min(image.shape[:2]) // 25)
+    from .visualization import attach_legend, legend_picture
+
     colormap = class_colormap(int(label_map.max()) + 1)
-    return imgviz.label2rgb(
-        label_map.astype(np.int32),
-        image=image,
-        alpha=alpha,
-        label_names=names,
-        font_size=font_size,
-        colormap=colormap,
-        loc="rb",
-    )
+    blended = imgviz.label2rgb(label_map.astype(np.int32), image=image, alpha=alpha, colormap=colormap)
+    present = [int(k) for k in sorted(id2label or {}, key=int) if (label_map == int(k)).any()]
+    if not legend or not present:
+        return blended
+    font_size = max(10, min(image.shape[:2]) // 25)
+    items = [(str(id2label[k]), colormap[k]) for k in present]
+    return attach_legend(blended, legend_picture(items, font_size))
 
 
 def prototype_colormap(num_prototypes: int) -> np.ndarray:
