@@ -640,8 +640,8 @@ def write_model_card(
         eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
         base_model: the Hub id (or local path) of the checkpoint training started from (e.g. "nvidia/mit-b0").
         training_args: the training settings (e.g. TrainingArguments.to_dict() plus script settings); the main ones
-            are listed in the card, and all are saved as training_args.json if that file does not exist yet.
-            Default: training_args.json if present.
+            are listed in the card, and all are saved as training_args.json. Default: training_args.json if
+            present.
         repo_id: "owner/name" used in the usage snippets; a placeholder if None.
         license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
         prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
@@ -657,17 +657,24 @@ def write_model_card(
 
     dataset_name, base_model, license, data_note, project_url, crop_size and class_additions default to those in
     the folder's model_card_inputs.json, which is (re)written with the card so that a later rendering keeps them.
+    When `training_args` is given (a training run writing the card of the model it just trained), the inputs given
+    are the whole truth: files a previous run left in the folder (model_card_inputs.json, training_args.json) are
+    not read, and are replaced.
     """
-    inputs = resolve_card_inputs(
-        output_dir,
-        dataset_name=dataset_name,
-        base_model=base_model,
-        license=license,
-        data_note=data_note,
-        project_url=project_url,
-        crop_size=crop_size,
-        class_additions=class_additions,
-    )
+    given = {
+        "dataset_name": dataset_name,
+        "base_model": base_model,
+        "license": license,
+        "data_note": data_note,
+        "project_url": project_url,
+        "crop_size": crop_size,
+        "class_additions": class_additions,
+    }
+    if training_args is not None:
+        (Path(output_dir) / CARD_INPUTS_FILE).unlink(missing_ok=True)
+        # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
+        (Path(output_dir) / TRAINING_ARGS_FILE).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+    inputs = resolve_card_inputs(output_dir, **given)
     card = render_model_card(
         output_dir,
         eval_results=eval_results,
@@ -681,10 +688,6 @@ def write_model_card(
     path = Path(output_dir) / filename
     card.save(path)
     (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str) + "\n")
-    args_path = Path(output_dir) / TRAINING_ARGS_FILE
-    if training_args is not None and not args_path.exists():
-        # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
-        args_path.write_text(json.dumps(training_args, indent=2, default=str) + "\n")
     return path
 
 

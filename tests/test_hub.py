@@ -590,3 +590,16 @@ def test_card_widget_fits_the_classes(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     card = ModelCard.load(write_model_card(run, dataset_name="builtin:scenes"))
     assert "widget" not in card.data.to_dict() and "widget examples in the metadata" not in card.text
+
+
+def test_a_training_card_does_not_inherit_a_previous_run(tmp_path):
+    """A run written over an older one (--overwrite_output_dir): the card states this run, not the leftovers."""
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    write_model_card(run, dataset_name="ade", base_model="nvidia/mit-b0", training_args={"learning_rate": 0.1})
+    card = ModelCard.load(write_model_card(run, dataset_name="builtin:scenes", training_args={"learning_rate": 0.5}))
+    assert card.data.base_model is None and "none (trained from scratch)" in card.text
+    assert "| learning_rate | 0.5 |" in card.text and "`ade`" not in card.text
+    assert json.loads((run / "training_args.json").read_text()) == {"learning_rate": 0.5}
