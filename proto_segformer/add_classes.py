@@ -271,7 +271,7 @@ def add_classes_from_folder(
             shutil.copyfile(training_args, folder / TRAINING_ARGS_FILE)  # how the network was trained
         write_model_card(folder, class_additions=additions, **inputs)
 
-    save_model_atomically(model, processor, output_dir, write_card)
+    save_model_atomically(model, processor, output_dir.resolve(), write_card)  # a link: replace what it points to
     return new_ids
 
 

@@ -8,7 +8,12 @@ The repository holds everything needed to use the model without the `proto_segfo
 - `preprocessor_config.json` (the image processor);
 - `README.md`: the model card (`model_card.py`);
 - `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`);
-- the training output's result files (all_results.json, eval_results.json, train_results.json, ...) and pictures.
+- the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
+  inputs (model_card_inputs.json) and pictures.
+
+The folder is assembled beside the destination and put in place in one step. `.proto_segformer_assembly.json`
+lists the files an assembly wrote: `overwrite` replaces only those and refuses a folder that holds anything else
+(a training output, a `.git`, a user's files), or one that overlaps the checkpoint.
 """
 
 from __future__ import annotations
@@ -275,7 +280,8 @@ def assemble_repository(
     model = load_model(source)
     processor = load_image_processor(source)
     previous = check_destination(local_dir, source, overwrite)
-    staging = staging_folder(local_dir, "assembling")
+    target = local_dir.resolve()  # a link to a folder: the folder it points to is replaced, not the link
+    staging = staging_folder(target, "assembling")
     try:
         write_repository(
             staging,
@@ -299,7 +305,7 @@ def assemble_repository(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
         raise
-    commit_assembly(staging, local_dir, previous)
+    commit_assembly(staging, target, previous)
     return files
 
 

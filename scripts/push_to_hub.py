@@ -23,7 +23,7 @@ class PushArguments:
     repo_id: str | None = field(default=None, metadata={"help": "Hub repository 'owner/name'."})
     local_dir: str | None = field(default=None, metadata={"help": "Write the repository here and do not upload."})
     dry_run: bool = field(default=False, metadata={"help": "Assemble into a temporary folder, list files, no upload."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a previously assembled --local_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace only an earlier assembly in --local_dir."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Training data (Hub id or built-in name)."})
