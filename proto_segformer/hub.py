@@ -32,13 +32,6 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .inference import (
-    CheckpointError,
-    find_processor_folder,
-    load_image_processor,
-    load_model,
-    validate_checkpoint,
-)
 from .model_card import (
     CARD_INPUTS_FILE,
     PROTOTYPE_STATS_FILE,
@@ -262,6 +255,8 @@ def assemble_repository(
     is, with the pictures it links to by relative path (and `repo_id` in place of its "<namespace>/..."
     placeholders).
     """
+    from .inference import CheckpointError, find_processor_folder, load_image_processor, load_model, validate_checkpoint
+
     source, local_dir = Path(source), Path(local_dir)
     for picture in pictures:
         if not Path(picture).is_file():

@@ -41,7 +41,6 @@ class PushArguments:
 
 def main(argv: list[str] | None = None) -> int:
     from proto_segformer.hub import HubError, push_to_hub
-    from proto_segformer.inference import CheckpointError
 
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
@@ -61,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             card=args.card,
             card_kwargs={"data_note": args.data_note} if args.data_note else None,
         )
-    except (HubError, CheckpointError, FileNotFoundError) as error:
+    except Exception as error:
+        from proto_segformer.inference import CheckpointError  # torch: imported only when needed
+
+        if not isinstance(error, (HubError, CheckpointError, FileNotFoundError)):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     action = (
