@@ -407,9 +407,10 @@ def additions_section(class_additions: Sequence[Mapping[str, Any]] | None) -> st
         lines.append(
             f"- {named}: from {addition.get('shots', '?')} labelled support image(s), without training, by"
             f" clustering the frozen network's embeddings of their pixels into prototypes (`add_classes`; {settings});"
-            f" source model `{addition.get('source_model', '?')}`. The existing prototypes and weights are unchanged."
+            f" source model {base_model_text(addition.get('source_model')) if addition.get('source_model') else '?'}."
+            " The existing prototypes and weights are unchanged."
         )
-    lines += ["", "The added classes were not evaluated: the results below were measured before they were added."]
+    lines += ["", "The added classes were not evaluated: any results below were measured before they were added."]
     return "\n".join(lines)
 
 

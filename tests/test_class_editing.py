@@ -554,7 +554,8 @@ def test_add_classes_card_lists_the_added_classes(tmp_path):
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert "### Classes added after training" in card.text
     assert "- red (5), blue (6): from 2 labelled support image(s)" in card.text
-    assert "min_cell_fraction 0.8" in card.text and "seed 3" in card.text and f"`{model_dir}`" in card.text
+    assert "min_cell_fraction 0.8" in card.text and "seed 3" in card.text
+    assert "source model a local checkpoint (`model`)" in card.text
     assert "trained on `builtin:scenes`" in card.text and "| Training crop | 32x32 |" in card.text
     assert "5: red, 6: blue" in card.text
     assert not card.data.eval_results  # the source's results do not cover the added classes
