@@ -8,11 +8,18 @@ The repository holds everything needed to use the model without the `proto_segfo
 - `preprocessor_config.json` (the image processor);
 - `README.md`: the model card (`model_card.py`);
 - `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`);
-- the training output's result files (all_results.json, eval_results.json, train_results.json, ...) and pictures.
+- the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
+  inputs (model_card_inputs.json) and pictures.
+
+The folder is assembled beside the destination and put in place in one step. `.proto_segformer_assembly.json`
+lists the files an assembly wrote: `overwrite` replaces only those and refuses a folder that holds anything else
+(a training output, a `.git`, a user's files), or one that overlaps the checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import tempfile
@@ -25,21 +32,23 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .inference import (
-    CheckpointError,
-    find_processor_folder,
-    load_image_processor,
-    load_model,
-    validate_checkpoint,
+from .model_card import (
+    CARD_INPUTS_FILE,
+    PROTOTYPE_STATS_FILE,
+    RESULT_FILES,
+    TRAINING_ARGS_FILE,
+    write_model_card,
 )
-from .model_card import PROTOTYPE_STATS_FILE, RESULT_FILES, TRAINING_ARGS_FILE, write_model_card
+from .safe_files import exchange_folders, is_within, read_manifest, remove_listed, staging_folder, write_manifest
+
+logger = logging.getLogger(__name__)
 
 HANDLER_SOURCE = Path(__file__).resolve().parent / "endpoint_handler.py"
 HANDLER_NAME = "handler.py"
 # Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Files of a training output copied into the repository when present (the checkpoint folder, else its parent).
-SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE)
+SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE, CARD_INPUTS_FILE)
 REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
 
 
@@ -98,38 +107,92 @@ def sidecar_source(folder: Path, name: str) -> Path | None:
     return None
 
 
-def prepare_destination(local_dir: Path, source: Path, overwrite: bool) -> None:
-    """Create `local_dir`; refuse the checkpoint itself, and a non-empty folder unless `overwrite` and it holds a
-    previously assembled repository (config.json and handler.py), which is then replaced."""
-    if local_dir.resolve() == source.resolve():
-        raise HubError(f"The repository folder must differ from the checkpoint folder {source}.")
+MANIFEST_NAME = ".proto_segformer_assembly.json"  # the files an assembly wrote; only these are ever replaced
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """Relative POSIX paths of everything under `folder` (files, links and folders), sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def check_destination(local_dir: Path, source: Path, overwrite: bool) -> list[str]:
+    """Check the repository folder before any work; return the files of a previous assembly there (to replace).
+
+    Refused: a folder that is, contains or lies inside the checkpoint `source`; a file; a non-empty folder without
+    `overwrite`; and, with `overwrite`, a folder that holds anything but the files a previous assembly recorded in
+    its manifest (a training output, a `.git`, checkpoints, a user's notes): nothing the tool did not write is ever
+    deleted.
+    """
+    if is_within(local_dir, source) or is_within(source, local_dir):
+        raise HubError(
+            f"The repository folder {local_dir} and the checkpoint folder {source} overlap (one is, contains or lies"
+            " inside the other); choose a repository folder outside the checkpoint, e.g. a new folder beside it."
+        )
     if local_dir.exists() and not local_dir.is_dir():
         raise HubError(f"{local_dir} exists and is a file; choose a folder for the repository.")
-    if local_dir.is_dir() and any(local_dir.iterdir()):
-        if not overwrite:
-            raise HubError(f"{local_dir} is not empty; choose an empty folder (or pass overwrite=True / --overwrite).")
-        if not (local_dir / HANDLER_NAME).is_file() or not (local_dir / "config.json").is_file():
-            raise HubError(f"{local_dir} is not empty and not a previously assembled repository; not overwriting it.")
-        shutil.rmtree(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
+    if not local_dir.is_dir() or not any(local_dir.iterdir()):
+        return []
+    if not overwrite:
+        raise HubError(
+            f"{local_dir} is not empty; choose an empty folder (or --overwrite to replace a repository folder that"
+            " push_to_hub assembled before)."
+        )
+    previous = read_manifest(local_dir / MANIFEST_NAME)
+    if previous is None:
+        held = ", ".join(sorted(p.name for p in local_dir.iterdir())[:8])
+        raise HubError(
+            f"{local_dir} is not empty and not a previously assembled repository (no {MANIFEST_NAME}); not"
+            f" overwriting it. It holds: {held}. Choose another folder."
+        )
+    ours = set(previous) | {MANIFEST_NAME}
+    ours |= {parent.as_posix() for name in ours for parent in Path(name).parents if parent != Path(".")}
+    others = [name for name in folder_entries(local_dir) if name not in ours]
+    if others:
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise HubError(
+            f"{local_dir} holds files that push_to_hub did not write ({shown}); not overwriting it. Move them away"
+            " or choose another folder (--overwrite replaces only the files of a previous assembly)."
+        )
+    return previous
+
+
+def commit_assembly(staging: Path, local_dir: Path, previous: Sequence[str]) -> None:
+    """Put the assembled `staging` folder in place of `local_dir` in one step; delete only the previous assembly's
+    files (`previous` and its manifest). Anything else found there is left in place under the staging name."""
+    if not local_dir.exists():
+        os.rename(staging, local_dir)
+        return
+    exchange_folders(staging, local_dir)  # `staging` now holds the previous contents
+    left = remove_listed(staging, [*previous, MANIFEST_NAME])
+    if left:
+        logger.warning("%s appeared in %s during assembly; kept in %s.", ", ".join(left[:8]), local_dir, staging)
+    else:
+        staging.rmdir()
 
 
 def card_defaults(source: Path) -> dict[str, Any]:
-    """dataset_name, base_model and license from the metadata of the model card already in `source` (written by the
-    training script), so that re-rendering the card for the Hub keeps them; empty if there is no readable card."""
+    """dataset_name, base_model and license of a training output written before model_card_inputs.json existed,
+    read from its card's metadata (the data set from `datasets` or, for a built-in or local one, the model-index),
+    so that re-rendering the card for the Hub keeps them; empty if the folder records its card inputs (the card
+    then reads them itself) or has no readable card."""
     from huggingface_hub import ModelCard
 
     found = sidecar_source(source, "README.md")
-    if found is None:
+    if found is None or sidecar_source(source, CARD_INPUTS_FILE) is not None:
         return {}
     try:
         data = ModelCard.load(found, ignore_metadata_errors=True).data
     except Exception:
         return {}
     datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets] if data.datasets else []
+    evaluated = [r.dataset_name for r in data.eval_results or [] if r.dataset_name not in (None, "built-in")]
     base_model = data.base_model[0] if isinstance(data.base_model, list) and data.base_model else data.base_model
     license = data.license if data.license not in (None, "other") else None
-    defaults = {"dataset_name": datasets[0] if datasets else None, "base_model": base_model, "license": license}
+    defaults = {
+        "dataset_name": datasets[0] if datasets else evaluated[0] if evaluated else None,
+        "base_model": base_model,
+        "license": license,
+    }
     return {k: v for k, v in defaults.items() if v}
 
 
@@ -161,8 +224,10 @@ def prepared_card_pictures(card: Path) -> list[str]:
 
 
 def list_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of the files under `folder`, sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """Relative POSIX paths of the repository files under `folder` (not the manifest), sorted."""
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
 
 
 def assemble_repository(
@@ -190,6 +255,8 @@ def assemble_repository(
     is, with the pictures it links to by relative path (and `repo_id` in place of its "<namespace>/..."
     placeholders).
     """
+    from .inference import CheckpointError, find_processor_folder, load_image_processor, load_model, validate_checkpoint
+
     source, local_dir = Path(source), Path(local_dir)
     for picture in pictures:
         if not Path(picture).is_file():
@@ -207,52 +274,83 @@ def assemble_repository(
         )
     model = load_model(source)
     processor = load_image_processor(source)
-    prepare_destination(local_dir, source, overwrite)
+    previous = check_destination(local_dir, source, overwrite)
+    target = local_dir.resolve()  # a link to a folder: the folder it points to is replaced, not the link
+    staging = staging_folder(target, "assembling")
+    try:
+        write_repository(
+            staging,
+            source,
+            model,
+            processor,
+            pictures=pictures,
+            card=card,
+            card_pictures=card_pictures,
+            repo_id=repo_id,
+            card_inputs={
+                "dataset_name": dataset_name,
+                "base_model": base_model,
+                "license": license,
+                "project_url": project_url,
+                **(card_kwargs or {}),
+            },
+        )
+        files = list_files(staging)
+        write_manifest(staging / MANIFEST_NAME, files, written_by="proto_segformer.hub.assemble_repository")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
+        raise
+    commit_assembly(staging, target, previous)
+    return files
 
-    model.save_pretrained(local_dir)  # model.safetensors with `prototypes`, config.json with auto_map, code files
+
+def write_repository(
+    folder: Path,
+    source: Path,
+    model,
+    processor,
+    *,
+    pictures: Sequence[str | Path],
+    card: str | Path | None,
+    card_pictures: Sequence[str],
+    repo_id: str | None,
+    card_inputs: dict[str, Any],
+) -> None:
+    """Write every repository file of `model` (loaded from `source`) into the empty `folder`."""
+    model.save_pretrained(folder)  # model.safetensors with `prototypes`, config.json with auto_map, code files
     for code_file in custom_code_files():
-        shutil.copyfile(code_file, local_dir / code_file.name)
-    processor.save_pretrained(local_dir)
-    shutil.copyfile(HANDLER_SOURCE, local_dir / HANDLER_NAME)
-    (local_dir / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+        shutil.copyfile(code_file, folder / code_file.name)
+    processor.save_pretrained(folder)
+    shutil.copyfile(HANDLER_SOURCE, folder / HANDLER_NAME)
+    (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     for name in SIDECAR_FILES:
         found = sidecar_source(source, name)
         if found is not None:
-            shutil.copyfile(found, local_dir / name)
+            shutil.copyfile(found, folder / name)
 
     picture_entries = []
     for picture in map(Path, pictures):
-        (local_dir / "images").mkdir(exist_ok=True)
-        shutil.copyfile(picture, local_dir / "images" / picture.name)
+        (folder / "images").mkdir(exist_ok=True)
+        shutil.copyfile(picture, folder / "images" / picture.name)
         picture_entries.append((f"images/{picture.name}", picture.stem.replace("_", " ").replace("-", " ")))
 
     if card is not None:
         text = Path(card).read_text()
         if repo_id is not None:  # a card rendered without a repo id has placeholders in its snippets
             text = PLACEHOLDER_REPO_ID.sub(repo_id, text)
-        (local_dir / "README.md").write_text(text)
+        (folder / "README.md").write_text(text)
         for relative in card_pictures:
-            (local_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(card).parent / relative, local_dir / relative)
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(card).parent / relative, folder / relative)
     else:
-        write_model_card(
-            local_dir,
-            dataset_name=dataset_name,
-            base_model=base_model,
-            repo_id=repo_id,
-            license=license,
-            pictures=picture_entries,
-            project_url=project_url,
-            **(card_kwargs or {}),
-        )
+        write_model_card(folder, repo_id=repo_id, pictures=picture_entries, **card_inputs)
     missing = [
         name
         for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
-        if not (local_dir / name).is_file()
+        if not (folder / name).is_file()
     ]
     if missing:
-        raise HubError(f"Assembling {local_dir} failed: {missing} were not written.")
-    return list_files(local_dir)
+        raise HubError(f"Assembling the repository failed: {missing} were not written.")
 
 
 def push_to_hub(
@@ -271,8 +369,9 @@ def push_to_hub(
     """Assemble the repository of `source` and, unless `dry_run` or `local_dir` is given, upload it in one commit.
 
     Checks first (before any work): the repo id form ("owner/name"; optional for a dry run) and, for an upload, a
-    token. The upload creates the repository if needed (`create_repo(exist_ok=True)`) and adds every file in a
-    single `create_commit`. Files already in the repository and not in the folder are left as they are.
+    token and that the Hub answers (`whoami`); an unreachable Hub is a one-line `HubError`. The upload creates the
+    repository if needed (`create_repo(exist_ok=True)`) and adds every file in a single `create_commit`.
+    Files already in the repository and not in the folder are left as they are.
     """
     upload = not dry_run and local_dir is None
     if repo_id is not None or upload:
@@ -281,15 +380,17 @@ def push_to_hub(
         check_repo_id(repo_id)
     if upload:
         token = require_token(token)
+        api = api or HfApi(token=token)
+        hub_call(api.whoami, token=token)  # the Hub is reachable and the token valid, before any work
     folder = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="protoseg_hub_"))
     files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
     result = PushResult(local_dir=folder, files=files, repo_id=repo_id)
     if not upload:
         return result
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+    hub_call(api.create_repo, repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    info = api.create_commit(
+    info = hub_call(
+        api.create_commit,
         repo_id=repo_id,
         repo_type="model",
         operations=operations,
@@ -298,6 +399,44 @@ def push_to_hub(
     )
     result.commit_url = getattr(info, "commit_url", None) or str(info)
     return result
+
+
+# Transport failures of the HTTP clients huggingface_hub uses (httpx, requests), told apart by class name so that
+# none of them needs importing here.
+NETWORK_ERROR_NAMES = {"TransportError", "ConnectError", "TimeoutException", "NetworkError", "ConnectionError"}
+
+
+def is_network_error(error: BaseException) -> bool:
+    """True for a failure to reach a server (refused, unresolvable, timed out, offline mode), not an HTTP answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return False
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in NETWORK_ERROR_NAMES for cls in type(error).__mro__
+    )
+
+
+def hub_call(function, *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)`; a network failure becomes a one-line `HubError` that names the endpoint."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        return function(*args, **kwargs)
+    except OfflineModeIsEnabled as error:
+        raise HubError(
+            "Cannot upload: HF_HUB_OFFLINE is set (unset it to upload); --local_dir DIR assembles the repository"
+            " without network."
+        ) from error
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubError(
+            f"The Hugging Face Hub at {constants.ENDPOINT} is unreachable ({reason}); check the network (and"
+            " HF_ENDPOINT). --local_dir DIR assembles the repository without network."
+        ) from error
 
 
 __all__ = [

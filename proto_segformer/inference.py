@@ -558,23 +558,24 @@ def colour_overlay(
     alpha: float = 0.5,
     legend: bool = True,
 ) -> np.ndarray:
-    """(H, W, 3) uint8: class colours blended over the image, with a legend of the classes present."""
+    """(H, W, 3) uint8: class colours blended over the image, with a legend of the classes present.
+
+    The legend (font scaled with the image) sits in the bottom-right corner when it covers at most
+    `visualization.LEGEND_MAX_FRACTION` of the image; for a smaller image it goes on a white strip beside it, so the
+    result is wider (and taller if the legend is): the image part is never hidden.
+    """
     import imgviz
 
-    names = None
-    if legend and id2label:
-        names = {int(k): str(v) for k, v in id2label.items() if (label_map == int(k)).any()}
-    font_size = max(10, min(image.shape[:2]) // 25)
+    from .visualization import attach_legend, legend_picture
+
     colormap = class_colormap(int(label_map.max()) + 1)
-    return imgviz.label2rgb(
-        label_map.astype(np.int32),
-        image=image,
-        alpha=alpha,
-        label_names=names,
-        font_size=font_size,
-        colormap=colormap,
-        loc="rb",
-    )
+    blended = imgviz.label2rgb(label_map.astype(np.int32), image=image, alpha=alpha, colormap=colormap)
+    present = [int(k) for k in sorted(id2label or {}, key=int) if (label_map == int(k)).any()]
+    if not legend or not present:
+        return blended
+    font_size = max(10, min(image.shape[:2]) // 25)
+    items = [(str(id2label[k]), colormap[k]) for k in present]
+    return attach_legend(blended, legend_picture(items, font_size))
 
 
 def prototype_colormap(num_prototypes: int) -> np.ndarray:
@@ -626,6 +627,15 @@ def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
     }
 
 
+def save_image(picture: Image.Image, path: Path, **options: Any) -> Path:
+    """Save `picture` to `path` atomically (a temporary file in the same folder, then `os.replace`): a crash leaves
+    the old file or the new one, never half of it. The format follows `path`'s suffix."""
+    from .safe_files import atomic_write
+
+    file_format = Image.registered_extensions()[path.suffix.lower()]
+    return atomic_write(path, lambda temporary: picture.save(temporary, format=file_format, **options))
+
+
 def save_prediction(
     prediction: Prediction,
     image: np.ndarray,
@@ -637,22 +647,22 @@ def save_prediction(
     """Write the label PNG, the overlay and (if computed) the prototype map PNG and its overlay; return the paths.
 
     `{stem}_prototype.png` is a palette PNG whose value is the prototype index in [0, M) of the pixel's predicted
-    class (read it with the label PNG: class k, prototype m).
+    class (read it with the label PNG: class k, prototype m). Every file is written atomically (`save_image`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(output_dir, stem)
-    label_png(prediction.label_map, len(id2label)).save(paths["label"])
-    Image.fromarray(colour_overlay(image, prediction.label_map, id2label)).save(paths["overlay"], quality=90)
+    save_image(label_png(prediction.label_map, len(id2label)), paths["label"])
+    save_image(Image.fromarray(colour_overlay(image, prediction.label_map, id2label)), paths["overlay"], quality=90)
     written = [paths["label"], paths["overlay"]]
     if prediction.prototype_map is not None:
         raw = Image.fromarray(prediction.prototype_map.astype(np.uint8), mode="P")
         palette = np.zeros((256, 3), dtype=np.uint8)
         palette[:num_prototypes] = prototype_colormap(num_prototypes)
         raw.putpalette(palette.reshape(-1).tolist())
-        raw.save(paths["prototype"])
+        save_image(raw, paths["prototype"])
         picture = prototype_overlay(image, prediction.label_map, prediction.prototype_map, num_prototypes)
-        Image.fromarray(picture).save(paths["prototype_overlay"], quality=90)
+        save_image(Image.fromarray(picture), paths["prototype_overlay"], quality=90)
         written += [paths["prototype"], paths["prototype_overlay"]]
     return written
 
@@ -704,6 +714,82 @@ def unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+class OutputError(ValueError):
+    """An output folder that cannot be used: a file, not writable, or one where outputs would replace files the
+    tool did not write (an input, a user's file)."""
+
+
+# Records, in an output folder, the files prediction wrote there: only those may be replaced by a later run.
+PREDICTIONS_MANIFEST = ".proto_segformer_predictions.json"
+
+
+def check_output_folder(output_dir: str | Path) -> None:
+    """`OutputError` unless `output_dir` is (or can be created as) a writable folder; creates nothing.
+
+    Writability is probed with a temporary file in the folder (or its nearest existing parent), removed at once.
+    """
+    import tempfile
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"The output folder {output_dir} is a file; choose a folder (it is created if needed).")
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"Cannot create the output folder {output_dir}: {existing} is a file.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "" if existing == output_dir else f" ({existing}, where it would be created)"
+        raise OutputError(
+            f"The output folder {output_dir} is not writable{where}: {error.strerror or error}."
+        ) from error
+
+
+def plan_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:
+    """{input: {kind: output path}}: where `predict_files` writes each input's outputs (stems made unique)."""
+    used: set[str] = set()
+    kinds = ("label", "overlay", "prototype", "prototype_overlay") if prototype_maps else ("label", "overlay")
+    plan = {}
+    for path in paths:
+        outputs = output_paths(Path(output_dir), unique_stem(Path(path), used))
+        plan[Path(path)] = {kind: outputs[kind] for kind in kinds}
+    return plan
+
+
+def prepare_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:
+    """Check the output folder and the planned outputs of `paths` before any work; return the plan.
+
+    `OutputError` when the folder is a file or not writable, when an output would replace an input (e.g. the output
+    folder is the input folder and holds `cat.jpg` and `cat_label.png`), or when an output file exists that an earlier
+    prediction did not write (it is not listed in the folder's manifest): no file the tool did not write is replaced.
+    """
+    from .safe_files import read_manifest
+
+    check_output_folder(output_dir)
+    plan = plan_outputs(paths, output_dir, prototype_maps)
+    inputs = {Path(path).resolve() for path in paths}
+    planned = [target for outputs in plan.values() for target in outputs.values()]
+    ours = set(read_manifest(Path(output_dir) / PREDICTIONS_MANIFEST) or [])
+    clashes = sorted({target for target in planned if target.resolve() in inputs})
+    if clashes:
+        earlier = any(target.name in ours for target in clashes)
+        raise OutputError(
+            f"Writing the predictions into {output_dir} would overwrite input file(s):"
+            f" {', '.join(map(str, clashes[:5]))}"
+            + (" (outputs of an earlier prediction there are inputs now)" if earlier else "")
+            + ". Choose another --output_dir."
+        )
+    foreign = sorted(str(target) for target in planned if target.exists() and target.name not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise OutputError(
+            f"{output_dir} already holds {', '.join(foreign[:5])}{more}, not written by an earlier prediction there;"
+            " not overwriting. Choose another --output_dir or move them away."
+        )
+    return plan
+
+
 @dataclass
 class PredictSummary:
     """Outcome of `predict_files`: written outputs per input, skipped inputs with the reason, and timing."""
@@ -726,18 +812,25 @@ def predict_files(
 ) -> PredictSummary:
     """Predict every image in `paths` in batches and write its outputs (see `save_prediction`) into `output_dir`.
 
-    Files that cannot be read as images are skipped with a warning and listed in the summary; they never stop the
-    batch. A progress bar (tqdm) runs over the files when `progress`.
+    The outputs are checked first (`prepare_outputs`: never an input, never a file an earlier prediction did not
+    write) and recorded in the folder's manifest before they are written, each atomically. Files that cannot be read
+    as images are skipped with a warning and listed in the summary; they never stop the batch. A progress bar (tqdm)
+    runs over the files when `progress`.
     """
     import time
 
     from tqdm.auto import tqdm
 
+    from .safe_files import read_manifest, write_manifest
+
     output_dir = Path(output_dir)
+    plan = prepare_outputs(paths, output_dir, segmenter.options.prototype_maps)
     output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = output_dir / PREDICTIONS_MANIFEST
+    planned = {target.name for outputs in plan.values() for target in outputs.values()}
+    write_manifest(manifest, (read_manifest(manifest) or []) + sorted(planned), written_by="predict_files")
     written: dict[Path, list[Path]] = {}
     skipped: list[tuple[Path, str]] = []
-    used: set[str] = set()
     pixels = 0
     num_prototypes = int(segmenter.model.prototypes.shape[1])
     start = time.perf_counter()
@@ -756,7 +849,7 @@ def predict_files(
             continue
         predictions = segmenter.predict([image for _, image in batch])
         for (path, image), prediction in zip(batch, predictions):
-            stem = unique_stem(path, used)
+            stem = plan[Path(path)]["label"].name[: -len("_label.png")]
             written[path] = save_prediction(prediction, image, output_dir, stem, segmenter.id2label, num_prototypes)
             pixels += image.shape[0] * image.shape[1]
             bar.update(1)
@@ -768,6 +861,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "InferenceOptions",
+    "OutputError",
     "Prediction",
     "Segmenter",
     "PredictSummary",
@@ -779,6 +873,7 @@ __all__ = [
     "load_model",
     "nearest_prototype_per_class",
     "predict_files",
+    "prepare_outputs",
     "prototype_overlay",
     "prototype_shades",
     "read_config",

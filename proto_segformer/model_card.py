@@ -1,8 +1,11 @@
 """Model cards for trained ProtoSegformer checkpoints, rendered with huggingface_hub's `ModelCard` / `ModelCardData`.
 
-The card's body is the Jinja template `model_cards/template.md` at the repository root; its metadata (YAML header)
+The card's body is the Jinja template `templates/model_card.md` inside the package; its metadata (YAML header)
 holds library_name, pipeline_tag, license, tags, datasets, metrics, base_model, widget examples and a `model-index`
 with the evaluation results read from the training output (`all_results.json` / `eval_results.json`).
+
+What the card states is kept next to it in `model_card_inputs.json` (data set, base model, licence, training crop,
+classes added after training), so that a card rendered again later (`push_to_hub`, `add_classes`) says the same.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 TAGS = ["protoseg", "segformer", "semantic-segmentation", "custom_code", "vision", "image-segmentation"]
 DEFAULT_LICENSE = "apache-2.0"
 # NVIDIA's SegFormer / MiT weights on the Hub are under NVIDIA's own (non-commercial) licence.
@@ -28,12 +31,19 @@ NVIDIA_LICENSE = {
     "license_name": "nvidia-segformer",
     "license_link": "https://github.com/NVlabs/SegFormer/blob/master/LICENSE",
 }
-DEFAULT_WIDGET = [
-    {
-        "src": "https://huggingface.co/datasets/hf-internal-testing/fixtures_ade20k/resolve/main/ADE_val_00000001.jpg",
-        "example_title": "House",
-    },
-    {"src": "http://images.cocodataset.org/val2017/000000039769.jpg", "example_title": "Cats"},
+# Widget examples with the things they show: an example is offered only to a model that has a class for one of them.
+WIDGET_EXAMPLES = [
+    (
+        {
+            "src": "https://huggingface.co/datasets/hf-internal-testing/fixtures_ade20k/resolve/main/ADE_val_00000001.jpg",
+            "example_title": "House",
+        },
+        {"house", "building", "wall", "sky", "tree", "window", "roof", "grass"},
+    ),
+    (
+        {"src": "http://images.cocodataset.org/val2017/000000039769.jpg", "example_title": "Cats"},
+        {"cat", "cats", "sofa", "couch", "remote"},
+    ),
 ]
 # metric key (without the "eval_" prefix) -> (model-index metric type, display name)
 KNOWN_METRICS: dict[str, tuple[str, str]] = {
@@ -45,6 +55,9 @@ BOOKKEEPING = {"loss", "runtime", "samples_per_second", "steps_per_second", "epo
 RESULT_FILES = ("all_results.json", "eval_results.json")
 PROTOTYPE_STATS_FILE = "prototype_stats.json"
 TRAINING_ARGS_FILE = "training_args.json"
+CARD_INPUTS_FILE = "model_card_inputs.json"
+# What `write_model_card` records in CARD_INPUTS_FILE and `render_model_card` reads back as defaults.
+CARD_INPUTS = ("dataset_name", "base_model", "license", "data_note", "project_url", "crop_size", "class_additions")
 
 
 # ---------------------------------------------------------------------------------------------- reading the output
@@ -332,6 +345,75 @@ def pictures_section(pictures: Sequence[tuple[str, str]] | None) -> str:
     return "\n".join(lines)
 
 
+def widget_for_classes(id2label: Mapping[int, str]) -> list[dict[str, str]]:
+    """The `WIDGET_EXAMPLES` that show something the model has a class for (by class-name word); none otherwise,
+    e.g. for a model of digits."""
+    words = {word for name in id2label.values() for word in re.split(r"[^a-z]+", str(name).lower()) if word}
+    return [dict(example) for example, shows in WIDGET_EXAMPLES if words & shows]
+
+
+def _side_by_side(size: Any) -> str | None:
+    """ "HxW" for an int, a (height, width) pair or a {"height", "width"} dict; None otherwise."""
+    if isinstance(size, bool):
+        return None
+    if isinstance(size, int) and size > 0:
+        return f"{size}x{size}"
+    if isinstance(size, Mapping) and "height" in size and "width" in size:
+        return f"{size['height']}x{size['width']}"
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        return f"{size[0]}x{size[1]}"
+    return None
+
+
+def training_crop_text(
+    crop_size: Any, training_args: Mapping[str, Any] | None, processor_config: Mapping[str, Any] | None
+) -> str:
+    """The crop training used: `crop_size`, else the training arguments' `crop_size`, else the size of an image
+    processor that resizes (it then matches training); "not recorded" rather than a guess."""
+    for candidate in (crop_size, (training_args or {}).get("crop_size")):
+        text = _side_by_side(candidate)
+        if text:
+            return text
+    if processor_config and processor_config.get("do_resize") is not False:
+        text = _side_by_side(processor_config.get("size"))
+        if text:
+            return text
+    return "not recorded with this checkpoint"
+
+
+def processor_size_text(processor_config: Mapping[str, Any] | None) -> str:
+    """The image processor's size, and whether it resizes, for the "How to use" section."""
+    text = _side_by_side((processor_config or {}).get("size"))
+    if text is None:
+        return "unknown: no preprocessor_config.json"
+    if processor_config.get("do_resize") is False:
+        return f"{text}; it does not resize, so smaller images run at their own resolution"
+    return text
+
+
+def additions_section(class_additions: Sequence[Mapping[str, Any]] | None) -> str:
+    """Markdown: the classes added after training (`add_classes`), each with how it was added."""
+    if not class_additions:
+        return ""
+    lines = ["", "### Classes added after training", ""]
+    for addition in class_additions:
+        ids = addition.get("class_ids") or {}
+        named = ", ".join(f"{name} ({ids[name]})" if name in ids else str(name) for name in addition.get("names", []))
+        settings = ", ".join(
+            f"{key} {addition[key]}"
+            for key in ("min_cell_fraction", "max_pixels_per_class", "seed", "image_size")
+            if addition.get(key) is not None
+        )
+        lines.append(
+            f"- {named}: from {addition.get('shots', '?')} labelled support image(s), without training, by"
+            f" clustering the frozen network's embeddings of their pixels into prototypes (`add_classes`; {settings});"
+            f" source model {base_model_text(addition.get('source_model')) if addition.get('source_model') else '?'}."
+            " The existing prototypes and weights are unchanged."
+        )
+    lines += ["", "The added classes were not evaluated: any results below were measured before they were added."]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ the card
 
 
@@ -345,7 +427,12 @@ def build_card_data(
     license: str | None = None,
     widget: list[dict[str, str]] | None = None,
 ) -> ModelCardData:
-    """The card's metadata: library, task, licence, tags, datasets, metrics, base model, widget and model-index."""
+    """The card's metadata: library, task, licence, tags, datasets, metrics, base model, widget and model-index.
+
+    `datasets` and `base_model` hold only Hub ids (a built-in or local data set is named in the body and the
+    model-index); the model-index lists results only when the data set they were measured on is known. The widget
+    defaults to the examples that fit the model's classes (`widget_for_classes`).
+    """
     licence = (
         {"license": license}
         if license
@@ -356,20 +443,20 @@ def build_card_data(
         )
     )
     metrics = scalar_metrics(eval_results)
-    dataset = dataset_name or "built-in"
     results = [
         EvalResult(
             task_type="image-segmentation",
             task_name="Semantic Segmentation",
-            dataset_type=dataset,
-            dataset_name=dataset,
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
             dataset_split="validation",
             metric_type=metric_type,
             metric_name=name,
             metric_value=round(value, 6),
         )
-        for metric_type, name, value in metrics
+        for metric_type, name, value in (metrics if dataset_name else [])
     ]
+    widget = widget if widget is not None else widget_for_classes(id2label)
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
@@ -379,9 +466,28 @@ def build_card_data(
         base_model=hub_id_or_none(base_model),
         model_name=model_name,
         eval_results=results or None,
-        widget=widget if widget is not None else [dict(w) for w in DEFAULT_WIDGET],
+        widget=widget or None,
         **licence,
     )
+
+
+def read_card_inputs(output_dir: str | Path) -> dict[str, Any]:
+    """The `CARD_INPUTS` recorded in the folder's `model_card_inputs.json` (empty if there is none)."""
+    path = Path(output_dir) / CARD_INPUTS_FILE
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in _read_json(path).items() if k in CARD_INPUTS and v is not None}
+
+
+def resolve_card_inputs(output_dir: str | Path, **given: Any) -> dict[str, Any]:
+    """The `CARD_INPUTS` for a card of `output_dir`: those `given` (not None) win over the folder's
+    `model_card_inputs.json`, so re-rendering a card keeps what the first rendering knew."""
+    unknown = set(given) - set(CARD_INPUTS)
+    if unknown:
+        raise TypeError(f"Unknown card inputs {sorted(unknown)}; expected some of {CARD_INPUTS}.")
+    inputs = read_card_inputs(output_dir)
+    inputs.update({k: v for k, v in given.items() if v is not None})
+    return inputs
 
 
 def render_model_card(
@@ -398,18 +504,38 @@ def render_model_card(
     widget: list[dict[str, str]] | None = None,
     project_url: str | None = None,
     data_note: str | None = None,
+    crop_size: int | Sequence[int] | None = None,
+    class_additions: Sequence[Mapping[str, Any]] | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
 
-    Missing inputs are read from the folder: eval results from all_results.json / eval_results.json, training
-    arguments from training_args.json, prototype statistics from prototype_stats.json (written by
-    scripts/visualize_prototypes.py) or, for near-duplicates only, from the prototypes in model.safetensors.
+    Missing inputs are read from the folder: dataset_name, base_model, license, data_note, project_url, crop_size
+    and class_additions from model_card_inputs.json (written with the previous card), eval results from
+    all_results.json / eval_results.json, training arguments from training_args.json, prototype statistics from
+    prototype_stats.json (written by scripts/visualize_prototypes.py) or, for near-duplicates only, from the
+    prototypes in model.safetensors.
     """
     output_dir = Path(output_dir)
     config_path = output_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"Cannot write a model card: {output_dir} has no config.json (save the model first).")
+    inputs = resolve_card_inputs(
+        output_dir,
+        dataset_name=dataset_name,
+        base_model=base_model,
+        license=license,
+        data_note=data_note,
+        project_url=project_url,
+        crop_size=crop_size,
+        class_additions=class_additions,
+    )
+    dataset_name, base_model, project_url = (
+        inputs.get("dataset_name"),
+        inputs.get("base_model"),
+        inputs.get("project_url"),
+    )
+    class_additions = inputs.get("class_additions")
     config = _read_json(config_path)
     id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
     num_labels = len(id2label) or int(config.get("num_labels", 0))
@@ -428,7 +554,7 @@ def render_model_card(
             )
 
     size = mit_size(config)
-    dataset_text = f"`{dataset_name}`" if dataset_name else "the data it was trained on"
+    dataset_text = f"`{dataset_name}`" if dataset_name else "data that was not recorded with this checkpoint"
     name = (
         repo_id.split("/")[-1]
         if repo_id
@@ -437,26 +563,20 @@ def render_model_card(
     card_data = build_card_data(
         model_name=name,
         id2label=id2label,
-        eval_results=results,
+        eval_results={} if class_additions else results,  # results of the classes before the additions
         dataset_name=dataset_name,
         base_model=base_model,
-        license=license,
+        license=inputs.get("license"),
         widget=widget,
     )
     processor_path = output_dir / "preprocessor_config.json"
-    crop = "the processor's size"
-    if processor_path.is_file():
-        processor_config = _read_json(processor_path)
-        size_field = processor_config.get("size") or {}
-        if "height" in size_field and "width" in size_field:
-            crop = f"{size_field['height']}x{size_field['width']}"
-            if processor_config.get("do_resize") is False:
-                crop += "; the image processor does not resize, so smaller images run at their own resolution"
+    processor_config = _read_json(processor_path) if processor_path.is_file() else None
     num_parameters = learnable_parameter_count(output_dir)
     template = Path(template_path) if template_path else TEMPLATE_PATH
     if not template.is_file():
         raise FileNotFoundError(
-            f"Model card template {template} is missing (it ships in the repository's model_cards/)."
+            f"Model card template {template} is missing: it ships inside the package (proto_segformer/templates);"
+            " reinstall the package."
         )
     embedding_dim = config.get("prototype_dim") or config.get("decoder_hidden_size")
     summary = (
@@ -473,15 +593,21 @@ def render_model_card(
         num_prototypes=config.get("num_prototypes_per_class"),
         embedding_dim=embedding_dim,
         config=config,
-        crop_size=crop,
+        crop_size=training_crop_text(inputs.get("crop_size"), training_args, processor_config),
+        processor_size=processor_size_text(processor_config),
         num_parameters=f"{num_parameters:,}" if num_parameters is not None else "unknown",
         base_model_text=base_model_text(base_model),
         class_list=", ".join(f"{k}: {v}" for k, v in sorted(id2label.items())),
+        additions_section=additions_section(class_additions),
+        widget_note=": the widget examples in the metadata only work once the model runs somewhere that allows"
+        " `trust_remote_code`"
+        if card_data.widget
+        else "",
         dataset_text=dataset_text,
         project_text=f"the [`proto_segformer`]({project_url}) implementation"
         if project_url
         else "the `proto_segformer` implementation",
-        training_section=training_section(training_args, train_results, dataset_text, data_note),
+        training_section=training_section(training_args, train_results, dataset_text, inputs.get("data_note")),
         results_section=results_section(results, id2label, dataset_text),
         prototype_section=prototype_section(prototype_stats),
         pictures_section=pictures_section(pictures),
@@ -502,6 +628,8 @@ def write_model_card(
     widget: list[dict[str, str]] | None = None,
     project_url: str | None = None,
     data_note: str | None = None,
+    crop_size: int | Sequence[int] | None = None,
+    class_additions: Sequence[Mapping[str, Any]] | None = None,
     filename: str = "README.md",
 ) -> Path:
     """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
@@ -511,49 +639,68 @@ def write_model_card(
             training output's all_results.json / eval_results.json).
         dataset_name: the training data (a Hub dataset id, or the name of a built-in data set).
         eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
-        base_model: the Hub id of the checkpoint training started from (e.g. "nvidia/mit-b0"), if any.
+        base_model: the Hub id (or local path) of the checkpoint training started from (e.g. "nvidia/mit-b0").
         training_args: the training settings (e.g. TrainingArguments.to_dict() plus script settings); the main ones
-            are listed in the card, and all are saved as training_args.json if that file does not exist yet.
-            Default: training_args.json if present.
+            are listed in the card, and all are saved as training_args.json. Default: training_args.json if
+            present.
         repo_id: "owner/name" used in the usage snippets; a placeholder if None.
         license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
         prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
             else near-duplicate statistics of the stored prototypes.
         pictures: (relative path, caption) of pictures to show in the card.
-        widget: widget examples [{"src": url, "example_title": title}]; default: two public photos.
+        widget: widget examples [{"src": url, "example_title": title}]; default: `widget_for_classes`.
         project_url: link to the proto_segformer code, if public.
         data_note: a sentence on the data shown after it in the Training section (e.g. how the evaluation split
             relates to the training data).
+        crop_size: the training crop (side, or (height, width)); default: training_args["crop_size"].
+        class_additions: the classes added after training, one dict per `add_classes` run (names, class_ids,
+            shots, min_cell_fraction, max_pixels_per_class, seed, image_size, source_model).
+
+    dataset_name, base_model, license, data_note, project_url, crop_size and class_additions default to those in
+    the folder's model_card_inputs.json, which is (re)written with the card so that a later rendering keeps them.
+    When `training_args` is given (a training run writing the card of the model it just trained), the inputs given
+    are the whole truth: files a previous run left in the folder (model_card_inputs.json, training_args.json) are
+    not read, and are replaced.
     """
+    given = {
+        "dataset_name": dataset_name,
+        "base_model": base_model,
+        "license": license,
+        "data_note": data_note,
+        "project_url": project_url,
+        "crop_size": crop_size,
+        "class_additions": class_additions,
+    }
+    if training_args is not None:
+        (Path(output_dir) / CARD_INPUTS_FILE).unlink(missing_ok=True)
+        # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
+        (Path(output_dir) / TRAINING_ARGS_FILE).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+    inputs = resolve_card_inputs(output_dir, **given)
     card = render_model_card(
         output_dir,
-        dataset_name=dataset_name,
         eval_results=eval_results,
-        base_model=base_model,
         training_args=training_args,
         repo_id=repo_id,
-        license=license,
         prototype_stats=prototype_stats,
         pictures=pictures,
         widget=widget,
-        project_url=project_url,
-        data_note=data_note,
+        **inputs,
     )
     path = Path(output_dir) / filename
     card.save(path)
-    args_path = Path(output_dir) / TRAINING_ARGS_FILE
-    if training_args is not None and not args_path.exists():
-        # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
-        args_path.write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+    (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str) + "\n")
     return path
 
 
 __all__ = [
+    "CARD_INPUTS_FILE",
     "TEMPLATE_PATH",
     "build_card_data",
     "per_class_metrics",
     "read_eval_results",
+    "read_card_inputs",
     "render_model_card",
     "scalar_metrics",
+    "widget_for_classes",
     "write_model_card",
 ]

@@ -545,6 +545,7 @@ def run_training(
         eval_metrics=eval_metrics,
         dataset_name=data.dataset_label,
         base_model=model_args.model_name_or_path,
+        extra_card_args={"crop_size": data.crop_size},
     )
     return results
 

@@ -395,6 +395,49 @@ def build_prototype_atlas(
     return AtlasResult(image, matches, statistics)
 
 
+# ------------------------------------------------------------------------------------------------------ legend
+
+# The most of an image an in-picture legend may cover; a larger legend goes beside the image instead.
+LEGEND_MAX_FRACTION = 0.2
+
+
+def legend_picture(items: Sequence[tuple[str, Sequence[int]]], font_size: int) -> np.ndarray:
+    """(h, w, 3) uint8: one row per (name, RGB colour): a colour swatch and the name, black on white."""
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, row = max(2, font_size // 4), font_size + max(2, font_size // 4)
+    text_width = max(int(measure.textlength(name, font=font)) for name, _ in items)
+    width, height = pad + font_size + pad + text_width + pad, pad + row * len(items)
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    for index, (name, colour) in enumerate(items):
+        top = pad + index * row
+        draw.rectangle((pad, top, pad + font_size - 1, top + font_size - 1), fill=tuple(int(c) for c in colour))
+        draw.text((2 * pad + font_size, top), name, fill=(0, 0, 0), font=font)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=(128, 128, 128))
+    return np.asarray(picture)
+
+
+def attach_legend(
+    picture: np.ndarray, legend: np.ndarray, max_fraction: float = LEGEND_MAX_FRACTION, margin: int = 2
+) -> np.ndarray:
+    """`picture` (H, W, 3) with `legend` in its bottom-right corner when the legend covers at most `max_fraction` of
+    it; otherwise the legend goes beside it on a white strip (the result is wider, and taller if the legend is),
+    so that the legend never hides more than `max_fraction` of the picture."""
+    height, width = picture.shape[:2]
+    legend_h, legend_w = legend.shape[:2]
+    fits = legend_h + 2 * margin <= height and legend_w + 2 * margin <= width
+    if fits and legend_h * legend_w <= max_fraction * height * width:
+        result = picture.copy()
+        top, left = height - margin - legend_h, width - margin - legend_w
+        result[top : top + legend_h, left : left + legend_w] = legend
+        return result
+    result = np.full((max(height, legend_h), width + margin + legend_w, 3), 255, dtype=np.uint8)
+    result[:height, :width] = picture
+    result[:legend_h, width + margin :] = legend
+    return result
+
+
 # -------------------------------------------------------------------------------------------- prediction panel
 
 
@@ -426,12 +469,15 @@ def prediction_panel(
 
 
 __all__ = [
+    "LEGEND_MAX_FRACTION",
     "NEAR_DUPLICATE_COSINE",
     "AtlasResult",
     "DatasetSamples",
     "PrototypeMatches",
+    "attach_legend",
     "build_prototype_atlas",
     "effective_prototypes",
+    "legend_picture",
     "match_prototypes",
     "near_duplicate_pairs",
     "prediction_panel",

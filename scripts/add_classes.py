@@ -13,23 +13,21 @@ Example:
 
 The support images are prepared as the model sees images at inference: with the model folder's image processor
 (preprocessor_config.json) when there is one (its resize, rescale and normalisation; masks resized by nearest
-neighbour), otherwise normalised with the ImageNet mean/std at their own size or at --image_size. The extended model
-(and the image processor) are written to --output_dir; they load like any other checkpoint.
+neighbour), otherwise normalised with the ImageNet mean/std at their own size or at --image_size. The extended model,
+the image processor and a model card listing the added classes are written to --output_dir in one step (a crash
+leaves the old folder or the new one); replacing an existing model (--output_dir = --model_dir) needs
+--overwrite_model. The logic lives in proto_segformer/add_classes.py.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from PIL import Image
 from transformers import HfArgumentParser
 
-from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.class_editing import DEFAULT_MIN_CELL_FRACTION
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass
@@ -48,81 +46,40 @@ class AddClassesArguments:
     )
     max_pixels_per_class: int = field(default=20000, metadata={"help": "Support cells per class used (a sample)."})
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
-
-
-def support_pairs(support_dir: str | Path) -> list[tuple[Path, Path]]:
-    """(image path, mask path) pairs of a support folder, sorted by name; errors on missing or unmatched files."""
-    root = Path(support_dir)
-    image_dir, mask_dir = root / "images", root / "masks"
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist: the support folder needs images/ and masks/.")
-    images = {path.stem: path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES}
-    masks = {path.stem: path for path in mask_dir.iterdir() if path.suffix.lower() == ".png"}
-    if not images:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}.")
-    without_mask = sorted(set(images) - set(masks))
-    without_image = sorted(set(masks) - set(images))
-    if without_mask or without_image:
-        raise ValueError(
-            f"Unmatched support files: images without a mask {without_mask[:10]}, masks without an image"
-            f" {without_image[:10]} (files are matched by name without extension)."
-        )
-    return [(images[stem], masks[stem]) for stem in sorted(images)]
-
-
-def load_processor(model_dir: str | Path):
-    """The model folder's image processor, or None when it has no preprocessor_config.json."""
-    if not (Path(model_dir) / "preprocessor_config.json").exists():
-        return None
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(model_dir)
+    overwrite_model: bool = field(
+        default=False,
+        metadata={"help": "Allow replacing the model in --output_dir (e.g. = --model_dir); its other files are kept."},
+    )
 
 
 def main(args: AddClassesArguments) -> dict[str, int]:
-    pairs = support_pairs(args.support_dir)
-    images = [Image.open(image_path).convert("RGB") for image_path, _ in pairs]
-    masks = [Image.open(mask_path) for _, mask_path in pairs]
-    for (_, mask_path), mask in zip(pairs, masks):
-        if mask.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{mask_path} has mode {mask.mode!r}; masks must be single-channel (L, P or I) PNGs.")
-    model = ProtoSegformerForSemanticSegmentation.from_pretrained(args.model_dir)
-    processor = load_processor(args.model_dir)
-    try:
-        new_ids = add_support(model, processor, images, masks, pairs, args)
-    except ValueError as error:
-        order = ", ".join(image_path.stem for image_path, _ in pairs[:10])
-        raise ValueError(f"{error} (images[i]/masks[i] are the support files in name order: {order})") from error
-    model.save_pretrained(args.output_dir)
-    if processor is not None:
-        processor.save_pretrained(args.output_dir)
-    print(json.dumps({"output_dir": args.output_dir, "new_class_ids": new_ids, "num_labels": model.config.num_labels}))
+    from proto_segformer.add_classes import AddClassesSettings, add_classes_from_folder
+
+    settings = AddClassesSettings(
+        image_size=args.image_size,
+        min_cell_fraction=args.min_cell_fraction,
+        max_pixels_per_class=args.max_pixels_per_class,
+        seed=args.seed,
+    )
+    new_ids = add_classes_from_folder(
+        args.model_dir,
+        args.support_dir,
+        args.names,
+        args.output_dir,
+        settings=settings,
+        overwrite_model=args.overwrite_model,
+    )
+    print(json.dumps({"output_dir": args.output_dir, "new_class_ids": new_ids}))
     return new_ids
 
 
-def add_support(model, processor, images, masks, pairs, args: AddClassesArguments) -> dict[str, int]:
-    """Prepare the support images like at inference and add the classes to `model`; returns {name: id}."""
-    options = {
-        "min_cell_fraction": args.min_cell_fraction,
-        "max_pixels_per_class": args.max_pixels_per_class,
-        "seed": args.seed,
-    }
-    if processor is not None and args.image_size is None:
-        for (image_path, _), image, mask in zip(pairs, images, masks):
-            if image.size != mask.size:
-                raise ValueError(f"{image_path.name} is {image.size} (w, h) but its mask is {mask.size}.")
-        processed = [
-            processor(images=image, segmentation_maps=mask, do_reduce_labels=False, return_tensors="pt")
-            for image, mask in zip(images, masks)
-        ]
-        pixel_values = [batch["pixel_values"][0] for batch in processed]
-        labels = [batch["labels"][0] for batch in processed]
-        return model.add_classes(pixel_values, labels, args.names, **options)
-    size = None if args.image_size is None else (args.image_size, args.image_size)
-    return model.add_classes(images, masks, args.names, image_size=size, **options)
-
-
 if __name__ == "__main__":
+    from proto_segformer.add_classes import AddClassesError
+    from proto_segformer.inference import CheckpointError
+
     (arguments,) = HfArgumentParser(AddClassesArguments).parse_args_into_dataclasses()
-    main(arguments)
+    try:
+        main(arguments)
+    except (AddClassesError, CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

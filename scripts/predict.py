@@ -7,6 +7,8 @@ For each image: <name>_label.png (palette PNG, value = class index), <name>_over
 with a legend) and with --prototype_maps <name>_prototype.png (value = index of the predicted class's prototype the
 pixel matched) and <name>_prototype_overlay.jpg. Images larger than the training crop go through sliding-window
 inference (--mode auto). Files that are not readable images are skipped with a warning and counted at the end.
+Outputs never replace an input or a file that an earlier prediction did not write (the output folder's
+.proto_segformer_predictions.json lists what prediction wrote there).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         Segmenter,
         collect_inputs,
         predict_files,
+        prepare_outputs,
     )
 
     (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             print("error: no input files found.", file=sys.stderr)
             return 2
+        prepare_outputs(paths, args.output_dir, args.prototype_maps)  # before the model loads: fail fast
         segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ class PushArguments:
     repo_id: str | None = field(default=None, metadata={"help": "Hub repository 'owner/name'."})
     local_dir: str | None = field(default=None, metadata={"help": "Write the repository here and do not upload."})
     dry_run: bool = field(default=False, metadata={"help": "Assemble into a temporary folder, list files, no upload."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a previously assembled --local_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace only an earlier assembly in --local_dir."})
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the saved login)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Training data (Hub id or built-in name)."})
@@ -41,7 +41,6 @@ class PushArguments:
 
 def main(argv: list[str] | None = None) -> int:
     from proto_segformer.hub import HubError, push_to_hub
-    from proto_segformer.inference import CheckpointError
 
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
@@ -61,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             card=args.card,
             card_kwargs={"data_note": args.data_note} if args.data_note else None,
         )
-    except (HubError, CheckpointError, FileNotFoundError) as error:
+    except Exception as error:
+        from proto_segformer.inference import CheckpointError  # torch: imported only when needed
+
+        if not isinstance(error, (HubError, CheckpointError, FileNotFoundError)):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     action = (

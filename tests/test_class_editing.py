@@ -457,13 +457,115 @@ def test_add_classes_script_saves_an_extended_model(tmp_path, with_processor):
 
 
 def test_add_classes_script_names_unmatched_files(tmp_path):
-    script = load_script("add_classes")
+    from proto_segformer.add_classes import support_pairs
+
     write_support_folder(tmp_path)
     (tmp_path / "masks" / "scene1.png").rename(tmp_path / "masks" / "other.png")
     with pytest.raises(ValueError, match=r"images without a mask \['scene1'\], masks without an image \['other'\]"):
-        script.support_pairs(tmp_path)
+        support_pairs(tmp_path)
     with pytest.raises(FileNotFoundError, match="needs images/ and masks/"):
-        script.support_pairs(tmp_path / "missing")
+        support_pairs(tmp_path / "missing")
+
+
+def folder_bytes(folder) -> dict[str, bytes | None]:
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+    }
+
+
+def saved_model_with_extras(folder):
+    """A saved 5-class model with what a training output holds beside it: a checkpoint, results, a note."""
+    from transformers import SegformerImageProcessor
+
+    model = make_model()
+    model.save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    (folder / "checkpoint-3").mkdir()
+    (folder / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    (folder / "all_results.json").write_text('{"eval_mean_iou": 0.5}')
+    (folder / "notes.txt").write_text("mine")
+    return model
+
+
+def run_add_classes(tmp_path, model_dir, output_dir, *extra, env=None):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "add_classes.py"
+    command = [sys.executable, str(script), "--model_dir", str(model_dir), "--support_dir", str(tmp_path / "support")]
+    command += ["--names", "red", "blue", "--output_dir", str(output_dir), *extra]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    )
+
+
+def test_add_classes_into_the_input_model_needs_a_flag(tmp_path):
+    from proto_segformer.add_classes import AddClassesError, add_classes_from_folder
+
+    model_dir = tmp_path / "model"
+    saved_model_with_extras(model_dir)
+    write_support_folder(tmp_path / "support")
+    before = folder_bytes(model_dir)
+    with pytest.raises(AddClassesError, match="is the input model .*pass --overwrite_model"):
+        add_classes_from_folder(model_dir, tmp_path / "support", ["red", "blue"], model_dir)
+    with pytest.raises(AddClassesError, match="is not empty"):
+        add_classes_from_folder(model_dir, tmp_path / "support", ["red", "blue"], tmp_path / "support")
+    assert folder_bytes(model_dir) == before
+
+
+def test_add_classes_killed_mid_save_leaves_the_model_intact(tmp_path):
+    from proto_segformer.inference import load_model
+
+    model_dir = tmp_path / "model"
+    model = saved_model_with_extras(model_dir)
+    write_support_folder(tmp_path / "support")
+    before = folder_bytes(model_dir)
+    killed = run_add_classes(
+        tmp_path, model_dir, model_dir, "--overwrite_model", env={"PROTO_SEGFORMER_TEST_CRASH": "after_weights"}
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after the new weights were written
+    assert folder_bytes(model_dir) == before
+    reloaded = load_model(model_dir)
+    assert reloaded.config.num_labels == 5 and torch.equal(reloaded.prototypes, model.prototypes)
+
+    done = run_add_classes(tmp_path, model_dir, model_dir, "--overwrite_model")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["new_class_ids"] == {"red": 5, "blue": 6}
+    extended = load_model(model_dir)
+    assert extended.config.num_labels == 7 and torch.equal(extended.prototypes[:5], model.prototypes)
+    after = folder_bytes(model_dir)
+    for kept in ("checkpoint-3/trainer_state.json", "all_results.json", "notes.txt"):
+        assert after[kept] == before[kept], kept
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and ".saving-" in leftovers[0]  # the killed run's staging folder, not the model
+
+
+def test_add_classes_card_lists_the_added_classes(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from proto_segformer.add_classes import AddClassesSettings, add_classes_from_folder
+    from proto_segformer.model_card import write_model_card
+
+    model_dir = tmp_path / "model"
+    saved_model_with_extras(model_dir)
+    write_model_card(model_dir, dataset_name="builtin:scenes", crop_size=32)
+    write_support_folder(tmp_path / "support")
+    settings = AddClassesSettings(min_cell_fraction=0.8, seed=3)
+    add_classes_from_folder(model_dir, tmp_path / "support", ["red", "blue"], tmp_path / "out", settings=settings)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "### Classes added after training" in card.text
+    assert "- red (5), blue (6): from 2 labelled support image(s)" in card.text
+    assert "min_cell_fraction 0.8" in card.text and "seed 3" in card.text
+    assert "source model a local checkpoint (`model`)" in card.text
+    assert "trained on `builtin:scenes`" in card.text and "| Training crop | 32x32 |" in card.text
+    assert "5: red, 6: blue" in card.text
+    assert not card.data.eval_results  # the source's results do not cover the added classes
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".py")) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "model_card_inputs.json",
+        "preprocessor_config.json",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------

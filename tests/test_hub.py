@@ -249,6 +249,7 @@ def test_upload_is_one_commit_with_every_file(checkpoint, tmp_path):
     commit = mock.Mock(commit_url="https://huggingface.co/alice/protoseg-tiny/commit/abc")
     with (
         mock.patch("proto_segformer.hub.get_token", return_value="hf_test_token"),
+        mock.patch.object(HfApi, "whoami", autospec=True, return_value={"name": "alice"}),
         mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=fake_create_repo),
         mock.patch.object(HfApi, "create_commit", autospec=True, return_value=commit) as create_commit,
         mock.patch.object(HfApi, "upload_file", autospec=True, side_effect=AssertionError("one commit only")),
@@ -440,3 +441,165 @@ def test_prepared_card_is_published_with_its_pictures(checkpoint, tmp_path):
         assemble_repository(checkpoint, tmp_path / "repo3", card=cards / "other.md")
     with pytest.raises(HubError, match="Picture .*missing.png does not exist"):
         assemble_repository(checkpoint, tmp_path / "repo4", pictures=[tmp_path / "missing.png"])
+
+
+# ------------------------------------------------------------------------------------ --overwrite deletes only its own
+
+
+def snapshot_tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for folders)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_overwrite_refuses_a_training_output_with_checkpoints(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, seed=1)
+    (run / "handler.py").write_text("# assembled here by hand once\n")
+    (run / "checkpoint-10").mkdir()
+    (run / "checkpoint-10" / "model.safetensors").write_bytes(b"weights of step 10")
+    (run / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    before = snapshot_tree(run)
+    with pytest.raises(HubError, match=r"not overwriting it. It holds: .*checkpoint-10"):
+        assemble_repository(checkpoint, run, overwrite=True)
+    assert snapshot_tree(run) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_overwrite_refuses_a_git_clone(checkpoint, tmp_path):
+    clone = tmp_path / "clone"
+    first = assemble_repository(checkpoint, clone)
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    before = snapshot_tree(clone)
+    with pytest.raises(HubError, match=r"did not write \(\.git, \.git/HEAD\)"):
+        assemble_repository(checkpoint, clone, overwrite=True)
+    assert snapshot_tree(clone) == before and "config.json" in first
+    (clone / "README.md").unlink()
+    (clone / ".proto_segformer_assembly.json").unlink()  # a clone made without the tool: no manifest at all
+    with pytest.raises(HubError, match=r"not a previously assembled repository \(no \.proto_segformer_assembly"):
+        assemble_repository(checkpoint, clone, overwrite=True)
+    assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+
+
+def test_overwrite_refuses_a_folder_that_contains_the_source(tmp_path):
+    target = tmp_path / "target"
+    source = target / "model"
+    save_checkpoint(source)
+    (target / "config.json").write_text("{}")
+    (target / "handler.py").write_text("# an old assembly\n")
+    before = snapshot_tree(target)
+    with pytest.raises(HubError, match="overlap"):
+        assemble_repository(source, target, overwrite=True)
+    with pytest.raises(HubError, match="overlap"):
+        assemble_repository(source, source / "hub", overwrite=True)
+    assert snapshot_tree(target) == before
+
+
+def test_overwrite_replaces_only_the_previous_assembly(checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    picture = tmp_path / "view.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "blue").save(picture)
+    first = assemble_repository(checkpoint, repo, pictures=[picture], dataset_name="scenes")
+    assert "images/view.png" in first and ".proto_segformer_assembly.json" not in first
+    second = assemble_repository(checkpoint, repo, overwrite=True, dataset_name="other")
+    assert "images/view.png" not in second and not (repo / "images").exists()
+    assert set(second) == {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()} - {
+        ".proto_segformer_assembly.json"
+    }
+    assert "`other`" in (repo / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "view.png"]  # no staging folder left
+    (repo / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match=r"did not write \(notes.txt\)"):
+        assemble_repository(checkpoint, repo, overwrite=True)
+    assert (repo / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------ no network
+
+
+def test_push_without_network_is_one_line(checkpoint, tmp_path):
+    """A token and an unreachable Hub (a closed local port): a one-line error, fast, before the assembly."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "push_to_hub.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--model", str(checkpoint), "--repo_id", "alice/tiny", "--token", "hf_test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    lines = completed.stderr.strip().splitlines()
+    assert "Traceback" not in completed.stderr
+    assert len(lines) == 1, completed.stderr
+    assert "The Hugging Face Hub at http://127.0.0.1:9 is unreachable" in lines[0]
+    assert "--local_dir DIR assembles the repository without network" in lines[0]
+
+
+def test_push_in_offline_mode_says_so(checkpoint):
+    with (
+        mock.patch("proto_segformer.hub.get_token", return_value="hf_test_token"),
+        pytest.raises(HubError, match="HF_HUB_OFFLINE is set"),
+    ):
+        push_to_hub(checkpoint, "alice/protoseg-tiny")  # the tests run with HF_HUB_OFFLINE=1
+
+
+# ------------------------------------------------------------------------------------ cards that tell the truth
+
+
+def test_hub_card_keeps_a_builtin_dataset_a_local_base_model_and_the_training_crop(tmp_path):
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    SegformerImageProcessor(do_resize=False).save_pretrained(run)  # as training saves it: size 512, no resizing
+    (tmp_path / "local_start").mkdir()
+    args = {"learning_rate": 1e-3, "crop_size": 64}
+    write_model_card(run, dataset_name="builtin:scenes", base_model=str(tmp_path / "local_start"), training_args=args)
+    for kind in ("current", "older output without model_card_inputs.json"):
+        repo = tmp_path / f"repo-{kind[:3]}"
+        assemble_repository(run, repo)
+        card = ModelCard.load(repo / "README.md")
+        assert "trained on `builtin:scenes`" in card.text, kind
+        assert "the data it was trained on" not in card.text
+        assert {r.dataset_name for r in card.data.eval_results} == {"builtin:scenes"}, kind
+        assert "| Training crop | 64x64 |" in card.text, kind
+        assert "(512x512; it does not resize" in card.text  # the processor's size is stated as what it is
+        if kind == "current":
+            assert "a local checkpoint (`local_start`)" in card.text
+        (run / "model_card_inputs.json").unlink(missing_ok=True)
+
+
+def test_card_widget_fits_the_classes(tmp_path):
+    from proto_segformer.model_card import widget_for_classes, write_model_card
+
+    digits = {0: "background", **{i + 1: f"digit {i}" for i in range(10)}}
+    assert widget_for_classes(digits) == []
+    assert [w["example_title"] for w in widget_for_classes(LABELS)] == ["Cats"]
+    assert [w["example_title"] for w in widget_for_classes({0: "wall", 1: "building", 2: "cat"})] == ["House", "Cats"]
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    config = json.loads((run / "config.json").read_text())
+    config["id2label"] = {str(k): v for k, v in list(digits.items())[:5]}
+    config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    (run / "config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(run, dataset_name="builtin:scenes"))
+    assert "widget" not in card.data.to_dict() and "widget examples in the metadata" not in card.text
+
+
+def test_a_training_card_does_not_inherit_a_previous_run(tmp_path):
+    """A run written over an older one (--overwrite_output_dir): the card states this run, not the leftovers."""
+    from proto_segformer.model_card import write_model_card
+
+    run = tmp_path / "run"
+    save_checkpoint(run)
+    write_model_card(run, dataset_name="ade", base_model="nvidia/mit-b0", training_args={"learning_rate": 0.1})
+    card = ModelCard.load(write_model_card(run, dataset_name="builtin:scenes", training_args={"learning_rate": 0.5}))
+    assert card.data.base_model is None and "none (trained from scratch)" in card.text
+    assert "| learning_rate | 0.5 |" in card.text and "`ade`" not in card.text
+    assert json.loads((run / "training_args.json").read_text()) == {"learning_rate": 0.5}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from unittest import mock
 
 import imgviz
 import numpy as np
@@ -184,7 +185,8 @@ def test_predict_folder_with_a_corrupt_file_writes_the_others(checkpoint, photo,
         assert np.asarray(label).max() < 5
         prototype = np.asarray(Image.open(out / f"{stem}_prototype.png"))
         assert prototype.shape == size[::-1] and prototype.max() < 4
-        assert Image.open(out / f"{stem}_overlay.jpg").size == size
+        overlay = Image.open(out / f"{stem}_overlay.jpg").size  # small images: the legend is beside the image
+        assert overlay == size if stem == "large" else (overlay[0] > size[0] and overlay[1] >= size[1])
         assert Image.open(out / f"{stem}_prototype_overlay.jpg").size == size
     assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
 
@@ -207,7 +209,8 @@ def test_predict_glob_and_file_inputs(checkpoint, photo, tmp_path):
         ]
     )
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small_label.png", "small_overlay.jpg"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert written == ["small_label.png", "small_overlay.jpg"]
 
 
 def test_predict_bad_inputs(checkpoint, tmp_path, capsys):
@@ -301,3 +304,86 @@ def test_prototype_shades_tell_prototypes_of_one_class_apart():
     np.testing.assert_array_equal(shades[0, 1], class_colormap(3)[1])  # the middle prototype: the class colour
     np.testing.assert_array_equal(shades[1, 2], class_colormap(3)[2])
     assert shades[1, 0].sum() < shades[1, 1].sum()  # black background is lifted to grey, then shaded
+
+
+# ------------------------------------------------------------------------------------ outputs never replace inputs
+
+
+def test_predict_into_the_input_folder_never_overwrites_an_input(checkpoint, photo, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo[:48, :60]).save(folder / "cat.jpg")
+    Image.fromarray(np.zeros((48, 60), np.uint8)).save(folder / "cat_label.png")  # the user's own label
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    argv = ["--model", str(checkpoint), "--inputs", str(folder), "--output_dir", str(folder), "--no_progress"]
+    with mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
+        assert run_predict_script(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "would overwrite input file(s): " in error and "cat_label.png" in error
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    # Without the clash the input folder is a fine output folder; a rerun replaces only its own outputs.
+    (folder / "cat_label.png").rename(tmp_path / "cat_label.png")
+    assert run_predict_script(argv) == 0
+    first = (folder / "cat_overlay.jpg").read_bytes()
+    assert (folder / "cat.jpg").read_bytes() == before["cat.jpg"]
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    capsys.readouterr()
+    assert run_predict_script(argv) == 2  # the first run's outputs are inputs now
+    assert "(outputs of an earlier prediction there are inputs now)" in capsys.readouterr().err
+    assert (folder / "cat_overlay.jpg").read_bytes() == first
+    argv[3] = str(folder / "cat.jpg")  # the photo alone: the earlier outputs are replaced
+    assert run_predict_script(argv) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".proto_segformer_predictions.json",
+        "cat.jpg",
+        "cat_label.png",
+        "cat_overlay.jpg",
+    ]
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(checkpoint, photo, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo[:48, :60]).save(tmp_path / "in" / "street.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "street_overlay.jpg").write_bytes(b"someone else's picture")
+    argv = ["--model", str(checkpoint), "--inputs", str(tmp_path / "in"), "--output_dir", str(out), "--no_progress"]
+    assert run_predict_script(argv) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert (out / "street_overlay.jpg").read_bytes() == b"someone else's picture"
+    assert sorted(p.name for p in out.iterdir()) == ["street_overlay.jpg"]
+
+
+def test_predict_output_path_that_is_a_file_fails_before_the_model_loads(checkpoint, photo, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo[:48, :60]).save(tmp_path / "in" / "a.png")
+    (tmp_path / "taken").write_text("a file")
+    for output_dir, message in [
+        (tmp_path / "taken", "is a file; choose a folder"),
+        (tmp_path / "taken" / "sub", "taken is a file"),
+    ]:
+        argv = ["--model", str(checkpoint), "--inputs", str(tmp_path / "in"), "--output_dir", str(output_dir)]
+        with mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
+            assert run_predict_script(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_predict_unwritable_output_folder_fails_before_the_model_loads(checkpoint, photo, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo[:48, :60]).save(tmp_path / "in" / "a.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    denied = PermissionError(13, "Permission denied")  # what a read-only folder answers (root ignores chmod)
+    argv = ["--model", str(checkpoint), "--inputs", str(tmp_path / "in"), "--output_dir", str(locked / "out")]
+    with (
+        mock.patch("tempfile.TemporaryFile", side_effect=denied),
+        mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")),
+    ):
+        assert run_predict_script(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is not writable" in error and "Permission denied" in error and len(error.splitlines()) == 1
+    assert not (locked / "out").exists()

