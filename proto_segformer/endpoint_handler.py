@@ -84,8 +84,11 @@ def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(bytes(inputs)))  # reads the header only
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"'inputs' is too large to decode ({error}).") from error
+        except Image.DecompressionBombError as error:  # Pillow's own limit, checked from the header as well
+            raise ValueError(
+                f"The image is too large to decode ({error}); this endpoint's limit is {max_pixels:,} pixels:"
+                " downscale it before sending."
+            ) from error
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bytes that are not an image
             raise ValueError(f"'inputs' could not be decoded as an image ({type(error).__name__}: {error}).") from error
     elif isinstance(inputs, Image.Image):
