@@ -287,7 +287,7 @@ def conversion_summary(source: str, missing: set[str], unexpected: set[str], num
     if unexpected:
         prefixes = sorted({p for name in unexpected for p in PARAMETRIC_CLASSIFIER_PREFIXES if name.startswith(p)})
         line += f"; dropped the parametric classifier ({', '.join(f'{prefix}*' for prefix in prefixes)})"
-    return f"{line}; new: {', '.join(sorted({name.split('.')[0] for name in missing}))}."
+    return f"{line}; new: {', '.join(sorted({name.split('.')[0] for name in missing}))}"
 
 
 def non_finite_tensor_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from conftest import TINY, tiny_config
 from safetensors.torch import load_file, save_file
 from test_class_editing import load_script, write_support_folder
 from test_hf_integration import run_clean
+from train_helpers import REPO, TINY_ARGS, clean_env
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
@@ -144,10 +147,24 @@ def test_parametric_segformer_start_gives_fresh_prototypes_and_one_line(tmp_path
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loaded the encoder and decoder")]
     assert lines == [
         f"Loaded the encoder and decoder from {tmp_path} (122 tensors); dropped the parametric classifier"
-        " (decode_head.classifier.*); new: projection, prototypes."
+        " (decode_head.classifier.*); new: projection, prototypes"
     ]
     _, source = build_model(model_name_or_path=str(tmp_path), model_preset=None, id2label={0: "a", 1: "b"})
-    assert source.endswith("new: projection, prototypes.") and "(122 tensors)" in source
+    assert source.endswith("new: projection, prototypes") and "(122 tensors)" in source
+
+
+def test_train_from_a_parametric_segformer_says_one_line_instead_of_a_load_report(tmp_path) -> None:
+    SegformerForSemanticSegmentation(SegformerConfig(num_labels=7, **TINY)).save_pretrained(tmp_path / "seg")
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--model_name_or_path", "seg", "--output_dir"]
+    command += ["out", "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", *TINY_ARGS]
+    done = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "LOAD REPORT" not in output and "MISSING" not in output and "UNEXPECTED" not in output
+    assert (
+        "Model: SegformerForSemanticSegmentation checkpoint: Loaded the encoder and decoder from seg (122 tensors);"
+        " dropped the parametric classifier (decode_head.classifier.*); new: projection, prototypes; 11 classes"
+    ) in output
 
 
 def test_unexpected_tensors_in_a_protoseg_checkpoint_keep_the_load_report(complete, tmp_path, caplog) -> None:
