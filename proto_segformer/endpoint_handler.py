@@ -14,7 +14,8 @@ those pixels.
 
 Work per request is bounded: an image of more than `max_pixels` pixels (default 4,194,304 = 2048 x 2048; the
 constructor's `max_pixels` or the environment variable PROTOSEG_MAX_PIXELS) is refused from its header, before it is
-decoded. Every request the handler cannot serve is a `ValueError` with a message that says why.
+decoded; only common raster formats are read (PNG, JPEG, WebP, BMP, GIF, TIFF). Every request the handler cannot
+serve is a `ValueError` with a message that says why.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 DEFAULT_MAX_PIXELS = 2048 * 2048
+# Raster formats PIL decodes by itself; others (EPS through Ghostscript, for one) are refused before any decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 MAX_PIXELS_VARIABLE = "PROTOSEG_MAX_PIXELS"
 
 
@@ -83,7 +86,7 @@ def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(bytes(inputs)))  # reads the header only
+                image = Image.open(io.BytesIO(bytes(inputs)), formats=IMAGE_FORMATS)  # reads the header only
         except Image.DecompressionBombError as error:  # Pillow's own limit, checked from the header as well
             raise ValueError(
                 f"The image is too large to decode ({error}); this endpoint's limit is {max_pixels:,} pixels:"

@@ -103,6 +103,13 @@ def test_base64_with_line_breaks_and_trailing_newlines_is_accepted(handler) -> N
     assert handler({"inputs": wrapped}) == handler({"inputs": raw})
 
 
+@pytest.mark.parametrize("kind", ["JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF"])
+def test_common_formats_decode(kind) -> None:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photo_png())).save(buffer, format=kind)
+    assert decode_image(buffer.getvalue()).size == (40, 30)
+
+
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
@@ -113,6 +120,7 @@ def test_base64_with_line_breaks_and_trailing_newlines_is_accepted(handler) -> N
         (b"not an image", "could not be decoded as an image"),
         (photo_png()[:200], "could not be decoded as an image"),  # truncated
         (base64.b64encode(b"GIF89a garbage").decode(), "could not be decoded as an image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "could not be decoded as an image"),  # no Ghostscript
         (12, "must be image bytes, a base64 string or a PIL image, got int"),
     ],
 )
