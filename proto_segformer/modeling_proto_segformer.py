@@ -379,7 +379,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
           projection and prototypes new and drop the parametric classifier: transformers' load report is replaced
           by one line (`conversion_summary`, logged at INFO). Anything else keeps transformers' report.
         - A class count that differs from the checkpoint's is a clear error (unless `ignore_mismatched_sizes=True`,
-          which re-initialises the prototypes on purpose).
+          which re-initialises the prototypes on purpose, said in one line at INFO instead of a load report).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         name = pretrained_model_name_or_path
@@ -403,6 +403,15 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                     held.discard()
                     num_loaded = len(model.state_dict()) - len(missing) - len(loading_info["mismatched_keys"])
                     logger.info(conversion_summary(str(name), missing, unexpected, num_loaded))
+            elif [entry[0] for entry in loading_info["mismatched_keys"]] == ["prototypes"]:
+                # Another class count with ignore_mismatched_sizes=True: fresh prototypes, as asked.
+                held.discard()
+                (_, saved_shape, new_shape), *_ = loading_info["mismatched_keys"]
+                logger.info(
+                    "Fresh prototypes %s (the checkpoint's are %s): ignore_mismatched_sizes=True re-initialises them.",
+                    tuple(new_shape),
+                    tuple(saved_shape),
+                )
             held.release()
         return (model, loading_info) if output_loading_info else model
 

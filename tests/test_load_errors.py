@@ -177,6 +177,20 @@ def test_unexpected_tensors_in_a_protoseg_checkpoint_keep_the_load_report(comple
     assert "LOAD REPORT" in caplog.text and "extra" in caplog.text
 
 
+def test_another_class_count_asked_for_gives_one_line_not_a_load_report(complete, caplog) -> None:
+    logging.getLogger("transformers.modeling_utils").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            model = ProtoSegformerForSemanticSegmentation.from_pretrained(
+                complete, num_labels=9, ignore_mismatched_sizes=True
+            )
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(caplog.handler)
+    assert model.prototypes.shape == (9, 4, 32)
+    assert "LOAD REPORT" not in caplog.text and "MISMATCH" not in caplog.text
+    assert "Fresh prototypes (9, 4, 32) (the checkpoint's are (5, 4, 32))" in caplog.text
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_prototypes_are_an_error_for_inference(complete, tmp_path, value) -> None:
     def poison(weights):
