@@ -1,14 +1,21 @@
 """Hugging Face Inference Endpoints custom handler for a ProtoSegformer repository (copied there as `handler.py`).
 
 Self-contained on purpose: on an Endpoint the `proto_segformer` package is not installed, so the model is loaded
-through transformers with `trust_remote_code=True` from the code files stored next to the weights.
+through transformers with `trust_remote_code=True` from the code files stored next to the weights. Loading fails
+with an error naming the tensor when the weights lack `prototypes` or hold NaN or inf.
 
 Request: `{"inputs": <image>}` where the image is raw bytes (what Endpoints pass for an `image/*` request body), a
-base64 string (optionally a `data:` URI, as sent in a JSON body), or a PIL image.
+base64 string (standard alphabet; line breaks and other whitespace, as written by coreutils `base64` or MIME, are
+ignored; optionally a `data:` URI, as sent in a JSON body), or a PIL image.
 Response: the image-segmentation pipeline format, one entry per class present:
 `[{"label": str, "score": float, "mask": <PNG, base64>}]` where the mask is a single-channel PNG of the image's
 size, 255 on the class's pixels and 0 elsewhere, and the score is the mean softmax probability of the class over
 those pixels.
+
+Work per request is bounded: an image of more than `max_pixels` pixels (default 4,194,304 = 2048 x 2048; the
+constructor's `max_pixels` or the environment variable PROTOSEG_MAX_PIXELS) is refused from its header, before it is
+decoded; only common raster formats are read (PNG, JPEG, WebP, BMP, GIF, TIFF). Every request the handler cannot
+serve is a `ValueError` with a message that says why.
 """
 
 from __future__ import annotations
@@ -16,33 +23,87 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
+DEFAULT_MAX_PIXELS = 2048 * 2048
+# Raster formats PIL decodes by itself; others (EPS through Ghostscript, for one) are refused before any decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
+MAX_PIXELS_VARIABLE = "PROTOSEG_MAX_PIXELS"
 
-def decode_image(inputs: Any) -> Image.Image:
-    """An RGB PIL image from bytes, a base64 string (or `data:image/...;base64,` URI) or a PIL image."""
-    if isinstance(inputs, Image.Image):
-        return inputs.convert("RGB")
-    if isinstance(inputs, str):
-        text = inputs.split(",", 1)[1] if inputs.startswith("data:") else inputs
+
+def max_pixels_setting(max_pixels: int | None = None) -> int:
+    """The pixel cap: `max_pixels` if given, else $PROTOSEG_MAX_PIXELS, else `DEFAULT_MAX_PIXELS`."""
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
         try:
-            inputs = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise ValueError("'inputs' is a string but not valid base64 image data.") from error
+            max_pixels = int(text.replace("_", "")) if text else DEFAULT_MAX_PIXELS
+        except ValueError as error:
+            raise ValueError(f"{MAX_PIXELS_VARIABLE} must be a whole number of pixels, got {text!r}.") from error
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}.")
+    return int(max_pixels)
+
+
+def check_image_size(width: int, height: int, max_pixels: int) -> None:
+    """`ValueError` when a `width` x `height` image has more than `max_pixels` pixels."""
+    if width * height > max_pixels:
+        raise ValueError(
+            f"The image is {width}x{height} = {width * height:,} pixels, above this endpoint's limit of"
+            f" {max_pixels:,} pixels: downscale it before sending (the limit is the handler's max_pixels, or the"
+            f" environment variable {MAX_PIXELS_VARIABLE})."
+        )
+
+
+def base64_bytes(text: str) -> bytes:
+    """The bytes of a standard base64 string (whitespace and line breaks ignored; a `data:...;base64,` prefix too)."""
+    if text.startswith("data:"):
+        text = text.split(",", 1)[1] if "," in text else ""
+    text = "".join(text.split())
+    if not text:
+        raise ValueError("'inputs' is an empty string; send the image as bytes or as base64 text.")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"'inputs' is a string but not valid base64 image data ({error}).") from error
+
+
+def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from bytes, a base64 string (or `data:image/...;base64,` URI) or a PIL image.
+
+    The size is checked against `max_pixels` from the image header, before decoding; any failure to decode is a
+    `ValueError` that says what is wrong."""
+    if isinstance(inputs, str):
+        inputs = base64_bytes(inputs)
     if isinstance(inputs, (bytes, bytearray, memoryview)):
         try:
-            image = Image.open(io.BytesIO(bytes(inputs)))
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"'inputs' could not be decoded as an image ({error}).") from error
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(bytes(inputs)), formats=IMAGE_FORMATS)  # reads the header only
+        except Image.DecompressionBombError as error:  # Pillow's own limit, checked from the header as well
+            raise ValueError(
+                f"The image is too large to decode ({error}); this endpoint's limit is {max_pixels:,} pixels:"
+                " downscale it before sending."
+            ) from error
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for bytes that are not an image
+            raise ValueError(f"'inputs' could not be decoded as an image ({type(error).__name__}: {error}).") from error
+    elif isinstance(inputs, Image.Image):
+        image = inputs
+    else:
+        raise ValueError(f"'inputs' must be image bytes, a base64 string or a PIL image, got {type(inputs).__name__}.")
+    check_image_size(image.width, image.height, max_pixels)
+    try:
+        image.load()
         return ImageOps.exif_transpose(image).convert("RGB")
-    raise ValueError(f"'inputs' must be image bytes, a base64 string or a PIL image, got {type(inputs).__name__}.")
+    except Exception as error:  # noqa: BLE001 - truncated data, corrupt EXIF, unsupported modes, ...
+        raise ValueError(f"'inputs' could not be decoded as an image ({type(error).__name__}: {error}).") from error
 
 
 def mask_to_base64_png(mask: np.ndarray) -> str:
@@ -53,11 +114,16 @@ def mask_to_base64_png(mask: np.ndarray) -> str:
 
 
 class EndpointHandler:
-    """Inference Endpoints entry point: `EndpointHandler(path)(data) -> [{label, score, mask}]`."""
+    """Inference Endpoints entry point: `EndpointHandler(path)(data) -> [{label, score, mask}]`.
 
-    def __init__(self, path: str = "") -> None:
+    `max_pixels`: the largest image accepted (see the module docstring); None = $PROTOSEG_MAX_PIXELS or 2048 x 2048.
+    """
+
+    def __init__(self, path: str = "", max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels_setting(max_pixels)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForSemanticSegmentation.from_pretrained(path, trust_remote_code=True)
+        self.model.check_finite()  # NaN or inf in the prototypes or any weight: an error naming the tensors
         self.model.to(self.device).eval()
         self.processor = AutoImageProcessor.from_pretrained(path)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
@@ -66,9 +132,11 @@ class EndpointHandler:
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError("The request must be a JSON object with the image under 'inputs'.")
-        image = decode_image(data["inputs"])
+        image = decode_image(data["inputs"], self.max_pixels)
         pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
         logits = self.model(pixel_values=pixel_values).logits.float()
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("The model produced NaN or inf scores for this image; its weights may be broken.")
         size = (image.height, image.width)
         probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
         confidence, label_map = probabilities.max(dim=0)

@@ -120,11 +120,25 @@ def read_tensor_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def non_finite_weights(files: Iterable[Path]) -> list[str]:
+    """Names of the tensors in the safetensors `files` that hold NaN or inf (reads every tensor)."""
+    from safetensors import safe_open
+
+    from .modeling_proto_segformer import non_finite_tensor_names
+
+    bad: list[str] = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            bad += non_finite_tensor_names((name, handle.get_tensor(name)) for name in handle.keys())
+    return bad
+
+
 def validate_checkpoint(folder: str | Path) -> CheckpointInfo:
     """Check that `folder` is a loadable ProtoSegformer checkpoint whose weights hold prototypes matching its config.
 
     Raises `CheckpointError` with a message naming the problem (no folder, no config, another model type, no or
-    corrupt weights, no `prototypes` tensor, prototypes whose shape disagrees with the config).
+    corrupt weights, no `prototypes` tensor, prototypes whose shape disagrees with the config, NaN or inf in any
+    tensor).
     """
     folder = Path(folder)
     config = read_config(folder)
@@ -144,11 +158,19 @@ def validate_checkpoint(folder: str | Path) -> CheckpointInfo:
             f"'prototypes' in {str(folder)!r} has shape {shape}, but config.json implies (num_labels,"
             f" num_prototypes_per_class, embedding_dim) = {expected}."
         )
+    bad = non_finite_weights(files)
+    if bad:
+        from .modeling_proto_segformer import non_finite_message
+
+        raise CheckpointError(non_finite_message(bad, where=f"The checkpoint {str(folder)!r}"))
     return CheckpointInfo(folder=folder, config=config, weight_files=files, prototype_shape=tuple(shape))
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A validated ProtoSegformer checkpoint loaded in eval mode on `device` (the package's own classes)."""
+    """A validated ProtoSegformer checkpoint loaded in eval mode on `device` (the package's own classes).
+
+    `CheckpointError` for anything `validate_checkpoint` rejects, a tensor missing from the weights, or a weight that
+    is not finite once loaded (also after a cast to `dtype`, e.g. float16 overflowing to inf)."""
     from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
 
     info = validate_checkpoint(folder)
@@ -165,6 +187,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
             f"The weights in {str(info.folder)!r} lack {len(missing)} tensors of the model ({shown}):"
             " the checkpoint is incomplete or from another architecture size."
         )
+    bad = model.non_finite_tensors()
+    if bad:
+        from .modeling_proto_segformer import non_finite_message
+
+        where = f"The model loaded from {str(info.folder)!r}" + (f" as {dtype}" if dtype is not None else "")
+        raise CheckpointError(non_finite_message(bad, where=where))
     return model.to(device).eval()
 
 

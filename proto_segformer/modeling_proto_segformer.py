@@ -7,6 +7,10 @@ prototype. The prototypes are running means of pixel embeddings, updated in trai
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +25,7 @@ from transformers.models.segformer.modeling_segformer import SegformerMLP, Segfo
 from transformers.utils import ModelOutput
 
 from .configuration_proto_segformer import ProtoSegformerConfig
+from .paths import check_source
 from .prototypes import (
     average_across_processes,
     class_scores,
@@ -34,6 +39,8 @@ from .prototypes import (
     scores_and_contrast,
     sinkhorn_assignments,
 )
+
+logger = logging.getLogger(__name__)
 
 # SegFormer checkpoints (transformers 4.x and 5.x alike) store the decoder's stage projections as
 # `decode_head.linear_c.*`; transformers 5 calls the in-memory module `linear_projections`. Register the same
@@ -236,6 +243,102 @@ def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> str:
     )
 
 
+PARAMETRIC_CLASSIFIER_PREFIXES = ("decode_head.classifier.", "classifier.")
+# Tensors a SegFormer or MiT checkpoint cannot hold: ProtoSeg's own head (and, for a MiT backbone, the decoder).
+NEW_IN_PROTOSEG_PREFIXES = ("projection.", "prototypes", "decode_head.")
+
+
+def _checkpoint_model_type(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """`model_type` of the checkpoint's own config.json (not of a `config` passed in), or None if it has none."""
+    hub_fields = ("cache_dir", "revision", "token", "subfolder", "local_files_only", "force_download", "proxies")
+    try:
+        saved, _ = PretrainedConfig.get_config_dict(
+            pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_fields if k in kwargs}
+        )
+    except (OSError, ValueError):
+        return None
+    return saved.get("model_type")
+
+
+def _missing_tensors_message(pretrained_model_name_or_path, missing: set[str]) -> str:
+    names = sorted(missing, key=lambda name: (name != "prototypes", name))
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    what = "has no 'prototypes' tensor" if "prototypes" in missing else f"lacks {len(names)} tensor(s) of the model"
+    return (
+        f"The checkpoint {str(pretrained_model_name_or_path)!r} {what} (missing: {shown}): the model would run with"
+        " random values in their place. Load a complete checkpoint (saved with save_pretrained from"
+        " ProtoSegformerForSemanticSegmentation); to start a new ProtoSeg model from a SegFormer or MiT checkpoint,"
+        " load one whose config.json has model_type 'segformer'."
+    )
+
+
+def _is_expected_conversion(missing: set[str], unexpected: set[str]) -> bool:
+    """Whether loading a SegFormer / MiT checkpoint left exactly what it should: ProtoSeg's head new (and the decoder,
+    for a MiT backbone), the parametric classifier unused, and the encoder complete."""
+    return all(name.startswith(NEW_IN_PROTOSEG_PREFIXES) for name in missing) and all(
+        name.startswith(PARAMETRIC_CLASSIFIER_PREFIXES) for name in unexpected
+    )
+
+
+def conversion_summary(source: str, missing: set[str], unexpected: set[str], num_loaded: int) -> str:
+    """One line on a SegFormer / MiT checkpoint turned into a ProtoSegformer: what was carried over, dropped, new."""
+    carried = "the encoder" if any(n.startswith("decode_head.") for n in missing) else "the encoder and decoder"
+    line = f"Loaded {carried} from {source} ({num_loaded} tensors)"
+    if unexpected:
+        prefixes = sorted({p for name in unexpected for p in PARAMETRIC_CLASSIFIER_PREFIXES if name.startswith(p)})
+        line += f"; dropped the parametric classifier ({', '.join(f'{prefix}*' for prefix in prefixes)})"
+    return f"{line}; new: {', '.join(sorted({name.split('.')[0] for name in missing}))}"
+
+
+def non_finite_tensor_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors among `named_tensors` that hold NaN or inf."""
+    return [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def non_finite_message(names: list[str], where: str = "The model") -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{where} holds NaN or inf values in {shown}: its predictions would be garbage (a diverged training run?)."
+        " Use an earlier checkpoint, or retrain (for example with a lower learning rate)."
+    )
+
+
+class _HeldReport:
+    """transformers' load report, held back until the load's outcome says whether it is news."""
+
+    def __init__(self, class_name: str) -> None:
+        self.marker = f"{class_name} LOAD REPORT"
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.marker in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def discard(self) -> None:
+        self.records.clear()
+
+    def release(self) -> None:
+        records, self.records = self.records, []
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+
+
+@contextmanager
+def _held_load_report(class_name: str):
+    """Hold back transformers' load report of `class_name` (logged by transformers.modeling_utils) for the block;
+    records not discarded are logged when the block ends."""
+    held = _HeldReport(class_name)
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        report_logger.removeFilter(held)
+        held.release()
+
+
 def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:
     """Class scores S (any shape, classes along `dim`) -> logits, as `config.class_score_normalization` says:
     LayerNorm over the classes (default, the contract) or S / `config.class_score_temperature`."""
@@ -266,13 +369,61 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with a clear error when the checkpoint's class count differs."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            raise ValueError(_mismatch_message(pretrained_model_name_or_path, kwargs)) from error
+        """`PreTrainedModel.from_pretrained` with ProtoSeg's load checks.
+
+        - A local-looking path that does not exist, or a Hub id while the Hub is unreachable, is a one-line error at
+          once (`proto_segformer.paths.check_source`), not a minute of retries.
+        - A ProtoSeg checkpoint must hold every tensor of the model, `prototypes` above all: a missing one is a
+          `ValueError` naming it (transformers would fill it with random values and only print a report).
+        - Starting from a SegFormer or MiT checkpoint (config `model_type` "segformer") is expected to leave the
+          projection and prototypes new and drop the parametric classifier: transformers' load report is replaced
+          by one line (`conversion_summary`, logged at INFO). Anything else keeps transformers' report.
+        - A class count that differs from the checkpoint's is a clear error (unless `ignore_mismatched_sizes=True`,
+          which re-initialises the prototypes on purpose, said in one line at INFO instead of a load report).
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        name = pretrained_model_name_or_path
+        if isinstance(name, (str, os.PathLike)) and kwargs.get("state_dict") is None and not kwargs.get("gguf_file"):
+            check_source(str(name), cache_dir=kwargs.get("cache_dir"), network=not kwargs.get("local_files_only"))
+        with _held_load_report(cls.__name__) as held:
+            try:
+                model, loading_info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
+            except RuntimeError as error:
+                held.release()
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                raise ValueError(_mismatch_message(name, kwargs)) from error
+            missing, unexpected = set(loading_info["missing_keys"]), set(loading_info["unexpected_keys"])
+            if missing or unexpected:
+                source_type = _checkpoint_model_type(name, kwargs)
+                if source_type != "segformer" and missing:
+                    held.discard()
+                    raise ValueError(_missing_tensors_message(name, missing))
+                if source_type == "segformer" and _is_expected_conversion(missing, unexpected):
+                    held.discard()
+                    num_loaded = len(model.state_dict()) - len(missing) - len(loading_info["mismatched_keys"])
+                    logger.info(conversion_summary(str(name), missing, unexpected, num_loaded))
+            elif [entry[0] for entry in loading_info["mismatched_keys"]] == ["prototypes"]:
+                # Another class count with ignore_mismatched_sizes=True: fresh prototypes, as asked.
+                held.discard()
+                (_, saved_shape, new_shape), *_ = loading_info["mismatched_keys"]
+                logger.info(
+                    "Fresh prototypes %s (the checkpoint's are %s): ignore_mismatched_sizes=True re-initialises them.",
+                    tuple(new_shape),
+                    tuple(saved_shape),
+                )
+            held.release()
+        return (model, loading_info) if output_loading_info else model
+
+    def non_finite_tensors(self) -> list[str]:
+        """Names of the weights and buffers (prototypes included) that hold NaN or inf values."""
+        return non_finite_tensor_names(self.state_dict().items())
+
+    def check_finite(self) -> None:
+        """Raise `ValueError` naming every weight or buffer that holds NaN or inf (a broken checkpoint)."""
+        bad = self.non_finite_tensors()
+        if bad:
+            raise ValueError(non_finite_message(bad))
 
     def embed_pixels(self, pixel_values: torch.Tensor, **encoder_kwargs) -> tuple[torch.Tensor, ModelOutput]:
         """Unit pixel embeddings (B, D, H/4, W/4) and the encoder outputs."""

@@ -49,6 +49,7 @@ from .training import (
     ProtoSegTrainer,
     RankPrototypesCallback,
     build_model,
+    check_model_source,
     save_training_outputs,
 )
 
@@ -493,6 +494,8 @@ def run_training(
         if data_args.torch_threads < 1:
             raise DataError(f"--torch_threads must be >= 1, got {data_args.torch_threads}.")
         torch.set_num_threads(data_args.torch_threads)
+    if model_args.model_name_or_path is not None:  # a mistyped path fails at once, before the data are read
+        check_model_source(model_args.model_name_or_path, model_args.cache_dir)
     resume = prepare_output_dir(training_args, data_args)
     data = prepare_data(model_args, data_args, training_args)
     image_processor = image_processor_for(model_args, data_args.reduce_labels)

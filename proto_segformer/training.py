@@ -28,7 +28,8 @@ from transformers import PretrainedConfig, Trainer, TrainerCallback
 
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .metrics import metrics_from_areas
-from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
+from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
+from .paths import check_source
 from .prototypes import cluster_prototypes
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,15 @@ def _checkpoint_config(model_name_or_path, config_dict, overrides, label_fields,
     )
 
 
+def check_model_source(model_name_or_path: str, cache_dir: str | None = None) -> None:
+    """`ModelInputError` at once (one line) for a local-looking path that does not exist or a Hub id that cannot be
+    fetched (not cached, Hub unreachable): `proto_segformer.paths.check_source`."""
+    try:
+        check_source(model_name_or_path, cache_dir=cache_dir)
+    except OSError as error:
+        raise ModelInputError(str(error)) from error
+
+
 def build_model(
     *,
     model_name_or_path: str | None,
@@ -193,6 +203,7 @@ def build_model(
         return ProtoSegformerForSemanticSegmentation(config), f"{model_preset or 'mit-b0'} preset, random init"
 
     hub_kwargs = {"cache_dir": cache_dir, "revision": revision, "token": token}
+    check_model_source(model_name_or_path, cache_dir)
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(model_name_or_path, **hub_kwargs)
     except OSError as error:
@@ -209,13 +220,16 @@ def build_model(
         if isinstance(error, ModelInputError):
             raise
         raise ModelInputError(f"Invalid model configuration: {error}") from error
-    model, loading_info = ProtoSegformerForSemanticSegmentation.from_pretrained(
-        model_name_or_path,
-        config=config,
-        ignore_mismatched_sizes=True,
-        output_loading_info=True,
-        **hub_kwargs,
-    )
+    try:
+        model, loading_info = ProtoSegformerForSemanticSegmentation.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **hub_kwargs,
+        )
+    except ValueError as error:  # e.g. a ProtoSeg checkpoint without prototypes
+        raise ModelInputError(str(error)) from error
     mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in loading_info.get("mismatched_keys", [])]
     if model_type == "proto_segformer" and not same_classes:
         logger.info("The classes differ from the checkpoint's: prototypes start from random unit vectors.")
@@ -227,6 +241,10 @@ def build_model(
         raise ModelInputError(
             f"{model_name_or_path!r} does not hold SegFormer encoder weights (missing e.g. {missing_encoder[:3]})."
         )
+    if model_type == "segformer":
+        missing, unexpected = set(loading_info["missing_keys"]), set(loading_info["unexpected_keys"])
+        num_loaded = len(model.state_dict()) - len(missing) - len(mismatched)
+        return model, f"{source}: {conversion_summary(model_name_or_path, missing, unexpected, num_loaded)}"
     return model, f"{source} {model_name_or_path}"
 
 

@@ -211,6 +211,19 @@ def test_missing_path_and_missing_annotation(tmp_path) -> None:
         load_dataset_any(str(root))
 
 
+def test_same_name_with_two_extensions_is_an_error_naming_both(tmp_path) -> None:
+    root = _write_ade_folder(tmp_path / "ade")
+    Image.new("RGB", (30, 20)).save(root / "images" / "training" / "1.png")  # beside 1.jpg: one would be dropped
+    with pytest.raises(
+        DataError, match=r"training holds files that differ only in their extension \(1\.jpg and 1\.png"
+    ):
+        load_dataset_any(str(root))
+    (root / "images" / "training" / "1.png").unlink()
+    Image.new("L", (30, 20)).save(root / "annotations" / "validation" / "0.bmp")
+    with pytest.raises(DataError, match=r"validation holds files .*0\.bmp and 0\.png"):
+        load_dataset_any(str(root))
+
+
 def test_validation_split_is_made_or_explained(scenes) -> None:
     only_train = datasets.DatasetDict({"train": scenes[0]["train"]})
     split = ensure_validation_split(only_train, 0.25, seed=0)
@@ -321,6 +334,29 @@ def test_to_rgb_modes() -> None:
 
 def test_reduce_labels() -> None:
     assert reduce_label_array(np.array([0, 1, 2, 255])).tolist() == [255, 0, 1, 255]
+    assert reduce_label_array(np.array([0, 1, 99]), ignore_index=99).tolist() == [99, 0, 99]
+    with pytest.raises(ValueError, match="holds the value 256, which reduce_labels would shift onto the ignore"):
+        reduce_label_array(np.array([0, 1, 256]))
+
+
+def test_reduce_labels_turning_a_class_into_the_ignore_index_names_the_file(tmp_path) -> None:
+    """A 16-bit label with the value 256 would become 255 (ignored) under reduce_labels."""
+    label = np.zeros((6, 8), np.uint16)
+    label[2:4, 2:4] = 256
+    label[0, :] = 3
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "x.jpg")
+    Image.fromarray(label).save(tmp_path / "x.png")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    split = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "x.jpg")], "label": [str(tmp_path / "x.png")]}, features
+    )
+    assert np.asarray(Image.open(tmp_path / "x.png")).max() == 256
+    with pytest.raises(DataError, match=r"sample 0 \(.*x\.png\): the label holds the value 256"):
+        check_split(split, "train", "image", "label", num_labels=300, reduce_labels=True)
+    dataset = SegmentationDataset(split, "image", "label", 300, train=False, reduce_labels=True)
+    with pytest.raises(DataError, match=r"sample 0 \(.*x\.png\): the label holds the value 256"):
+        dataset[0]
+    assert check_split(split, "train", "image", "label", num_labels=300)["label_values"] == [0, 3, 256]
 
 
 def _aligned_pair(size=(40, 60)):

@@ -119,4 +119,4 @@ def test_bad_model_arguments(tmp_path: Path, capsys) -> None:
     message = _fails_cleanly(["--prototype_momentum", "1.5"], out, capsys)
     assert "prototype_momentum must lie in [0, 1]" in message
     message = _fails_cleanly(["--model_name_or_path", str(tmp_path / "missing_model")], out, capsys)
-    assert "Could not load a model config" in message
+    assert "missing_model' does not exist" in message

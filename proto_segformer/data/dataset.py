@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from .loading import DataError, label_values_message, prepare_label, read_pair, undecoded
+from .loading import DataError, checked_label, label_values_message, read_pair, undecoded
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, eval_transform, train_transform
 
 
@@ -75,10 +75,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple:
         """(PIL image, (H, W) int64 label) of sample `index`, checked."""
         image, label = read_pair(self._undecoded, index, self.image_column, self.label_column, self.split_name)
-        try:
-            array = prepare_label(label, self.reduce_labels, self.ignore_index)
-        except ValueError as error:
-            raise DataError(f"Split {self.split_name!r}, sample {index}: {error}") from error
+        array = checked_label(
+            self._undecoded, index, label, self.label_column, self.reduce_labels, self.ignore_index, self.split_name
+        )
         if array.shape != (image.size[1], image.size[0]):
             raise DataError(
                 f"Split {self.split_name!r}, sample {index}: the image is {image.size[1]}x{image.size[0]} (height x"

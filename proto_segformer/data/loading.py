@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..paths import check_source
 from .builtin import BUILTIN_DATASETS, build_builtin_dataset
 from .transforms import label_to_array, reduce_label_array, to_rgb
 
@@ -56,11 +57,22 @@ def _canonical_split(name: str) -> str:
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(folder).with_suffix("")): p
-        for p in sorted(folder.rglob("*"))
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    }
+    """Image files under `folder` by path without extension; two files of one name (x.jpg, x.png) are an error."""
+    files: dict[str, Path] = {}
+    clashes: list[str] = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            key = str(path.relative_to(folder).with_suffix(""))
+            if key in files:
+                clashes.append(f"{files[key].name} and {path.name}")
+            files.setdefault(key, path)
+    if clashes:
+        shown = "; ".join(clashes[:5]) + ("; ..." if len(clashes) > 5 else "")
+        raise DataError(
+            f"{folder} holds files that differ only in their extension ({shown}): images and annotations are paired"
+            " by name without extension, so one of each would be dropped. Remove or rename the extra files."
+        )
+    return files
 
 
 def load_ade20k_style_folder(path: str | Path) -> datasets.DatasetDict:
@@ -121,8 +133,11 @@ def load_dataset_any(
             return _rename_splits(datasets.load_dataset(str(path), cache_dir=cache_dir))
         if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
             raise DataError(f"The data set folder {path} is empty.")
-    elif dataset_name.startswith((".", "/", "~")) or os.sep in dataset_name.strip("/").split("/", 1)[-1]:
-        raise DataError(f"The data set path {dataset_name} does not exist.")
+    else:
+        try:  # a mistyped local path, or a Hub id while the Hub is unreachable: one line, at once
+            check_source(dataset_name, what="data set", repo_type="dataset", cache_dir=cache_dir)
+        except OSError as error:
+            raise DataError(str(error)) from error
     try:
         loaded = datasets.load_dataset(
             dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code
@@ -326,6 +341,23 @@ def prepare_label(label: Image.Image | np.ndarray, reduce_labels: bool, ignore_i
     return reduce_label_array(array, ignore_index) if reduce_labels else array
 
 
+def checked_label(
+    split: datasets.Dataset,
+    index: int,
+    label: Image.Image | np.ndarray,
+    label_column: str,
+    reduce_labels: bool,
+    ignore_index: int,
+    split_name: str = "train",
+) -> np.ndarray:
+    """`prepare_label` of sample `index`; a label it cannot use is a `DataError` naming the sample and its file."""
+    try:
+        return prepare_label(label, reduce_labels, ignore_index)
+    except ValueError as error:
+        where = f"Split {split_name!r}, sample {index}{_file_of(split, index, label_column)}"
+        raise DataError(f"{where}: {error}") from error
+
+
 def check_split(
     split: datasets.Dataset,
     split_name: str,
@@ -347,10 +379,7 @@ def check_split(
     bad_values: dict[int, int] = {}
     for index in range(count):
         image, label = read_pair(split, index, image_column, label_column, split_name)
-        try:
-            array = prepare_label(label, reduce_labels, ignore_index)
-        except ValueError as error:
-            raise DataError(f"Split {split_name!r}, sample {index}: {error}") from error
+        array = checked_label(split, index, label, label_column, reduce_labels, ignore_index, split_name)
         image_size = (image.size[1], image.size[0])
         if array.shape != image_size:
             raise DataError(
@@ -406,7 +435,7 @@ def infer_num_labels(
     split = undecoded(split, (image_column, label_column))
     for index in range(min(len(split), max_samples)):
         _, label = read_pair(split, index, image_column, label_column)
-        array = prepare_label(label, reduce_labels, ignore_index)
+        array = checked_label(split, index, label, label_column, reduce_labels, ignore_index)
         values = array[array != ignore_index]
         if values.size:
             largest = max(largest, int(values.max()))
@@ -420,6 +449,7 @@ __all__ = [
     "DataError",
     "build_builtin_dataset",
     "check_split",
+    "checked_label",
     "decode_image",
     "ensure_validation_split",
     "id2label_from_dataset",

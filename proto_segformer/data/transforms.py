@@ -102,7 +102,15 @@ def label_to_array(label: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def reduce_label_array(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
-    """ADE20K-style reduction: 0 ("other") becomes the ignore index, every other class shifts down by one."""
+    """ADE20K-style reduction: 0 ("other") becomes the ignore index, every other class shifts down by one.
+
+    A value of ignore_index + 1 would shift onto the ignore index and vanish from training: a `ValueError`."""
+    if (label == ignore_index + 1).any():
+        raise ValueError(
+            f"the label holds the value {ignore_index + 1}, which reduce_labels would shift onto the ignore index"
+            f" {ignore_index} (its pixels would be ignored without notice). Reduced labels are 0 ('other', ignored)"
+            f" and 1..K; map {ignore_index + 1} to a class or to 0, or do not reduce the labels."
+        )
     reduced = label - 1
     reduced[label == 0] = ignore_index
     reduced[label == ignore_index] = ignore_index

@@ -1,0 +1,214 @@
+"""A checkpoint never loads with made-up or broken prototypes (issue 11, part 2), on every path a user loads through:
+the class's from_pretrained, the Auto classes and the pipeline with remote code, the endpoint handler,
+scripts/add_classes.py, scripts/train.py --model_name_or_path, and inference's load_model / validate_checkpoint.
+Starting from a SegFormer checkpoint keeps giving fresh prototypes, with one line instead of a load report."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, tiny_config
+from safetensors.torch import load_file, save_file
+from test_class_editing import load_script, write_support_folder
+from test_hf_integration import run_clean
+from train_helpers import REPO, TINY_ARGS, clean_env
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.inference import CheckpointError, load_model, validate_checkpoint
+from proto_segformer.training import ModelInputError, build_model
+
+LABELS = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
+MISSING = "has no 'prototypes' tensor (missing: prototypes)"
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("complete")
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=5, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    ProtoSegformerForSemanticSegmentation(config).save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 32, "width": 32}, do_resize=False).save_pretrained(folder)
+    return folder
+
+
+def edited_copy(source: Path, target: Path, edit) -> Path:
+    """A copy of checkpoint `source` whose weights are `edit(state_dict)` (edited in place)."""
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    edit(weights)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="module")
+def without_prototypes(complete, tmp_path_factory) -> Path:
+    return edited_copy(complete, tmp_path_factory.mktemp("stripped") / "model", lambda w: w.pop("prototypes"))
+
+
+def test_class_from_pretrained_without_prototypes_is_an_error(without_prototypes, caplog) -> None:
+    with pytest.raises(ValueError, match=re.escape(MISSING)):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(without_prototypes)
+    # ignore_mismatched_sizes re-initialises mismatched tensors on purpose, but a missing one is still an error
+    with pytest.raises(ValueError, match=re.escape(MISSING)):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(without_prototypes, ignore_mismatched_sizes=True)
+    with pytest.raises(ValueError, match=re.escape(MISSING)):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(
+            without_prototypes, num_labels=3, ignore_mismatched_sizes=True
+        )
+    assert "LOAD REPORT" not in caplog.text  # the error says it; no table of MISSING keys besides
+
+
+def test_any_missing_tensor_of_a_protoseg_checkpoint_is_named(complete, tmp_path) -> None:
+    folder = edited_copy(complete, tmp_path / "model", lambda w: w.pop("projection.conv2.weight"))
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) of the model \(missing: projection.conv2.weight\)"):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(folder)
+
+
+def test_remote_code_paths_without_prototypes_are_errors_in_a_clean_process(without_prototypes, tmp_path) -> None:
+    handler_dir = tmp_path / "handler"
+    handler_dir.mkdir()
+    shutil.copyfile(
+        Path(__file__).resolve().parents[1] / "proto_segformer" / "endpoint_handler.py", handler_dir / "handler.py"
+    )
+    folder = str(without_prototypes)
+    result = run_clean(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(handler_dir)!r})
+        from transformers import AutoModel, AutoModelForSemanticSegmentation, pipeline
+        from handler import EndpointHandler
+        loaders = {{
+            "AutoModel": lambda: AutoModel.from_pretrained({folder!r}, trust_remote_code=True),
+            "AutoModelForSemanticSegmentation": lambda: AutoModelForSemanticSegmentation.from_pretrained(
+                {folder!r}, trust_remote_code=True
+            ),
+            "pipeline": lambda: pipeline("image-segmentation", model={folder!r}, trust_remote_code=True),
+            "handler": lambda: EndpointHandler({folder!r}),
+        }}
+        errors = {{}}
+        for name, load in loaders.items():
+            try:
+                load()
+                errors[name] = None
+            except Exception as error:
+                errors[name] = type(error).__name__ + ": " + str(error)
+        print(json.dumps(errors))
+        """,
+        cwd=tmp_path,
+    )
+    for path, error in result.items():
+        assert error is not None and MISSING in error, (path, error)
+
+
+def test_add_classes_script_refuses_a_checkpoint_without_prototypes(without_prototypes, tmp_path) -> None:
+    script = load_script("add_classes")
+    write_support_folder(tmp_path / "support")
+    arguments = script.AddClassesArguments(
+        model_dir=str(without_prototypes),
+        support_dir=str(tmp_path / "support"),
+        names=["red", "blue"],
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(ValueError, match=re.escape(MISSING)):
+        script.main(arguments)
+    assert not (tmp_path / "out").exists()  # nothing saved that would pass validation
+
+
+def test_train_from_a_checkpoint_without_prototypes_is_an_error(without_prototypes, tmp_path, capsys) -> None:
+    with pytest.raises(ModelInputError, match=re.escape(MISSING)):
+        build_model(model_name_or_path=str(without_prototypes), model_preset=None, id2label=LABELS)
+    # other classes: prototypes are re-initialised on purpose, but a missing tensor is still an error
+    with pytest.raises(ModelInputError, match=re.escape(MISSING)):
+        build_model(model_name_or_path=str(without_prototypes), model_preset=None, id2label={0: "x", 1: "y"})
+    from proto_segformer.run_training import main
+
+    argv = ["--model_name_or_path", str(without_prototypes), "--output_dir", str(tmp_path / "run"), "--max_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--builtin_num_train", "4", "--builtin_num_validation", "2", "--builtin_image_size", "32"])
+    assert exit_info.value.code == 2
+    assert MISSING in capsys.readouterr().err
+
+
+def test_parametric_segformer_start_gives_fresh_prototypes_and_one_line(tmp_path, caplog) -> None:
+    SegformerForSemanticSegmentation(SegformerConfig(num_labels=7, **TINY)).save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO):
+        model = ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path, num_labels=3)
+    assert model.prototypes.shape == (3, 10, TINY["decoder_hidden_size"])
+    torch.testing.assert_close(model.prototypes.norm(dim=-1), torch.ones(3, 10))
+    assert "LOAD REPORT" not in caplog.text and "MISSING" not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loaded the encoder and decoder")]
+    assert lines == [
+        f"Loaded the encoder and decoder from {tmp_path} (122 tensors); dropped the parametric classifier"
+        " (decode_head.classifier.*); new: projection, prototypes"
+    ]
+    _, source = build_model(model_name_or_path=str(tmp_path), model_preset=None, id2label={0: "a", 1: "b"})
+    assert source.endswith("new: projection, prototypes") and "(122 tensors)" in source
+
+
+def test_train_from_a_parametric_segformer_says_one_line_instead_of_a_load_report(tmp_path) -> None:
+    SegformerForSemanticSegmentation(SegformerConfig(num_labels=7, **TINY)).save_pretrained(tmp_path / "seg")
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--model_name_or_path", "seg", "--output_dir"]
+    command += ["out", "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", *TINY_ARGS]
+    done = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "LOAD REPORT" not in output and "MISSING" not in output and "UNEXPECTED" not in output
+    assert (
+        "Model: SegformerForSemanticSegmentation checkpoint: Loaded the encoder and decoder from seg (122 tensors);"
+        " dropped the parametric classifier (decode_head.classifier.*); new: projection, prototypes; 11 classes"
+    ) in output
+
+
+def test_unexpected_tensors_in_a_protoseg_checkpoint_keep_the_load_report(complete, tmp_path, caplog) -> None:
+    folder = edited_copy(complete, tmp_path / "model", lambda w: w.update(extra=torch.zeros(2)))
+    logging.getLogger("transformers.modeling_utils").addHandler(caplog.handler)
+    try:
+        ProtoSegformerForSemanticSegmentation.from_pretrained(folder)
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(caplog.handler)
+    assert "LOAD REPORT" in caplog.text and "extra" in caplog.text
+
+
+def test_another_class_count_asked_for_gives_one_line_not_a_load_report(complete, caplog) -> None:
+    logging.getLogger("transformers.modeling_utils").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            model = ProtoSegformerForSemanticSegmentation.from_pretrained(
+                complete, num_labels=9, ignore_mismatched_sizes=True
+            )
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(caplog.handler)
+    assert model.prototypes.shape == (9, 4, 32)
+    assert "LOAD REPORT" not in caplog.text and "MISMATCH" not in caplog.text
+    assert "Fresh prototypes (9, 4, 32) (the checkpoint's are (5, 4, 32))" in caplog.text
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_prototypes_are_an_error_for_inference(complete, tmp_path, value) -> None:
+    def poison(weights):
+        weights["prototypes"][1, 0, 3] = value
+
+    folder = edited_copy(complete, tmp_path / "model", poison)
+    with pytest.raises(CheckpointError, match="holds NaN or inf values in prototypes"):
+        validate_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="holds NaN or inf values in prototypes"):
+        load_model(folder)
+
+
+def test_weights_that_overflow_on_a_cast_are_an_error(complete, tmp_path) -> None:
+    def large(weights):
+        weights["projection.conv1.bias"][0] = 1e6  # finite in float32, inf in float16
+
+    folder = edited_copy(complete, tmp_path / "model", large)
+    validate_checkpoint(folder)
+    assert load_model(folder).projection.conv1.bias[0] == 1e6
+    with pytest.raises(CheckpointError, match=r"as torch.float16 holds NaN or inf values in projection.conv1.bias"):
+        load_model(folder, dtype=torch.float16)
