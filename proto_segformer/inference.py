@@ -179,7 +179,7 @@ def find_processor_folder(folder: str | Path) -> Path | None:
 
 def load_image_processor(folder: str | Path, crop_size: int | None = None):
     """The checkpoint's image processor; SegFormer's default (ImageNet statistics) at `crop_size` if it has none."""
-    from transformers import AutoImageProcessor, SegformerImageProcessor
+    from transformers import AutoImageProcessor, SegformerImageProcessorPil
 
     source = find_processor_folder(folder)
     if source is not None:
@@ -197,7 +197,7 @@ def load_image_processor(folder: str | Path, crop_size: int | None = None):
         size,
         size,
     )
-    return SegformerImageProcessor(size={"height": size, "width": size})
+    return SegformerImageProcessorPil(size={"height": size, "width": size})
 
 
 def resolve_device(device: str) -> torch.device:

@@ -23,11 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-from transformers import HfArgumentParser
-
-from proto_segformer import ProtoSegformerForSemanticSegmentation
-from proto_segformer.class_editing import DEFAULT_MIN_CELL_FRACTION
+from proto_segformer.cli import ArgumentParser
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -42,9 +38,12 @@ class AddClassesArguments:
         default=None,
         metadata={"help": "Resize support images to this square size; default: the model folder's image processor."},
     )
-    min_cell_fraction: float = field(
-        default=DEFAULT_MIN_CELL_FRACTION,
-        metadata={"help": "Fraction of a 4x4 cell's pixels that must carry a class for the cell to count."},
+    min_cell_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of a 4x4 cell's pixels that must carry a class for the cell to count"
+            " (default: the library's DEFAULT_MIN_CELL_FRACTION, 0.75)."
+        },
     )
     max_pixels_per_class: int = field(default=20000, metadata={"help": "Support cells per class used (a sample)."})
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
@@ -81,6 +80,10 @@ def load_processor(model_dir: str | Path):
 
 
 def main(args: AddClassesArguments) -> dict[str, int]:
+    from PIL import Image
+
+    from proto_segformer import ProtoSegformerForSemanticSegmentation
+
     pairs = support_pairs(args.support_dir)
     images = [Image.open(image_path).convert("RGB") for image_path, _ in pairs]
     masks = [Image.open(mask_path) for _, mask_path in pairs]
@@ -103,11 +106,9 @@ def main(args: AddClassesArguments) -> dict[str, int]:
 
 def add_support(model, processor, images, masks, pairs, args: AddClassesArguments) -> dict[str, int]:
     """Prepare the support images like at inference and add the classes to `model`; returns {name: id}."""
-    options = {
-        "min_cell_fraction": args.min_cell_fraction,
-        "max_pixels_per_class": args.max_pixels_per_class,
-        "seed": args.seed,
-    }
+    options = {"max_pixels_per_class": args.max_pixels_per_class, "seed": args.seed}
+    if args.min_cell_fraction is not None:
+        options["min_cell_fraction"] = args.min_cell_fraction
     if processor is not None and args.image_size is None:
         for (image_path, _), image, mask in zip(pairs, images, masks):
             if image.size != mask.size:
@@ -124,5 +125,5 @@ def add_support(model, processor, images, masks, pairs, args: AddClassesArgument
 
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(AddClassesArguments).parse_args_into_dataclasses()
+    (arguments,) = ArgumentParser(AddClassesArguments).parse_args_into_dataclasses()
     main(arguments)

@@ -15,7 +15,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import ArgumentParser
 
 
 @dataclass
@@ -43,6 +43,8 @@ class PredictArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = ArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
+
     import torch
 
     from proto_segformer.inference import (
@@ -53,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         predict_files,
     )
 
-    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import ArgumentParser
 
 
 @dataclass
@@ -40,10 +40,11 @@ class PushArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = ArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+
     from proto_segformer.hub import HubError, push_to_hub
     from proto_segformer.inference import CheckpointError
 
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
         result = push_to_hub(
             args.model,

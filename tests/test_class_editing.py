@@ -365,14 +365,14 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipeline(tmp_path):
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerImageProcessorPil
 
     model = make_model().eval()
     image, mask = two_colour_image()
     model.add_classes([image], [mask], ["red thing", "blue thing"])
     folder = tmp_path / "extended"
     model.save_pretrained(folder)
-    SegformerImageProcessor(do_resize=False).save_pretrained(folder)
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(folder)
     assert (folder / "class_editing.py").exists() and (folder / "prototypes.py").exists()
 
     reloaded = ProtoSegformerForSemanticSegmentation.from_pretrained(folder).eval()
@@ -430,14 +430,14 @@ def write_support_folder(folder, count: int = 2) -> None:
 
 @pytest.mark.parametrize("with_processor", [True, False])
 def test_add_classes_script_saves_an_extended_model(tmp_path, with_processor):
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerImageProcessorPil
 
     script = load_script("add_classes")
     model_dir, support_dir, output_dir = tmp_path / "model", tmp_path / "support", tmp_path / "out"
     model = make_model()
     model.save_pretrained(model_dir)
     if with_processor:
-        SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+        SegformerImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(model_dir)
     write_support_folder(support_dir)
 
     arguments = script.AddClassesArguments(

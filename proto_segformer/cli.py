@@ -1,0 +1,91 @@
+"""Command-line parsing shared by every script: no prefix matching, and an unknown flag is a one-line error that
+names the closest real flags.
+
+argparse takes any unambiguous prefix of a flag by default (`--reduce_label` silently means `--reduce_labels`,
+`--max_step` means `--max_steps`), and `HfArgumentParser` turns an unknown flag into a `ValueError` traceback. The
+`ArgumentParser` here is an `HfArgumentParser` with `allow_abbrev=False` whose errors are one line, exit code 2:
+
+    train.py: error: unknown flag --reduce_lables; did you mean --reduce_labels? (--help lists every option)
+
+This module imports only `transformers.HfArgumentParser` (no torch), so a script that parses its arguments before
+importing anything heavy answers `--help` in about a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+
+from transformers import HfArgumentParser
+
+__all__ = ["ArgumentParser", "closest_flags", "unknown_arguments_message"]
+
+
+def closest_flags(flag: str, known: Iterable[str], count: int = 2) -> list[str]:
+    """The known flags closest to a mistyped one, best first: the flags it abbreviates if any, else difflib's
+    closest (ratio >= 0.6, within 0.1 of the best). The `--a-b` alias HfArgumentParser adds beside `--a_b` counts
+    once, in the underscore spelling."""
+    spellings = {option.replace("-", "_"): option for option in sorted(set(known))}
+    typed = flag.replace("-", "_")
+    prefixed = sorted(name for name in spellings if name.startswith(typed) and name != typed)
+    if prefixed:
+        return [spellings[name] for name in prefixed[:count]]
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, typed, name).ratio(), name) for name in spellings), key=lambda x: -x[0]
+    )
+    best = scored[0][0] if scored else 0.0
+    return [spellings[name] for ratio, name in scored[:count] if ratio >= 0.6 and ratio >= best - 0.1]
+
+
+def _is_flag(text: str) -> bool:
+    if not text.startswith("-") or text == "-":
+        return False
+    try:
+        float(text)  # a negative number is a value, not a flag
+    except ValueError:
+        return True
+    return False
+
+
+def unknown_arguments_message(remaining: Sequence[str], known: Iterable[str]) -> str:
+    """One sentence naming each unknown flag (with the closest known flags) or stray value in `remaining`."""
+    known = list(known)
+    flags = [text.split("=", 1)[0] for text in remaining if _is_flag(text)]
+    parts = []
+    for flag in flags:
+        matches = closest_flags(flag, known)
+        hint = f"; did you mean {' or '.join(matches)}?" if matches else ""
+        parts.append(f"unknown flag {flag}{hint}")
+    if not flags:
+        parts.append(f"unexpected argument(s) {' '.join(remaining)}")
+    return "; ".join(parts)
+
+
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` without prefix matching; unknown flags and bad values end in a one-line error (exit 2)."""
+
+    def __init__(self, dataclass_types: Any = None, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(dataclass_types, **kwargs)
+
+    def known_flags(self) -> list[str]:
+        return [option for option in self._option_string_actions if option.startswith("--")]
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings: bool = False, **kwargs):
+        *outputs, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*outputs, remaining)
+        if remaining:
+            self.error(unknown_arguments_message(remaining, self.known_flags()))
+        return tuple(outputs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, remaining = self.parse_known_args(args, namespace)
+        if remaining:
+            self.error(unknown_arguments_message(remaining, self.known_flags()))
+        return namespace
+
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr, exit code 2 (argparse's code for usage errors); no multi-line usage dump."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
