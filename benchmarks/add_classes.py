@@ -41,12 +41,11 @@ Timings (add time) are wall-clock seconds on whatever machine runs it: noisy on 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -55,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import (
-    HfArgumentParser,
     SegformerConfig,
     SegformerForSemanticSegmentation,
     Trainer,
@@ -71,77 +69,9 @@ from proto_segformer.data.dataset import SegmentationDataset
 from proto_segformer.data.transforms import AugmentationConfig, pad_collate
 from proto_segformer.training import ProtoSegTrainer, build_model
 
+from .arguments import AddClassesBenchmarkArguments
+
 logger = logging.getLogger("benchmark_add_classes")
-
-# Quick mode: a narrow MiT (b0 layout, 1 block per stage) on 64-pixel scenes, a few hundred steps.
-QUICK = {
-    "num_train": 1000,
-    "num_validation": 100,
-    "support_pool": 240,
-    "max_steps": 1200,
-    "repeats": 2,
-    "hidden_sizes": [16, 32, 64, 128],
-    "decoder_hidden_size": 64,
-    "output_dir": "runs/benchmark_add_classes_quick",
-}
-
-
-@dataclass
-class BenchmarkArguments:
-    quick: bool = field(default=False, metadata={"help": "Small models and data: < 10 minutes on 2 CPU cores."})
-    held_out: list[int] = field(
-        default_factory=lambda: [8, 9, 10], metadata={"help": "Label ids of the held-out item classes."}
-    )
-    shots: list[int] = field(default_factory=lambda: [1, 5, 20], metadata={"help": "Support images per class."})
-    repeats: int = field(default=3, metadata={"help": "Support draws per shot count (results: mean and std)."})
-    num_train: int = field(default=2000, metadata={"help": "Training scenes."})
-    num_validation: int = field(default=200, metadata={"help": "Validation scenes."})
-    support_pool: int = field(default=400, metadata={"help": "Scenes the support images are drawn from."})
-    image_size: int = field(default=64, metadata={"help": "Side of the square scenes."})
-    dataset: str = field(
-        default="scenes",
-        metadata={"help": "'scenes' (digit class told by colour family and shape) or 'scenes-shape' (shape only)."},
-    )
-    item_scale: list[float] = field(
-        default_factory=list,
-        metadata={"help": "(min, max) digit side as a fraction of the image; empty: the data set's (0.3, 0.5)."},
-    )
-    augment_scale: list[float] = field(
-        default_factory=lambda: [1.0, 1.0], metadata={"help": "Random resize ratio range of the training crops."}
-    )
-    photometric_distortion: bool = field(default=False, metadata={"help": "Random brightness/contrast/colour."})
-    hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 160, 256], metadata={"help": "MiT widths."})
-    depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1], metadata={"help": "MiT blocks per stage."})
-    decoder_hidden_size: int = field(default=128, metadata={"help": "Decoder width (= D, the embedding width)."})
-    max_steps: int = field(default=2000, metadata={"help": "Training steps of each model."})
-    batch_size: int = field(default=16, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (from scratch)."})
-    min_cell_fraction: float = field(default=0.75, metadata={"help": "Support cell coverage threshold (both)."})
-    min_support_pixels: int = field(default=60, metadata={"help": "A support image shows >= this many pixels."})
-    row_fit_steps: int = field(default=300, metadata={"help": "Adam steps fitting the parametric new rows."})
-    row_fit_learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of those steps."})
-    row_fit_weight_decay: float = field(default=1e-3, metadata={"help": "L2 penalty on the new rows."})
-    seed: int = field(default=0, metadata={"help": "Seed of data, training and support draws."})
-    num_threads: int = field(
-        default=1,
-        metadata={"help": "torch threads (0: torch's default). 1 is far faster on a CPU shared with other jobs."},
-    )
-    output_dir: str = field(default="runs/benchmark_add_classes", metadata={"help": "Checkpoints and JSON."})
-    reuse_models: bool = field(
-        default=False, metadata={"help": "Load the trained models saved in output_dir by an earlier run."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.quick:  # quick values replace the defaults, never a value given on the command line
-            for name, value in QUICK.items():
-                if getattr(self, name) == _default(name):
-                    setattr(self, name, value)
-
-
-def _default(name: str):
-    spec = BenchmarkArguments.__dataclass_fields__[name]
-    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-
 
 # ----------------------------------------------------------------------------------------------------------- data
 
@@ -206,7 +136,7 @@ def support_set(
 # ------------------------------------------------------------------------------------------------------- training
 
 
-def training_arguments(args: BenchmarkArguments, output_dir: Path) -> TrainingArguments:
+def training_arguments(args: AddClassesBenchmarkArguments, output_dir: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=args.max_steps,
@@ -227,7 +157,7 @@ def training_arguments(args: BenchmarkArguments, output_dir: Path) -> TrainingAr
     )
 
 
-def model_fields(args: BenchmarkArguments) -> dict:
+def model_fields(args: AddClassesBenchmarkArguments) -> dict:
     return {
         "hidden_sizes": list(args.hidden_sizes),
         "depths": list(args.depths),
@@ -328,7 +258,7 @@ def fit_new_rows(
     images: list[torch.Tensor],
     masks: list[torch.Tensor],
     names: list[str],
-    args: BenchmarkArguments,
+    args: AddClassesBenchmarkArguments,
 ) -> SegformerForSemanticSegmentation:
     """A copy of `model` with one new classifier row per name, fitted on the support cells (see the module doc)."""
     num_old = model.config.num_labels
@@ -380,7 +310,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def run(args: BenchmarkArguments) -> dict:
+def run(args: AddClassesBenchmarkArguments) -> dict:
     started = time.time()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -498,16 +428,13 @@ def format_table(results: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+def main(args: AddClassesBenchmarkArguments) -> dict:
+    """Logging, threads, then `run`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hf_logging.set_verbosity_warning()
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     if not math.isfinite(args.min_cell_fraction):
         raise ValueError("min_cell_fraction must be finite.")
-    run(args)
+    return run(args)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Speed of the packaged mean IoU against a plain per-image numpy implementation.
 
 500 maps of 512x512 with 150 classes (ADE20K-sized), 5% of the reference pixels ignored (255):
@@ -17,19 +16,15 @@ Timings depend on the machine and its load; the script prints both.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-try:
-    from proto_segformer.metrics import ConfusionMatrix, load_mean_iou
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from proto_segformer.metrics import ConfusionMatrix, load_mean_iou
+from proto_segformer.metrics import ConfusionMatrix, load_mean_iou
+
+from .arguments import MetricArguments
 
 
 def plain_numpy_mean_iou(predictions, references, num_labels: int, ignore_index: int) -> dict:
@@ -73,13 +68,7 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=150)
-    parser.add_argument("--evaluate_images", type=int, default=500)
-    args = parser.parse_args()
+def run(args: MetricArguments) -> None:
     predictions, references = make_maps(args.images, args.size, args.classes)
     print(
         f"{args.images} maps of {args.size}x{args.size}, {args.classes} classes; torch threads:"
@@ -132,6 +121,3 @@ def main() -> None:
         print(f"{name:48s} {seconds:9.2f} {1000 * seconds / args.images:9.1f} {plain_seconds / seconds:8.1f}x")
     print(f"mean IoU: {plain['mean_iou']:.6f} (all implementations agree)")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Quality: ProtoSeg against transformers' parametric SegFormer, same preset, initial weights, data, augmentation,
 optimiser, schedule and seeds, trained through scripts/train.py's code; prints mIoU (mean ± std over seeds), pixel
 accuracy, training time and learnable parameters, and writes JSON.
@@ -12,25 +11,19 @@ accuracy, training time and learnable parameters, and writes JSON.
     python scripts/benchmark_quality.py --ablations M-1 --datasets scenes-large --seeds 0 \
         --reuse benchmarks/quality_full.json    # baseline runs taken from the full result: only M-1 trains
 
-Logic: proto_segformer/quality.py.
+This module: from parsed arguments (benchmarks/arguments.py) to the result file; the machinery: benchmarks/quality.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import proto_segformer  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from proto_segformer.run_training import parse_config_overrides
 
-from transformers import HfArgumentParser
-
-from proto_segformer.quality import (
+from .arguments import QualityArguments
+from .quality import (
     ABLATIONS,
     DATASETS,
     MODES,
@@ -43,41 +36,6 @@ from proto_segformer.quality import (
     run_comparison,
     summarize,
 )
-from proto_segformer.run_training import parse_config_overrides
-
-
-@dataclass
-class QualityArguments:
-    quick: bool = field(default=False, metadata={"help": "The quick mode (2 CPU cores, under 10 minutes)."})
-    large: bool = field(default=False, metadata={"help": "The large mode, for a GPU (use with --device cuda)."})
-    datasets: str = field(default=",".join(DATASETS), metadata={"help": "Built-in data sets, comma-separated."})
-    seeds: str | None = field(default=None, metadata={"help": "Seeds, comma-separated (default: the mode's)."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
-    ablate: bool = field(default=False, metadata={"help": f"Also run every ProtoSeg ablation: {sorted(ABLATIONS)}."})
-    ablations: str | None = field(default=None, metadata={"help": "Only these ablations (comma-separated)."})
-    train_options: str | None = field(
-        default=None,
-        metadata={"help": "scripts/train.py options for every run, 'name=value,...' (e.g. 'max_steps=200')."},
-    )
-    workers: int | None = field(
-        default=None, metadata={"help": "Runs at a time (default: 2 on CPU, each on one thread; 1 on a GPU)."}
-    )
-    threads: int | None = field(default=None, metadata={"help": "torch threads per run (default 1 on CPU)."})
-    reuse: str | None = field(
-        default=None,
-        metadata={
-            "help": "Earlier result JSONs (comma-separated) made with the same options: their runs that this comparison"
-            " would repeat (e.g. the parametric baseline and the default ProtoSeg) are taken as they are instead of"
-            " trained again (the first file wins)."
-        },
-    )
-    resummarize: str | None = field(
-        default=None,
-        metadata={"help": "Recompute the summary and comparison of an existing JSON file from its runs (no training)."},
-    )
-    output: str | None = field(
-        default=None, metadata={"help": "JSON file (default: benchmarks/quality[_ablations]_<mode>.json)."}
-    )
 
 
 def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
@@ -109,7 +67,7 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
         if unknown:
             raise QualityInputError(f"Unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}.")
         variants.update({n: ABLATIONS[n] for n in names})
-    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else DATASETS
     # The mode's per-data-set options (e.g. a longer schedule for scenes-large) yield to --train_options.
     dataset_options = {
         name: {k: v for k, v in options.items() if k not in requested}
@@ -121,7 +79,7 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
 
 def default_output(settings: ComparisonSettings) -> Path:
     ablated = "_ablations" if len(settings.variants) > 1 else ""
-    return Path(__file__).resolve().parent.parent / "benchmarks" / f"quality{ablated}_{settings.mode}.json"
+    return Path(__file__).resolve().parent / f"quality{ablated}_{settings.mode}.json"
 
 
 def read_result(path: str) -> dict:
@@ -155,8 +113,8 @@ def print_result(result: dict, output: Path) -> None:
     print(f"\n{result['wall_seconds']:.0f} s in all; written to {output}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
+def main(args: QualityArguments) -> dict:
+    """Resummarize a result file, or run the comparison and write its result file; user errors exit with code 2."""
     if args.resummarize:
         try:
             result = resummarize(args.resummarize, args.output)
@@ -191,6 +149,3 @@ def main(argv: list[str] | None = None) -> dict:
     print_result(result, output)
     return result
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """ProtoSeg head versus the parametric SegFormer head: latency, training-step time, peak memory and FLOPs.
 
 For each MiT preset and class count K, the same encoder and decoder are built twice, with the same seed: as
@@ -38,20 +37,20 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import HfArgumentParser, SegformerConfig, SegformerForSemanticSegmentation
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-try:
-    from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
-    from proto_segformer.configuration_proto_segformer import mit_preset
-except ImportError:  # running from a source checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
-    from proto_segformer.configuration_proto_segformer import mit_preset
+from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
+from proto_segformer.configuration_proto_segformer import mit_preset
+
+from .arguments import SpeedArguments
+
+# Each memory probe runs the entry point again in a fresh subprocess (--memory_probe).
+ENTRY_POINT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 MODEL_KINDS = ("parametric", "protoseg")
 # Targets of issue 5 (CPU, 2 threads, mit-b0, M = 10, D = decoder width): ratio ProtoSeg / parametric.
@@ -60,44 +59,6 @@ TARGETS = {
     "train_step_ms": {19: 1.40, 150: 1.40, 847: 1.50},
     "inference_peak_mb": {19: 1.30, 150: 1.30, 847: 1.30},
 }
-
-
-@dataclass
-class BenchmarkArguments:
-    presets: list[str] = field(
-        default_factory=lambda: ["mit-b0", "mit-b2"], metadata={"help": "MiT presets (mit-b0 .. mit-b5)."}
-    )
-    num_labels: list[int] = field(default_factory=lambda: [19, 150, 847], metadata={"help": "Class counts K."})
-    device: list[str] = field(
-        default_factory=lambda: ["auto"],
-        metadata={"help": "cpu, cuda, or auto (the CPU, and CUDA when available)."},
-    )
-    repeats: int = field(default=3, metadata={"help": "Timed calls per model and figure (medians are reported)."})
-    threads: int = field(default=2, metadata={"help": "torch.set_num_threads on the CPU."})
-    quick: bool = field(default=False, metadata={"help": "mit-b0 only."})
-    output_json: str | None = field(default=None, metadata={"help": "Write every figure to this JSON file."})
-    num_prototypes_per_class: int = field(default=10, metadata={"help": "M."})
-    prototype_dim: int | None = field(default=None, metadata={"help": "D (default: the decoder width)."})
-    inference_size: int = field(default=512, metadata={"help": "Inference image side (batch 1)."})
-    train_size: int = field(default=256, metadata={"help": "Training crop side."})
-    train_batch_size: int = field(default=2, metadata={"help": "Training batch size."})
-    measure_memory: bool = field(default=True, metadata={"help": "Measure peak memory (CPU: one subprocess each)."})
-    memory_probe: str | None = field(default=None, metadata={"help": "Internal: run one memory probe (JSON)."})
-
-    def __post_init__(self) -> None:
-        if self.quick:
-            self.presets = ["mit-b0"]
-        for preset in self.presets:
-            mit_preset(preset)  # a clear error for an unknown name
-        if any(k < 2 for k in self.num_labels):
-            raise ValueError(f"--num_labels must all be >= 2, got {self.num_labels}.")
-        if self.repeats < 1 or self.threads < 1:
-            raise ValueError("--repeats and --threads must be >= 1.")
-        unknown = set(self.device) - {"auto", "cpu", "cuda"}
-        if unknown:
-            raise ValueError(f"--device takes cpu, cuda or auto, got {sorted(unknown)}.")
-        if "cuda" in self.device and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch.cuda.is_available() is False.")
 
 
 @dataclass
@@ -280,7 +241,7 @@ def run_memory_probe(probe: dict) -> dict[str, dict[str, float]]:
 
 def peak_memory_in_subprocess(kind: str, setting: Setting, threads: int) -> dict[str, dict[str, float]]:
     probe = json.dumps({"kind": kind, "setting": dataclasses.asdict(setting), "threads": threads})
-    command = [sys.executable, os.path.abspath(__file__), "--memory_probe", probe]
+    command = [sys.executable, str(ENTRY_POINT), "--memory_probe", probe]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -293,7 +254,7 @@ def peak_memory_in_subprocess(kind: str, setting: Setting, threads: int) -> dict
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def measure_setting(setting: Setting, args: BenchmarkArguments) -> dict:
+def measure_setting(setting: Setting, args: SpeedArguments) -> dict:
     """Every figure of one configuration for both models."""
     models = {kind: build_model(kind, setting) for kind in MODEL_KINDS}
     record: dict = {"setting": dataclasses.asdict(setting), "flops": {}, "time_ms": {}, "peak_memory": {}}
@@ -432,8 +393,8 @@ def devices_to_run(requested: list[str]) -> list[str]:
     return list(dict.fromkeys(devices))
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+def run(args: SpeedArguments) -> list[dict]:
+    """Every figure the arguments ask for (or, with --memory_probe, one probe's peak memory as a JSON line)."""
     if args.memory_probe is not None:
         print(json.dumps(run_memory_probe(json.loads(args.memory_probe))))
         return []
@@ -476,6 +437,3 @@ def main(argv: list[str] | None = None) -> list[dict]:
         path.write_text(json.dumps(payload, indent=2))
     return records
 
-
-if __name__ == "__main__":
-    main()
