@@ -89,3 +89,4 @@ class ArgumentParser(HfArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line on stderr, exit code 2 (argparse's code for usage errors); no multi-line usage dump."""
         self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
