@@ -7,19 +7,19 @@ argparse takes any unambiguous prefix of a flag by default (`--reduce_label` sil
 
     train.py: error: unknown flag --reduce_lables; did you mean --reduce_labels? (--help lists every option)
 
-This module imports only `transformers.HfArgumentParser` (no torch), so a script that parses its arguments before
-importing anything heavy answers `--help` in about a second.
+Importing this module loads nothing heavy; `ArgumentParser` loads `transformers.HfArgumentParser` on first use
+(about 1 s, no torch), so a script that parses its arguments before importing anything else answers `--help` in
+about a second. `check_flags` serves scripts/train.py, which checks its flags before loading torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from transformers import HfArgumentParser
-
-__all__ = ["ArgumentParser", "closest_flags", "unknown_arguments_message"]
+__all__ = ["ArgumentParser", "check_flags", "closest_flags", "unknown_arguments_message", "usage_error"]
 
 
 def closest_flags(flag: str, known: Iterable[str], count: int = 2) -> list[str]:
@@ -62,31 +62,64 @@ def unknown_arguments_message(remaining: Sequence[str], known: Iterable[str]) ->
     return "; ".join(parts)
 
 
-class ArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` without prefix matching; unknown flags and bad values end in a one-line error (exit 2)."""
+def usage_error(prog: str, message: str) -> NoReturn:
+    """One line on stderr, exit code 2 (argparse's code for usage errors); no multi-line usage dump."""
+    sys.stderr.write(f"{prog}: error: {message} (--help lists every option)\n")
+    raise SystemExit(2)
 
-    def __init__(self, dataclass_types: Any = None, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(dataclass_types, **kwargs)
 
-    def known_flags(self) -> list[str]:
-        return [option for option in self._option_string_actions if option.startswith("--")]
+def check_flags(prog: str, args: Sequence[str], known: Iterable[str]) -> None:
+    """`usage_error` naming the flags of `args` that are not in `known` (and the closest known ones), if any."""
+    known = set(known)
+    unknown = [text for text in args if _is_flag(text) and text.split("=", 1)[0] not in known]
+    if unknown:
+        usage_error(prog, unknown_arguments_message(unknown, [flag for flag in known if flag.startswith("--")]))
 
-    def parse_args_into_dataclasses(self, args=None, return_remaining_strings: bool = False, **kwargs):
-        *outputs, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
-        if return_remaining_strings:
-            return (*outputs, remaining)
-        if remaining:
-            self.error(unknown_arguments_message(remaining, self.known_flags()))
-        return tuple(outputs)
 
-    def parse_args(self, args=None, namespace=None):
-        namespace, remaining = self.parse_known_args(args, namespace)
-        if remaining:
-            self.error(unknown_arguments_message(remaining, self.known_flags()))
-        return namespace
+def _argument_parser_class() -> type:
+    from transformers import HfArgumentParser
 
-    def error(self, message: str) -> NoReturn:
-        """One line on stderr, exit code 2 (argparse's code for usage errors); no multi-line usage dump."""
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+    class ArgumentParser(HfArgumentParser):
+        """`HfArgumentParser` without prefix matching; unknown flags and bad values end in a one-line error (exit 2),
+        unknown flags reported first (before argparse complains about a required flag the typo left out)."""
 
+        __module__, __qualname__ = __name__, "ArgumentParser"
+
+        def __init__(self, dataclass_types: Any = None, **kwargs):
+            kwargs.setdefault("allow_abbrev", False)
+            super().__init__(dataclass_types, **kwargs)
+
+        def parse_args_into_dataclasses(self, args=None, return_remaining_strings: bool = False, **kwargs):
+            if not return_remaining_strings:
+                check_flags(self.prog, sys.argv[1:] if args is None else args, self._option_string_actions)
+            *outputs, remaining = super().parse_args_into_dataclasses(
+                args=args, return_remaining_strings=True, **kwargs
+            )
+            if return_remaining_strings:
+                return (*outputs, remaining)
+            if remaining:
+                self.error(unknown_arguments_message(remaining, self._option_string_actions))
+            return tuple(outputs)
+
+        def parse_args(self, args=None, namespace=None):
+            check_flags(self.prog, sys.argv[1:] if args is None else args, self._option_string_actions)
+            namespace, remaining = self.parse_known_args(args, namespace)
+            if remaining:
+                self.error(unknown_arguments_message(remaining, self._option_string_actions))
+            return namespace
+
+        def error(self, message: str) -> NoReturn:
+            usage_error(self.prog, message)
+
+    return ArgumentParser
+
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser as ArgumentParser  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ArgumentParser":  # built on first use: importing transformers takes about a second
+        globals()[name] = value = _argument_parser_class()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`--help` of scripts/train.py without importing torch: the options read from the source files.
+"""`--help` and the flag check of scripts/train.py without importing torch: the options read from the source files.
 
 The training parser (`run_training.build_parser`) is an `HfArgumentParser` over ModelArguments and
 DataTrainingArguments (proto_segformer/run_training.py) and transformers' TrainingArguments. Importing those loads
@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REQUIRED", "SourceField", "dataclass_fields_from_source", "help_from_fields", "training_help", "wants_help"]
+__all__ = [
+    "REQUIRED",
+    "SourceField",
+    "dataclass_fields_from_source",
+    "help_from_fields",
+    "option_strings",
+    "training_fields",
+    "training_flags",
+    "training_help",
+    "wants_help",
+]
 
 REQUIRED = object()  # the default of a field without one
 
@@ -122,8 +132,12 @@ def dataclass_fields_from_source(path: str | Path, class_name: str) -> list[Sour
                 default = _render(keywords["default"], names)
             elif "default_factory" in keywords:
                 factory = keywords["default_factory"]
-                lambda_body = factory.body if isinstance(factory, ast.Lambda) else None
-                default = _render(lambda_body, names) if lambda_body else f"{ast.unparse(factory)}()"
+                if isinstance(factory, ast.Lambda):
+                    default = _render(factory.body, names)
+                elif isinstance(factory, ast.Name) and factory.id in ("list", "dict", "tuple"):
+                    default = {"list": [], "dict": {}, "tuple": ()}[factory.id]
+                else:
+                    default = f"{ast.unparse(factory)}()"
             metadata = keywords.get("metadata")
             if isinstance(metadata, ast.Dict):
                 pairs = zip(metadata.keys, metadata.values)
@@ -182,6 +196,30 @@ def training_help(argv: Sequence[str], prog: str = "train.py") -> str:
         ("training (TrainingArguments)", dataclass_fields_from_source(training_args, "TrainingArguments")),
     ]
     return help_from_fields(prog, description, groups, defaults)
+
+
+def training_fields() -> list[SourceField]:
+    """The fields of run_training.build_parser's dataclasses, in its order."""
+    run_training, training_args = training_sources()
+    return [
+        *dataclass_fields_from_source(run_training, "ModelArguments"),
+        *dataclass_fields_from_source(run_training, "DataTrainingArguments"),
+        *dataclass_fields_from_source(training_args, "TrainingArguments"),
+    ]
+
+
+def option_strings(spec: SourceField) -> list[str]:
+    """The flags HfArgumentParser makes for a field: `--a_b`, `--a-b`, and `--no_a_b`, `--no-a-b` for a bool
+    field that defaults to True."""
+    flags = [f"--{spec.name}"] + ([f"--{spec.name.replace('_', '-')}"] if "_" in spec.name else [])
+    if spec.default is True and spec.annotation in ("bool", "bool | None", "Optional[bool]"):
+        flags += [f"--no_{spec.name}", f"--no-{spec.name.replace('_', '-')}"]
+    return flags
+
+
+def training_flags() -> set[str]:
+    """Every flag scripts/train.py accepts."""
+    return {"-h", "--help", *(flag for spec in training_fields() for flag in option_strings(spec))}
 
 
 def wants_help(argv: Sequence[str]) -> bool:
