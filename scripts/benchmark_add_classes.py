@@ -11,7 +11,7 @@ The protocol and the code: benchmarks/add_classes.py; the arguments: benchmarks/
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
     from proto_segformer.cli import ArgumentParser
 except ImportError:  # a source checkout that is not pip-installed

@@ -9,7 +9,7 @@ The code: benchmarks/metric.py; the arguments: benchmarks/arguments.py (MetricAr
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
     from proto_segformer.cli import ArgumentParser
 except ImportError:  # a source checkout that is not pip-installed

@@ -15,7 +15,7 @@ The code: benchmarks/run_quality.py and benchmarks/quality.py; the arguments: be
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
     from proto_segformer.cli import ArgumentParser
 except ImportError:  # a source checkout that is not pip-installed

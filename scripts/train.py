@@ -15,7 +15,7 @@ import sys
 try:
     import proto_segformer  # noqa: F401
 except ImportError:  # running from a source checkout that is not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 if __name__ == "__main__":
     from proto_segformer.cli import check_flags
