@@ -8,18 +8,20 @@ argparse takes any unambiguous prefix of a flag by default (`--reduce_label` sil
     train.py: error: unknown flag --reduce_lables; did you mean --reduce_labels? (--help lists every option)
 
 Importing this module loads nothing heavy; `ArgumentParser` loads `transformers.HfArgumentParser` on first use
-(about 1 s, no torch), so a script that parses its arguments before importing anything else answers `--help` in
-about a second. `check_flags` serves scripts/train.py, which checks its flags before loading torch.
+(about 1 s, no torch). `parse` answers `--help` from the dataclass fields before that, so a script that parses its
+arguments before importing anything else answers `--help` in about 0.1 s. `check_flags` serves scripts/train.py,
+which checks its flags before loading torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-__all__ = ["ArgumentParser", "check_flags", "closest_flags", "unknown_arguments_message", "usage_error"]
+__all__ = ["ArgumentParser", "check_flags", "closest_flags", "parse", "unknown_arguments_message", "usage_error"]
 
 
 def closest_flags(flag: str, known: Iterable[str], count: int = 2) -> list[str]:
@@ -74,6 +76,22 @@ def check_flags(prog: str, args: Sequence[str], known: Iterable[str]) -> None:
     unknown = [text for text in args if _is_flag(text) and text.split("=", 1)[0] not in known]
     if unknown:
         usage_error(prog, unknown_arguments_message(unknown, [flag for flag in known if flag.startswith("--")]))
+
+
+def parse(dataclass_types: Any, args: Sequence[str] | None = None, description: str | None = None) -> tuple:
+    """The command line parsed into instances of `dataclass_types` by `ArgumentParser`. `--help` is answered from the
+    dataclasses' fields without importing transformers (about 0.1 s instead of 1-3 s); `description`: its first
+    paragraph heads the help."""
+    types = list(dataclass_types) if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]
+    argv = sys.argv[1:] if args is None else list(args)
+    if any(arg in ("-h", "--help") for arg in argv):
+        from .source_help import dataclass_fields, help_from_fields
+
+        prog = os.path.basename(sys.argv[0])
+        groups = [(cls.__name__, dataclass_fields(cls)) for cls in types]
+        print(help_from_fields(prog, (description or "").strip().split("\n\n")[0], groups, {}))
+        raise SystemExit(0)
+    return ArgumentParser(types).parse_args_into_dataclasses(args=argv)
 
 
 def _argument_parser_class() -> type:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import importlib.util
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 __all__ = [
     "REQUIRED",
     "SourceField",
+    "dataclass_fields",
     "dataclass_fields_from_source",
     "help_from_fields",
     "option_strings",
@@ -151,6 +153,24 @@ def dataclass_fields_from_source(path: str | Path, class_name: str) -> list[Sour
     return fields
 
 
+def dataclass_fields(cls: type) -> list[SourceField]:
+    """The init fields of an imported dataclass, as SourceField."""
+    fields = []
+    for spec in dataclasses.fields(cls):
+        if not spec.init:
+            continue
+        if spec.default is not dataclasses.MISSING:
+            default = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            default = spec.default_factory()
+        else:
+            default = REQUIRED
+        annotation = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+        choices = tuple(spec.metadata["choices"]) if spec.metadata.get("choices") else None
+        fields.append(SourceField(spec.name, annotation, default, spec.metadata.get("help", ""), choices))
+    return fields
+
+
 def help_from_fields(
     prog: str, description: str, groups: Sequence[tuple[str, list[SourceField]]], defaults: dict[str, Any]
 ) -> str:
@@ -161,6 +181,9 @@ def help_from_fields(
         for spec in fields:
             default = defaults.get(spec.name, spec.default)
             text = spec.help if default is REQUIRED else f"{spec.help} (default: {default})"
+            negation = [flag for flag in option_strings(spec) if flag.startswith("--no_")]
+            if negation:
+                text += f"; {negation[0]} turns it off"
             metavar = None if spec.choices else spec.annotation.replace("%", "%%")
             group.add_argument(
                 f"--{spec.name}",

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proto_segformer.cli import ArgumentParser
+from proto_segformer.cli import parse
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -125,5 +125,5 @@ def add_support(model, processor, images, masks, pairs, args: AddClassesArgument
 
 
 if __name__ == "__main__":
-    (arguments,) = ArgumentParser(AddClassesArguments).parse_args_into_dataclasses()
+    (arguments,) = parse(AddClassesArguments, description=__doc__)
     main(arguments)

@@ -13,17 +13,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, ROOT)
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 sys.path.append(ROOT)  # benchmarks/ lives in the source tree, beside the package (appended: an installed package wins)
 
 from benchmarks.arguments import SpeedArguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    (args,) = ArgumentParser(SpeedArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(SpeedArguments, argv, description=__doc__)
     from benchmarks.speed import run
 
     return run(args)

@@ -13,17 +13,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, ROOT)
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 sys.path.append(ROOT)  # benchmarks/ lives in the source tree, beside the package (appended: an installed package wins)
 
 from benchmarks.arguments import AddClassesBenchmarkArguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = ArgumentParser(AddClassesBenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(AddClassesBenchmarkArguments, argv, description=__doc__)
     from benchmarks.add_classes import main
 
     return main(args)

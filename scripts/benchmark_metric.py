@@ -11,17 +11,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, ROOT)
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 sys.path.append(ROOT)  # benchmarks/ lives in the source tree, beside the package (appended: an installed package wins)
 
 from benchmarks.arguments import MetricArguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = ArgumentParser(MetricArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(MetricArguments, argv, description=__doc__)
     from benchmarks.metric import run
 
     return run(args)

@@ -17,17 +17,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 try:
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, ROOT)
-    from proto_segformer.cli import ArgumentParser
+    from proto_segformer.cli import parse
 sys.path.append(ROOT)  # benchmarks/ lives in the source tree, beside the package (appended: an installed package wins)
 
 from benchmarks.arguments import QualityArguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = ArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(QualityArguments, argv, description=__doc__)
     from benchmarks.run_quality import main
 
     return main(args)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proto_segformer.cli import ArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -50,7 +50,7 @@ def rescale(array, factor: float, nearest: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = ArgumentParser(PictureArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(PictureArguments, argv, description=__doc__)
 
     import imgviz
     import numpy as np

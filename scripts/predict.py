@@ -15,7 +15,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import ArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -43,7 +43,7 @@ class PredictArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = ArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(PredictArguments, argv, description=__doc__)
 
     import torch
 

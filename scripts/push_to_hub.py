@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import ArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PushArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = ArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(PushArguments, argv, description=__doc__)
 
     from proto_segformer.hub import HubError, push_to_hub
     from proto_segformer.inference import CheckpointError

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proto_segformer.cli import ArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -74,7 +74,7 @@ def load_samples(args: AtlasArguments, crop: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = ArgumentParser(AtlasArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse(AtlasArguments, argv, description=__doc__)
 
     from proto_segformer.inference import (
         CheckpointError,
