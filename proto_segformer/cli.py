@@ -16,6 +16,7 @@ which checks its flags before loading torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -91,9 +92,10 @@ def parse(dataclass_types: Any, args: Sequence[str] | None = None, description: 
         groups = [(cls.__name__, dataclass_fields(cls)) for cls in types]
         print(help_from_fields(prog, (description or "").strip().split("\n\n")[0], groups, {}))
         raise SystemExit(0)
-    return ArgumentParser(types).parse_args_into_dataclasses(args=argv)
+    return _argument_parser_class()(types).parse_args_into_dataclasses(args=argv)
 
 
+@functools.cache
 def _argument_parser_class() -> type:
     from transformers import HfArgumentParser
 
@@ -138,6 +140,5 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name == "ArgumentParser":  # built on first use: importing transformers takes about a second
-        globals()[name] = value = _argument_parser_class()
-        return value
+        return _argument_parser_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -173,3 +173,23 @@ def test_train_help_and_flag_check_from_source_match_the_real_parser():
             if str(shown) != str(getattr(actual, "value", actual)):
                 different.append((spec.name, shown, actual))
         assert not different
+
+
+def test_parse_fills_the_dataclass_and_refuses_prefixes(capsys):
+    from proto_segformer.cli import ArgumentParser, parse
+
+    @dataclasses.dataclass
+    class Options:
+        max_steps: int = dataclasses.field(default=1, metadata={"help": "Steps."})
+        reduce_labels: bool = dataclasses.field(default=False, metadata={"help": "Shift labels."})
+
+    assert parse(Options, ["--max_steps", "3", "--reduce_labels"]) == (Options(max_steps=3, reduce_labels=True),)
+    assert ArgumentParser(Options).parse_args_into_dataclasses(args=[]) == (Options(),)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Options, ["--max_step", "3"])
+    assert exit_info.value.code == 2
+    assert "unknown flag --max_step; did you mean --max_steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        parse(Options, ["--help"])
+    assert exit_info.value.code == 0
+    assert "--max_steps int Steps. (default: 1)" in " ".join(capsys.readouterr().out.split())
