@@ -20,6 +20,7 @@ neighbour), otherwise normalised with the ImageNet mean/std at their own size or
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,4 +127,8 @@ def add_support(model, processor, images, masks, pairs, args: AddClassesArgument
 
 if __name__ == "__main__":
     (arguments,) = parse(AddClassesArguments, description=__doc__)
-    main(arguments)
+    try:
+        main(arguments)
+    except (FileNotFoundError, ValueError, OSError) as error:  # user input: one paragraph, no stack trace
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

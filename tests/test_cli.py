@@ -113,6 +113,16 @@ def test_a_bad_value_is_a_one_line_error(tmp_path):
     ]
 
 
+def test_add_classes_bad_input_is_a_one_line_error(tmp_path):
+    code, stdout, stderr, _ = run_script(
+        "add_classes.py", "--model_dir", "m", "--support_dir", "none", "--names", "a", "--output_dir", "o", cwd=tmp_path
+    )
+    assert code == 2
+    assert stderr.strip().splitlines() == [
+        "error: none/images does not exist: the support folder needs images/ and masks/."
+    ]
+
+
 # -------------------------------------------------------------------------------------------------------- --help
 
 
