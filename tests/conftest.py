@@ -23,7 +23,7 @@ if os.environ.get("CI") == "true":
     # CI tests the package as installed from its wheel (.ci/run), never the source tree: a file left out of the
     # package must fail here.
     package_dir = Path(proto_segformer.__file__).resolve().parent
-    if "site-packages" not in package_dir.parts or ROOT in package_dir.parents:
+    if "site-packages" not in package_dir.parts or package_dir == ROOT / "proto_segformer":
         raise pytest.UsageError(
             f"CI=true but proto_segformer is imported from {package_dir}, not from an installed wheel: install it"
             " with `pip install dist/proto_segformer-*.whl` and run `python -P -m pytest` (see .ci/run)."
