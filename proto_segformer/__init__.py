@@ -1,17 +1,24 @@
-"""proto_segformer: ProtoSeg (non-learnable prototype classifier) on SegFormer, Hugging Face native."""
+"""proto_segformer: ProtoSeg (non-learnable prototype classifier) on SegFormer, Hugging Face native.
 
-from .configuration_proto_segformer import MIT_PRESETS, ProtoSegformerConfig, mit_preset
-from .modeling_proto_segformer import (
-    ProtoSegformerForSemanticSegmentation,
-    ProtoSegformerPreTrainedModel,
-    ProtoSegformerSemanticSegmenterOutput,
-)
+The public names load on first use (PEP 562), so that `import proto_segformer.cli` (every script's argument parsing
+and `--help`) does not import torch.
+"""
 
-ProtoSegformerConfig.register_for_auto_class()
-ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModel")
-ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY_NAMES = {
+    "MIT_PRESETS": "configuration_proto_segformer",
+    "ProtoSegformerConfig": "configuration_proto_segformer",
+    "mit_preset": "configuration_proto_segformer",
+    "ProtoSegformerForSemanticSegmentation": "modeling_proto_segformer",
+    "ProtoSegformerPreTrainedModel": "modeling_proto_segformer",
+    "ProtoSegformerSemanticSegmenterOutput": "modeling_proto_segformer",
+}
 
 __all__ = [
     "MIT_PRESETS",
@@ -21,3 +28,23 @@ __all__ = [
     "ProtoSegformerSemanticSegmenterOutput",
     "mit_preset",
 ]
+
+if TYPE_CHECKING:
+    from .configuration_proto_segformer import MIT_PRESETS, ProtoSegformerConfig, mit_preset
+    from .modeling_proto_segformer import (
+        ProtoSegformerForSemanticSegmentation,
+        ProtoSegformerPreTrainedModel,
+        ProtoSegformerSemanticSegmenterOutput,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

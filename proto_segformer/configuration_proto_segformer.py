@@ -138,4 +138,7 @@ class ProtoSegformerConfig(SegformerConfig):
         return cls(**{**mit_preset(name), **kwargs})
 
 
+# auto_map in every saved config.json (AutoConfig.from_pretrained(..., trust_remote_code=True)).
+ProtoSegformerConfig.register_for_auto_class()
+
 __all__ = ["MIT_PRESETS", "ProtoSegformerConfig", "mit_preset"]

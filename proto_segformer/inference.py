@@ -207,7 +207,7 @@ def find_processor_folder(folder: str | Path) -> Path | None:
 
 def load_image_processor(folder: str | Path, crop_size: int | None = None):
     """The checkpoint's image processor; SegFormer's default (ImageNet statistics) at `crop_size` if it has none."""
-    from transformers import AutoImageProcessor, SegformerImageProcessor
+    from transformers import AutoImageProcessor, SegformerImageProcessorPil
 
     source = find_processor_folder(folder)
     if source is not None:
@@ -225,7 +225,7 @@ def load_image_processor(folder: str | Path, crop_size: int | None = None):
         size,
         size,
     )
-    return SegformerImageProcessor(size={"height": size, "width": size})
+    return SegformerImageProcessorPil(size={"height": size, "width": size})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -427,19 +427,28 @@ def nearest_prototype_per_class(embeddings: torch.Tensor, prototypes: torch.Tens
 
 
 def upsampled_argmax(
-    logits: torch.Tensor, scaled_size: tuple[int, int], output_size: tuple[int, int], max_values: int = 2**25
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    output_size: tuple[int, int] | None = None,
+    max_values: int = 2**25,
 ) -> torch.Tensor:
-    """(H, W) argmax over classes of grid logits (K, h, w) upsampled bilinearly to `scaled_size`, cropped to
-    `output_size`. Classes go in blocks so that at most about `max_values` upsampled values exist at once (large
-    images with many classes); the result equals the argmax of the full upsampled stack (ties: lowest index)."""
-    num_classes = logits.shape[0]
-    block = max(1, min(num_classes, max_values // max(1, scaled_size[0] * scaled_size[1])))
+    """argmax over classes of logits (B, K, h, w) -> (B, H, W), or (K, h, w) -> (H, W), upsampled bilinearly
+    (align_corners=False) to `size` and cropped to `output_size` (default: all of `size`). Used by prediction and by
+    evaluation during training. Classes go in blocks so that at most about `max_values` upsampled values exist at
+    once (large images with many classes); the result equals the argmax of the full upsampled stack (ties: lowest
+    index)."""
+    if logits.dim() == 3:
+        return upsampled_argmax(logits[None], size, output_size, max_values)[0]
+    logits = logits.float()
+    height, width = output_size or size
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits[:, :, :height, :width].argmax(dim=1)
+    batch, num_classes = logits.shape[:2]
+    block = max(1, min(num_classes, max_values // max(1, batch * size[0] * size[1])))
     best_value = best_index = None
     for start in range(0, num_classes, block):
-        chunk = F.interpolate(
-            logits[None, start : start + block], size=scaled_size, mode="bilinear", align_corners=False
-        )
-        value, index = chunk[0, :, : output_size[0], : output_size[1]].max(dim=0)
+        chunk = F.interpolate(logits[:, start : start + block], size=size, mode="bilinear", align_corners=False)
+        value, index = chunk[:, :, :height, :width].max(dim=1)
         if best_value is None:
             best_value, best_index = value, index
         else:

@@ -550,6 +550,29 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         return rename_class_of_model(self, old, new)
 
 
+# auto_map in every saved config.json, so that the Auto classes and the pipeline load the model with remote code.
+ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModel")
+ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+
+def _declare_image_segmentation_support() -> None:
+    """Tell transformers' image-segmentation pipeline that this is a semantic-segmentation model.
+
+    The pipeline accepts a model when its class name is a value of `MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES`
+    (it checks a copy of that dict, so classes registered with `AutoModelForSemanticSegmentation.register` are not
+    seen) and otherwise logs "The model ... is not supported for image-segmentation". This runs whenever this file is
+    imported: from the package and as remote code (a model folder's copy, loaded through its auto_map). The entry is
+    inert elsewhere: transformers' lazy auto mappings only use model types that `CONFIG_MAPPING_NAMES` also lists.
+    """
+    from transformers.models.auto import modeling_auto
+
+    names = getattr(modeling_auto, "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", None)
+    if names is not None:
+        names.setdefault(ProtoSegformerConfig.model_type, ProtoSegformerForSemanticSegmentation.__name__)
+
+
+_declare_image_segmentation_support()
+
 __all__ = [
     "ProtoSegformerDecodeHead",
     "ProtoSegformerForSemanticSegmentation",

@@ -22,9 +22,10 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, SegformerImageProcessor, TrainingArguments
+from transformers import HfArgumentParser, SegformerImageProcessorPil, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from .cli import ArgumentParser
 from .configuration_proto_segformer import MIT_PRESETS
 from .data.builtin import build_builtin_dataset
 from .data.dataset import SegmentationDataset
@@ -274,7 +275,7 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
 
 def build_parser(argv: list[str]) -> HfArgumentParser:
     """The parser, with the project's defaults (and the demo defaults when no --dataset_name is given)."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     defaults = dict(COMMON_DEFAULTS)
     if not torch.cuda.is_available():
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator (and warns without one)
@@ -463,19 +464,19 @@ def prepare_output_dir(training_args: TrainingArguments, data_args: DataTraining
     return resume
 
 
-def image_processor_for(model_args: ModelArguments, reduce_labels: bool) -> SegformerImageProcessor:
+def image_processor_for(model_args: ModelArguments, reduce_labels: bool) -> SegformerImageProcessorPil:
     """The processor that reproduces the evaluation transform: full size (no resize), the checkpoint's
     normalisation (ImageNet's by default), reduce_labels as trained."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if model_args.model_name_or_path is not None:
         try:
-            source = SegformerImageProcessor.from_pretrained(
+            source = SegformerImageProcessorPil.from_pretrained(
                 model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision
             )
             mean, std = tuple(source.image_mean), tuple(source.image_std)
         except OSError:
             pass
-    return SegformerImageProcessor(
+    return SegformerImageProcessorPil(
         do_resize=False, image_mean=list(mean), image_std=list(std), do_reduce_labels=reduce_labels
     )
 

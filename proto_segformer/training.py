@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Trainer, TrainerCallback
 
 from .configuration_proto_segformer import ProtoSegformerConfig
+from .inference import upsampled_argmax
 from .metrics import metrics_from_areas
 from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
 from .paths import check_source
@@ -55,28 +56,6 @@ class ModelInputError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
-
-
-def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], class_chunk: int = 16) -> torch.Tensor:
-    """argmax over classes of `logits` (B, K, h, w) bilinearly upsampled to `size` (align_corners=False): (B, H, W).
-
-    Upsamples `class_chunk` classes at a time, so memory is O(B * class_chunk * H * W) instead of O(B * K * H * W).
-    """
-    logits = logits.float()
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits.argmax(dim=1)
-    best_value = best_index = None
-    for start in range(0, logits.shape[1], class_chunk):
-        chunk = F.interpolate(logits[:, start : start + class_chunk], size=size, mode="bilinear", align_corners=False)
-        value, index = chunk.max(dim=1)
-        index = index + start
-        if best_value is None:
-            best_value, best_index = value, index
-        else:
-            better = value > best_value
-            best_value = torch.where(better, value, best_value)
-            best_index = torch.where(better, index, best_index)
-    return best_index
 
 
 def segmentation_areas(predictions: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int):

@@ -25,9 +25,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from proto_segformer.class_editing import DEFAULT_MIN_CELL_FRACTION
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -40,9 +38,12 @@ class AddClassesArguments:
         default=None,
         metadata={"help": "Resize support images to this square size; default: the model folder's image processor."},
     )
-    min_cell_fraction: float = field(
-        default=DEFAULT_MIN_CELL_FRACTION,
-        metadata={"help": "Fraction of a 4x4 cell's pixels that must carry a class for the cell to count."},
+    min_cell_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of a 4x4 cell's pixels that must carry a class for the cell to count"
+            " (default: the library's DEFAULT_MIN_CELL_FRACTION, 0.75)."
+        },
     )
     max_pixels_per_class: int = field(default=20000, metadata={"help": "Support cells per class used (a sample)."})
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
@@ -55,9 +56,10 @@ class AddClassesArguments:
 def main(args: AddClassesArguments) -> dict[str, int]:
     from proto_segformer.add_classes import AddClassesSettings, add_classes_from_folder
 
+    fraction = {} if args.min_cell_fraction is None else {"min_cell_fraction": args.min_cell_fraction}
     settings = AddClassesSettings(
         image_size=args.image_size,
-        min_cell_fraction=args.min_cell_fraction,
+        **fraction,
         max_pixels_per_class=args.max_pixels_per_class,
         seed=args.seed,
     )
@@ -74,12 +76,12 @@ def main(args: AddClassesArguments) -> dict[str, int]:
 
 
 if __name__ == "__main__":
+    (arguments,) = parse(AddClassesArguments, description=__doc__)
     from proto_segformer.add_classes import AddClassesError
     from proto_segformer.inference import CheckpointError
 
-    (arguments,) = HfArgumentParser(AddClassesArguments).parse_args_into_dataclasses()
     try:
         main(arguments)
-    except (AddClassesError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (AddClassesError, CheckpointError, OSError, ValueError) as error:  # user input: one line, no stack trace
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -50,6 +50,8 @@ def rescale(array, factor: float, nearest: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = parse(PictureArguments, argv, description=__doc__)
+
     import imgviz
     import numpy as np
 
@@ -64,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from proto_segformer.model_card import render_model_card
     from proto_segformer.visualization import DatasetSamples, build_prototype_atlas, prediction_panel
 
-    (args,) = HfArgumentParser(PictureArguments).parse_args_into_dataclasses(args=argv)
     try:
         segmenter = Segmenter.from_pretrained(args.model, options=InferenceOptions(mode="whole", prototype_maps=True))
     except CheckpointError as error:

@@ -17,7 +17,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -45,6 +45,8 @@ class PredictArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = parse(PredictArguments, argv, description=__doc__)
+
     import torch
 
     from proto_segformer.inference import (
@@ -56,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         prepare_outputs,
     )
 
-    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

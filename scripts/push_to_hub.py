@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -40,9 +40,10 @@ class PushArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = parse(PushArguments, argv, description=__doc__)
+
     from proto_segformer.hub import HubError, push_to_hub
 
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
         result = push_to_hub(
             args.model,

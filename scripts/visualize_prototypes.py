@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from proto_segformer.cli import parse
 
 
 @dataclass
@@ -74,6 +74,8 @@ def load_samples(args: AtlasArguments, crop: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    (args,) = parse(AtlasArguments, argv, description=__doc__)
+
     from proto_segformer.inference import (
         CheckpointError,
         load_image_processor,
@@ -83,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from proto_segformer.visualization import build_prototype_atlas
 
-    (args,) = HfArgumentParser(AtlasArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         model = load_model(args.model, device=resolve_device(args.device))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import proto_segformer  # noqa: E402
 from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ is not part of the installed package; appended, so an installed proto_segformer still wins.
+sys.path.append(str(ROOT))
+
+if os.environ.get("CI") == "true":
+    # CI tests the package as installed from its wheel (.ci/run), never the source tree: a file left out of the
+    # package must fail here.
+    package_dir = Path(proto_segformer.__file__).resolve().parent
+    if "site-packages" not in package_dir.parts or package_dir == ROOT / "proto_segformer":
+        raise pytest.UsageError(
+            f"CI=true but proto_segformer is imported from {package_dir}, not from an installed wheel: install it"
+            " with `pip install dist/proto_segformer-*.whl` and run `python -P -m pytest` (see .ci/run)."
+        )
 
 TINY = {
     "hidden_sizes": [8, 16, 24, 32],

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/, for conftest
 
 from conftest import tiny_config  # noqa: E402

@@ -365,14 +365,14 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipeline(tmp_path):
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerImageProcessorPil
 
     model = make_model().eval()
     image, mask = two_colour_image()
     model.add_classes([image], [mask], ["red thing", "blue thing"])
     folder = tmp_path / "extended"
     model.save_pretrained(folder)
-    SegformerImageProcessor(do_resize=False).save_pretrained(folder)
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(folder)
     assert (folder / "class_editing.py").exists() and (folder / "prototypes.py").exists()
 
     reloaded = ProtoSegformerForSemanticSegmentation.from_pretrained(folder).eval()
@@ -430,14 +430,14 @@ def write_support_folder(folder, count: int = 2) -> None:
 
 @pytest.mark.parametrize("with_processor", [True, False])
 def test_add_classes_script_saves_an_extended_model(tmp_path, with_processor):
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerImageProcessorPil
 
     script = load_script("add_classes")
     model_dir, support_dir, output_dir = tmp_path / "model", tmp_path / "support", tmp_path / "out"
     model = make_model()
     model.save_pretrained(model_dir)
     if with_processor:
-        SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+        SegformerImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(model_dir)
     write_support_folder(support_dir)
 
     arguments = script.AddClassesArguments(
@@ -569,11 +569,11 @@ def test_add_classes_card_lists_the_added_classes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# scripts/benchmark_add_classes.py: the pieces that produce its numbers
+# benchmarks/add_classes.py (scripts/benchmark_add_classes.py): the pieces that produce its numbers
 
 
 def test_benchmark_class_layout_puts_held_out_classes_last_in_the_given_order():
-    benchmark = load_script("benchmark_add_classes")
+    from benchmarks import add_classes as benchmark
     id2label = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
     table, old, final = benchmark.class_layout(id2label, [3, 1])
     assert old == {0: "background", 1: "b", 2: "d"}
@@ -584,7 +584,7 @@ def test_benchmark_class_layout_puts_held_out_classes_last_in_the_given_order():
 
 
 def test_benchmark_summary_separates_new_class_iou_and_old_class_damage():
-    benchmark = load_script("benchmark_add_classes")
+    from benchmarks import add_classes as benchmark
     # 2 old classes, 1 new; rows = true class, columns = prediction.
     counts = torch.tensor([[8, 0, 2], [0, 10, 0], [1, 1, 6]])
     summary = benchmark.summarise(counts, num_old=2)
@@ -598,13 +598,13 @@ def test_benchmark_parametric_row_fit_keeps_old_rows_and_learns_the_support_regi
     from conftest import TINY
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    benchmark = load_script("benchmark_add_classes")
+    from benchmarks import add_classes as benchmark
     torch.manual_seed(0)
     model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=3, **TINY)).eval()
     model.decode_head.batch_norm.running_var.fill_(1e-4)  # features of a trained scale (a fresh one's are ~0.01)
     pixel_values, masks = support_tensors(count=1)
     masks = torch.where(masks == 2, 1, 0)  # the new class is the blue right half
-    args = benchmark.BenchmarkArguments(row_fit_steps=100)
+    args = benchmark.AddClassesBenchmarkArguments(row_fit_steps=100)
     extended = benchmark.fit_new_rows(model, list(pixel_values), list(masks), ["blue"], args)
 
     old, new = model.decode_head.classifier, extended.decode_head.classifier

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
-from transformers import SegformerImageProcessor
+from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
     config = tiny_config(num_labels=5, id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
     model = ProtoSegformerForSemanticSegmentation(config).eval()
     model.save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder, model
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from safetensors import safe_open
-from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.hub import HubError, assemble_repository, check_repo_id, push_to_hub
@@ -60,7 +60,7 @@ def save_checkpoint(folder: Path, seed: int = 0) -> ProtoSegformerForSemanticSeg
     config = tiny_config(num_labels=5, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     model = ProtoSegformerForSemanticSegmentation(config).eval()
     model.save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     (folder / "all_results.json").write_text(json.dumps(RESULTS))
     return model
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from PIL import Image
 from rounding import assert_argmax_up_to_ties
-from transformers import SegformerImageProcessor
+from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.inference import (
@@ -46,8 +46,8 @@ def model() -> ProtoSegformerForSemanticSegmentation:
 
 
 @pytest.fixture(scope="module")
-def processor() -> SegformerImageProcessor:
-    return SegformerImageProcessor(size={"height": CROP, "width": CROP})
+def processor() -> SegformerImageProcessorPil:
+    return SegformerImageProcessorPil(size={"height": CROP, "width": CROP})
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_blockwise_upsampled_argmax_equals_the_full_one():
 
 
 def test_processor_without_resizing_runs_whole_images_at_their_resolution(model, photo):
-    processor = SegformerImageProcessor(size={"height": 48, "width": 48}, do_resize=False)
+    processor = SegformerImageProcessorPil(size={"height": 48, "width": 48}, do_resize=False)
     segmenter = Segmenter(model, processor, InferenceOptions(batch_size=4, prototype_maps=True))
     images = [photo[:40, :44], photo[:32, :32], photo[40:80, :44], photo[:100, :60]]  # the last one slides
     predictions = segmenter.predict(images)

@@ -1,4 +1,5 @@
-"""The quality comparison's machinery (proto_segformer/quality.py, scripts/benchmark_quality.py) on a tiny preset.
+"""The quality comparison's machinery (benchmarks/quality.py, benchmarks/run_quality.py, scripts/benchmark_quality.py)
+on a tiny preset.
 
 Nothing here is timed: the comparison's numbers live in benchmarks/quality*.json.
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from proto_segformer import quality
-from proto_segformer.quality import (
+from benchmarks import quality, run_quality
+from benchmarks.arguments import QualityArguments
+from benchmarks.quality import (
     BatchFingerprint,
     ComparisonSettings,
     QualityInputError,
@@ -193,13 +195,12 @@ def test_dataset_options_apply_to_their_data_set_only_and_yield_to_train_options
     steps = {(j.dataset, j.head): j.shared_options["max_steps"] for j in plan_jobs(settings)}
     assert steps == {("scenes", "parametric"): 10, ("scenes", "protoseg"): 10,
                      ("scenes-large", "parametric"): 30, ("scenes-large", "protoseg"): 30}  # fmt: skip
-    script = load_script()
-    quick, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu"))
+    quick, _ = run_quality.build_settings(QualityArguments(quick=True, device="cpu"))
     assert quick.dataset_options == {"scenes-large": quality.MODES["quick"]["dataset_train_args"]["scenes-large"]}
     assert quick.dataset_options["scenes-large"]["max_steps"] > quick.train_options["max_steps"]
-    mine, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu", train_options="max_steps=5"))
+    mine, _ = run_quality.build_settings(QualityArguments(quick=True, device="cpu", train_options="max_steps=5"))
     assert mine.train_options["max_steps"] == 5 and "max_steps" not in mine.dataset_options["scenes-large"]
-    only_small, _ = script.build_settings(script.QualityArguments(quick=True, device="cpu", datasets="scenes"))
+    only_small, _ = run_quality.build_settings(QualityArguments(quick=True, device="cpu", datasets="scenes"))
     assert only_small.dataset_options == {}
 
 
@@ -357,15 +358,15 @@ def test_bad_settings_get_clear_errors():
 
 def test_script_arguments_and_their_errors(monkeypatch):
     script = load_script()
-    args = script.QualityArguments(quick=True, ablations="M-1,init-from-data", device="cpu", seeds="3,4,5")
-    settings, device = script.build_settings(args)
+    args = QualityArguments(quick=True, ablations="M-1,init-from-data", device="cpu", seeds="3,4,5")
+    settings, device = run_quality.build_settings(args)
     assert device == "cpu" and settings.mode == "quick" and settings.seeds == (3, 4, 5)
     assert set(settings.variants) == {"default", "M-1", "init-from-data"}
-    ablated, _ = script.build_settings(script.QualityArguments(ablate=True))
+    ablated, _ = run_quality.build_settings(QualityArguments(ablate=True))
     assert set(ablated.variants) == {"default", *quality.ABLATIONS}
     assert settings.train_options["use_cpu"] is True
     assert settings.train_options["max_steps"] == quality.MODES["quick"]["train_args"]["max_steps"]
-    assert script.default_output(settings).name == "quality_ablations_quick.json"
+    assert run_quality.default_output(settings).name == "quality_ablations_quick.json"
     for bad, message in (
         ({"quick": True, "large": True}, "exclude each other"),
         ({"ablations": "M-7"}, r"Unknown ablation.*M-7"),
@@ -373,10 +374,10 @@ def test_script_arguments_and_their_errors(monkeypatch):
         ({"seeds": "1,x"}, "Bad --seeds"),
     ):
         with pytest.raises(QualityInputError, match=message):
-            script.build_settings(script.QualityArguments(**bad))
+            run_quality.build_settings(QualityArguments(**bad))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(QualityInputError, match="no CUDA device"):
-        script.build_settings(script.QualityArguments(device="cuda"))
+        run_quality.build_settings(QualityArguments(device="cuda"))
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--datasets", "nope", "--device", "cpu"])
     assert exit_info.value.code == 2
@@ -454,7 +455,7 @@ def test_script_reuse_reads_several_results_first_wins_and_reports_bad_files(tmp
         "--workers",
         "1",
     ]
-    settings, _ = script.build_settings(script.QualityArguments(datasets="scenes", seeds="0", device="cpu",
+    settings, _ = run_quality.build_settings(QualityArguments(datasets="scenes", seeds="0", device="cpu",
                                                                 train_options="max_steps=3"))  # fmt: skip
     for name, miou in (("a.json", 0.5), ("b.json", 0.9)):
         runs = [{**_run("scenes", "parametric", 0, miou), "options": {}}]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from transformers import SegformerImageProcessor
+from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.visualization import (
@@ -63,7 +63,7 @@ def test_effective_prototypes_limits():
 def model_and_processor():
     torch.manual_seed(0)
     model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
-    return model, SegformerImageProcessor(size={"height": 32, "width": 32})
+    return model, SegformerImageProcessorPil(size={"height": 32, "width": 32})
 
 
 def striped_samples() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -114,7 +114,7 @@ def test_visualize_script_on_builtin_data(tmp_path, capsys):
     torch.manual_seed(0)
     model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=11)).eval()
     model.save_pretrained(tmp_path / "model")
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     try:
         import visualize_prototypes
@@ -136,7 +136,7 @@ def test_visualize_script_on_builtin_data(tmp_path, capsys):
 
 def test_atlas_with_a_processor_that_keeps_image_sizes(model_and_processor):
     model, _ = model_and_processor
-    processor = SegformerImageProcessor(do_resize=False)
+    processor = SegformerImageProcessorPil(do_resize=False)
     rng = np.random.default_rng(1)
     samples = DatasetSamples(
         [

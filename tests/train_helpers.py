@@ -40,6 +40,6 @@ def clean_env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=env.get("PYTHONPATH", ""),  # the installed package (scripts fall back to the source tree)
     )
     return env

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from transformers.trainer_callback import PrinterCallback
 
-from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
-from .prototypes import l2_normalize, random_unit_prototypes
+from proto_segformer.modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.prototypes import l2_normalize, random_unit_prototypes
 
 HEADS = ("parametric", "protoseg")
 DATASETS = ("scenes", "scenes-large")
@@ -129,7 +129,7 @@ def train_argv(options: Mapping[str, Any]) -> list[str]:
 def parse_train_arguments(dataset: str, options: Mapping[str, Any]):
     """(ModelArguments, DataTrainingArguments, TrainingArguments) exactly as `scripts/train.py` would parse them for
     the built-in data set `dataset`, with its built-in demo defaults, then `options` on top."""
-    from .run_training import BUILTIN_DEMO_DEFAULTS, build_parser
+    from proto_segformer.run_training import BUILTIN_DEMO_DEFAULTS, build_parser
 
     argv = ["--dataset_name", f"builtin:{dataset}", *train_argv(options)]
     parser = build_parser(argv)
@@ -196,7 +196,7 @@ def build_model_pair(
     """Both heads for one seed: the ProtoSeg model as `scripts/train.py` builds it (`training.build_model`), its
     parametric twin (same SegFormer config), the parametric encoder + decoder initialisation copied into the ProtoSeg
     model, and prototypes drawn from a generator seeded with `seed` (so they depend on the seed only)."""
-    from .training import build_model
+    from proto_segformer.training import build_model
 
     torch.manual_seed(seed)
     protoseg, _ = build_model(
@@ -242,7 +242,7 @@ class BatchFingerprint:
 def fingerprinting_trainer_class():
     """`ProtoSegTrainer` that also records a `BatchFingerprint` of the batches its optimisation steps train on
     (after any prototype initialisation; whatever the number of dataloader workers). Training is unchanged."""
-    from .training import ProtoSegTrainer
+    from proto_segformer.training import ProtoSegTrainer
 
     class FingerprintingTrainer(ProtoSegTrainer):
         def __init__(self, *args, **kwargs) -> None:
@@ -369,8 +369,8 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train `model` with `ProtoSegTrainer` on `data` (a `run_training.PreparedData`) and evaluate it with
     `MeanIoUMetric`; returns the run's record (metrics, time, parameters, fingerprints, prototype diagnosis)."""
-    from .data.transforms import pad_collate
-    from .training import MeanIoUMetric
+    from proto_segformer.data.transforms import pad_collate
+    from proto_segformer.training import MeanIoUMetric
 
     is_protoseg = spec.head == "protoseg"
     metric = MeanIoUMetric(data.id2label, per_category_limit=10**6)
@@ -604,7 +604,7 @@ class ComparisonSettings:
 
 def check_settings(settings: ComparisonSettings) -> None:
     """Clear errors for settings that cannot run."""
-    from .data.builtin import BUILTIN_DATASETS
+    from proto_segformer.data.builtin import BUILTIN_DATASETS
 
     bad = [d for d in settings.datasets if d not in BUILTIN_DATASETS]
     if bad:
@@ -664,7 +664,7 @@ _PREPARED: dict[str, tuple[Any, np.ndarray]] = {}
 
 def prepared_data(dataset: str, shared_options: Mapping[str, Any], work_dir: Path):
     """(`run_training.PreparedData`, training pixels per class) of a data set, built once per process."""
-    from .run_training import prepare_data
+    from proto_segformer.run_training import prepare_data
 
     key = repr((dataset, sorted(shared_options.items())))
     if key not in _PREPARED:
