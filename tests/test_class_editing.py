@@ -475,11 +475,11 @@ def folder_bytes(folder) -> dict[str, bytes | None]:
 
 def saved_model_with_extras(folder):
     """A saved 5-class model with what a training output holds beside it: a checkpoint, results, a note."""
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerImageProcessorPil
 
     model = make_model()
     model.save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     (folder / "checkpoint-3").mkdir()
     (folder / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
     (folder / "all_results.json").write_text('{"eval_mean_iou": 0.5}')

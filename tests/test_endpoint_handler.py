@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import SegformerImageProcessor
+from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.endpoint_handler import (
@@ -57,7 +57,7 @@ def save_repo(folder, edit=None):
     torch.manual_seed(0)
     config = tiny_config(num_labels=5, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     ProtoSegformerForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(do_resize=False).save_pretrained(folder)
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(folder)
     if edit is not None:
         weights = load_file(folder / "model.safetensors")
         edit(weights)

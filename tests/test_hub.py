@@ -557,7 +557,7 @@ def test_hub_card_keeps_a_builtin_dataset_a_local_base_model_and_the_training_cr
 
     run = tmp_path / "run"
     save_checkpoint(run)
-    SegformerImageProcessor(do_resize=False).save_pretrained(run)  # as training saves it: size 512, no resizing
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(run)  # as training saves it: size 512, no resizing
     (tmp_path / "local_start").mkdir()
     args = {"learning_rate": 1e-3, "crop_size": 64}
     write_model_card(run, dataset_name="builtin:scenes", base_model=str(tmp_path / "local_start"), training_args=args)

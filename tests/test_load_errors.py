@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from test_class_editing import load_script, write_support_folder
 from test_hf_integration import run_clean
 from train_helpers import REPO, TINY_ARGS, clean_env
-from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.inference import CheckpointError, load_model, validate_checkpoint
@@ -35,7 +35,7 @@ def complete(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = tiny_config(num_labels=5, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     ProtoSegformerForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 32, "width": 32}, do_resize=False).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 32, "width": 32}, do_resize=False).save_pretrained(folder)
     return folder
 
 
