@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+from rounding import assert_argmax_up_to_ties
 from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
@@ -83,7 +84,11 @@ def test_remote_code_auto_classes_give_identical_logits_in_a_clean_process(check
     assert not result["module"].startswith("proto_segformer")  # the copied custom code, not the package
     with torch.no_grad():
         expected = model(pixel_values).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    # Another process may run with another thread count (earlier tests set it), so another summation order: the
+    # logits agree to rounding, and the predicted classes up to near-ties.
+    remote = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(remote, expected, rtol=1e-4, atol=1e-4)
+    assert_argmax_up_to_ties(remote.argmax(dim=1), expected, dim=1, atol=1e-4)
 
 
 def test_pipeline_segments_a_real_photo_in_a_clean_process(checkpoint, tmp_path):
