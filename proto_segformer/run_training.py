@@ -55,6 +55,7 @@ from .training import (
     checkpoint_folders,
     checkpoint_problem,
     interrupted_saves,
+    is_staging_folder,
     newest_complete_checkpoint,
     save_training_outputs,
 )
@@ -491,7 +492,9 @@ def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
         return str(checkpoint)
     problem = checkpoint_problem(resume)
     if problem is not None:
-        newest, _ = newest_complete_checkpoint(Path(resume).parent)
+        folder = Path(resume).parent
+        folder = folder.parent if is_staging_folder(folder.name) else folder
+        newest, _ = newest_complete_checkpoint(folder)
         hint = f" The newest complete checkpoint there is {newest}." if newest is not None else ""
         raise DataError(f"--resume_from_checkpoint {resume} is not a complete checkpoint: {problem}.{hint}")
     return resume
@@ -536,8 +539,15 @@ def prepare_output_dir(training_args: TrainingArguments, data_args: DataTraining
     --overwrite_output_dir (which deletes that run's files, and only those)."""
     output_dir = Path(training_args.output_dir)
     resume = resolve_resume(output_dir, training_args.resume_from_checkpoint)
-    if resume is not None or not training_args.do_train or not output_dir.is_dir():
+    if resume is not None:
+        stale = interrupted_saves(output_dir)  # the staging folders of this library's interrupted saves
+        with training_args.main_process_first(desc="removing staging folders"):
+            if training_args.process_index == 0 and stale:
+                logger.warning("Removing the staging folders of interrupted saves: %s.", _listing(stale))
+                _remove(stale)
         return resume
+    if not training_args.do_train or not output_dir.is_dir():
+        return None
     contents = output_dir_contents(output_dir)
     if not any(contents.values()):
         return None

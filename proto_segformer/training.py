@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import PretrainedConfig, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import PretrainedConfig, Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .metrics import metrics_from_areas
@@ -727,6 +727,14 @@ class ProtoSegTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.prototype_init_batches > 0 and not resume_from_checkpoint:
             self.initialize_prototypes()
+        if isinstance(resume_from_checkpoint, str | Path):
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_FILE))
+            if 0 < self.args.max_steps <= state.global_step:
+                # The Trainer would take one more step before checking max_steps: load the checkpoint instead.
+                logger.info("%s is at step %d: nothing left to train.", resume_from_checkpoint, state.global_step)
+                self._load_from_checkpoint(str(resume_from_checkpoint))
+                self.state = state
+                return TrainOutput(state.global_step, float("nan"), {"train_steps": 0})
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
