@@ -590,7 +590,8 @@ class ProtoSegTrainer(Trainer):
         warmup = self.args.get_warmup_steps(num_training_steps)
         if self.lr_scheduler is None and 0 < num_training_steps <= warmup:
             clipped = num_training_steps - 1
-            logger.warning(
+            log = logger.warning if self.is_world_process_zero() else logger.debug
+            log(
                 "Warm-up of %d steps is not shorter than the %d training steps: warm-up clipped to %d steps.",
                 warmup,
                 num_training_steps,
