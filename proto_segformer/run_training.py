@@ -486,7 +486,8 @@ def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
             found = f" (only incomplete ones: {_listing([p for p, _ in skipped])})" if skipped else ""
             raise DataError(
                 f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}{found}. Start"
-                " without --resume_from_checkpoint (and with --overwrite_output_dir if the folder holds a run)."
+                " a new run without --resume_from_checkpoint (in a folder that holds a run, that needs"
+                " --overwrite_output_dir, which deletes the run's model files and checkpoints)."
             )
         logger.info("Resuming from %s.", checkpoint)
         return str(checkpoint)

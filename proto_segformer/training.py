@@ -661,10 +661,12 @@ class ProtoSegTrainer(Trainer):
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()
+        staged, final = staging / name, run_dir / name
+        best_is_staged = self.state.best_model_checkpoint == str(staged)
+        if best_is_staged:  # the Trainer recorded the staging path: the checkpoint's own path is the final one
+            self.state.best_model_checkpoint = str(final)
         if self.args.should_save:
-            staged, final = staging / name, run_dir / name
-            if self.state.best_model_checkpoint == str(staged):
-                self.state.best_model_checkpoint = str(final)
+            if best_is_staged:
                 self.state.save_to_json(str(staged / TRAINER_STATE_FILE))
             fault_point("checkpoint-save:before-rename", step)
             if final.exists():  # a checkpoint of the same step, e.g. from before a resume: replaced

@@ -144,14 +144,14 @@ def test_rerun_into_a_folder_with_checkpoints_is_refused(demo_run: Path, tmp_pat
 def test_overwrite_output_dir_deletes_only_what_the_library_wrote(demo_run: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     shutil.copytree(demo_run, output)
-    user_files = [output / "notes.txt", output / ".git" / "HEAD", output / "data" / "config.json"]
+    user_files = [output / "notes.txt", output / ".git" / "HEAD", output / "checkpoint-best-by-hand" / "notes.txt"]
     for path in user_files:
         path.parent.mkdir(exist_ok=True)
         path.write_text("the user's")
     argv = ["--output_dir", str(output), "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no"]
     main([*argv, "--overwrite_output_dir", *TINY_ARGS])
     assert all(path.read_text() == "the user's" for path in user_files)
-    assert not list(output.glob("checkpoint-*"))  # the previous run's checkpoints are gone, as the flag says
+    assert not list(output.glob("checkpoint-[0-9]*"))  # the previous run's checkpoints are gone, as the flag says
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
     assert (output / "model.safetensors").read_bytes() != (demo_run / "model.safetensors").read_bytes()
 
