@@ -72,8 +72,8 @@ FINAL_OUTPUT_FILES = (
     "eval_results.json",
     "train_results.json",
 )
-# Every other file a run writes at the top of its output folder (--overwrite_output_dir removes these names only,
-# the custom-code files being copies of this package's modules).
+# Every other file a run writes at the top of its output folder (--overwrite_output_dir removes these names only, and
+# the custom-code copies of `hub.custom_code_files`).
 OTHER_OUTPUT_FILES = ("trainer_state.json", "training_args.bin", "training_args.json", "prototype_stats.json")
 
 # Defaults that differ from TrainingArguments' for every run (a segmentation run, evaluated with mean IoU).
@@ -513,9 +513,10 @@ def output_dir_contents(output_dir: Path) -> dict[str, list[Path]]:
 
 def library_files(output_dir: Path) -> list[Path]:
     """The files and folders of `output_dir` that a run of this library writes (and nothing else): the final output
-    files, the custom-code copies of this package's modules, checkpoint-N and staging folders, rank_prototypes."""
-    package_modules = {path.name for path in Path(__file__).parent.glob("*.py")}
-    names = set(FINAL_OUTPUT_FILES) | set(OTHER_OUTPUT_FILES) | package_modules
+    files, the custom-code copies, checkpoint-N and staging folders, rank_prototypes/prototypes_rank*.pt."""
+    from .hub import custom_code_files
+
+    names = set(FINAL_OUTPUT_FILES) | set(OTHER_OUTPUT_FILES) | {path.name for path in custom_code_files()}
     found = [output_dir / name for name in sorted(names) if (output_dir / name).is_file()]
     found += checkpoint_folders(output_dir) + interrupted_saves(output_dir)
     ranks = output_dir / "rank_prototypes"

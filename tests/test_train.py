@@ -145,6 +145,7 @@ def test_overwrite_output_dir_deletes_only_what_the_library_wrote(demo_run: Path
     output = tmp_path / "out"
     shutil.copytree(demo_run, output)
     user_files = [output / "notes.txt", output / ".git" / "HEAD", output / "checkpoint-best-by-hand" / "notes.txt"]
+    user_files.append(output / "training.py")
     for path in user_files:
         path.parent.mkdir(exist_ok=True)
         path.write_text("the user's")

@@ -29,7 +29,7 @@ LAUNCH = [
     "--use_cpu",
 ]
 # --max_steps 20 equals the demo's warm-up of 20 steps (a ZeroDivisionError at step 19 before the clip).
-DDP_ARGS = ["--max_steps", "20", "--eval_steps", "20", "--save_strategy", "no", "--prototype_momentum", "0.5"]
+DDP_ARGS = ["--max_steps", "20", "--eval_steps", "20", "--save_steps", "10", "--prototype_momentum", "0.5"]
 DDP_ARGS += ["--prototype_init_batches", "1", "--seed", "0", *TINY_ARGS]
 
 
@@ -57,6 +57,12 @@ def test_two_processes_hold_and_save_the_same_prototypes(ddp_runs) -> None:
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 20 and state["train_batch_size"] == 4
     assert "eval_mean_iou" in json.loads((output / "eval_results.json").read_text())
+    # Checkpoints are renamed into place once both processes have written their part (each its RNG state).
+    for step in (10, 20):
+        names = {p.name for p in (output / f"checkpoint-{step}").iterdir()}
+        expected = {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"}
+        assert expected <= names, names
+    assert not list(output.glob("tmp-*"))
 
 
 def test_the_same_seed_gives_the_same_model_under_two_processes(ddp_runs) -> None:
