@@ -503,7 +503,7 @@ def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
 
 def output_dir_contents(output_dir: Path) -> dict[str, list[Path]]:
     """What a run left in `output_dir`: final output files, checkpoint-N folders, staging folders of interrupted
-    saves, and whether the final save finished (the model card, moved last)."""
+    saves."""
     return {
         "final": [output_dir / name for name in FINAL_OUTPUT_FILES if (output_dir / name).exists()],
         "checkpoints": checkpoint_folders(output_dir),
@@ -686,7 +686,7 @@ def run_summary(output_dir: str, eval_metrics: dict[str, Any] | None, seconds: f
     """The last lines of a run: where the model is, its validation scores, the time, and what to run next."""
     scripts = Path(sys.argv[0]).parent if Path(sys.argv[0]).name == "train.py" else Path("scripts")
     lines = [f"Training done in {_duration(seconds)} ({steps} steps). Model: {output_dir}"]
-    if eval_metrics is not None:
+    if eval_metrics is not None and "eval_mean_iou" in eval_metrics:
         lines.append(
             f"Validation: mean IoU {eval_metrics['eval_mean_iou']:.3f}, pixel accuracy"
             f" {eval_metrics['eval_overall_accuracy']:.3f} (per class: {Path(output_dir) / 'eval_results.json'})"
@@ -734,5 +734,8 @@ __all__ = [
     "main",
     "parse_config_overrides",
     "prepare_data",
+    "prepare_output_dir",
+    "resolve_resume",
+    "run_summary",
     "run_training",
 ]

@@ -390,7 +390,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return "it is not a folder"
-    if folder.name.startswith(CHECKPOINT_STAGING_PREFIX) or folder.parent.name.startswith(CHECKPOINT_STAGING_PREFIX):
+    if is_staging_folder(folder.name) or is_staging_folder(folder.parent.name):
         return "it is the staging folder of a checkpoint save that was interrupted"
     state = folder / TRAINER_STATE_FILE
     try:

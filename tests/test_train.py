@@ -212,3 +212,24 @@ def _fails_cleanly_existing(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         main(argv)
     return capsys.readouterr().err
+
+
+def test_save_steps_alone_means_saving_every_n_steps() -> None:
+    from proto_segformer.run_training import build_parser
+
+    def strategy(argv: list[str]) -> str:
+        argv = ["--output_dir", "unused", "--dataset_name", "some/data", *argv]
+        return str(build_parser(argv).parse_args_into_dataclasses(args=argv)[2].save_strategy.value)
+
+    assert strategy([]) == "epoch"
+    assert strategy(["--save_steps", "10"]) == "steps"
+    assert strategy(["--save_steps=10", "--save_strategy", "no"]) == "no"
+
+
+def test_the_divergence_message_names_the_step_the_term_and_a_fix() -> None:
+    from proto_segformer.training import divergence_message
+
+    nan = float("nan")
+    message = divergence_message(7, torch.tensor([[1.2, 1.1, 2.0, 0.5], [nan, 1.0, nan, 0.5]]), 0.5)
+    assert message.startswith("Training diverged at step 7: the loss is nan on process 1 (CE 1, PPC nan, PPD 0.5;")
+    assert "non-finite: PPC)" in message and "--learning_rate 0.05" in message
