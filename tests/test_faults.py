@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import REPO, clean_env
 
 from proto_segformer.run_training import main
@@ -49,6 +50,15 @@ FAULT_ARGS = [
     "--disable_tqdm",
     "true",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """main() in this process sets torch's thread count (the demo's --torch_threads 1): restore it for later tests,
+    whose in-process results are compared with other processes' bit for bit."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def train_process(output: Path, fault: str | None = None) -> subprocess.CompletedProcess:
