@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, SegformerImageProcessorPil, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .cli import ArgumentParser
 from .configuration_proto_segformer import MIT_PRESETS
@@ -44,13 +44,21 @@ from .data.loading import (
 )
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
 from .training import (
+    FINAL_STAGING_DIR,
+    MODEL_CARD_FILE,
     PROTOSEG_FIELDS,
     MeanIoUMetric,
     ModelInputError,
     ProtoSegTrainer,
     RankPrototypesCallback,
+    TrainingDivergedError,
     build_model,
     check_model_source,
+    checkpoint_folders,
+    checkpoint_problem,
+    interrupted_saves,
+    is_staging_folder,
+    newest_complete_checkpoint,
     save_training_outputs,
 )
 
@@ -66,6 +74,9 @@ FINAL_OUTPUT_FILES = (
     "eval_results.json",
     "train_results.json",
 )
+# Every other file a run writes at the top of its output folder (--overwrite_output_dir removes these names only, and
+# the custom-code copies of `hub.custom_code_files`).
+OTHER_OUTPUT_FILES = ("trainer_state.json", "training_args.bin", "training_args.json", "prototype_stats.json")
 
 # Defaults that differ from TrainingArguments' for every run (a segmentation run, evaluated with mean IoU).
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -76,6 +87,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "save_strategy": "epoch",
     "logging_steps": 10,
+    "logging_nan_inf_filter": False,  # a NaN loss shows as nan (training stops on it anyway)
+    "ddp_find_unused_parameters": False,  # every parameter takes part in every step
     "lr_scheduler_type": "polynomial",
     "learning_rate": 6e-5,
     "weight_decay": 0.01,
@@ -92,10 +105,11 @@ BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
     "max_steps": 300,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 50,
-    "warmup_steps": 20,
+    "warmup_steps": 20,  # clipped (with a note) when --max_steps is not longer
     "eval_strategy": "steps",
     "eval_steps": 150,
-    "save_strategy": "no",
+    "save_strategy": "steps",  # a checkpoint at each evaluation (and at the end): resumable
+    "save_steps": 150,
     "logging_steps": 25,
     "decoder_hidden_size": 128,
     "prototype_dim": 64,
@@ -241,7 +255,11 @@ class DataTrainingArguments:
         metadata={"help": "torch intra-op CPU threads per process (default: torch's; the built-in demo: 1)."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a finished run already in --output_dir."}
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir that holds a run: first DELETES that run's model files and its"
+            " checkpoint-* folders (only files this library writes; anything else in the folder stays)."
+        },
     )
     save_rank_prototypes: bool = field(
         default=False,
@@ -273,14 +291,28 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     return result
 
 
+def _given(argv: list[str], name: str) -> bool:
+    """Whether the flag `--name` is on the command line (or a key of the json file given instead)."""
+    if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
+        try:
+            return name in json.loads(Path(argv[0]).read_text())
+        except ValueError:
+            return False
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
 def build_parser(argv: list[str]) -> HfArgumentParser:
-    """The parser, with the project's defaults (and the demo defaults when no --dataset_name is given)."""
+    """The parser, with the project's defaults (and the demo defaults when no --dataset_name is given).
+
+    `--save_steps N` without `--save_strategy` means saving every N steps (the Trainer would ignore it otherwise)."""
     parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     defaults = dict(COMMON_DEFAULTS)
     if not torch.cuda.is_available():
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator (and warns without one)
-    if not any(arg == "--dataset_name" or arg.startswith("--dataset_name=") for arg in argv):
+    if not _given(argv, "dataset_name"):
         defaults.update(BUILTIN_DEMO_DEFAULTS)
+    if _given(argv, "save_steps") and not _given(argv, "save_strategy"):
+        defaults["save_strategy"] = "steps"
     parser.set_defaults(**defaults)
     return parser
 
@@ -438,30 +470,121 @@ def prepare_data(
 # --------------------------------------------------------------------------------------------------- output folder
 
 
-def prepare_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> str | None:
-    """Resolve --resume_from_checkpoint ("last"/"true": the newest checkpoint in output_dir) and refuse to start a
-    fresh run over a finished one unless --overwrite_output_dir (which removes the finished run's files first)."""
-    output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("last", "true"):
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if resume is None:
-            raise DataError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}.")
-    if resume is not None and not Path(resume).is_dir():
-        raise DataError(f"--resume_from_checkpoint: {resume} is not a folder.")
-    finished = [name for name in FINAL_OUTPUT_FILES if (output_dir / name).exists()]
-    if finished and resume is None and training_args.do_train:
-        if not data_args.overwrite_output_dir:
+def _listing(paths: list[Path]) -> str:
+    names = [path.name for path in paths]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
+    """--resume_from_checkpoint: "last"/"true" is the newest complete checkpoint-N in `output_dir` (naming the
+    incomplete ones skipped); an explicit folder must be a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume.lower() in ("last", "true"):
+        checkpoint, skipped = newest_complete_checkpoint(output_dir)
+        for path, reason in skipped:
+            logger.warning("Skipping the incomplete checkpoint %s: %s.", path, reason)
+        if checkpoint is None:
+            found = f" (only incomplete ones: {_listing([p for p, _ in skipped])})" if skipped else ""
             raise DataError(
-                f"{output_dir} already holds a finished run ({', '.join(finished)}). Pass --overwrite_output_dir"
-                " to replace it, --resume_from_checkpoint to continue it, or another --output_dir."
+                f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}{found}. Start"
+                " a new run without --resume_from_checkpoint (in a folder that holds a run, that needs"
+                " --overwrite_output_dir, which deletes the run's model files and checkpoints)."
             )
-        if training_args.process_index == 0:
-            for name in finished:
-                (output_dir / name).unlink()
-            for checkpoint in output_dir.glob("checkpoint-*"):
-                shutil.rmtree(checkpoint, ignore_errors=True)
+        logger.info("Resuming from %s.", checkpoint)
+        return str(checkpoint)
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        folder = Path(resume).parent
+        folder = folder.parent if is_staging_folder(folder.name) else folder
+        newest, _ = newest_complete_checkpoint(folder)
+        hint = f" The newest complete checkpoint there is {newest}." if newest is not None else ""
+        raise DataError(f"--resume_from_checkpoint {resume} is not a complete checkpoint: {problem}.{hint}")
     return resume
+
+
+def output_dir_contents(output_dir: Path) -> dict[str, list[Path]]:
+    """What a run left in `output_dir`: final output files, checkpoint-N folders, staging folders of interrupted
+    saves."""
+    return {
+        "final": [output_dir / name for name in FINAL_OUTPUT_FILES if (output_dir / name).exists()],
+        "checkpoints": checkpoint_folders(output_dir),
+        "interrupted": interrupted_saves(output_dir),
+    }
+
+
+def library_files(output_dir: Path) -> list[Path]:
+    """The files and folders of `output_dir` that a run of this library writes (and nothing else): the final output
+    files, the custom-code copies, checkpoint-N and staging folders, rank_prototypes/prototypes_rank*.pt."""
+    from .hub import custom_code_files
+
+    names = set(FINAL_OUTPUT_FILES) | set(OTHER_OUTPUT_FILES) | {path.name for path in custom_code_files()}
+    found = [output_dir / name for name in sorted(names) if (output_dir / name).is_file()]
+    found += checkpoint_folders(output_dir) + interrupted_saves(output_dir)
+    ranks = output_dir / "rank_prototypes"
+    found += sorted(ranks.glob("prototypes_rank*.pt")) if ranks.is_dir() else []
+    return found
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for folder in {path.parent for path in paths if path.parent.name == "rank_prototypes"}:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def prepare_output_dir(training_args: TrainingArguments, data_args: DataTrainingArguments) -> str | None:
+    """Resolve --resume_from_checkpoint (see `resolve_resume`) and refuse to start a fresh run in a folder that
+    holds a run (finished, interrupted, or only checkpoints), naming --resume_from_checkpoint and
+    --overwrite_output_dir (which deletes that run's files, and only those)."""
+    output_dir = Path(training_args.output_dir)
+    resume = resolve_resume(output_dir, training_args.resume_from_checkpoint)
+    if resume is not None:
+        stale = interrupted_saves(output_dir)  # the staging folders of this library's interrupted saves
+        with training_args.main_process_first(desc="removing staging folders"):
+            if training_args.process_index == 0 and stale:
+                logger.warning("Removing the staging folders of interrupted saves: %s.", _listing(stale))
+                _remove(stale)
+        return resume
+    if not training_args.do_train or not output_dir.is_dir():
+        return None
+    contents = output_dir_contents(output_dir)
+    if not any(contents.values()):
+        return None
+    if data_args.overwrite_output_dir:
+        removed = library_files(output_dir)
+        with training_args.main_process_first(desc="removing the previous run"):
+            if training_args.process_index == 0:
+                _remove(removed)
+        logger.warning("--overwrite_output_dir: deleted the previous run in %s (%s).", output_dir, _listing(removed))
+        return None
+    raise DataError(refusal_message(output_dir, contents))
+
+
+def refusal_message(output_dir: Path, contents: dict[str, list[Path]]) -> str:
+    """Why a fresh run does not start in `output_dir`, and the options (what each one does)."""
+    finished = (output_dir / MODEL_CARD_FILE).exists() and any(p.name == "model.safetensors" for p in contents["final"])
+    checkpoint, _ = newest_complete_checkpoint(output_dir)
+    if finished:
+        state = f"a finished run ({_listing(contents['final'])})"
+    elif contents["final"] or any(p.name == FINAL_STAGING_DIR for p in contents["interrupted"]):
+        state = "a run whose final save was interrupted (no model card)"
+    else:
+        state = "an unfinished run"
+    if contents["checkpoints"]:
+        state += f" with checkpoints {_listing(contents['checkpoints'])}"
+    options = []
+    if checkpoint is not None:
+        options.append(f"continue it from {checkpoint.name} with --resume_from_checkpoint last")
+    options.append(
+        "delete it and start over with --overwrite_output_dir (deletes its model files and checkpoint-* folders)"
+    )
+    options.append("or pick another --output_dir")
+    return f"{output_dir} already holds {state}. Options: " + "; ".join(options) + "."
 
 
 def image_processor_for(model_args: ModelArguments, reduce_labels: bool) -> SegformerImageProcessorPil:
@@ -488,6 +611,7 @@ def run_training(
     model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
 ) -> dict[str, Any]:
     """Train and evaluate; returns {"train": metrics, "eval": metrics, "output_dir": path}."""
+    start = time.monotonic()
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
     logger.setLevel(training_args.get_process_log_level())
@@ -502,6 +626,11 @@ def run_training(
     image_processor = image_processor_for(model_args, data_args.reduce_labels)
     data.train.image_mean, data.train.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     data.validation.image_mean, data.validation.image_std = data.train.image_mean, data.train.image_std
+    # The model's random initialisation comes from the seed too (the Trainer seeds only when it is created).
+    if training_args.full_determinism:
+        transformers.enable_full_determinism(training_args.seed)
+    else:
+        transformers.set_seed(training_args.seed)
     model, source = build_model(
         model_name_or_path=model_args.model_name_or_path,
         model_preset=model_args.model_preset,
@@ -533,13 +662,10 @@ def run_training(
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
         train_metrics = dict(train_result.metrics)
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_state()
         results["train"] = train_metrics
     eval_metrics = None
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
         results["eval"] = eval_metrics
     save_training_outputs(
         trainer,
@@ -551,7 +677,31 @@ def run_training(
         base_model=model_args.model_name_or_path,
         extra_card_args={"crop_size": data.crop_size},
     )
+    if training_args.process_index == 0:
+        print(run_summary(training_args.output_dir, eval_metrics, time.monotonic() - start, trainer.state.global_step))
     return results
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+def run_summary(output_dir: str, eval_metrics: dict[str, Any] | None, seconds: float, steps: int) -> str:
+    """The last lines of a run: where the model is, its validation scores, the time, and what to run next."""
+    scripts = Path(sys.argv[0]).parent if Path(sys.argv[0]).name == "train.py" else Path("scripts")
+    lines = [f"Training done in {_duration(seconds)} ({steps} steps). Model: {output_dir}"]
+    if eval_metrics is not None and "eval_mean_iou" in eval_metrics:
+        lines.append(
+            f"Validation: mean IoU {eval_metrics['eval_mean_iou']:.3f}, pixel accuracy"
+            f" {eval_metrics['eval_overall_accuracy']:.3f} (per class: {Path(output_dir) / 'eval_results.json'})"
+        )
+    lines += [
+        "Next:",
+        f"  python {scripts / 'predict.py'} --model {output_dir} --inputs IMAGES_OR_FOLDER --output_dir predictions",
+        f"  python {scripts / 'push_to_hub.py'} --model {output_dir} --repo_id YOU/NAME",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -574,6 +724,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (DataError, ModelInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingDivergedError as error:  # raised on every process at the same step
+        if training_args.process_index == 0:
+            print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 __all__ = [
@@ -585,5 +739,8 @@ __all__ = [
     "main",
     "parse_config_overrides",
     "prepare_data",
+    "prepare_output_dir",
+    "resolve_resume",
+    "run_summary",
     "run_training",
 ]

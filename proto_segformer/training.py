@@ -8,7 +8,12 @@
 - `build_model`: a ProtoSegformer from our checkpoint, a parametric SegFormer checkpoint, a MiT backbone
   checkpoint, or a MiT preset, with config overrides.
 - `save_training_outputs`: the output folder (weights, config with auto_map and id2label, custom code, image
-  processor, model card, results json files).
+  processor, model card, results json files), written into a staging folder and moved into place, card last.
+
+Checkpoints are written into `tmp-checkpoint-N/` and renamed to `checkpoint-N/` once every process has written its
+part, so a `checkpoint-N` folder is always complete (`checkpoint_problem` checks one; `newest_complete_checkpoint`
+finds the one to resume from). A non-finite loss stops training on every process with `TrainingDivergedError`.
+`PROTOSEG_FAULT=<point>[@<step>]` (a test hook, see `fault_point`) kills the process at a named point of a save.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import shutil
+import signal
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import PretrainedConfig, Trainer, TrainerCallback
+from transformers import PretrainedConfig, Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .inference import upsampled_argmax
@@ -49,10 +60,52 @@ PROTOSEG_FIELDS = (
 )
 HEAD_PREFIXES = ("decode_head.", "projection.")
 LOSS_PARTS = ("loss_ce", "loss_ppc", "loss_ppd")
+LOSS_PART_NAMES = ("CE", "PPC", "PPD")
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+CHECKPOINT_STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N: a checkpoint being written
+FINAL_STAGING_DIR = "tmp-final-save"  # the final outputs being written
+MODEL_CARD_FILE = "README.md"  # moved into place last: its presence marks a finished run
+FAULT_ENV = "PROTOSEG_FAULT"
 
 
 class ModelInputError(ValueError):
     """A model the user asked for cannot be built or loaded (bad path, wrong kind of checkpoint, bad config value)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite: training stopped (on every process) and nothing more was saved."""
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Test hook: with the environment variable PROTOSEG_FAULT=`name` (or `name@step`, `step` being the global step
+    of the save), the process kills itself with SIGKILL here, as `kill -9` would. Unset: a dictionary lookup."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, at_step = wanted.partition("@")
+    if point == name and (not at_step or (step is not None and int(at_step) == step)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def divergence_message(step: int, values: torch.Tensor, learning_rate: float) -> str:
+    """The error for a non-finite loss: `values` (processes, 1 or 4) holds each process's loss (and CE, PPC, PPD
+    when the model reports them)."""
+    finite = torch.isfinite(values[:, 0])
+    bad_rank = 0 if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+    loss, parts = values[bad_rank, 0].item(), values[bad_rank, 1:]
+    known = [(name, value.item()) for name, value in zip(LOSS_PART_NAMES, parts)]
+    bad_terms = [name for name, value in known if not math.isfinite(value)]
+    where = f" on process {bad_rank}" if values.shape[0] > 1 else ""
+    terms = ", ".join(f"{name} {value:.4g}" for name, value in known)
+    culprit = f"; non-finite: {', '.join(bad_terms)}" if bad_terms else ""
+    detail = f" ({terms}{culprit})" if known else ""
+    return (
+        f"Training diverged at step {step}: the loss is {loss}{where}{detail}. Training stopped; no final"
+        f" model was saved (checkpoints written before step {step} are kept). Lower the learning rate (now"
+        f" {learning_rate:g}: try --learning_rate {learning_rate / 10:g}) or add warm-up (--warmup_steps), then start"
+        " again or resume from an earlier checkpoint."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
@@ -325,6 +378,70 @@ def initialize_prototypes_from_data(
     return present
 
 
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a complete Trainer checkpoint (None when it is): a staging folder of an interrupted save,
+    or a file missing (the Trainer writes trainer_state.json last)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it is not a folder"
+    if is_staging_folder(folder.name) or is_staging_folder(folder.parent.name):
+        return "it is the staging folder of a checkpoint save that was interrupted"
+    state = folder / TRAINER_STATE_FILE
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE_FILE} is missing or truncated (the save was interrupted)"
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in weights):
+        return "config.json or the weights are missing"
+    return None
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-N folders of `output_dir`, newest (largest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), reverse=True)
+
+
+def is_staging_folder(name: str) -> bool:
+    """Whether `name` is a staging folder of this library's saves (tmp-checkpoint-N, tmp-final-save)."""
+    if name == FINAL_STAGING_DIR:
+        return True
+    return name.startswith(CHECKPOINT_STAGING_PREFIX) and bool(
+        CHECKPOINT_PATTERN.match(name[len(CHECKPOINT_STAGING_PREFIX) :])
+    )
+
+
+def interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Staging folders left in `output_dir` by interrupted saves (tmp-checkpoint-N, tmp-final-save)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and is_staging_folder(p.name))
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint-N of `output_dir` (None if there is none) and the incomplete ones skipped
+    on the way (with the reason), staging folders of interrupted saves included."""
+    skipped = [
+        (path, "the staging folder of an interrupted save")
+        for path in interrupted_saves(output_dir)
+        if path.name != FINAL_STAGING_DIR
+    ]
+    for folder in checkpoint_folders(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
 # ---------------------------------------------------------------------------------------------------------- trainer
 
 
@@ -399,7 +516,14 @@ class ProtoSegTrainer(Trainer):
         self.prototype_init_max_pixels = int(prototype_init_max_pixels)
         self._loss_parts = torch.zeros(len(LOSS_PARTS), device=self.args.device)
         self._loss_parts_count = 0
+        self._step_loss_parts: torch.Tensor | None = None
         self._evaluating_areas = False
+        self._checkpoint_staging: Path | None = None
+        if self.args.world_size > 1:
+            # DDP compares the strides of a depthwise convolution's weight gradient (C, 1, 3, 3) with its bucket's
+            # including the dimension of size 1, where strides carry no meaning: the layouts are the same (autograd's
+            # own layout check skips size-1 dimensions), the warning is a false alarm.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(EpochCallback(self.train_dataset))
 
@@ -434,7 +558,44 @@ class ProtoSegTrainer(Trainer):
             parts = torch.stack([outputs.loss_ce, outputs.loss_ppc, outputs.loss_ppd]).detach().float()
             self._loss_parts = self._loss_parts.to(parts.device) + parts
             self._loss_parts_count += 1
+            self._step_loss_parts = parts
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._step_loss_parts = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._stop_if_diverged(loss)
+        return loss
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Raise `TrainingDivergedError` on every process when the loss of any process is not finite. Every process
+        takes part in the same gather each step (no process can leave while another waits in a collective)."""
+        parts = self._step_loss_parts
+        values = loss.detach().float().reshape(1)
+        if parts is not None:
+            values = torch.cat([values, parts.to(values.device)])
+        values = values[None]
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values)
+        if bool(torch.isfinite(values[:, 0]).all()):
+            return
+        step = self.state.global_step + 1
+        raise TrainingDivergedError(divergence_message(step, values.cpu(), float(self.args.learning_rate)))
+
+    # ------------------------------------------------------------------ schedule
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if self.lr_scheduler is None and 0 < num_training_steps <= warmup:
+            clipped = num_training_steps - 1
+            log = logger.warning if self.is_world_process_zero() else logger.debug
+            log(
+                "Warm-up of %d steps is not shorter than the %d training steps: warm-up clipped to %d steps.",
+                warmup,
+                num_training_steps,
+                clipped,
+            )
+            self.args.warmup_steps = clipped
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_parts_count > 0:
@@ -472,6 +633,52 @@ class ProtoSegTrainer(Trainer):
         return loss, areas, torch.zeros(labels.shape[0], device=labels.device)
 
     # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        if self._checkpoint_staging is not None:  # inside _save_checkpoint: the Trainer writes into the staging folder
+            return str(self._checkpoint_staging)
+        return super()._get_output_dir(trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        fault_point("checkpoint-save:after-weights", self.state.global_step)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into `tmp-checkpoint-N/checkpoint-N` by every process and renamed to
+        `checkpoint-N` once all have finished: a `checkpoint-N` folder is always complete."""
+        run_dir = Path(self._get_output_dir(trial))
+        step = self.state.global_step
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = run_dir / f"{CHECKPOINT_STAGING_PREFIX}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by an interrupted save of this library
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()
+        staged, final = staging / name, run_dir / name
+        best_is_staged = self.state.best_model_checkpoint == str(staged)
+        if best_is_staged:  # the Trainer recorded the staging path: the checkpoint's own path is the final one
+            self.state.best_model_checkpoint = str(final)
+        if self.args.should_save:
+            if best_is_staged:
+                self.state.save_to_json(str(staged / TRAINER_STATE_FILE))
+            fault_point("checkpoint-save:before-rename", step)
+            if final.exists():  # a checkpoint of the same step, e.g. from before a resume: replaced
+                os.replace(final, staging / "replaced")
+            os.replace(staged, final)
+            fault_point("checkpoint-save:after-rename", step)
+            shutil.rmtree(staging)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
     def _plain_weights_file(self, folder: str | None) -> Path | None:
         if folder is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return None
@@ -520,10 +727,35 @@ class ProtoSegTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.prototype_init_batches > 0 and not resume_from_checkpoint:
             self.initialize_prototypes()
+        if isinstance(resume_from_checkpoint, str | Path):
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_FILE))
+            if 0 < self.args.max_steps <= state.global_step:
+                # The Trainer would take one more step before checking max_steps: load the checkpoint instead.
+                logger.info("%s is at step %d: nothing left to train.", resume_from_checkpoint, state.global_step)
+                self._load_from_checkpoint(str(resume_from_checkpoint))
+                self.state = state
+                return TrainOutput(state.global_step, float("nan"), {"train_steps": 0})
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------- outputs
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(dict(data), indent=4, sort_keys=True) + "\n")
+
+
+def publish_folder(staging: Path, output_dir: Path, last: str = MODEL_CARD_FILE) -> None:
+    """Move every file of `staging` into `output_dir` (os.replace, file by file) with `last` moved last, then remove
+    `staging`. An old `last` file goes first, so that during the move the folder never looks finished."""
+    (output_dir / last).unlink(missing_ok=True)
+    names = sorted(path.name for path in staging.iterdir())
+    ordered = [name for name in names if name != last] + [name for name in names if name == last]
+    for index, name in enumerate(ordered):
+        os.replace(staging / name, output_dir / name)
+        if index == 0:
+            fault_point("final-save:during-move")
+    staging.rmdir()
 
 
 def save_training_outputs(
@@ -538,28 +770,43 @@ def save_training_outputs(
     extra_card_args: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the output folder: model.safetensors, config.json (auto_map, id2label), the custom-code files,
-    preprocessor_config.json, train/eval/all results json files and the model card README.md (written last)."""
+    preprocessor_config.json, trainer_state.json, train/eval/all results json files and the model card README.md.
+
+    Everything is written into `<output_dir>/tmp-final-save/` first and then moved into `output_dir`, the model card
+    last: a kill at any moment leaves either no card (an unfinished run, resumable from its checkpoints) or the whole
+    output. Every process must call this (saving may be collective)."""
     from .model_card import write_model_card
 
     output_dir = Path(output_dir)
-    trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
+    staging = output_dir / FINAL_STAGING_DIR
+    should_save = trainer.args.should_save
+    if should_save and staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted final save of this library
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if should_save:
+        fault_point("final-save:after-weights")
         if image_processor is not None:
-            image_processor.save_pretrained(str(output_dir))
-        if train_metrics is not None:
-            trainer.save_metrics("train", dict(train_metrics))
-        if eval_metrics is not None:
-            trainer.save_metrics("eval", dict(eval_metrics))
+            image_processor.save_pretrained(str(staging))
+        results: dict[str, Any] = {}
+        for split, metrics in (("train", train_metrics), ("eval", eval_metrics)):
+            if metrics is not None:
+                _write_json(staging / f"{split}_results.json", metrics)
+                results.update(metrics)
+        if results:
+            _write_json(staging / "all_results.json", results)
+        trainer.state.save_to_json(str(staging / TRAINER_STATE_FILE))
         args = trainer.args.to_dict()
         if extra_card_args:
             args.update(extra_card_args)
         write_model_card(
-            output_dir,
+            staging,
             dataset_name=dataset_name,
             eval_results=dict(eval_metrics) if eval_metrics is not None else None,
             base_model=base_model,
             training_args=json.loads(json.dumps(args, default=str)),
         )
+        publish_folder(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -567,6 +814,10 @@ def save_training_outputs(
 __all__ = [
     "PROTOSEG_FIELDS",
     "EpochCallback",
+    "TrainingDivergedError",
+    "checkpoint_problem",
+    "newest_complete_checkpoint",
+    "fault_point",
     "MeanIoUMetric",
     "ProtoSegTrainer",
     "RankPrototypesCallback",

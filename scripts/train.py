@@ -4,6 +4,7 @@
     python scripts/train.py --output_dir runs/demo                       # built-in offline data, a few CPU minutes
     python scripts/train.py --dataset_name scene_parse_150 --reduce_labels --model_name_or_path nvidia/mit-b0 ...
     accelerate launch scripts/train.py ...                               # several processes / GPUs
+    python scripts/train.py --output_dir runs/demo --resume_from_checkpoint last   # continue an interrupted run
 
 Every option: `python scripts/train.py --help` (model, data and all TrainingArguments). The help and the check for
 unknown flags read the options from the source files, so both answer before torch loads.

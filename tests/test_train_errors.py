@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import TINY_ARGS
+from train_helpers import REPO, TINY_ARGS, clean_env
 
 from proto_segformer.run_training import FINAL_OUTPUT_FILES, main
 
@@ -120,3 +122,23 @@ def test_bad_model_arguments(tmp_path: Path, capsys) -> None:
     assert "prototype_momentum must lie in [0, 1]" in message
     message = _fails_cleanly(["--model_name_or_path", str(tmp_path / "missing_model")], out, capsys)
     assert "missing_model' does not exist" in message
+
+
+def test_a_diverging_run_stops_and_says_so(tmp_path: Path) -> None:
+    # As a user types it: a learning rate of 1000 makes the loss NaN within a few steps.
+    output = tmp_path / "out"
+    argv = ["--output_dir", str(output), "--learning_rate", "1000", "--warmup_steps", "0", "--max_steps", "12"]
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), *argv, "--save_steps", "2", *TINY_ARGS]
+    result = subprocess.run(command, cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: Training diverged at step "), error
+    assert "the loss is nan" in error and "CE nan" in error and "--learning_rate 100" in error, error
+    step = int(error.split("at step ")[1].split(":")[0])
+    assert 1 < step <= 12
+    # No folder that looks like a finished model; the checkpoints written before the divergence stay.
+    assert not any((output / name).exists() for name in FINAL_OUTPUT_FILES)
+    assert not list(output.glob("tmp-*"))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == sorted(f"checkpoint-{n}" for n in range(2, step, 2))
+    # The logs never report a NaN loss as 0 (the Trainer's NaN filter).
+    assert "'loss': '0'" not in result.stdout and "'loss': 0.0" not in result.stdout

@@ -1,0 +1,168 @@
+"""kill -9 during checkpoint saves and the final save of a real `scripts/train.py` process, then resume.
+
+The library's test hook PROTOSEG_FAULT=<point>[@<step>] makes the training process SIGKILL itself at a named point
+of a save (`proto_segformer.training.fault_point`). After each kill: no incomplete folder is taken for a checkpoint,
+a plain rerun is refused with both options named, `--resume_from_checkpoint last` continues from the newest
+complete checkpoint, and the result is bit-identical to the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, clean_env
+
+from proto_segformer.run_training import main
+
+# 64 training images, batch 4: 16 steps per epoch; a checkpoint every 2 steps, 6 steps.
+FAULT_ARGS = [
+    "--config_overrides",
+    "hidden_sizes=[8,16,24,32],depths=[1,1,1,1],num_attention_heads=[1,1,1,1]",
+    "--decoder_hidden_size",
+    "32",
+    "--prototype_dim",
+    "16",
+    "--num_prototypes_per_class",
+    "3",
+    "--builtin_num_train",
+    "64",
+    "--builtin_num_validation",
+    "8",
+    "--builtin_image_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "4",
+    "--max_steps",
+    "6",
+    "--save_steps",
+    "2",
+    "--eval_steps",
+    "6",
+    "--logging_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
+]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """main() in this process sets torch's thread count (the demo's --torch_threads 1): restore it for later tests,
+    whose in-process results are compared with other processes' bit for bit."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_process(output: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = clean_env()
+    if fault is not None:
+        env["PROTOSEG_FAULT"] = fault
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--output_dir", str(output), *FAULT_ARGS]
+    return subprocess.run(command, cwd=str(output.parent), env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    result = train_process(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def _killed(tmp_path: Path, fault: str) -> Path:
+    output = tmp_path / "run"
+    result = train_process(output, fault)
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-3000:])
+    return output
+
+
+def _refused_then_resumed(output: Path, uninterrupted: Path, resumes_from: str, capsys) -> str:
+    """A plain rerun is refused (naming both options, saying what the overwrite deletes) and changes nothing;
+    resuming from the newest complete checkpoint ends with the uninterrupted run's exact weights."""
+    before = sorted(str(p.relative_to(output)) for p in output.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output_dir", str(output), *FAULT_ARGS])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert f"continue it from {resumes_from} with --resume_from_checkpoint last" in message, message
+    assert "--overwrite_output_dir (deletes its model files and checkpoint-* folders)" in message, message
+    assert sorted(str(p.relative_to(output)) for p in output.rglob("*")) == before
+
+    main(["--output_dir", str(output), "--resume_from_checkpoint", "last", *FAULT_ARGS])
+    out = capsys.readouterr().out
+    assert (output / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):
+        expected = (uninterrupted / name / "model.safetensors").read_bytes()
+        assert (output / name / "model.safetensors").read_bytes() == expected, name
+    assert not list(output.glob("tmp-*")), list(output.glob("tmp-*"))
+    assert "Training done" in out
+    return message
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["checkpoint-save:after-weights@4", "checkpoint-save:before-rename@4", "checkpoint-save:after-rename@4"],
+)
+def test_kill_during_a_checkpoint_save(fault: str, uninterrupted: Path, tmp_path: Path, capsys, caplog) -> None:
+    output = _killed(tmp_path, fault)
+    renamed = fault.startswith("checkpoint-save:after-rename")
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (output / "checkpoint-4").is_dir() == renamed  # a checkpoint-N folder only once it is complete
+    assert not (output / "checkpoint-6").exists() and not (output / "model.safetensors").exists()
+    if not renamed:
+        # The half-written checkpoint is in its staging folder, never taken for a checkpoint: an explicit path to
+        # it is a clear error.
+        staged = output / "tmp-checkpoint-4" / "checkpoint-4"
+        with pytest.raises(SystemExit):
+            main(["--output_dir", str(output), "--resume_from_checkpoint", str(staged), *FAULT_ARGS])
+        message = capsys.readouterr().err
+        assert "is not a complete checkpoint: it is the staging folder of a checkpoint save that was interrupted" in (
+            message
+        )
+        assert f"The newest complete checkpoint there is {output / 'checkpoint-2'}." in message
+    with caplog.at_level("WARNING", logger="proto_segformer.run_training"):
+        _refused_then_resumed(output, uninterrupted, "checkpoint-4" if renamed else "checkpoint-2", capsys)
+    if not renamed:
+        assert "Skipping the incomplete checkpoint" in caplog.text and "tmp-checkpoint-4" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["final-save:after-weights", "final-save:during-move"])
+def test_kill_during_the_final_save(fault: str, uninterrupted: Path, tmp_path: Path, capsys) -> None:
+    output = _killed(tmp_path, fault)
+    assert not (output / "README.md").exists()  # the card is moved last: the run does not look finished
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):
+        assert (output / name / "trainer_state.json").is_file(), name
+    message = _refused_then_resumed(output, uninterrupted, "checkpoint-6", capsys)
+    assert "a run whose final save was interrupted (no model card)" in message
+    assert (output / "README.md").is_file() and (output / "config.json").is_file()
+
+
+def test_an_incomplete_checkpoint_in_place_is_skipped(uninterrupted: Path, tmp_path: Path, capsys, caplog) -> None:
+    # A checkpoint-N written in place and cut short (as by a version that did not stage its saves): no
+    # trainer_state.json, a truncated model file. Resume skips it by name; an explicit path to it is an error.
+    import shutil
+
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", output / "checkpoint-2")
+    shutil.copytree(uninterrupted / "checkpoint-4", output / "checkpoint-4")
+    (output / "checkpoint-4" / "trainer_state.json").unlink()
+    weights = output / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(output), "--resume_from_checkpoint", str(output / "checkpoint-4"), *FAULT_ARGS])
+    message = capsys.readouterr().err
+    assert "checkpoint-4 is not a complete checkpoint: trainer_state.json is missing or truncated" in message
+    assert f"The newest complete checkpoint there is {output / 'checkpoint-2'}" in message
+    with caplog.at_level("WARNING", logger="proto_segformer.run_training"):
+        main(["--output_dir", str(output), "--resume_from_checkpoint", "True", *FAULT_ARGS])
+    assert f"Skipping the incomplete checkpoint {output / 'checkpoint-4'}" in caplog.text
+    assert (output / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
