@@ -15,40 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, clean_env
+from train_helpers import REPO, TINY_ARGS, clean_env
 
 from proto_segformer.run_training import main
 
-# 64 training images, batch 4: 16 steps per epoch; a checkpoint every 2 steps, 6 steps.
+# TINY_ARGS with 64 training images, batch 4 (16 steps per epoch): a checkpoint every 2 steps, 6 steps (a flag given
+# twice takes its last value).
 FAULT_ARGS = [
-    "--config_overrides",
-    "hidden_sizes=[8,16,24,32],depths=[1,1,1,1],num_attention_heads=[1,1,1,1]",
-    "--decoder_hidden_size",
-    "32",
-    "--prototype_dim",
-    "16",
-    "--num_prototypes_per_class",
-    "3",
-    "--builtin_num_train",
-    "64",
-    "--builtin_num_validation",
-    "8",
-    "--builtin_image_size",
-    "32",
-    "--per_device_train_batch_size",
-    "4",
-    "--per_device_eval_batch_size",
-    "4",
-    "--max_steps",
-    "6",
-    "--save_steps",
-    "2",
-    "--eval_steps",
-    "6",
-    "--logging_steps",
-    "2",
-    "--disable_tqdm",
-    "true",
+    *TINY_ARGS,
+    *("--builtin_num_train", "64", "--builtin_num_validation", "8", "--per_device_eval_batch_size", "4"),
+    *("--max_steps", "6", "--save_steps", "2", "--eval_steps", "6"),
 ]
 
 

@@ -79,7 +79,7 @@ RUN = {
 
 # README command -> why this test does not run it.
 SKIP = {
-    'pip install torch==2.13.0 && pip install -e ".[dev]" && python scripts/train.py --output_dir runs/demo': (
+    'pip install torch==2.13.0 && pip install ".[dev]" && python scripts/train.py --output_dir runs/demo': (
         "installs into the environment (.ci/run installs the same from a wheel); the training command is run above"
     ),
     "python -P -m pytest -q": "the test suite itself (.ci/run runs it)",
