@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -71,7 +72,11 @@ def test_the_space_folder_holds_app_requirements_metadata_and_examples(space):
     assert data.license == "apache-2.0" and data.title and data.emoji and data.colorFrom and data.colorTo
     app = (space / "app.py").read_text()
     assert f"DEFAULT_MODEL = {MODEL_ID!r}" in app
-    assert "proto_segformer" not in app.replace("`proto_segformer`", "").replace("proto_segformer.space", "")
+    nodes = list(ast.walk(ast.parse(app)))
+    imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+    allowed = {"__future__", "html", "math", "os", "pathlib", "gradio", "numpy", "torch", "PIL", "transformers"}
+    assert {name.split(".")[0] for name in imported} <= allowed  # self-contained: no proto_segformer on a Space
     requirements = (space / "requirements.txt").read_text().split()
     assert {"transformers>=5.0,<6", "torch", f"gradio=={GRADIO_VERSION}", "pillow", "numpy"} <= set(requirements)
     # A person, a chair, ... are in the model's classes (LABELS has "person"): the real VOC photo is the example.
@@ -162,11 +167,14 @@ def load_app(space: Path):
 
 
 def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo, tmp_path):
+    import imgviz
+
     app = load_app(space)
     segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
     image = Image.open(voc_jpeg(tmp_path))
     label_map, prototype_map = segmenter.label_and_prototype_maps(image)
     assert label_map.shape == prototype_map.shape == (375, 500)
+    assert np.array_equal(app.label_colormap(5), imgviz.label_colormap())  # the colours predict.py uses
     # The prototype map is each pixel's nearest prototype of its class, as the package computes it.
     with torch.no_grad():
         pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
