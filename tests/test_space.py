@@ -279,3 +279,16 @@ def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_the_card_keeps_the_space_link_when_rendered_again(checkpoint, tmp_path):
+    from proto_segformer.model_card import write_model_card
+
+    folder = tmp_path / "run"
+    save_checkpoint(folder)
+    link = "https://huggingface.co/spaces/alice/protoseg-demo"
+    assert link in write_model_card(folder, space_repo_id="alice/protoseg-demo").read_text()
+    assert link in write_model_card(folder).read_text()  # from model_card_inputs.json
+    plain = tmp_path / "plain"
+    save_checkpoint(plain)
+    assert "huggingface.co/spaces" not in write_model_card(plain).read_text()
