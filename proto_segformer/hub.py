@@ -64,6 +64,10 @@ class PushResult:
     files: list[str]
     repo_id: str | None = None
     commit_url: str | None = None
+    space_dir: Path | None = None
+    space_files: list[str] | None = None
+    space_repo_id: str | None = None
+    space_commit_url: str | None = None
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -364,6 +368,8 @@ def push_to_hub(
     commit_message: str | None = None,
     api: HfApi | None = None,
     overwrite: bool = False,
+    space_dir: str | Path | None = None,
+    space_repo_id: str | None = None,
     **assemble_kwargs: Any,
 ) -> PushResult:
     """Assemble the repository of `source` and, unless `dry_run` or `local_dir` is given, upload it in one commit.
@@ -372,33 +378,80 @@ def push_to_hub(
     token and that the Hub answers (`whoami`); an unreachable Hub is a one-line `HubError`. The upload creates the
     repository if needed (`create_repo(exist_ok=True)`) and adds every file in a single `create_commit`.
     Files already in the repository and not in the folder are left as they are.
+
+    `space_dir` / `space_repo_id`: also write a Gradio Space that loads the model `repo_id` (`space.write_space`)
+    into `space_dir` (default: a temporary folder) and, with `space_repo_id` (unless `dry_run`), upload it in one
+    commit to that Space (after the model, so that the Space finds it); the model card then links to the Space.
     """
     upload = not dry_run and local_dir is None
+    space_upload = not dry_run and space_repo_id is not None
+    if space_dir is not None or space_repo_id is not None:
+        if repo_id is None:
+            raise HubError("A Space loads the model by its repository id: give --repo_id 'owner/name' as well.")
+        if space_repo_id is not None:
+            check_repo_id(space_repo_id)
+            card_kwargs = assemble_kwargs.get("card_kwargs") or {}
+            assemble_kwargs["card_kwargs"] = {**card_kwargs, "space_repo_id": space_repo_id}
     if repo_id is not None or upload:
         if repo_id is None:
             raise HubError("A repository id 'owner/name' is needed to upload (or use --dry_run / --local_dir).")
         check_repo_id(repo_id)
-    if upload:
+    if upload or space_upload:
         token = require_token(token)
         api = api or HfApi(token=token)
         hub_call(api.whoami, token=token)  # the Hub is reachable and the token valid, before any work
     folder = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="protoseg_hub_"))
     files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
     result = PushResult(local_dir=folder, files=files, repo_id=repo_id)
-    if not upload:
-        return result
-    hub_call(api.create_repo, repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
+    if space_dir is not None or space_repo_id is not None:
+        from .inference import read_config
+        from .space import write_space
+
+        space_folder = space_dir if space_dir is not None else tempfile.mkdtemp(prefix="protoseg_space_")
+        result.space_dir = Path(space_folder)
+        id2label = {int(k): str(v) for k, v in read_config(folder).get("id2label", {}).items()}
+        result.space_files = write_space(result.space_dir, repo_id, id2label, source=source, overwrite=overwrite)
+    if upload:
+        message = commit_message or "Upload ProtoSegformer (weights with prototypes, remote code, card, handler)"
+        result.commit_url = upload_folder(api, token, repo_id, "model", folder, files, message, private=private)
+    if space_upload:
+        result.space_repo_id = space_repo_id
+        result.space_commit_url = upload_folder(
+            api,
+            token,
+            space_repo_id,
+            "space",
+            result.space_dir,
+            result.space_files,
+            f"Gradio demo of {repo_id}",
+            private=private,
+            space_sdk="gradio",
+        )
+    return result
+
+
+def upload_folder(
+    api: HfApi,
+    token: str,
+    repo_id: str,
+    repo_type: str,
+    folder: Path,
+    files: Sequence[str],
+    message: str,
+    **create_options: Any,
+) -> str:
+    """Create the repository `repo_id` of `repo_type` if needed and add `files` of `folder` in one commit; its URL."""
+    hub_call(api.create_repo, repo_id=repo_id, repo_type=repo_type, exist_ok=True, token=token, **create_options)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     info = hub_call(
         api.create_commit,
         repo_id=repo_id,
-        repo_type="model",
+        repo_type=repo_type,
         operations=operations,
-        commit_message=commit_message or "Upload ProtoSegformer (weights with prototypes, remote code, card, handler)",
+        commit_message=message,
         token=token,
     )
-    result.commit_url = getattr(info, "commit_url", None) or str(info)
-    return result
+    return getattr(info, "commit_url", None) or str(info)
 
 
 # Transport failures of the HTTP clients huggingface_hub uses (httpx, requests), told apart by class name so that

@@ -57,7 +57,16 @@ PROTOTYPE_STATS_FILE = "prototype_stats.json"
 TRAINING_ARGS_FILE = "training_args.json"
 CARD_INPUTS_FILE = "model_card_inputs.json"
 # What `write_model_card` records in CARD_INPUTS_FILE and `render_model_card` reads back as defaults.
-CARD_INPUTS = ("dataset_name", "base_model", "license", "data_note", "project_url", "crop_size", "class_additions")
+CARD_INPUTS = (
+    "dataset_name",
+    "base_model",
+    "license",
+    "data_note",
+    "project_url",
+    "crop_size",
+    "class_additions",
+    "space_repo_id",
+)
 
 
 # ---------------------------------------------------------------------------------------------- reading the output
@@ -490,6 +499,16 @@ def resolve_card_inputs(output_dir: str | Path, **given: Any) -> dict[str, Any]:
     return inputs
 
 
+def space_note(space_repo_id: str | None) -> str:
+    """The card's sentence linking to the model's demo Space ("" without one)."""
+    if not space_repo_id:
+        return ""
+    return (
+        f"**Try it in the browser:** the [{space_repo_id} Space](https://huggingface.co/spaces/{space_repo_id}) shows"
+        " the segmentation and the prototype assignment map of an uploaded image.\n\n"
+    )
+
+
 def render_model_card(
     output_dir: str | Path,
     *,
@@ -506,6 +525,7 @@ def render_model_card(
     data_note: str | None = None,
     crop_size: int | Sequence[int] | None = None,
     class_additions: Sequence[Mapping[str, Any]] | None = None,
+    space_repo_id: str | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
@@ -529,6 +549,7 @@ def render_model_card(
         project_url=project_url,
         crop_size=crop_size,
         class_additions=class_additions,
+        space_repo_id=space_repo_id,
     )
     dataset_name, base_model, project_url = (
         inputs.get("dataset_name"),
@@ -604,6 +625,7 @@ def render_model_card(
         if card_data.widget
         else "",
         dataset_text=dataset_text,
+        space_note=space_note(inputs.get("space_repo_id")),
         project_text=f"the [`proto_segformer`]({project_url}) implementation"
         if project_url
         else "the `proto_segformer` implementation",
@@ -630,6 +652,7 @@ def write_model_card(
     data_note: str | None = None,
     crop_size: int | Sequence[int] | None = None,
     class_additions: Sequence[Mapping[str, Any]] | None = None,
+    space_repo_id: str | None = None,
     filename: str = "README.md",
 ) -> Path:
     """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
@@ -655,9 +678,12 @@ def write_model_card(
         crop_size: the training crop (side, or (height, width)); default: training_args["crop_size"].
         class_additions: the classes added after training, one dict per `add_classes` run (names, class_ids,
             shots, min_cell_fraction, max_pixels_per_class, seed, image_size, source_model).
+        space_repo_id: "owner/name" of the Gradio Space that demonstrates the model (`space.write_space`); the card
+            links to it.
 
-    dataset_name, base_model, license, data_note, project_url, crop_size and class_additions default to those in
-    the folder's model_card_inputs.json, which is (re)written with the card so that a later rendering keeps them.
+    dataset_name, base_model, license, data_note, project_url, crop_size, class_additions and space_repo_id default
+    to those in the folder's model_card_inputs.json, which is (re)written with the card so that a later rendering
+    keeps them.
     When `training_args` is given (a training run writing the card of the model it just trained), the inputs given
     are the whole truth: files a previous run left in the folder (model_card_inputs.json, training_args.json) are
     not read, and are replaced.
@@ -670,6 +696,7 @@ def write_model_card(
         "project_url": project_url,
         "crop_size": crop_size,
         "class_additions": class_additions,
+        "space_repo_id": space_repo_id,
     }
     if training_args is not None:
         (Path(output_dir) / CARD_INPUTS_FILE).unlink(missing_ok=True)

@@ -3,10 +3,16 @@
     python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes --dataset_name scenes
     python scripts/push_to_hub.py --model runs/scenes --local_dir hub_repo          # assemble only, no network
     python scripts/push_to_hub.py --model runs/scenes --dry_run                     # same, into a temporary folder
+    python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes \
+        --space_repo_id alice/protosegformer-scenes-demo                            # + a Gradio Space (demo)
+    python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes --local_dir hub_repo \
+        --space_dir space                                                           # both folders, no network
 
 The repository: model.safetensors (with the `prototypes` buffer), config.json with auto_map, the custom-code files,
 preprocessor_config.json, README.md (model card), handler.py + requirements.txt (Inference Endpoints), the training
 result files and optional pictures. Uploading needs a token (`hf auth login` or HF_TOKEN).
+The Space (app.py, requirements.txt, README.md with the Space metadata, examples/) loads the model `--repo_id` with
+`trust_remote_code=True` and shows the segmentation overlay, a class legend and the prototype assignment map.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ class PushArguments:
         default=None, metadata={"help": "Use this prepared card (e.g. model_cards/<name>/README.md) and its pictures."}
     )
     commit_message: str | None = field(default=None, metadata={"help": "Commit message of the upload."})
+    space_dir: str | None = field(
+        default=None, metadata={"help": "Also write a Gradio Space (demo) of the model --repo_id into this folder."}
+    )
+    space_repo_id: str | None = field(
+        default=None, metadata={"help": "Upload the Space to this Hub Space 'owner/name' (the card links to it)."}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             pictures=args.pictures,
             card=args.card,
             card_kwargs={"data_note": args.data_note} if args.data_note else None,
+            space_dir=args.space_dir,
+            space_repo_id=args.space_repo_id,
         )
     except Exception as error:
         from proto_segformer.inference import CheckpointError  # torch: imported only when needed
@@ -76,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         size = (result.local_dir / name).stat().st_size
         print(f"  {name}  ({size:,} bytes)")
     print(action)
+    if result.space_dir is not None:
+        print(f"Space folder: {result.space_dir} ({len(result.space_files)} files: {', '.join(result.space_files)})")
+        uploaded = f"Uploaded to the Space {result.space_repo_id}: {result.space_commit_url}"
+        print(uploaded if result.space_commit_url else "Space not uploaded.")
     return 0
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import proto_segformer
 from proto_segformer.model_card import TEMPLATE_PATH
+from proto_segformer.space import APP_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(proto_segformer.__file__).resolve().parent
@@ -34,9 +35,16 @@ def data_files() -> list[str]:
     )
 
 
-def test_the_model_card_template_is_inside_the_package():
-    assert TEMPLATE_PATH.is_file()
-    assert PACKAGE in TEMPLATE_PATH.resolve().parents, f"{TEMPLATE_PATH} lies outside the package {PACKAGE}"
+def test_the_model_card_and_space_templates_are_inside_the_package():
+    for template in (TEMPLATE_PATH, APP_TEMPLATE):
+        assert template.is_file()
+        assert PACKAGE in template.resolve().parents, f"{template} lies outside the package {PACKAGE}"
+
+
+def test_the_space_app_template_is_package_data():
+    """templates/space/ is no Python package, so its app.py ships only as package data."""
+    assert not (PACKAGE / "templates" / "space" / "__init__.py").exists()
+    assert any(fnmatch.fnmatch("templates/space/app.py", p) for p in package_data_patterns())
 
 
 def test_every_data_file_of_the_package_is_package_data():
@@ -63,5 +71,6 @@ def test_the_wheel_holds_the_template_and_the_metric(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     (wheel,) = tmp_path.glob("proto_segformer-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("templates/model_card.md", "metrics/mean_iou.py", "endpoint_handler.py", *data_files()):
+    for name in ("templates/model_card.md", "templates/space/app.py", "metrics/mean_iou.py", "endpoint_handler.py",
+                 "space.py", *data_files()):  # fmt: skip
         assert f"proto_segformer/{name}" in names, name

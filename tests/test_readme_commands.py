@@ -69,6 +69,8 @@ RUN = {
         "",
         ("hub_repo/model.safetensors", "hub_repo/config.json", "hub_repo/README.md", "hub_repo/handler.py"),
     ),
+    "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo --local_dir hub_demo"
+    " --space_dir space_demo": ("", ("hub_demo/model.safetensors", "space_demo/app.py", "space_demo/README.md")),
     "python scripts/visualize_prototypes.py --model runs/demo --dataset scenes --num_images 64"
     " --output runs/demo/prototype_atlas.png --stats_output runs/demo/prototype_stats.json": (
         "--num_images 8",
@@ -90,6 +92,11 @@ SKIP = {
         "resumes a checkpoint of the full demo run (tests/test_train.py covers resuming)"
     ),
     "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo": "needs the Hub and a token",
+    "PROTOSEG_MODEL=hub_demo python space_demo/app.py": (
+        "serves until stopped; tests/test_space.py runs the app and drives it in headless Chromium"
+    ),
+    "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo"
+    " --space_repo_id you/protosegformer-demo-space": "needs the Hub and a token (tests/test_space.py mocks it)",
     "python scripts/benchmark_quality.py": "41 min; the same code as --quick (run above, short)",
     "python scripts/benchmark_quality.py --quick --ablate --datasets scenes": "11 min of ablations (--quick is run)",
     "python scripts/benchmark_quality.py --ablations D-decoder-width --datasets scenes-large"

