@@ -118,10 +118,11 @@ def _check_destination(output_dir: Path) -> bool:
     if not present:
         return False
     listed = read_manifest(output_dir / EXPORT_MANIFEST)
-    if listed is None or set(present) - set(listed) - {EXPORT_MANIFEST}:
+    foreign = present if listed is None else sorted(set(present) - set(listed) - {EXPORT_MANIFEST})
+    if foreign:
         raise ExportError(
-            f"{output_dir} holds files that an ONNX export did not write ({', '.join(present[:3])}"
-            f"{', ...' if len(present) > 3 else ''}); export into a new or empty folder."
+            f"{output_dir} holds files that an ONNX export did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty folder."
         )
     return True
 

@@ -532,9 +532,11 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         logits = logits.permute(0, 3, 1, 2).contiguous()
 
         upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=config.semantic_loss_ignore_index)
-        if torch.isnan(loss_ce):  # every pixel ignored
-            loss_ce = upsampled.sum() * 0.0
+        # The mean over the labelled pixels, 0 when every pixel is ignored (a sum over the labelled pixels divided by
+        # their count: no data-dependent branch, so torch.compile traces it without a graph break).
+        ignore = config.semantic_loss_ignore_index
+        loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="sum")
+        loss_ce = loss_ce / (labels != ignore).sum().clamp_min(1)
 
         loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
 
