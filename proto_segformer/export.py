@@ -64,6 +64,12 @@ def export_program(model, example: torch.Tensor | None = None) -> torch.export.E
     """`torch.export.export` of the model's inference forward (eval mode): pixel_values -> logits, with dynamic
     batch, height and width. The model is left in the mode it was in."""
     example = example_inputs(model) if example is None else example
+    if example.shape[0] < 2 or min(example.shape[2:]) < EXPORT_MIN_SIZE:
+        raise ValueError(
+            f"Trace with a batch of at least 2 images of at least {EXPORT_MIN_SIZE}x{EXPORT_MIN_SIZE} pixels (got"
+            f" {tuple(example.shape)}): torch.export specialises a size of 1 and smaller inputs, so the graph would"
+            " not be dynamic. The exported graph then runs any batch size, batch 1 included."
+        )
     was_training = model.training
     model.eval()
     try:
