@@ -80,7 +80,10 @@ RUN = {
         ("runs/demo-onnx/model.onnx", "runs/demo-onnx/config.json", "runs/demo-onnx/preprocessor_config.json"),
     ),
     "python scripts/predict.py --backend onnxruntime --model runs/demo-onnx --inputs photos/"
-    " --output_dir predictions-onnx": ("", ("predictions-onnx/photo0_label.png", "predictions-onnx/photo1_overlay.jpg")),
+    " --output_dir predictions-onnx": (
+        "",
+        ("predictions-onnx/photo0_label.png", "predictions-onnx/photo1_overlay.jpg"),
+    ),
 }
 
 # README command -> why this test does not run it.
