@@ -283,7 +283,7 @@ class _FusedScoresAndContrast(torch.autograd.Function):
                 shifted = sims.to(stats_dtype)
                 torch.add(row_max[start:stop, None] / -temperature, shifted, alpha=1.0 / temperature, out=shifted)
                 torch.sum(shifted.exp_(), dim=1, out=row_sum[start:stop])
-                if shifted.data_ptr() != sims.data_ptr():
+                if stats_dtype != matmul_dtype:  # `shifted` is a float32 copy, not `sims` itself
                     sims.copy_(shifted)
             own = own[rows]
             assignments = assign(own, classes)

@@ -296,8 +296,10 @@ def test_compiled_training_step_matches_eager_and_breaks_only_in_the_head():
     explanation = torch._dynamo.explain(step)(compiled_model, pixel_values, labels)
     files = {Path(reason.user_stack[-1].filename).name for reason in explanation.break_reasons}
     assert files <= {"modeling_proto_segformer.py", "prototypes.py"}, files
-    lines = {reason.user_stack[-1].line for reason in explanation.break_reasons}
-    assert not any("isnan" in line or "isfinite" in line for line in lines), lines
+    # Every break is an operator whose output size depends on the labels (the labelled pixels, the Sinkhorn counts,
+    # the pixels that update the prototypes): no branch on tensor values, no data-pointer test.
+    reasons = [str(reason.reason) for reason in explanation.break_reasons]
+    assert reasons and all("output shape depends on input Tensor data" in reason for reason in reasons), reasons
     compiled_model.load_state_dict(eager.state_dict())  # undo the explained step
     compiled_model.zero_grad()
     torch.testing.assert_close(
