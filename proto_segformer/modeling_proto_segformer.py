@@ -471,6 +471,9 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 `[0, num_labels)` or `semantic_loss_ignore_index`. With labels the loss is computed; in training
                 mode the prototypes are also updated (and averaged across processes under torch.distributed).
             output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, height/4, width/4).
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*): the encoder stages to return, as for
+                SegFormer: all four for True, the listed stage indices (negative from the end) as a list with None in
+                place of the others.
 
         Returns: [`ProtoSegformerSemanticSegmenterOutput`] with `logits` of shape (B, num_labels, height/4, width/4).
         """
