@@ -25,9 +25,10 @@ ONNX_NAME = "model.onnx"
 EXPORT_MANIFEST = ".proto_segformer_export.json"
 WRITTEN_BY = "proto_segformer.export"
 ONNX_OPSET = 18
-# Smallest height and width of an exported graph's input: the last encoder stage (1/32) then has at least 2 rows and
-# columns, so no size is specialised to 1 (the graph broadcasts differently there) and the sizes stay symbolic.
-EXPORT_MIN_SIZE = 64
+# Smallest (height, width) of an exported graph's input: below it the first stage's sequence-reduction convolution
+# (stride 8 on the 1/4 map) gives a single row or column, a size torch.export specialises (the graph broadcasts
+# differently there). `OnnxRuntimeModel` zero-pads smaller inputs to it and crops the logits.
+EXPORT_MIN_SIZE = (61, 61)
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -49,13 +50,13 @@ def example_inputs(model, batch: int = 2, size: int = 96) -> torch.Tensor:
 
 
 def dynamic_shapes(model) -> dict:
-    """torch.export dynamic shapes for `pixel_values`: batch >= 1, height and width >= EXPORT_MIN_SIZE."""
+    """torch.export dynamic shapes for `pixel_values`: batch >= 1, (height, width) >= EXPORT_MIN_SIZE."""
     dims = torch.export.Dim
     return {
         "pixel_values": {
             0: dims("batch", min=1, max=1024),
-            2: dims("height", min=EXPORT_MIN_SIZE, max=16384),
-            3: dims("width", min=EXPORT_MIN_SIZE, max=16384),
+            2: dims("height", min=EXPORT_MIN_SIZE[0], max=16384),
+            3: dims("width", min=EXPORT_MIN_SIZE[1], max=16384),
         }
     }
 
@@ -64,9 +65,9 @@ def export_program(model, example: torch.Tensor | None = None) -> torch.export.E
     """`torch.export.export` of the model's inference forward (eval mode): pixel_values -> logits, with dynamic
     batch, height and width. The model is left in the mode it was in."""
     example = example_inputs(model) if example is None else example
-    if example.shape[0] < 2 or min(example.shape[2:]) < EXPORT_MIN_SIZE:
+    if example.shape[0] < 2 or min(example.shape[2:]) < 64:
         raise ValueError(
-            f"Trace with a batch of at least 2 images of at least {EXPORT_MIN_SIZE}x{EXPORT_MIN_SIZE} pixels (got"
+            f"Trace with a batch of at least 2 images of at least 64x64 pixels (got"
             f" {tuple(example.shape)}): torch.export specialises a size of 1 and smaller inputs, so the graph would"
             " not be dynamic. The exported graph then runs any batch size, batch 1 included."
         )
@@ -202,15 +203,21 @@ class OnnxRuntimeModel:
             )
         pixel_values = torch.as_tensor(pixel_values, dtype=torch.float32)
         channels = self.config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels or min(pixel_values.shape[2:]) < EXPORT_MIN_SIZE:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
             raise ValueError(
-                f"The ONNX model takes pixel_values of shape (batch_size, {channels}, height, width) with height and"
-                f" width at least {EXPORT_MIN_SIZE}, got {tuple(pixel_values.shape)}. Resize or pad the images."
+                f"The ONNX model takes pixel_values of shape (batch_size, {channels}, height, width), got"
+                f" {tuple(pixel_values.shape)}. Use the image processor to build them."
             )
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or inf values.")
+        height, width = pixel_values.shape[2:]
+        # Smaller images: zero-padded (the normalised mean colour) at the bottom/right, logits cropped to the image's
+        # 1/4 grid. Close to, not equal to, PyTorch's logits at that size (the padding is context for attention).
+        pad_h, pad_w = max(0, EXPORT_MIN_SIZE[0] - height), max(0, EXPORT_MIN_SIZE[1] - width)
+        if pad_h or pad_w:
+            pixel_values = torch.nn.functional.pad(pixel_values, (0, pad_w, 0, pad_h))
         (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values.contiguous().numpy()})
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+        return SimpleNamespace(logits=torch.from_numpy(logits)[:, :, : (height + 3) // 4, : (width + 3) // 4])
 
 
 __all__ = [

@@ -3,7 +3,7 @@
     python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx
 
 Writes model.onnx (input pixel_values (B, 3, H, W) float32, output logits (B, K, H/4, W/4); batch, height and width
-dynamic, height and width >= 64), config.json (id2label) and preprocessor_config.json into --output_dir, atomically;
+dynamic, height and width >= 61), config.json (id2label) and preprocessor_config.json into --output_dir, atomically;
 an existing folder is replaced only if an earlier export wrote it. Run it with
 `python scripts/predict.py --backend onnxruntime --model runs/demo-onnx ...`. Needs `pip install ".[onnx]"`.
 """

@@ -42,7 +42,7 @@ onnx_missing = importlib.util.find_spec("onnxruntime") is None or importlib.util
 needs_onnx = pytest.mark.skipif(onnx_missing, reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
 
 # Shapes other than the one traced with (2, 3, 96, 96): batch 1 and 3, sizes not multiples of 32 or of 4.
-OTHER_SHAPES = [(1, 3, 64, 64), (3, 3, 97, 130), (1, 3, 150, 66)]
+OTHER_SHAPES = [(1, 3, 61, 80), (3, 3, 97, 130), (1, 3, 150, 61), (2, 3, 64, 64)]
 
 
 @pytest.fixture(autouse=True)
@@ -186,8 +186,10 @@ def test_onnx_runtime_model_rejects_what_the_graph_would_not_check(onnx_folder):
     bad[0, 1, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         session(pixel_values=bad)
-    with pytest.raises(ValueError, match="at least 64"):
-        session(pixel_values=_inputs((1, 3, 32, 64), 0))
+    with pytest.raises(ValueError, match="shape"):
+        session(pixel_values=_inputs((1, 4, 64, 64), 0))
+    small = _inputs((1, 3, 40, 62), 0)  # padded to the graph's smallest input, logits cropped
+    assert session(pixel_values=small).logits.shape == (1, 7, 10, 16)
     with pytest.raises(ValueError, match="PyTorch backend"):
         session(pixel_values=_inputs((1, 3, 64, 64), 0), output_pixel_embeddings=True)
 
