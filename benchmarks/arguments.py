@@ -30,11 +30,20 @@ class SpeedArguments:
     train_batch_size: int = field(default=2, metadata={"help": "Training batch size."})
     measure_memory: bool = field(default=True, metadata={"help": "Measure peak memory (CPU: one subprocess each)."})
     memory_probe: str | None = field(default=None, metadata={"help": "Internal: run one memory probe (JSON)."})
+    onnxruntime: bool = field(
+        default=False,
+        metadata={"help": "Also time ProtoSeg inference exported to ONNX under ONNX Runtime vs PyTorch (CPU; [onnx])."},
+    )
 
     def __post_init__(self) -> None:
+        import importlib.util
+
         import torch
 
         from proto_segformer.configuration_proto_segformer import mit_preset
+
+        if self.onnxruntime and any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnxscript")):
+            raise ValueError("--onnxruntime needs the [onnx] extra: pip install onnx onnxscript onnxruntime.")
 
         if self.quick:
             self.presets = ["mit-b0"]

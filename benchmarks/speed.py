@@ -36,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,51 @@ def measure_setting(setting: Setting, args: SpeedArguments) -> dict:
     return record
 
 
+def measure_onnxruntime(setting: Setting, args: SpeedArguments) -> dict:
+    """ProtoSeg inference latency (batch 1, CPU) in PyTorch and exported to ONNX under ONNX Runtime (same threads),
+    timed in turns, with the largest logit difference between the two."""
+    import onnxruntime
+
+    from proto_segformer.export import export_onnx, export_program
+
+    model = build_model("protoseg", setting).eval()
+    pixel_values = inference_input(setting)
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "model.onnx", program=export_program(model))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"pixel_values": pixel_values.numpy()}
+    with torch.inference_mode():
+        reference = model(pixel_values=pixel_values).logits
+    (logits,) = session.run(["logits"], feed)
+    calls = {"pytorch": make_inference_call(model, setting), "onnxruntime": lambda: session.run(["logits"], feed)}
+    for call in calls.values():
+        call()
+    return {
+        "time_ms": interleaved_medians(calls, "cpu", args.repeats),
+        "max_abs_logit_difference": float((torch.from_numpy(logits) - reference).abs().max()),
+    }
+
+
+def format_onnxruntime_table(records: list[dict]) -> str:
+    header = "| preset | K | input | PyTorch ms | ONNX Runtime ms | ratio ORT / PyTorch | max logit difference |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for record in records:
+        setting, figures = record["setting"], record.get("onnxruntime")
+        if figures is None:
+            continue
+        times = figures["time_ms"]
+        pytorch, ort = times["pytorch"]["median"], times["onnxruntime"]["median"]
+        size = setting["inference_size"]
+        lines.append(
+            f"| {setting['preset']} | {setting['num_labels']} | 1x3x{size}x{size} | {pytorch:.0f} | {ort:.0f}"
+            f" | {ort / pytorch:.2f} | {figures['max_abs_logit_difference']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def head_flops(setting: Setting) -> dict[str, int]:
     """Analytic multiply-adds of the heads at inference (per image batch 1): classifier vs projection + similarity."""
     config = ProtoSegformerConfig.from_preset(
@@ -417,6 +463,8 @@ def run(args: SpeedArguments) -> list[dict]:
                 )
                 record = measure_setting(setting, args)
                 record["head_macs_inference"] = head_flops(setting)
+                if args.onnxruntime and device == "cpu":
+                    record["onnxruntime"] = measure_onnxruntime(setting, args)
                 records.append(record)
                 print(format_table([record]).splitlines()[-1], flush=True)
     machine["load_average_end"] = os.getloadavg()
@@ -430,6 +478,9 @@ def run(args: SpeedArguments) -> list[dict]:
     )
     for line in target_report(records):
         print(line)
+    if any("onnxruntime" in record for record in records):
+        print("\nONNX Runtime vs PyTorch, ProtoSeg inference on the CPU (medians):\n")
+        print(format_onnxruntime_table(records))
     if args.output_json:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ WEIGHTS_NAME = "model.safetensors"
 SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
 PROCESSOR_NAME = "preprocessor_config.json"
 MODES = ("auto", "whole", "slide")
+BACKENDS = ("pytorch", "onnxruntime")
 # Alignment of windows and padding: the embedding grid is the input at 1/4 resolution.
 GRID = 4
 
@@ -353,8 +354,7 @@ def forward_batches(
     model, pixel_values: torch.Tensor, batch_size: int, with_embeddings: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, K, h, w) and, if asked, unit embeddings (N, D, h, w) of (N, 3, H, W) inputs in chunks."""
-    device = model.prototypes.device
-    dtype = next(model.parameters()).dtype
+    device, dtype = model.device, model.dtype
     logits, embeddings = [], []
     for start in range(0, pixel_values.shape[0], batch_size):
         chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
@@ -461,7 +461,7 @@ def upsampled_argmax(
 def grid_to_prediction(
     logits: torch.Tensor,
     embeddings: torch.Tensor | None,
-    prototypes: torch.Tensor,
+    prototypes: torch.Tensor | None,
     scaled_size: tuple[int, int],
     output_size: tuple[int, int],
 ) -> Prediction:
@@ -501,10 +501,25 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str = "cpu", options: InferenceOptions | None = None
+        cls, folder: str | Path, device: str = "cpu", options: InferenceOptions | None = None, backend: str = "pytorch"
     ) -> Segmenter:
-        """Load and check a checkpoint folder (see `validate_checkpoint`) onto `device` ("cpu", "cuda", "auto")."""
-        model = load_model(folder, device=resolve_device(device))
+        """Load and check a checkpoint folder (see `validate_checkpoint`) onto `device` ("cpu", "cuda", "auto").
+
+        `backend="onnxruntime"`: `folder` is an ONNX export (`export.write_onnx_folder`), run by ONNX Runtime on the
+        CPU; it gives label maps only (prototype maps need the PyTorch model's embeddings and prototypes).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if backend == "onnxruntime":
+            from .export import OnnxRuntimeModel
+
+            if options is not None and options.prototype_maps:
+                raise ValueError("Prototype maps need the PyTorch backend; drop --prototype_maps or --backend.")
+            if resolve_device(device).type != "cpu":
+                raise ValueError(f"The onnxruntime backend runs on the CPU; use --device cpu, not {device!r}.")
+            model = OnnxRuntimeModel(folder)
+        else:
+            model = load_model(folder, device=resolve_device(device))
         crop = options.crop_size[0] if options is not None and options.crop_size else None
         return cls(model, load_image_processor(folder, crop_size=crop), options)
 
@@ -548,7 +563,7 @@ class Segmenter:
         pixel_values = self.processor(images=arrays, return_tensors="pt")["pixel_values"]
         with_embeddings = self.options.prototype_maps
         logits, embeddings = forward_batches(self.model, pixel_values, self.options.batch_size, with_embeddings)
-        prototypes = self.model.prototypes.float()
+        prototypes = self.model.prototypes.float() if with_embeddings else None
         return [
             grid_to_prediction(
                 logits[i], embeddings[i] if with_embeddings else None, prototypes, array.shape[:2], array.shape[:2]
@@ -561,7 +576,8 @@ class Segmenter:
         logits, embeddings, padded = slide_grid(
             self.model, pixel_values, self.crop, self.stride, self.options.batch_size, self.options.prototype_maps
         )
-        return grid_to_prediction(logits, embeddings, self.model.prototypes.float(), padded, array.shape[:2])
+        prototypes = self.model.prototypes.float() if self.options.prototype_maps else None
+        return grid_to_prediction(logits, embeddings, prototypes, padded, array.shape[:2])
 
 
 # ---------------------------------------------------------------------------------------------------- pictures out
@@ -869,7 +885,7 @@ def predict_files(
     written: dict[Path, list[Path]] = {}
     skipped: list[tuple[Path, str]] = []
     pixels = 0
-    num_prototypes = int(segmenter.model.prototypes.shape[1])
+    num_prototypes = int(segmenter.model.config.num_prototypes_per_class)
     start = time.perf_counter()
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
     batch_size = segmenter.options.batch_size

@@ -23,6 +23,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.segformer.modeling_segformer import SegformerMLP, SegformerModel
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .paths import check_source
@@ -30,6 +31,7 @@ from .prototypes import (
     average_across_processes,
     class_scores,
     fused_scores_and_contrast,
+    is_tracing,
     l2_normalize,
     momentum_update,
     normalize_class_scores,
@@ -145,7 +147,12 @@ class ProtoSegformerPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["SegformerStage"]
+    # The attention back-ends of SegFormer's encoder, which this model runs unchanged (SegformerPreTrainedModel's).
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -190,7 +197,8 @@ def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int, min_size:
             f"pixel_values are too small for this SegFormer encoder (height and width must be at least {min_size}),"
             f" got {tuple(pixel_values.shape)}. Resize or pad the images."
         )
-    if not torch.isfinite(pixel_values).all():
+    # A check on the values is a data-dependent branch: it runs in eager mode only, not in traced or compiled code.
+    if not is_tracing() and not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values contain NaN or inf values.")
 
 
@@ -205,6 +213,8 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: 
             f"labels must have shape (batch_size, height, width) = {expected} to match pixel_values"
             f" {tuple(pixel_values.shape)}, got {tuple(labels.shape)}."
         )
+    if is_tracing():  # the value check below is data-dependent: eager mode only
+        return
     invalid = ((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)
     if invalid.any():
         values = torch.unique(labels[invalid]).tolist()
@@ -347,6 +357,19 @@ def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: in
     return normalize_class_scores(scores, dim=dim)
 
 
+def _select_hidden_states(model: nn.Module, hidden_states: tuple, output_hidden_states) -> tuple | list | None:
+    """The encoder stages `output_hidden_states` asks for, as SegFormer returns them: all of them for True, None for
+    False/None, and for stage indices (an int or a list, negative ones from the end) a list with None in place of each
+    stage not selected."""
+    if not output_hidden_states:
+        return None
+    selected = selected_hidden_states(output_hidden_states)
+    if selected is None:
+        return hidden_states
+    selected = resolve_hidden_states_indices(model, selected, num_hidden_states=len(hidden_states))
+    return [state if index in selected else None for index, state in enumerate(hidden_states)]
+
+
 class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
     """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
 
@@ -448,6 +471,9 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 `[0, num_labels)` or `semantic_loss_ignore_index`. With labels the loss is computed; in training
                 mode the prototypes are also updated (and averaged across processes under torch.distributed).
             output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, height/4, width/4).
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*): the encoder stages to return, as for
+                SegFormer: all four for True, the listed stage indices (negative from the end) as a list with None in
+                place of the others.
 
         Returns: [`ProtoSegformerSemanticSegmenterOutput`] with `logits` of shape (B, num_labels, height/4, width/4).
         """
@@ -474,7 +500,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         output = ProtoSegformerSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
-            hidden_states=encoder_outputs.hidden_states if output_hidden_states else None,
+            hidden_states=_select_hidden_states(self, encoder_outputs.hidden_states, output_hidden_states),
             attentions=encoder_outputs.attentions if output_attentions else None,
             pixel_embeddings=embeddings if output_pixel_embeddings else None,
             loss_ce=loss_ce,
@@ -509,9 +535,11 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         logits = logits.permute(0, 3, 1, 2).contiguous()
 
         upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=config.semantic_loss_ignore_index)
-        if torch.isnan(loss_ce):  # every pixel ignored
-            loss_ce = upsampled.sum() * 0.0
+        # The mean over the labelled pixels, 0 when every pixel is ignored (a sum over the labelled pixels divided by
+        # their count: no data-dependent branch, so torch.compile traces it without a graph break).
+        ignore = config.semantic_loss_ignore_index
+        loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="sum")
+        loss_ce = loss_ce / (labels != ignore).sum().clamp_min(1)
 
         loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
 

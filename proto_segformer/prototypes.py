@@ -113,6 +113,50 @@ def _rows_per_chunk(num_scores_per_row: int, limit: int | None) -> int:
     return max(1, rows)
 
 
+# Pixel blocks of the traced formulation of `prototype_logits` (torch.export, torch.compile, ONNX): a fixed count,
+# because the number of pixels is symbolic there. A block holds B*h*w / TRACED_PIXEL_BLOCKS pixel-by-prototype scores
+# (a 512x512 image at K = 847, M = 10: 8.5 MiB in float32).
+TRACED_PIXEL_BLOCKS = 64
+
+
+def is_tracing() -> bool:
+    """Whether the code runs under torch.compile / torch.export (dynamo or non-strict) or torch.jit.trace.
+
+    Data-dependent branches (a Python `if` on tensor values) and Python loops over tensor sizes run only outside.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def traced_prototype_logits(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-5, num_blocks: int = TRACED_PIXEL_BLOCKS
+) -> torch.Tensor:
+    """The fused head as tensor operations over a fixed number of pixel blocks: (B, D, h, w) -> (B, K, h, w).
+
+    Same values as `prototype_logits` (per block: one matmul against the prototype-major prototypes, the max over the
+    M prototypes of each class, the class-axis LayerNorm), with no Python loop over the batch or the pixels, so
+    torch.export and torch.compile keep batch, height and width symbolic. Differentiable w.r.t. `embeddings`.
+    """
+    batch, dim, height, width = embeddings.shape
+    num_classes, num_prototypes, _ = prototypes.shape
+    matmul_dtype, out_dtype = _compute_dtypes(embeddings)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        num_pixels = batch * height * width
+        pixels = embeddings.permute(0, 2, 3, 1).reshape(num_pixels, dim).to(matmul_dtype)
+        flat_prototypes = _prototype_major(prototypes, matmul_dtype).t()
+        # Zero rows pad the pixels to a multiple of the block count (no guard on the symbolic size); dropped below.
+        padded = F.pad(pixels, (0, 0, 0, (-num_pixels) % num_blocks))
+        blocks = [
+            F.layer_norm(
+                (block @ flat_prototypes).view(-1, num_prototypes, num_classes).amax(dim=1).to(out_dtype),
+                (num_classes,),
+                eps=eps,
+            )
+            for block in padded.view(num_blocks, -1, dim).unbind(0)
+        ]
+        scores = torch.cat(blocks)[:num_pixels]
+    return scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2).contiguous()
+
+
 def prototype_logits(
     embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -121,8 +165,12 @@ def prototype_logits(
     Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it fuses the similarity matmul, the max over
     prototypes and the class-axis LayerNorm per chunk of at most FAST_CHUNK_ROWS pixels (fewer if `chunk_size`, a
     bound on the pixel-by-prototype scores held at once, asks for it), so the only full-size tensor is the
-    (contiguous) result. When a gradient is needed it returns the plain, differentiable composition.
+    (contiguous) result. When a gradient is needed it returns the plain, differentiable composition. Under
+    torch.compile / torch.export it runs `traced_prototype_logits` (the same computation without Python loops over
+    sizes, so shapes stay dynamic; its block count is fixed, so `chunk_size` does not apply there).
     """
+    if is_tracing():
+        return traced_prototype_logits(embeddings, prototypes, eps=eps)
     if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
         return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
     batch, dim, height, width = embeddings.shape
@@ -235,7 +283,7 @@ class _FusedScoresAndContrast(torch.autograd.Function):
                 shifted = sims.to(stats_dtype)
                 torch.add(row_max[start:stop, None] / -temperature, shifted, alpha=1.0 / temperature, out=shifted)
                 torch.sum(shifted.exp_(), dim=1, out=row_sum[start:stop])
-                if shifted.data_ptr() != sims.data_ptr():
+                if stats_dtype != matmul_dtype:  # `shifted` is a float32 copy, not `sims` itself
                     sims.copy_(shifted)
             own = own[rows]
             assignments = assign(own, classes)
@@ -572,6 +620,7 @@ __all__ = [
     "class_scores",
     "cluster_prototypes",
     "fused_scores_and_contrast",
+    "is_tracing",
     "l2_normalize",
     "momentum_update",
     "normalize_class_scores",
@@ -585,4 +634,5 @@ __all__ = [
     "similarity_tie_tolerance",
     "sinkhorn_assignments",
     "sinkhorn_knopp",
+    "traced_prototype_logits",
 ]

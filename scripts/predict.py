@@ -7,8 +7,9 @@ For each image: <name>_label.png (palette PNG, value = class index), <name>_over
 with a legend) and with --prototype_maps <name>_prototype.png (value = index of the predicted class's prototype the
 pixel matched) and <name>_prototype_overlay.jpg. Images larger than the training crop go through sliding-window
 inference (--mode auto). Files that are not readable images are skipped with a warning and counted at the end.
-Outputs never replace an input or a file that an earlier prediction did not write (the output folder's
-.proto_segformer_predictions.json lists what prediction wrote there).
+With --backend onnxruntime, --model is a folder written by scripts/export_onnx.py (label maps and overlays only, on
+the CPU; prototype maps need the PyTorch backend). Outputs never replace an input or a file that an earlier
+prediction did not write (the output folder's .proto_segformer_predictions.json lists what prediction wrote there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ class PredictArguments:
     inputs: list[str] = field(metadata={"help": "Image files, folders and/or glob patterns (quote globs)."})
     output_dir: str = field(metadata={"help": "Folder for the outputs (created if needed)."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    backend: str = field(
+        default="pytorch",
+        metadata={
+            "help": "pytorch (a checkpoint folder) or onnxruntime (a folder from scripts/export_onnx.py; CPU).",
+            "choices": ["pytorch", "onnxruntime"],
+        },
+    )
     batch_size: int = field(default=4, metadata={"help": "Images (whole mode) or windows (slide mode) per forward."})
     mode: str = field(
         default="auto",
@@ -75,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no input files found.", file=sys.stderr)
             return 2
         prepare_outputs(paths, args.output_dir, args.prototype_maps)  # before the model loads: fail fast
-        segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options, backend=args.backend)
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress)

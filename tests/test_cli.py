@@ -41,6 +41,7 @@ def test_every_script_is_listed():
         "benchmark_add_classes.py",
         "benchmark_metric.py",
         "benchmark_quality.py",
+        "export_onnx.py",
         "make_card_pictures.py",
         "predict.py",
         "push_to_hub.py",

@@ -77,6 +77,15 @@ RUN = {
         ("runs/demo/prototype_atlas.png", "runs/demo/prototype_stats.json"),
     ),
     "python scripts/benchmark_quality.py --quick": (SHORT_QUALITY, ("quality_short.json",)),
+    "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": (
+        "",
+        ("runs/demo-onnx/model.onnx", "runs/demo-onnx/config.json", "runs/demo-onnx/preprocessor_config.json"),
+    ),
+    "python scripts/predict.py --backend onnxruntime --model runs/demo-onnx --inputs photos/"
+    " --output_dir predictions-onnx": (
+        "",
+        ("predictions-onnx/photo0_label.png", "predictions-onnx/photo1_overlay.jpg"),
+    ),
 }
 
 # README command -> why this test does not run it.
@@ -106,6 +115,10 @@ SKIP = {
         "six 2000-step scenes-large runs (tests/test_quality.py covers --reuse)"
     ),
     "python scripts/benchmark_quality.py --large --device cuda": "needs a GPU",
+    'pip install ".[onnx]"': "installs into the environment (.ci/run installs the [onnx] extra from the wheel)",
+    "python scripts/benchmark.py --quick --onnxruntime --threads 1 --measure_memory false": (
+        "three mit-b0 ONNX exports at 512x512 (minutes); tests/test_export.py covers export and ONNX Runtime"
+    ),
 }
 
 # Python blocks of the README, by their first line: run, or skipped with the reason.

