@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,10 +278,7 @@ def assemble_repository(
         )
     model = load_model(source)
     processor = load_image_processor(source)
-    previous = check_destination(local_dir, source, overwrite)
-    target = local_dir.resolve()  # a link to a folder: the folder it points to is replaced, not the link
-    staging = staging_folder(target, "assembling")
-    try:
+    def write(staging: Path) -> None:
         write_repository(
             staging,
             source,
@@ -299,8 +296,23 @@ def assemble_repository(
                 **(card_kwargs or {}),
             },
         )
+
+    return assemble_folder(local_dir, source, overwrite, write, purpose="assembling", written_by="assemble_repository")
+
+
+def assemble_folder(
+    folder: Path, source: Path, overwrite: bool, write: Callable[[Path], None], *, purpose: str, written_by: str
+) -> list[str]:
+    """Write a folder the library owns: `write(staging)` fills a fresh staging folder beside `folder`, a manifest
+    lists its files, and it replaces `folder` in one step (`commit_assembly`); returns the files (relative).
+    Refuses what `check_destination` refuses; on a failure `folder` is left as it was."""
+    previous = check_destination(folder, source, overwrite)
+    target = folder.resolve()  # a link to a folder: the folder it points to is replaced, not the link
+    staging = staging_folder(target, purpose)
+    try:
+        write(staging)
         files = list_files(staging)
-        write_manifest(staging / MANIFEST_NAME, files, written_by="proto_segformer.hub.assemble_repository")
+        write_manifest(staging / MANIFEST_NAME, files, written_by=f"proto_segformer.hub.{written_by}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
         raise

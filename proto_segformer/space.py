@@ -16,7 +16,6 @@ repository folder (`hub.check_destination`): `overwrite` replaces only an earlie
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,23 +133,17 @@ def write_space(
 ) -> list[str]:
     """Write the Gradio Space of the model `model_repo_id` (classes `id2label`, checkpoint `source`) into `folder`;
     return its files (relative). Refuses what `hub.check_destination` refuses; a failure leaves `folder` as it was."""
-    from .hub import MANIFEST_NAME, check_destination, check_repo_id, commit_assembly, list_files
-    from .safe_files import staging_folder, write_manifest
+    from .hub import assemble_folder, check_repo_id
 
     check_repo_id(model_repo_id)
-    folder = Path(folder)
-    previous = check_destination(folder, Path(source), overwrite)
-    target = folder.resolve()
-    staging = staging_folder(target, "space")
-    try:
-        write_space_files(staging, model_repo_id, id2label, title)
-        files = list_files(staging)
-        write_manifest(staging / MANIFEST_NAME, files, written_by="proto_segformer.space.write_space")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
-        raise
-    commit_assembly(staging, target, previous)
-    return files
+    return assemble_folder(
+        Path(folder),
+        Path(source),
+        overwrite,
+        lambda staging: write_space_files(staging, model_repo_id, id2label, title),
+        purpose="space",
+        written_by="space.write_space",
+    )
 
 
 __all__ = ["GRADIO_VERSION", "app_source", "example_pictures", "space_readme", "write_space"]
