@@ -30,6 +30,10 @@ class SpeedArguments:
     train_batch_size: int = field(default=2, metadata={"help": "Training batch size."})
     measure_memory: bool = field(default=True, metadata={"help": "Measure peak memory (CPU: one subprocess each)."})
     memory_probe: str | None = field(default=None, metadata={"help": "Internal: run one memory probe (JSON)."})
+    similarity_dtype: str | None = field(
+        default=None,
+        metadata={"help": "ProtoSeg's inference similarity dtype: bfloat16 for the reduced-precision option."},
+    )
     onnxruntime: bool = field(
         default=False,
         metadata={"help": "Also time ProtoSeg inference exported to ONNX under ONNX Runtime vs PyTorch (CPU; [onnx])."},
@@ -183,3 +187,17 @@ class MetricArguments:
     evaluate_images: int = field(
         default=500, metadata={"help": "Maps timed through evaluate.load(...).compute (scaled to --images)."}
     )
+
+
+@dataclass
+class PrecisionArguments:
+    """scripts/benchmark_precision.py: agreement of the bfloat16 similarity option with float32."""
+
+    model: str = field(metadata={"help": "A trained checkpoint folder (e.g. runs/demo)."})
+    dataset: str = field(default="scenes", metadata={"help": "Built-in data set of the validation images."})
+    num_validation: int = field(default=200, metadata={"help": "Validation images (the demo's split: 200)."})
+    image_size: int = field(default=64, metadata={"help": "Side of the built-in images (the demo's: 64)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the built-in data (the demo's: 0)."})
+    batch_size: int = field(default=16, metadata={"help": "Images or windows per forward pass."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the figures to this JSON file."})

@@ -47,6 +47,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
 from proto_segformer.configuration_proto_segformer import mit_preset
+from proto_segformer.prototypes import SIMILARITY_DTYPES, l2_normalize, measured_head_blocks, prototype_logits
 
 from .arguments import SpeedArguments
 
@@ -74,6 +75,7 @@ class Setting:
     inference_size: int = 512
     train_size: int = 256
     train_batch_size: int = 2
+    similarity_dtype: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,6 +94,7 @@ def build_model(kind: str, setting: Setting) -> torch.nn.Module:
             num_labels=setting.num_labels,
             num_prototypes_per_class=setting.num_prototypes_per_class,
             prototype_dim=setting.prototype_dim,
+            similarity_dtype=setting.similarity_dtype,
         )
         model = ProtoSegformerForSemanticSegmentation(config)
     return model.to(setting.device)
@@ -326,6 +329,92 @@ def format_onnxruntime_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Cache-sized products (rows x D @ D x columns) on which the machine's best matmul rate is measured.
+MATMUL_PROBE_SHAPES = ((512, 2048), (1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096))
+
+
+def best_matmul_gflops(dim: int, dtype: torch.dtype, device: str, repeats: int = 5) -> dict:
+    """The best `torch.mm` rate (GFLOP/s) with inner dimension `dim` over MATMUL_PROBE_SHAPES (best of `repeats`)."""
+    generator = torch.Generator().manual_seed(3)
+    rates = {}
+    for rows, columns in MATMUL_PROBE_SHAPES:
+        left = torch.randn(rows, dim, generator=generator).to(device=device, dtype=dtype)
+        right = torch.randn(dim, columns, generator=generator).to(device=device, dtype=dtype)
+        out = torch.empty(rows, columns, device=device, dtype=dtype)
+        times = []
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(left, right, out=out)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        rates[f"{rows}x{dim}@{dim}x{columns}"] = 2 * rows * columns * dim / min(times[1:]) / 1e9
+    best = max(rates, key=rates.get)
+    return {"gflops": rates[best], "shape": best, "all": rates}
+
+
+def head_efficiency(setting: Setting, repeats: int) -> dict:
+    """Achieved FLOP/s of the inference head (similarity, max over prototypes, class LayerNorm: `prototype_logits`
+    on a batch-1 embedding map of the inference size) as a fraction of the best matmul rate of the same dtype and D,
+    measured in turns with it in this process."""
+    config = ProtoSegformerConfig.from_preset(
+        setting.preset, num_labels=setting.num_labels, prototype_dim=setting.prototype_dim
+    )
+    dim, classes, count = config.embedding_dim, setting.num_labels, setting.num_prototypes_per_class
+    side = setting.inference_size // 4
+    generator = torch.Generator().manual_seed(4)
+    # Channels-last unit embeddings, as the projection returns them; unit prototypes.
+    embeddings = l2_normalize(torch.randn(1, side, side, dim, generator=generator)).permute(0, 3, 1, 2)
+    prototypes = l2_normalize(torch.randn(classes, count, dim, generator=generator))
+    embeddings, prototypes = embeddings.to(setting.device), prototypes.to(setting.device)
+    similarity_dtype = SIMILARITY_DTYPES.get(setting.similarity_dtype)
+    matmul_dtype = similarity_dtype or torch.float32
+
+    def call() -> None:
+        with torch.inference_mode():
+            prototype_logits(embeddings, prototypes, similarity_dtype=similarity_dtype)
+
+    call()  # warm-up (and the first call measures the head's block shapes)
+    head_ms = interleaved_medians({"head": call}, setting.device, repeats)["head"]["min"]
+    flops = 2 * side * side * classes * count * dim
+    head_gflops = flops / (head_ms / 1000) / 1e9
+    best = best_matmul_gflops(dim, matmul_dtype, setting.device)
+    blocks = [
+        shape
+        for key, shape in measured_head_blocks().items()
+        if key[1:5] == (dim, classes, count, matmul_dtype) and key[5] == torch.get_num_threads()
+    ]
+    return {
+        "dtype": str(matmul_dtype).replace("torch.", ""),
+        "head_ms": head_ms,
+        "head_gflops": head_gflops,
+        "best_matmul_gflops": best["gflops"],
+        "best_matmul_shape": best["shape"],
+        "matmul_gflops": best["all"],
+        "efficiency": head_gflops / best["gflops"],
+        "block_shape": blocks[0] if blocks else None,
+    }
+
+
+def format_efficiency_table(records: list[dict]) -> str:
+    header = (
+        "| preset | K | dtype | head ms | head GFLOP/s | best matmul GFLOP/s (shape) | efficiency"
+        " | block (pixels, classes) |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for record in records:
+        setting, figures = record["setting"], record.get("head_efficiency")
+        if figures is None:
+            continue
+        block = figures["block_shape"]
+        lines.append(
+            f"| {setting['preset']} | {setting['num_labels']} | {figures['dtype']} | {figures['head_ms']:.1f}"
+            f" | {figures['head_gflops']:.0f} | {figures['best_matmul_gflops']:.0f} ({figures['best_matmul_shape']})"
+            f" | {figures['efficiency']:.2f} | {'default' if block is None else tuple(block)} |"
+        )
+    return "\n".join(lines)
+
+
 def head_flops(setting: Setting) -> dict[str, int]:
     """Analytic multiply-adds of the heads at inference (per image batch 1): classifier vs projection + similarity."""
     config = ProtoSegformerConfig.from_preset(
@@ -460,9 +549,11 @@ def run(args: SpeedArguments) -> list[dict]:
                     inference_size=args.inference_size,
                     train_size=args.train_size,
                     train_batch_size=args.train_batch_size,
+                    similarity_dtype=args.similarity_dtype,
                 )
                 record = measure_setting(setting, args)
                 record["head_macs_inference"] = head_flops(setting)
+                record["head_efficiency"] = head_efficiency(setting, args.repeats)
                 if args.onnxruntime and device == "cpu":
                     record["onnxruntime"] = measure_onnxruntime(setting, args)
                 records.append(record)
@@ -478,6 +569,8 @@ def run(args: SpeedArguments) -> list[dict]:
     )
     for line in target_report(records):
         print(line)
+    print("\nInference head efficiency (head FLOP/s / best matmul FLOP/s of the same dtype and D, this process):\n")
+    print(format_efficiency_table(records))
     if any("onnxruntime" in record for record in records):
         print("\nONNX Runtime vs PyTorch, ProtoSeg inference on the CPU (medians):\n")
         print(format_onnxruntime_table(records))
@@ -487,4 +580,3 @@ def run(args: SpeedArguments) -> list[dict]:
         payload = {"machine": machine, "arguments": dataclasses.asdict(args), "command": sys.argv, "results": records}
         path.write_text(json.dumps(payload, indent=2))
     return records
-

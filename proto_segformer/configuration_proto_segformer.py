@@ -38,6 +38,8 @@ def mit_preset(name: str) -> dict[str, Any]:
 
 # How class scores become logits (config.class_score_normalization); the first is the contract's default.
 CLASS_SCORE_NORMALIZATIONS = ("layer_norm", "temperature")
+# Values of `similarity_dtype` (None: the model's dtype); the torch dtypes are `prototypes.SIMILARITY_DTYPES`.
+SIMILARITY_DTYPE_NAMES = (None, "float32", "bfloat16")
 
 # Written into config.json so that the Auto classes and the pipeline find the custom code next to the weights.
 AUTO_MAP: dict[str, str] = {
@@ -69,6 +71,11 @@ class ProtoSegformerConfig(SegformerConfig):
             (S / `class_score_temperature`, a fixed temperature whose scale does not depend on K). Both keep the
             argmax; only training changes. An option for experiments (scripts/benchmark_quality.py --ablate).
         class_score_temperature (`float`, defaults to 0.1): the temperature of `"temperature"` normalisation.
+        similarity_dtype (`str`, *optional*): the dtype of the inference head's pixel-prototype similarities:
+            `None` (default: the model's dtype, or autocast's) or `"float32"`, or `"bfloat16"`, a reduced-precision
+            option for CPUs and GPUs with fast bf16 matrix units (the class scores are then normalised in float32).
+            Inference only (no labels); training always computes the similarities in the model's precision. Off by
+            default; its agreement with float32 is in the README's performance section.
     """
 
     model_type = "proto_segformer"
@@ -86,6 +93,7 @@ class ProtoSegformerConfig(SegformerConfig):
         inference_chunk_size: int = 2**24,
         class_score_normalization: str = "layer_norm",
         class_score_temperature: float = 0.1,
+        similarity_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         # A parametric SegFormer config.json says "segformer"; this config is always a proto_segformer one.
@@ -102,6 +110,7 @@ class ProtoSegformerConfig(SegformerConfig):
         self.inference_chunk_size = inference_chunk_size
         self.class_score_normalization = class_score_normalization
         self.class_score_temperature = class_score_temperature
+        self.similarity_dtype = similarity_dtype
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
         self._validate_prototype_fields()
@@ -128,6 +137,10 @@ class ProtoSegformerConfig(SegformerConfig):
             raise ValueError(
                 f"class_score_normalization must be one of {CLASS_SCORE_NORMALIZATIONS},"
                 f" got {self.class_score_normalization!r}."
+            )
+        if self.similarity_dtype not in SIMILARITY_DTYPE_NAMES:
+            raise ValueError(
+                f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {self.similarity_dtype!r}."
             )
         if float(self.class_score_temperature) <= 0:
             raise ValueError(f"class_score_temperature must be > 0, got {self.class_score_temperature}.")

@@ -86,6 +86,11 @@ def export_onnx(
     """Write the model's inference graph to `path` as ONNX (`torch.onnx.export(..., dynamo=True)` of
     `export_program(model)`, or of `program` when given), dynamic batch, height and width."""
     _require_onnx()
+    if getattr(model.config, "similarity_dtype", None) == "bfloat16":
+        raise ValueError(
+            "similarity_dtype='bfloat16' cannot go to ONNX: ONNX Runtime's CPU kernels have no bfloat16 MatMul. "
+            "Export the float32 head: set model.config.similarity_dtype = None first."
+        )
     program = export_program(model) if program is None else program
     onnx_program = torch.onnx.export(
         program,

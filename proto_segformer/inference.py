@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .configuration_proto_segformer import SIMILARITY_DTYPE_NAMES
+
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "proto_segformer"
@@ -313,6 +315,8 @@ class InferenceOptions:
     stride: window step (height, width), multiples of 4; `None` = 2/3 of the crop.
     batch_size: images ("whole") or windows ("slide") per forward pass.
     prototype_maps: also compute which prototype of the predicted class each pixel matched.
+    similarity_dtype: the head's similarity dtype ("bfloat16": the reduced-precision option; `None`: the model's
+        config, float32 unless set there). PyTorch backend only.
     """
 
     mode: str = "auto"
@@ -320,12 +324,17 @@ class InferenceOptions:
     stride: tuple[int, int] | None = None
     batch_size: int = 4
     prototype_maps: bool = False
+    similarity_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.similarity_dtype not in SIMILARITY_DTYPE_NAMES:
+            raise ValueError(
+                f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {self.similarity_dtype!r}."
+            )
         for name in ("crop_size", "stride"):
             value = getattr(self, name)
             if value is None:
@@ -515,11 +524,17 @@ class Segmenter:
 
             if options is not None and options.prototype_maps:
                 raise ValueError("Prototype maps need the PyTorch backend; drop --prototype_maps or --backend.")
+            if options is not None and options.similarity_dtype == "bfloat16":
+                raise ValueError(
+                    "bfloat16 similarities need the PyTorch backend; drop --similarity_dtype or --backend."
+                )
             if resolve_device(device).type != "cpu":
                 raise ValueError(f"The onnxruntime backend runs on the CPU; use --device cpu, not {device!r}.")
             model = OnnxRuntimeModel(folder)
         else:
             model = load_model(folder, device=resolve_device(device))
+            if options is not None and options.similarity_dtype is not None:
+                model.config.similarity_dtype = options.similarity_dtype
         crop = options.crop_size[0] if options is not None and options.crop_size else None
         return cls(model, load_image_processor(folder, crop_size=crop), options)
 

@@ -28,6 +28,7 @@ from transformers.utils.output_capturing import resolve_hidden_states_indices, s
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .paths import check_source
 from .prototypes import (
+    SIMILARITY_DTYPES,
     average_across_processes,
     class_scores,
     fused_scores_and_contrast,
@@ -489,11 +490,21 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         batch, dim, height, width = embeddings.shape
 
         loss = loss_ce = loss_ppc = loss_ppd = None
+        similarity_dtype = SIMILARITY_DTYPES.get(config.similarity_dtype)
         if labels is None and self.fast_head and config.class_score_normalization == "layer_norm":
-            logits = prototype_logits(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
+            logits = prototype_logits(
+                embeddings,
+                self.prototypes,
+                chunk_size=config.inference_chunk_size,
+                similarity_dtype=similarity_dtype,
+            )
         elif labels is None:
-            scores = class_scores(embeddings, self.prototypes, chunk_size=config.inference_chunk_size)
-            logits = scores_to_logits(scores, config, dim=1)
+            scores = class_scores(
+                embeddings.to(similarity_dtype or embeddings.dtype),
+                self.prototypes,
+                chunk_size=config.inference_chunk_size,
+            )
+            logits = scores_to_logits(scores.to(torch.promote_types(scores.dtype, embeddings.dtype)), config, dim=1)
         else:
             logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
 

@@ -7,6 +7,8 @@ once (no Python loop over K); the model in `modeling_proto_segformer.py` wires t
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -128,17 +130,22 @@ def is_tracing() -> bool:
 
 
 def traced_prototype_logits(
-    embeddings: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-5, num_blocks: int = TRACED_PIXEL_BLOCKS
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    eps: float = 1e-5,
+    num_blocks: int = TRACED_PIXEL_BLOCKS,
+    similarity_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The fused head as tensor operations over a fixed number of pixel blocks: (B, D, h, w) -> (B, K, h, w).
 
     Same values as `prototype_logits` (per block: one matmul against the prototype-major prototypes, the max over the
     M prototypes of each class, the class-axis LayerNorm), with no Python loop over the batch or the pixels, so
     torch.export and torch.compile keep batch, height and width symbolic. Differentiable w.r.t. `embeddings`.
+    `similarity_dtype` as in `prototype_logits`.
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
-    matmul_dtype, out_dtype = _compute_dtypes(embeddings)
+    matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         num_pixels = batch * height * width
         pixels = embeddings.permute(0, 2, 3, 1).reshape(num_pixels, dim).to(matmul_dtype)
@@ -158,40 +165,231 @@ def traced_prototype_logits(
 
 
 def prototype_logits(
-    embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None, eps: float = 1e-5
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    chunk_size: int | None = None,
+    eps: float = 1e-5,
+    similarity_dtype: torch.dtype | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Fast path of `normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)`: (B, K, h, w).
 
-    Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it fuses the similarity matmul, the max over
-    prototypes and the class-axis LayerNorm per chunk of at most FAST_CHUNK_ROWS pixels (fewer if `chunk_size`, a
-    bound on the pixel-by-prototype scores held at once, asks for it), so the only full-size tensor is the
-    (contiguous) result. When a gradient is needed it returns the plain, differentiable composition. Under
-    torch.compile / torch.export it runs `traced_prototype_logits` (the same computation without Python loops over
-    sizes, so shapes stay dynamic; its block count is fixed, so `chunk_size` does not apply there).
+    Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it runs `blocked_prototype_logits`: the similarity
+    matmul, the max over prototypes and the class-axis LayerNorm per block of pixels and classes, with block shapes
+    measured on this machine (`head_block_shape`); `chunk_size` bounds the pixel-by-prototype scores held at once. When
+    a gradient is needed it returns the plain, differentiable composition. Under torch.compile / torch.export it runs
+    `traced_prototype_logits` (the same computation without Python loops over sizes, so shapes stay dynamic; its block
+    count is fixed, so `chunk_size` and `block_shape` do not apply there).
+
+    `similarity_dtype` (None: the embeddings' dtype, or autocast's): the dtype of the similarity matmul, e.g.
+    torch.bfloat16 for CPUs and GPUs with fast bf16 matrix units; the class scores are then normalised in float32
+    (or the embeddings' wider dtype). `block_shape`: (pixels, classes) per block instead of the measured choice.
     """
+    if similarity_dtype is not None and similarity_dtype not in SIMILARITY_DTYPES.values():
+        raise ValueError(
+            f"similarity_dtype must be one of {sorted(SIMILARITY_DTYPES)} or None, got {similarity_dtype}."
+        )
     if is_tracing():
-        return traced_prototype_logits(embeddings, prototypes, eps=eps)
+        return traced_prototype_logits(embeddings, prototypes, eps=eps, similarity_dtype=similarity_dtype)
     if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
         return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
+    matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
+    num_classes, num_prototypes, dim = prototypes.shape
+    batch, _, height, width = embeddings.shape
+    if block_shape is None:
+        block_shape = head_block_shape(
+            embeddings, prototypes, matmul_dtype, out_dtype, eps=eps, num_pixels=batch * height * width
+        )
+    rows, classes = _bounded_block_shape(block_shape, num_classes, num_prototypes, chunk_size)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return blocked_prototype_logits(
+            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps
+        )
+
+
+# Dtypes the inference head's similarity may run in (`config.similarity_dtype`).
+SIMILARITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _head_dtypes(embeddings: torch.Tensor, similarity_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """(matmul dtype, output dtype) of the inference head: as the plain path under the current autocast state, or
+    the similarity in `similarity_dtype` with the class scores normalised in float32 (or a wider input dtype)."""
+    matmul_dtype, out_dtype = _compute_dtypes(embeddings)
+    if similarity_dtype is None or similarity_dtype == matmul_dtype:
+        return matmul_dtype, out_dtype
+    return similarity_dtype, torch.promote_types(out_dtype, torch.float32)
+
+
+def _bounded_block_shape(
+    block_shape: tuple[int, int], num_classes: int, num_prototypes: int, chunk_size: int | None
+) -> tuple[int, int]:
+    """(pixels, classes) per block, clipped to K and to at most `chunk_size` pixel-by-prototype scores per block."""
+    rows, classes = (max(1, int(value)) for value in block_shape)
+    classes = min(classes, num_classes)
+    if chunk_size is not None:
+        classes = min(classes, max(1, chunk_size // num_prototypes))
+        rows = min(rows, max(1, chunk_size // (classes * num_prototypes)))
+    return rows, classes
+
+
+def _class_blocks(
+    prototypes: torch.Tensor, classes_per_block: int, dtype: torch.dtype
+) -> list[tuple[int, torch.Tensor]]:
+    """(first class, (M*k, D) prototypes of classes [first, first + k), row m*k + j holding p_{first+j,m}) per block."""
+    return [
+        (start, _prototype_major(prototypes[start : start + classes_per_block], dtype).contiguous())
+        for start in range(0, prototypes.shape[0], classes_per_block)
+    ]
+
+
+def blocked_prototype_logits(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    rows: int,
+    classes: int,
+    matmul_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The inference head, blocked for the caches: (B, D, h, w), (K, M, D) -> logits (B, K, h, w), contiguous.
+
+    For each block of `rows` pixels and each block of `classes` classes, one matmul (M*classes, D) @ (D, rows) fills a
+    cache-sized tile of similarities, prototype-major, and the max over the M prototypes reads it back while it is
+    still in cache (an elementwise max of M contiguous (classes, rows) slabs) into the block's (K, rows) class scores;
+    then the LayerNorm over the class axis (mean and variance over K per pixel, in `out_dtype`) writes the pixels'
+    logits, already in the (K, pixels) layout of the result. Computes exactly what `normalize_class_scores(
+    class_scores(...))` computes (the same products and max; the LayerNorm up to rounding).
+    """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
-    matmul_dtype, out_dtype = _compute_dtypes(embeddings)
     num_pixels = height * width
-    rows = min(num_pixels, _rows_per_chunk(num_classes * num_prototypes, chunk_size))
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        pixels = embeddings.detach().permute(0, 2, 3, 1).reshape(batch, num_pixels, dim)
-        flat_prototypes = _prototype_major(prototypes, matmul_dtype)
-        logits = torch.empty(batch, num_classes, num_pixels, device=embeddings.device, dtype=out_dtype)
-        similarities = torch.empty(rows, num_prototypes * num_classes, device=embeddings.device, dtype=matmul_dtype)
-        best = torch.empty(rows, num_classes, device=embeddings.device, dtype=matmul_dtype)
-        for image in range(batch):
-            for start in range(0, num_pixels, rows):
-                stop = min(num_pixels, start + rows)
-                sims, scores = similarities[: stop - start], best[: stop - start]
-                torch.mm(pixels[image, start:stop].to(matmul_dtype), flat_prototypes.t(), out=sims)
-                torch.amax(sims.view(stop - start, num_prototypes, num_classes), dim=1, out=scores)
-                logits[image, :, start:stop].copy_(F.layer_norm(scores.to(out_dtype), (num_classes,), eps=eps).t())
+    rows = min(rows, num_pixels)
+    device = embeddings.device
+    # (B, N, D) pixel rows; a channels-last map (as the projection returns) needs no copy.
+    pixels = embeddings.permute(0, 2, 3, 1).reshape(batch, num_pixels, dim).to(matmul_dtype)
+    blocks = _class_blocks(prototypes, classes, matmul_dtype)
+    logits = torch.empty(batch, num_classes, num_pixels, device=device, dtype=out_dtype)
+    tile = torch.empty(num_prototypes * min(classes, num_classes) * rows, device=device, dtype=matmul_dtype)
+    scores = torch.empty(num_classes, rows, device=device, dtype=matmul_dtype)
+    for image in range(batch):
+        for start in range(0, num_pixels, rows):
+            count = min(num_pixels, start + rows) - start
+            block_pixels = pixels[image, start : start + count].t()
+            for first, block in blocks:
+                width_k = block.shape[0] // num_prototypes
+                similarities = tile[: block.shape[0] * count].view(block.shape[0], count)
+                torch.mm(block, block_pixels, out=similarities)
+                torch.amax(
+                    similarities.view(num_prototypes, width_k, count),
+                    dim=0,
+                    out=scores[first : first + width_k, :count],
+                )
+            _normalize_columns(scores[:, :count].to(out_dtype), eps, out=logits[image, :, start : start + count])
     return logits.view(batch, num_classes, height, width)
+
+
+def _normalize_columns(scores: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters over the first axis of (K, n) scores, into `out` (K, n).
+
+    Two passes (mean, then the mean square of the centred scores), each a reduction over the outer axis that is
+    vectorised along the n contiguous pixels (several times faster here than `var_mean(dim=0)` or a transposed
+    `F.layer_norm`); the same values as `F.layer_norm` over K up to rounding.
+    """
+    torch.sub(scores, scores.mean(dim=0), out=out)
+    variance = out.square().mean(dim=0)
+    return out.mul_(torch.rsqrt(variance + eps))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Block shapes of the inference head, measured per machine.
+
+# Candidate (pixels, classes) per block; None: all classes in one block (the unblocked product).
+HEAD_BLOCK_ROWS = (256, 1024)
+HEAD_BLOCK_CLASSES = (64, 256, None)
+DEFAULT_HEAD_BLOCK = (1024, 256)
+# Heads cheaper than this (multiply-adds per image) use DEFAULT_HEAD_BLOCK: measuring would cost more than it saves.
+HEAD_TUNING_MIN_MACS = 2**30
+# Environment variable pinning the block shape, e.g. PROTOSEG_HEAD_BLOCKS=512,128 (pixels, classes).
+HEAD_BLOCKS_ENV = "PROTOSEG_HEAD_BLOCKS"
+_measured_head_blocks: dict[tuple, tuple[int, int]] = {}
+
+
+def measured_head_blocks() -> dict[tuple, tuple[int, int]]:
+    """The block shapes measured in this process: {(device, D, K, M, dtype, threads): (pixels, classes)}."""
+    return dict(_measured_head_blocks)
+
+
+def _pinned_head_blocks() -> tuple[int, int] | None:
+    value = os.environ.get(HEAD_BLOCKS_ENV)
+    if not value:
+        return None
+    try:
+        rows, classes = (int(part) for part in value.split(","))
+        if rows < 1 or classes < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"{HEAD_BLOCKS_ENV}={value!r}: expected two positive integers 'pixels,classes', e.g. 1024,256."
+        ) from None
+    return rows, classes
+
+
+def head_block_shape(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    matmul_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    eps: float = 1e-5,
+    num_pixels: int | None = None,
+) -> tuple[int, int]:
+    """(pixels, classes) per block of `blocked_prototype_logits` for this machine, measured once per process.
+
+    The first call for a given device, D, K, M, dtype and thread count times each candidate shape (HEAD_BLOCK_ROWS x
+    HEAD_BLOCK_CLASSES) on the first pixels of `embeddings` and keeps the fastest among those whose logits are
+    bit-identical to DEFAULT_HEAD_BLOCK's (so the choice never changes a result). CUDA: one block of all classes.
+    `PROTOSEG_HEAD_BLOCKS=pixels,classes` pins the shape; heads under HEAD_TUNING_MIN_MACS use the default.
+    """
+    pinned = _pinned_head_blocks()
+    if pinned is not None:
+        return pinned
+    num_classes, num_prototypes, dim = prototypes.shape
+    if embeddings.device.type != "cpu":
+        return (FAST_CHUNK_ROWS * 8, num_classes)
+    num_pixels = (
+        num_pixels if num_pixels is not None else embeddings.shape[0] * embeddings.shape[2] * embeddings.shape[3]
+    )
+    if num_pixels * num_classes * num_prototypes * dim < HEAD_TUNING_MIN_MACS:
+        return DEFAULT_HEAD_BLOCK
+    key = (str(embeddings.device), dim, num_classes, num_prototypes, matmul_dtype, torch.get_num_threads())
+    if key not in _measured_head_blocks:
+        _measured_head_blocks[key] = _measure_head_blocks(embeddings, prototypes, matmul_dtype, out_dtype, eps)
+    return _measured_head_blocks[key]
+
+
+def _measure_head_blocks(embeddings, prototypes, matmul_dtype, out_dtype, eps) -> tuple[int, int]:
+    """Time each candidate block shape once on the first pixels (after one warm-up run of the default)."""
+    num_classes = prototypes.shape[0]
+    probe_rows = max(HEAD_BLOCK_ROWS)
+    # The first pixels as a (1, D, n, 1) map with the memory layout of a channels-last embedding map.
+    pixels = embeddings[:1].detach().permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])[:probe_rows].contiguous()
+    probe = pixels.t()[None, :, :, None]
+    candidates = [(rows, classes or num_classes) for rows in HEAD_BLOCK_ROWS for classes in HEAD_BLOCK_CLASSES]
+    candidates = list(dict.fromkeys([DEFAULT_HEAD_BLOCK, *candidates]))
+    timings = {}
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+
+        def run(shape):
+            rows, classes = min(shape[0], probe.shape[2]), min(shape[1], num_classes)
+            return blocked_prototype_logits(probe, prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps)
+
+        reference = run(DEFAULT_HEAD_BLOCK)
+        for shape in candidates:
+            start = time.perf_counter()
+            result = run(shape)
+            elapsed = time.perf_counter() - start
+            if torch.equal(result, reference):  # a shape that changed a bit is never chosen
+                timings[shape] = elapsed
+    return min(timings, key=timings.get)
 
 
 def scores_and_contrast(

@@ -40,6 +40,7 @@ def test_every_script_is_listed():
         "benchmark.py",
         "benchmark_add_classes.py",
         "benchmark_metric.py",
+        "benchmark_precision.py",
         "benchmark_quality.py",
         "export_onnx.py",
         "make_card_pictures.py",
@@ -84,6 +85,12 @@ def test_train_misspelled_flag_is_a_one_line_error(tmp_path, args, message):
         ("benchmark_add_classes.py", ["--quik"], "--quick"),
         ("benchmark_metric.py", ["--image", "3"], "--images"),
         ("benchmark_quality.py", ["--quick", "--ablatoins", "M-1"], "--ablations"),
+        ("benchmark_precision.py", ["--model", "m", "--num_valdation", "3"], "--num_validation"),
+        (
+            "predict.py",
+            ["--model", "m", "--inputs", "a", "--output_dir", "o", "--similarity", "x"],
+            "--similarity_dtype",
+        ),
     ],
 )
 def test_every_script_names_the_closest_flag(script, args, message, tmp_path):
