@@ -574,6 +574,7 @@ def test_add_classes_card_lists_the_added_classes(tmp_path):
 
 def test_benchmark_class_layout_puts_held_out_classes_last_in_the_given_order():
     from benchmarks import add_classes as benchmark
+
     id2label = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
     table, old, final = benchmark.class_layout(id2label, [3, 1])
     assert old == {0: "background", 1: "b", 2: "d"}
@@ -585,6 +586,7 @@ def test_benchmark_class_layout_puts_held_out_classes_last_in_the_given_order():
 
 def test_benchmark_summary_separates_new_class_iou_and_old_class_damage():
     from benchmarks import add_classes as benchmark
+
     # 2 old classes, 1 new; rows = true class, columns = prediction.
     counts = torch.tensor([[8, 0, 2], [0, 10, 0], [1, 1, 6]])
     summary = benchmark.summarise(counts, num_old=2)
@@ -599,6 +601,7 @@ def test_benchmark_parametric_row_fit_keeps_old_rows_and_learns_the_support_regi
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     from benchmarks import add_classes as benchmark
+
     torch.manual_seed(0)
     model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=3, **TINY)).eval()
     model.decode_head.batch_norm.running_var.fill_(1e-4)  # features of a trained scale (a fresh one's are ~0.01)

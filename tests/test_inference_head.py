@@ -243,3 +243,23 @@ def test_onnx_export_refuses_bfloat16_similarities_before_writing(tmp_path):
     with pytest.raises(ValueError, match="similarity_dtype = None"):
         export_onnx(model, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_traced_and_compiled_heads_honour_bfloat16_similarities():
+    from proto_segformer.prototypes import traced_prototype_logits
+
+    embeddings, prototypes = embedding_map(2, 9, 7, 16, seed=19), unit_prototypes(31, 3, 16, seed=20)
+    with torch.no_grad():
+        eager = prototype_logits(embeddings, prototypes, similarity_dtype=torch.bfloat16)
+        traced = traced_prototype_logits(embeddings, prototypes, num_blocks=4, similarity_dtype=torch.bfloat16)
+    assert traced.dtype == torch.float32
+    torch.testing.assert_close(traced, eager, atol=2e-5, rtol=1e-5)
+
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=5, similarity_dtype="bfloat16")).eval()
+    pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        expected = model(pixel_values).logits  # eager first (transformers' first call takes a lock dynamo refuses)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(pixel_values).logits, expected, atol=2e-5, rtol=1e-5)

@@ -53,6 +53,11 @@ RUN = {
         ("benchmarks/cpu.json",),
     ),
     "python scripts/benchmark.py --quick --prototype_dim 64": (SHORT_SPEED, ()),
+    "python scripts/benchmark.py --quick --similarity_dtype bfloat16 --measure_memory false": (SHORT_SPEED, ()),
+    "python scripts/benchmark_precision.py --model runs/demo --output_json benchmarks/precision.json": (
+        "--num_validation 4",
+        ("benchmarks/precision.json",),
+    ),
     'python scripts/add_classes.py --model_dir runs/scenes --support_dir support/ --names "digit 7" "digit 8"'
     " --output_dir runs/scenes-plus": ("", ("runs/scenes-plus/model.safetensors",)),
     "python scripts/benchmark_add_classes.py": (
@@ -127,7 +132,7 @@ PYTHON_SKIP = {
     "from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation": (
         "loads nvidia/segformer-b2-finetuned-ade-512-512 from the Hub (tests/test_build_model.py builds presets)"
     ),
-    "new_ids = model.add_classes(images, masks, [\"cat\", \"dog\"])   # images: pixel_values (N,3,H,W) or a list of PIL"
+    'new_ids = model.add_classes(images, masks, ["cat", "dog"])   # images: pixel_values (N,3,H,W) or a list of PIL'
     " images": "a fragment (model, images, masks are the reader's); tests/test_class_editing.py makes the same calls",
 }
 
