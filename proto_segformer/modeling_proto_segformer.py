@@ -34,6 +34,7 @@ from .prototypes import (
     fused_scores_and_contrast,
     is_tracing,
     l2_normalize,
+    masked_scores_and_contrast,
     momentum_update,
     normalize_class_scores,
     ppd_loss,
@@ -530,17 +531,28 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
 
         pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
         small_labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest").long().view(-1)
-        rows = (small_labels != config.semantic_loss_ignore_index).nonzero().squeeze(1)
-        classes = small_labels[rows]
+        labelled = small_labels != config.semantic_loss_ignore_index
         assign = partial(
             sinkhorn_assignments,
             num_classes=num_classes,
             epsilon=config.sinkhorn_epsilon,
             iterations=config.sinkhorn_iterations,
         )
-        head = fused_scores_and_contrast if self.fast_head else scores_and_contrast
-        scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, config.ppc_temperature)
-        loss_ppd = ppd_loss(assigned)
+        temperature = config.ppc_temperature
+        if is_tracing():
+            # torch.compile / torch.export: all pixels with a mask of the labelled ones, so that no shape depends on
+            # the labels (no graph break); the same values as the index path below, which is faster in eager mode.
+            classes = torch.where(labelled, small_labels, 0)
+            scores, loss_ppc, assigned, targets = masked_scores_and_contrast(
+                pixels, prototypes, labelled, classes, assign, temperature
+            )
+            loss_ppd = ppd_loss(assigned, mask=labelled)
+        else:
+            rows = labelled.nonzero().squeeze(1)
+            classes = small_labels[rows]
+            head = fused_scores_and_contrast if self.fast_head else scores_and_contrast
+            scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, temperature)
+            loss_ppd = ppd_loss(assigned)
         # Contiguous (B, K, h, w), as SegFormer's logits: the upsampling and cross-entropy below run faster on it.
         logits = scores_to_logits(scores.view(batch, height, width, num_classes), config, dim=-1)
         logits = logits.permute(0, 3, 1, 2).contiguous()
@@ -555,8 +567,13 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
 
         if self.training:
-            correct = scores.detach()[rows].argmax(dim=1) == classes
-            updated = momentum_update(prototypes, pixels[rows[correct]], targets[correct], config.prototype_momentum)
+            momentum = config.prototype_momentum
+            if is_tracing():
+                updating = labelled & (scores.detach().argmax(dim=1) == classes)
+                updated = momentum_update(prototypes, pixels, targets, momentum, mask=updating)
+            else:
+                correct = scores.detach()[rows].argmax(dim=1) == classes
+                updated = momentum_update(prototypes, pixels[rows[correct]], targets[correct], momentum)
             with torch.no_grad():
                 self.prototypes.copy_(average_across_processes(updated))
         return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()

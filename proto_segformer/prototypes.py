@@ -423,6 +423,42 @@ def scores_and_contrast(
     return scores, loss_ppc, assigned, targets
 
 
+def masked_scores_and_contrast(
+    pixels: torch.Tensor,
+    prototypes: torch.Tensor,
+    labelled: torch.Tensor,
+    classes: torch.Tensor,
+    assign,
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`scores_and_contrast` over all N pixels with a mask of the labelled ones instead of their indices.
+
+    No shape depends on the labels, so torch.compile and torch.export trace it without a graph break (the training
+    head runs it there); the values on the labelled pixels are those of `scores_and_contrast`.
+
+    Args:
+        pixels: (N, D) unit embeddings (may require grad).
+        prototypes: (K, M, D) unit prototypes (used as constants).
+        labelled: (N,) bool mask of the labelled pixels; classes: (N,) their classes, in [0, K) everywhere (e.g. 0
+            where not labelled).
+        assign: (own (N, M), classes (N,), mask=labelled) -> (N,) prototype index in [0, M), e.g. Sinkhorn
+            assignments with a mask.
+
+    Returns:
+        scores (N, K), loss_ppc () over the labelled pixels, assigned (N,) and targets (N,) (meaningful where
+        `labelled`).
+    """
+    num_prototypes = prototypes.shape[1]
+    similarities = prototype_similarities(pixels, prototypes.detach().to(pixels.dtype))
+    scores = similarities.amax(dim=-1)
+    own = similarities.gather(1, classes[:, None, None].expand(-1, 1, num_prototypes)).squeeze(1)
+    assignments = assign(own.detach(), classes, mask=labelled)
+    targets = classes * num_prototypes + assignments
+    loss_ppc = ppc_loss(similarities, targets, temperature, mask=labelled)
+    assigned = own.gather(1, assignments[:, None]).squeeze(1)
+    return scores, loss_ppc, assigned, targets
+
+
 def _index_dtype(num_prototypes: int) -> torch.dtype:
     return torch.uint8 if num_prototypes <= 256 else torch.long
 
@@ -580,6 +616,7 @@ def sinkhorn_knopp(
     num_classes: int,
     epsilon: float = 0.05,
     iterations: int = 3,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Equipartition transport plans of each class's pixels onto that class's prototypes, all classes at once.
 
@@ -589,11 +626,13 @@ def sinkhorn_knopp(
         num_classes: K.
         epsilon: entropy regularisation; Q = exp(scores / epsilon).
         iterations: T rounds of (prototype columns sum to 1/M, pixel rows sum to 1/n_k), per class.
+        mask: (N,) bool, optional: the pixels that take part (the others get zero rows and count in no class), so
+            a caller can pass all pixels with a fixed shape instead of selecting rows (torch.compile, torch.export).
 
     Returns:
         (N, M) plan Q in float32 (float64 if `scores` is); within each class the rows sum to 1/n_k. The sums over a
         class's pixels accumulate in float64, so a plan entry is within a few units in the last place of the exact
-        plan of its (rounded) scores, however many pixels a class has.
+        plan of its (rounded) scores, however many pixels a class has. Every shape is static (no `bincount`).
     """
     if scores.shape[0] == 0:
         return _float32_or_wider(scores)
@@ -604,13 +643,21 @@ def sinkhorn_knopp(
         tiny = torch.finfo(scores.dtype).tiny
         wide = _accumulation_dtype(scores)
         # Shift each class by its own maximum before exp: the per-class normalisation cancels the shift.
+        row_max = scores.amax(dim=1)
+        if mask is not None:
+            row_max = torch.where(mask, row_max, float("-inf"))
         class_max = torch.full((num_classes,), float("-inf"), device=scores.device, dtype=scores.dtype)
-        class_max = class_max.scatter_reduce(0, classes, scores.amax(dim=1), reduce="amax", include_self=True)
+        class_max = class_max.scatter_reduce(0, classes, row_max, reduce="amax", include_self=True)
         plan = torch.exp((scores - class_max[classes, None]) / epsilon)
+        members = torch.ones_like(classes, dtype=wide) if mask is None else mask.to(wide)
+        if mask is not None:
+            plan = torch.where(mask[:, None], plan, 0.0)
         class_total = torch.zeros(num_classes, device=scores.device, dtype=wide)
         class_total.index_add_(0, classes, plan.sum(dim=1, dtype=wide))
         plan = plan / class_total.to(scores.dtype)[classes, None].clamp_min(tiny)
-        pixels_per_class = torch.bincount(classes, minlength=num_classes).to(scores.dtype)
+        # Pixel counts as float sums (exact integers), not `bincount`, whose output size depends on the values.
+        pixels_per_class = torch.zeros(num_classes, device=scores.device, dtype=wide).index_add_(0, classes, members)
+        pixels_per_class = pixels_per_class.to(scores.dtype)
         for _ in range(iterations):
             column_sums = torch.zeros(num_classes, num_prototypes, device=scores.device, dtype=wide)
             column_sums.index_add_(0, classes, plan.to(wide))
@@ -668,6 +715,7 @@ def sinkhorn_assignments(
     num_classes: int,
     epsilon: float = 0.05,
     iterations: int = 3,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N,) index in [0, M) of the prototype of its own class each pixel is assigned to: the argmax of the plan.
 
@@ -675,32 +723,47 @@ def sinkhorn_assignments(
     (`argmax_with_ties`), so the assignment is the same on every CPU and in every code path. Plan entries tie when
     epsilon * log Q (a similarity shifted by the column's scaling) agree within the similarity tolerance of the
     scores' dtype (`similarity_tie_tolerance`), or their relative difference is within PLAN_TIE_TOLERANCE.
+    With `mask` (see `sinkhorn_knopp`), the pixels outside it get an index in [0, M) that means nothing.
     """
     if scores.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
-    plan = sinkhorn_knopp(scores, classes, num_classes, epsilon, iterations)
+    plan = sinkhorn_knopp(scores, classes, num_classes, epsilon, iterations, mask)
     tolerance = similarity_tie_tolerance(scores.dtype)
     return argmax_with_ties(plan, scores.detach(), max(tolerance / epsilon, PLAN_TIE_TOLERANCE), tolerance)
 
 
-def ppc_loss(similarities: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the entries where `mask` is True, 0 if there are none (static shapes, no branch)."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def ppc_loss(
+    similarities: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pixel-prototype contrast: cross-entropy over all K*M prototypes.
 
     Args:
         similarities: (N, K, M) or (N, K*M) cosine similarities of labelled pixels to every prototype.
         targets: (N,) flat index k_i * M + a_i of each pixel's assigned prototype.
+        mask: (N,) bool, optional: average over these pixels only (the others are ignored pixels whose targets
+            mean nothing); the same loss as passing the masked rows, with shapes that do not depend on the labels.
     """
     logits = similarities.flatten(1)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
+    if mask is not None:
+        per_pixel = F.cross_entropy(_float32_or_wider(logits) / temperature, targets, reduction="none")
+        return _masked_mean(per_pixel, mask)
     return F.cross_entropy(_float32_or_wider(logits) / temperature, targets)
 
 
-def ppd_loss(assigned_similarities: torch.Tensor) -> torch.Tensor:
-    """Pixel-prototype distance: mean over pixels of (1 - s_{k_i, a_i}(i))^2 for (N,) similarities."""
+def ppd_loss(assigned_similarities: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel-prototype distance: mean over pixels (those in the (N,) bool `mask`, if given) of (1 - s_{k_i, a_i}(i))^2
+    for (N,) similarities."""
     if assigned_similarities.numel() == 0:
         return assigned_similarities.sum() * 0.0
-    return (1.0 - _float32_or_wider(assigned_similarities)).pow(2).mean()
+    distances = (1.0 - _float32_or_wider(assigned_similarities)).pow(2)
+    return distances.mean() if mask is None else _masked_mean(distances, mask)
 
 
 def momentum_update(
@@ -708,6 +771,7 @@ def momentum_update(
     embeddings: torch.Tensor,
     targets: torch.Tensor,
     momentum: float = 0.999,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New prototypes after one momentum step; the input is not modified.
 
@@ -718,13 +782,17 @@ def momentum_update(
     Args:
         prototypes: (K, M, D) unit prototypes.
         embeddings: (N, D) unit embeddings of the pixels that update (the caller keeps only correct ones).
-        targets: (N,) flat prototype index k*M + m of each embedding.
+        targets: (N,) flat prototype index k*M + m of each embedding (in range also where `mask` is False).
+        mask: (N,) bool, optional: only these embeddings update (the same result as passing only them, with shapes
+            that do not depend on which they are: torch.compile traces it without a graph break).
     """
     num_classes, num_prototypes, dim = prototypes.shape
     with torch.no_grad(), torch.autocast(device_type=prototypes.device.type, enabled=False):
         flat = _float32_or_wider(prototypes.reshape(num_classes * num_prototypes, dim))
         embeddings = embeddings.detach().to(flat.dtype)
         finite = torch.isfinite(embeddings).all(dim=1)
+        if mask is not None:
+            finite = finite & mask
         embeddings = torch.where(finite[:, None], embeddings, torch.zeros_like(embeddings))
         sums = torch.zeros_like(flat).index_add_(0, targets, embeddings)
         counts = torch.zeros_like(flat[:, 0]).index_add_(0, targets, finite.to(flat.dtype))
@@ -820,6 +888,7 @@ __all__ = [
     "fused_scores_and_contrast",
     "is_tracing",
     "l2_normalize",
+    "masked_scores_and_contrast",
     "momentum_update",
     "normalize_class_scores",
     "own_class_similarities",

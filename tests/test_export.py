@@ -278,36 +278,45 @@ def test_compile_fullgraph_inference_matches_eager(model):
         torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=0)
 
 
-def test_compiled_training_step_matches_eager_and_breaks_only_in_the_head():
+def test_compiled_training_step_has_no_graph_break_and_matches_eager():
+    """The training forward (losses, Sinkhorn, prototype update) is one graph: masks over all pixels, no operator
+    whose output size depends on the labels. Compiled (aot_eager: the graph and its AOT backward) = eager (fused).
+
+    Inductor (dynamic=False) also compiles it and matches eager (grads within 1e-3 relative); it is left out here
+    because a cold compile takes about 2 minutes on one CPU core.
+    """
     torch.manual_seed(0)
     no_dropout = {"classifier_dropout_prob": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     config = tiny_config(num_labels=5, drop_path_rate=0.0, **no_dropout)
     eager = ProtoSegformerForSemanticSegmentation(config).train()
     compiled_model = ProtoSegformerForSemanticSegmentation(config).train()
     compiled_model.load_state_dict(eager.state_dict())
+    before = eager.prototypes.clone()
     pixel_values = _inputs((2, 3, 64, 64), 1)
     labels = torch.randint(0, 5, (2, 64, 64), generator=torch.Generator().manual_seed(2))
     labels[:, :8] = 255
+    with torch.no_grad():  # transformers installs its output-capturing hooks on a model's first call (a graph break)
+        compiled_model.eval()(pixel_values)
+    compiled_model.train()
 
-    def step(model, pixel_values, labels):
-        output = model(pixel_values=pixel_values, labels=labels)
-        output.loss.backward()
-        return output.loss.detach()
+    def training_forward(model, pixel_values, labels):
+        return model(pixel_values=pixel_values, labels=labels).loss
 
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(step)(compiled_model, pixel_values, labels)
-    files = {Path(reason.user_stack[-1].filename).name for reason in explanation.break_reasons}
-    assert files <= {"modeling_proto_segformer.py", "prototypes.py"}, files
-    # Every break is an operator whose output size depends on the labels (the labelled pixels, the Sinkhorn counts,
-    # the pixels that update the prototypes): no branch on tensor values, no data-pointer test.
-    reasons = [str(reason.reason) for reason in explanation.break_reasons]
-    assert reasons and all("output shape depends on input Tensor data" in reason for reason in reasons), reasons
-    compiled_model.load_state_dict(eager.state_dict())  # undo the explained step
-    compiled_model.zero_grad()
-    torch.testing.assert_close(
-        torch.compile(step, backend="aot_eager")(compiled_model, pixel_values, labels),
-        step(eager, pixel_values, labels),
-        atol=1e-4,
-        rtol=0,
-    )
-    torch.testing.assert_close(compiled_model.prototypes, eager.prototypes, atol=1e-5, rtol=0)
+    explanation = torch._dynamo.explain(training_forward)(compiled_model, pixel_values, labels)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    compiled_model.load_state_dict(eager.state_dict())  # undo the explained step's prototype update
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=False)
+    outputs = []
+    for model in (compiled, eager):
+        output = model(pixel_values=pixel_values, labels=labels)
+        output.loss.backward()
+        outputs.append(output)
+    for field in ("loss", "loss_ce", "loss_ppc", "loss_ppd", "logits"):
+        torch.testing.assert_close(getattr(outputs[0], field), getattr(outputs[1], field), atol=1e-5, rtol=1e-5)
+    scale = max(p.grad.abs().max() for p in eager.parameters())
+    for (name, a), b in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad / scale, b.grad / scale, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(eager.prototypes, before)  # the step updated some prototypes
+    torch.testing.assert_close(compiled_model.prototypes, eager.prototypes, atol=1e-6, rtol=0)

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from rounding import assert_argmax_up_to_ties, ulp_noise
 
-from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer import ProtoSegformerForSemanticSegmentation, modeling_proto_segformer
 from proto_segformer.modeling_proto_segformer import ProtoSegformerProjection
 from proto_segformer.prototypes import (
     class_scores,
     fused_scores_and_contrast,
     l2_normalize,
+    masked_scores_and_contrast,
     normalize_class_scores,
     prototype_logits,
     random_unit_prototypes,
@@ -223,6 +224,38 @@ def test_fused_head_cannot_be_back_propagated_twice():
         loss.backward()
 
 
+
+@pytest.mark.parametrize(
+    ("num_pixels", "classes", "prototypes", "dim", "ignored"),
+    [(37, 5, 3, 8, 0.2), (64, 2, 1, 4, 0.5), (300, 847, 10, 16, 0.1), (50, 19, 10, 8, 1.0), (40, 3, 2, 4, 0.0)],
+)
+def test_masked_scores_and_contrast_equal_the_index_composition(num_pixels, classes, prototypes, dim, ignored):
+    """The traced training head (all pixels, a mask of the labelled ones) against the index one, values and
+    gradients: the ignored pixels' outputs are left out and their upstream gradients are zero."""
+    pixels = unit(num_pixels, dim, seed=15)
+    protos = unit(classes, prototypes, dim, seed=16)
+    labels = random_labels(num_pixels, classes, seed=17, ignored_fraction=ignored)
+    labelled = labels != 255
+    rows = labelled.nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(18)
+    grad_scores = torch.randn(num_pixels, classes, generator=generator, dtype=torch.float64)
+    grad_assigned = torch.randn(num_pixels, generator=generator, dtype=torch.float64) * labelled
+    upstream = (grad_scores, torch.tensor(1.7, dtype=torch.float64), grad_assigned)
+    plain = run_head(scores_and_contrast, pixels, protos, rows, labels[rows], (*upstream[:2], grad_assigned[rows]))
+
+    def masked_head(leaf, prototypes, _rows, classes, assign, temperature):
+        return masked_scores_and_contrast(leaf, prototypes, labelled, classes, assign, temperature)
+
+    masked = run_head(masked_head, pixels, protos, rows, torch.where(labelled, labels, 0), upstream)
+    scores, loss_ppc, assigned, targets, gradient = masked
+    torch.testing.assert_close(scores, plain[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(loss_ppc, plain[1], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(assigned[rows], plain[2], atol=1e-12, rtol=0)
+    assert torch.equal(targets[rows], plain[3])
+    torch.testing.assert_close(gradient, plain[4], atol=1e-10, rtol=1e-10)
+    assert gradient.abs().max() > 0.1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model: fast_head True vs False
 
@@ -270,6 +303,43 @@ def test_model_fast_and_plain_heads_give_the_same_step(num_labels, prototypes, b
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(pixel_values).logits, plain(pixel_values).logits, **tolerance)
+
+
+
+@pytest.mark.parametrize(
+    ("num_labels", "dtype", "ignored_rows", "updates"),
+    [
+        (5, torch.float64, 5, True),
+        (847, torch.float32, 5, False),  # random prototypes: no pixel predicted right, so none updates
+        (4, torch.float32, 32, False),  # every pixel ignored
+    ],
+)
+def test_model_traced_training_head_gives_the_eager_step(monkeypatch, num_labels, dtype, ignored_rows, updates):
+    """The masked formulation that torch.compile / torch.export trace, run eagerly, against the fused index path."""
+    fast, traced = twin_models(num_labels, dtype, num_prototypes_per_class=4)
+    traced.fast_head = True
+    before = fast.prototypes.clone()
+    generator = torch.Generator().manual_seed(11)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=generator, dtype=dtype)
+    labels = torch.randint(0, num_labels, (2, 32, 32), generator=generator)
+    labels[:, :ignored_rows] = 255
+    outputs = {}
+    for name, model in (("fast", fast), ("traced", traced)):
+        with monkeypatch.context() as patch:
+            if name == "traced":
+                patch.setattr(modeling_proto_segformer, "is_tracing", lambda: True)
+            torch.manual_seed(2)
+            out = model.train()(pixel_values, labels=labels)
+            out.loss.backward()
+            outputs[name] = out
+    tolerance = {"atol": 1e-9, "rtol": 1e-9} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    for field in ("logits", "loss", "loss_ce", "loss_ppc", "loss_ppd"):
+        torch.testing.assert_close(getattr(outputs["traced"], field), getattr(outputs["fast"], field), **tolerance)
+    scale = max(max(p.grad.abs().max().item() for p in fast.parameters()), 1e-30)  # all 0 when nothing labelled
+    for (name, a), b in zip(traced.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(a.grad / scale, b.grad / scale, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(traced.prototypes, fast.prototypes, **tolerance)
+    assert bool((traced.prototypes != before).any()) == updates
 
 
 def test_model_prototype_update_happens_on_the_fast_path():

@@ -428,3 +428,56 @@ def test_functions_are_vectorised_over_classes_at_large_k():
     targets = classes * num_prototypes + assignments
     sims = prototype_similarities(embeddings, prototypes)
     torch.testing.assert_close(ppc_loss(sims, targets, 0.1), F.cross_entropy(sims.reshape(2000, -1) / 0.1, targets))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks over all pixels (the traced training head): the same values as passing the masked pixels only.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkhorn_with_a_mask_equals_sinkhorn_of_the_masked_pixels(dtype):
+    generator = torch.Generator().manual_seed(21)
+    own = torch.rand(300, 5, generator=generator, dtype=dtype) * 2 - 1
+    classes = torch.randint(0, 7, (300,), generator=generator)
+    classes[classes == 6] = 0  # class 6 absent
+    mask = torch.rand(300, generator=generator) > 0.3
+    mask[classes == 5] = False  # class 5 present but fully masked out: counts in no class
+    own[~mask] = torch.where(torch.rand(int((~mask).sum()), 5, generator=generator) > 0.5, 9.0, -9.0).to(dtype)
+    plan = sinkhorn_knopp(own, classes, 7, mask=mask)
+    expected = sinkhorn_knopp(own[mask], classes[mask], 7)
+    torch.testing.assert_close(plan[mask], expected, atol=0, rtol=4 * torch.finfo(dtype).eps)
+    assert torch.equal(plan[~mask], torch.zeros_like(plan[~mask]))
+    assigned = sinkhorn_assignments(own, classes, 7, mask=mask)
+    assert torch.equal(assigned[mask], sinkhorn_assignments(own[mask], classes[mask], 7))
+    assert torch.equal(assigned[mask], reference_assignments(own[mask], classes[mask]))
+    assert ((assigned >= 0) & (assigned < 5)).all()
+
+
+def test_ppc_and_ppd_losses_with_a_mask_average_over_the_masked_pixels():
+    generator = torch.Generator().manual_seed(22)
+    sims = torch.rand(40, 4, 3, generator=generator, dtype=torch.float64) * 2 - 1
+    targets = torch.randint(0, 12, (40,), generator=generator)
+    mask = torch.rand(40, generator=generator) > 0.4
+    sims[~mask] = float("nan")  # what the other pixels hold never reaches the loss
+    torch.testing.assert_close(ppc_loss(sims, targets, 0.1, mask=mask), ppc_loss(sims[mask], targets[mask], 0.1))
+    assigned = sims[:, 0, 0]
+    torch.testing.assert_close(ppd_loss(assigned, mask=mask), ppd_loss(assigned[mask]))
+    nothing = torch.zeros(40, dtype=torch.bool)
+    assert ppc_loss(sims, targets, 0.1, mask=nothing).item() == 0.0
+    assert ppd_loss(assigned, mask=nothing).item() == 0.0
+
+
+def test_momentum_update_with_a_mask_equals_the_update_from_the_masked_pixels():
+    prototypes = random_unit(5, 3, 8)
+    embeddings = random_unit(60, 8, seed=23)
+    generator = torch.Generator().manual_seed(24)
+    targets = torch.randint(0, 12, (60,), generator=generator)  # classes 4 and 5 never targeted
+    mask = torch.rand(60, generator=generator) > 0.5
+    embeddings[~mask & (targets == 0)] = float("nan")  # left out by the mask, not by the finiteness check
+    updated = momentum_update(prototypes, embeddings, targets, momentum=0.9, mask=mask)
+    expected = momentum_update(prototypes, embeddings[mask], targets[mask], momentum=0.9)
+    torch.testing.assert_close(updated, expected, atol=1e-7, rtol=0)
+    untouched = torch.ones(15, dtype=torch.bool)
+    untouched[targets[mask]] = False
+    assert torch.equal(updated.view(15, 8)[untouched], prototypes.view(15, 8)[untouched])
+    assert untouched[targets[~mask]].any()  # some prototypes only masked-out pixels target stay unchanged
