@@ -351,6 +351,20 @@ def _held_load_report(class_name: str):
         held.release()
 
 
+def _install_output_capturing_hooks(encoder: nn.Module) -> None:
+    """Install now the output-capturing hooks transformers 5 installs on the encoder's first call.
+
+    It installs them under a `threading.Lock`, which torch.compile cannot trace, so without this a fresh model fails
+    `torch.compile(model, fullgraph=True)` ("Unsupported context manager"; stock SegFormer does). The hooks are the
+    same either way; transformers without this helper installs nothing lazily, and nothing is done.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    maybe_install_capturing_hooks(encoder)
+
+
 def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:
     """Class scores S (any shape, classes along `dim`) -> logits, as `config.class_score_normalization` says:
     LayerNorm over the classes (default, the contract) or S / `config.class_score_temperature`."""
@@ -391,6 +405,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         self.register_buffer("prototypes", random_unit_prototypes(*shape), persistent=True)
         self.min_input_size = minimum_input_size(config)
         self.post_init()
+        _install_output_capturing_hooks(self.segformer)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

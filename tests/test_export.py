@@ -278,6 +278,21 @@ def test_compile_fullgraph_inference_matches_eager(model):
         torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=0)
 
 
+def test_compile_fullgraph_works_on_a_fresh_model_and_a_loaded_one(tmp_path):
+    # transformers installs its output-capturing hooks on the first call, under a lock dynamo cannot trace: the model
+    # installs them when built, so compiling a model that never ran eagerly works (stock SegFormer fails here).
+    torch.manual_seed(0)
+    fresh = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=4)).eval()
+    fresh.save_pretrained(tmp_path / "m")
+    loaded = ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path / "m").eval()
+    pixel_values = _inputs((1, 3, 64, 64), 3)
+    for model in (fresh, loaded):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            logits = torch.compile(model, backend="eager", fullgraph=True)(pixel_values).logits
+            torch.testing.assert_close(logits, model(pixel_values).logits, atol=1e-5, rtol=0)
+
+
 def test_compiled_training_step_has_no_graph_break_and_matches_eager():
     """The training forward (losses, Sinkhorn, prototype update) is one graph: masks over all pixels, no operator
     whose output size depends on the labels. Compiled (aot_eager: the graph and its AOT backward) = eager (fused).
