@@ -264,7 +264,9 @@ def measure_setting(setting: Setting, args: SpeedArguments) -> dict:
     record: dict = {"setting": dataclasses.asdict(setting), "flops": {}, "time_ms": {}, "peak_memory": {}}
     for mode, make in MAKERS.items():
         calls = {kind: make(model, setting) for kind, model in models.items()}
-        # Counting FLOPs runs each call once: it is also the warm-up before timing.
+        for call in calls.values():  # warm-up (the first inference call also measures the head's block shapes)
+            call()
+        # Counting FLOPs runs each call once more.
         record["flops"][mode] = {kind: count_flops(call) for kind, call in calls.items()}
         record["time_ms"][mode] = interleaved_medians(calls, setting.device, args.repeats)
         del calls
