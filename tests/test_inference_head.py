@@ -263,3 +263,21 @@ def test_traced_and_compiled_heads_honour_bfloat16_similarities():
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(pixel_values).logits, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("other_seconds", "expected"), [(0.0295, "default"), (0.012, "other")])
+def test_another_shape_replaces_the_default_only_when_clearly_faster(monkeypatch, other_seconds, expected):
+    # Timings made by sleeping: the default takes 30 ms, one other shape `other_seconds`, the rest 60 ms.
+    monkeypatch.setattr(P, "HEAD_TUNING_MIN_MACS", 1)
+    real = P.blocked_prototype_logits
+    other = (256, 64)
+
+    def timed(embeddings, prototypes, rows, classes, *args):
+        seconds = {P.DEFAULT_HEAD_BLOCK: 0.03, other: other_seconds}.get((rows, classes), 0.06)
+        time.sleep(seconds)
+        return real(embeddings, prototypes, rows, classes, *args)
+
+    monkeypatch.setattr(P, "blocked_prototype_logits", timed)
+    embeddings, prototypes = embedding_map(1, 40, 40, 16, seed=22), unit_prototypes(300, 2, 16, seed=23)
+    chosen = head_block_shape(embeddings, prototypes, torch.float32, torch.float32)
+    assert chosen == (P.DEFAULT_HEAD_BLOCK if expected == "default" else other)
