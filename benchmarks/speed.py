@@ -335,30 +335,26 @@ def format_onnxruntime_table(records: list[dict]) -> str:
 MATMUL_PROBE_SHAPES = ((512, 2048), (1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096))
 
 
-def best_matmul_gflops(dim: int, dtype: torch.dtype, device: str, repeats: int = 5) -> dict:
-    """The best `torch.mm` rate (GFLOP/s) with inner dimension `dim` over MATMUL_PROBE_SHAPES (best of `repeats`)."""
+def matmul_probes(dim: int, dtype: torch.dtype, device: str) -> dict[str, tuple[callable, int]]:
+    """{name: (call, FLOPs)} of `torch.mm` with inner dimension `dim` on each of MATMUL_PROBE_SHAPES."""
     generator = torch.Generator().manual_seed(3)
-    rates = {}
+    probes = {}
     for rows, columns in MATMUL_PROBE_SHAPES:
         left = torch.randn(rows, dim, generator=generator).to(device=device, dtype=dtype)
         right = torch.randn(dim, columns, generator=generator).to(device=device, dtype=dtype)
         out = torch.empty(rows, columns, device=device, dtype=dtype)
-        times = []
-        for _ in range(repeats + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            torch.mm(left, right, out=out)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        rates[f"{rows}x{dim}@{dim}x{columns}"] = 2 * rows * columns * dim / min(times[1:]) / 1e9
-    best = max(rates, key=rates.get)
-    return {"gflops": rates[best], "shape": best, "all": rates}
+        probes[f"{rows}x{dim}@{dim}x{columns}"] = (
+            lambda a=left, b=right, o=out: torch.mm(a, b, out=o),
+            2 * rows * columns * dim,
+        )
+    return probes
 
 
 def head_efficiency(setting: Setting, repeats: int) -> dict:
     """Achieved FLOP/s of the inference head (similarity, max over prototypes, class LayerNorm: `prototype_logits`
-    on a batch-1 embedding map of the inference size) as a fraction of the best matmul rate of the same dtype and D,
-    measured in turns with it in this process."""
+    on a batch-1 embedding map of the inference size) as a fraction of the best `torch.mm` rate of the same dtype and
+    D on cache-sized products (MATMUL_PROBE_SHAPES, the best shape). The head and the products are timed in turns
+    (at least 5 rounds, the best time of each), so a machine whose speed drifts affects both alike."""
     config = ProtoSegformerConfig.from_preset(
         setting.preset, num_labels=setting.num_labels, prototype_dim=setting.prototype_dim
     )
@@ -372,15 +368,19 @@ def head_efficiency(setting: Setting, repeats: int) -> dict:
     similarity_dtype = SIMILARITY_DTYPES.get(setting.similarity_dtype)
     matmul_dtype = similarity_dtype or torch.float32
 
-    def call() -> None:
+    def head() -> None:
         with torch.inference_mode():
             prototype_logits(embeddings, prototypes, similarity_dtype=similarity_dtype)
 
-    call()  # warm-up (and the first call measures the head's block shapes)
-    head_ms = interleaved_medians({"head": call}, setting.device, repeats)["head"]["min"]
-    flops = 2 * side * side * classes * count * dim
-    head_gflops = flops / (head_ms / 1000) / 1e9
-    best = best_matmul_gflops(dim, matmul_dtype, setting.device)
+    probes = matmul_probes(dim, matmul_dtype, setting.device)
+    calls = {"head": head, **{name: call for name, (call, _) in probes.items()}}
+    for call in calls.values():  # warm-up (the head's first call also measures its block shapes)
+        call()
+    times = interleaved_medians(calls, setting.device, max(5, repeats))
+    head_flops_count = 2 * side * side * classes * count * dim
+    head_gflops = head_flops_count / (times["head"]["min"] / 1000) / 1e9
+    rates = {name: flops / (times[name]["min"] / 1000) / 1e9 for name, (_, flops) in probes.items()}
+    best = max(rates, key=rates.get)
     blocks = [
         shape
         for key, shape in measured_head_blocks().items()
@@ -388,12 +388,12 @@ def head_efficiency(setting: Setting, repeats: int) -> dict:
     ]
     return {
         "dtype": str(matmul_dtype).replace("torch.", ""),
-        "head_ms": head_ms,
+        "head_ms": times["head"]["min"],
         "head_gflops": head_gflops,
-        "best_matmul_gflops": best["gflops"],
-        "best_matmul_shape": best["shape"],
-        "matmul_gflops": best["all"],
-        "efficiency": head_gflops / best["gflops"],
+        "best_matmul_gflops": rates[best],
+        "best_matmul_shape": best,
+        "matmul_gflops": rates,
+        "efficiency": head_gflops / rates[best],
         "block_shape": blocks[0] if blocks else None,
     }
 
