@@ -37,6 +37,16 @@ TINY = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored afterwards): tiny tensors avoid OpenMP barrier stalls on a busy
+    machine, and timings inside the test (the head's block-shape measurement) see one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(num_labels: int = 5, **overrides) -> ProtoSegformerConfig:
     """A mit-b0-shaped config shrunk to a few thousand parameters."""
     fields = {"num_labels": num_labels, "num_prototypes_per_class": 4, **TINY, **overrides}

@@ -25,14 +25,7 @@ from proto_segformer.prototypes import (
     sinkhorn_assignments,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(*shape, seed: int, dtype=torch.float64) -> torch.Tensor:
