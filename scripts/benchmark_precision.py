@@ -21,12 +21,18 @@ sys.path.append(ROOT)  # benchmarks/ lives in the source tree, beside the packag
 from benchmarks.arguments import PrecisionArguments  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PrecisionArguments, argv, description=__doc__)
     from benchmarks.precision import run
+    from proto_segformer.inference import CheckpointError
 
-    return run(args)
+    try:
+        run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
