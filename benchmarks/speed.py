@@ -331,7 +331,8 @@ def format_onnxruntime_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Cache-sized products (rows x D @ D x columns) on which the machine's best matmul rate is measured.
+# Products (rows x D @ D x columns) on which the best matmul rate is measured: cache-sized ones and the large square
+# one the issue names (4096 x 4096 outputs); the best is taken.
 MATMUL_PROBE_SHAPES = ((512, 2048), (1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096))
 
 
