@@ -25,7 +25,7 @@ from transformers.models.segformer.modeling_segformer import SegformerMLP, Segfo
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
-from .configuration_proto_segformer import ProtoSegformerConfig
+from .configuration_proto_segformer import SIMILARITY_DTYPE_NAMES, ProtoSegformerConfig
 from .paths import check_source
 from .prototypes import (
     SIMILARITY_DTYPES,
@@ -365,6 +365,15 @@ def _install_output_capturing_hooks(encoder: nn.Module) -> None:
     maybe_install_capturing_hooks(encoder)
 
 
+def _similarity_dtype(config: ProtoSegformerConfig) -> torch.dtype | None:
+    """The torch dtype `config.similarity_dtype` names (None: the model's), checked again here because
+    `from_pretrained(..., similarity_dtype=...)` and attribute assignment set it after the config's own validation."""
+    name = getattr(config, "similarity_dtype", None)
+    if name is not None and name not in SIMILARITY_DTYPES:
+        raise ValueError(f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {name!r}.")
+    return SIMILARITY_DTYPES.get(name) if name is not None else None
+
+
 def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:
     """Class scores S (any shape, classes along `dim`) -> logits, as `config.class_score_normalization` says:
     LayerNorm over the classes (default, the contract) or S / `config.class_score_temperature`."""
@@ -506,7 +515,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         batch, dim, height, width = embeddings.shape
 
         loss = loss_ce = loss_ppc = loss_ppd = None
-        similarity_dtype = SIMILARITY_DTYPES.get(config.similarity_dtype)
+        similarity_dtype = _similarity_dtype(config)
         if labels is None and self.fast_head and config.class_score_normalization == "layer_norm":
             logits = prototype_logits(
                 embeddings,

@@ -219,6 +219,13 @@ def test_the_model_runs_its_head_in_bfloat16_when_configured_and_saves_the_optio
     assert not torch.equal(reduced, reference)  # the option does something
     model.save_pretrained(tmp_path / "m")
     assert ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path / "m").config.similarity_dtype == "bfloat16"
+    # Set at load time (a config attribute transformers assigns after the config's validation): used, or refused.
+    loaded = ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path / "m", similarity_dtype=None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, reference, atol=1e-6, rtol=0)
+    loaded.config.similarity_dtype = "float16"
+    with pytest.raises(ValueError, match="similarity_dtype must be one of"), torch.no_grad():
+        loaded(pixel_values)
     # Training (labels given) keeps the model's precision: the loss equals the float32 one.
     model.fast_head = True
     labels = torch.randint(0, 7, (2, 64, 64), generator=torch.Generator().manual_seed(2))
