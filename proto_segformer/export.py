@@ -89,7 +89,8 @@ def export_onnx(
     if getattr(model.config, "similarity_dtype", None) == "bfloat16":
         raise ValueError(
             "similarity_dtype='bfloat16' cannot go to ONNX: ONNX Runtime's CPU kernels have no bfloat16 MatMul. "
-            "Export the float32 head: set model.config.similarity_dtype = None first."
+            "Export the float32 head: set model.config.similarity_dtype = None first (in Python, or in the model"
+            " folder's config.json)."
         )
     program = export_program(model) if program is None else program
     onnx_program = torch.onnx.export(
