@@ -41,6 +41,13 @@ CLASS_SCORE_NORMALIZATIONS = ("layer_norm", "temperature")
 # Values of `similarity_dtype` (None: the model's dtype); the torch dtypes are `prototypes.SIMILARITY_DTYPES`.
 SIMILARITY_DTYPE_NAMES = (None, "float32", "bfloat16")
 
+
+def check_similarity_dtype(name: str | None) -> str | None:
+    """`name` if it is one of SIMILARITY_DTYPE_NAMES, else a ValueError listing them."""
+    if name not in SIMILARITY_DTYPE_NAMES:
+        raise ValueError(f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {name!r}.")
+    return name
+
 # Written into config.json so that the Auto classes and the pipeline find the custom code next to the weights.
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_proto_segformer.ProtoSegformerConfig",
@@ -138,10 +145,7 @@ class ProtoSegformerConfig(SegformerConfig):
                 f"class_score_normalization must be one of {CLASS_SCORE_NORMALIZATIONS},"
                 f" got {self.class_score_normalization!r}."
             )
-        if self.similarity_dtype not in SIMILARITY_DTYPE_NAMES:
-            raise ValueError(
-                f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {self.similarity_dtype!r}."
-            )
+        check_similarity_dtype(self.similarity_dtype)
         if float(self.class_score_temperature) <= 0:
             raise ValueError(f"class_score_temperature must be > 0, got {self.class_score_temperature}.")
 

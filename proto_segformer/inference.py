@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .configuration_proto_segformer import SIMILARITY_DTYPE_NAMES
+from .configuration_proto_segformer import check_similarity_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +331,7 @@ class InferenceOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.similarity_dtype not in SIMILARITY_DTYPE_NAMES:
-            raise ValueError(
-                f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {self.similarity_dtype!r}."
-            )
+        check_similarity_dtype(self.similarity_dtype)
         for name in ("crop_size", "stride"):
             value = getattr(self, name)
             if value is None:

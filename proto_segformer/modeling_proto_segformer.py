@@ -25,7 +25,7 @@ from transformers.models.segformer.modeling_segformer import SegformerMLP, Segfo
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
-from .configuration_proto_segformer import SIMILARITY_DTYPE_NAMES, ProtoSegformerConfig
+from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .paths import check_source
 from .prototypes import (
     SIMILARITY_DTYPES,
@@ -368,10 +368,8 @@ def _install_output_capturing_hooks(encoder: nn.Module) -> None:
 def _similarity_dtype(config: ProtoSegformerConfig) -> torch.dtype | None:
     """The torch dtype `config.similarity_dtype` names (None: the model's), checked again here because
     `from_pretrained(..., similarity_dtype=...)` and attribute assignment set it after the config's own validation."""
-    name = getattr(config, "similarity_dtype", None)
-    if name is not None and name not in SIMILARITY_DTYPES:
-        raise ValueError(f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {name!r}.")
-    return SIMILARITY_DTYPES.get(name) if name is not None else None
+    name = check_similarity_dtype(getattr(config, "similarity_dtype", None))
+    return None if name is None else SIMILARITY_DTYPES[name]
 
 
 def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:

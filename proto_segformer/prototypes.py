@@ -194,12 +194,9 @@ def prototype_logits(
     if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
         return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
     matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
-    num_classes, num_prototypes, dim = prototypes.shape
-    batch, _, height, width = embeddings.shape
+    num_classes, num_prototypes, _ = prototypes.shape
     if block_shape is None:
-        block_shape = head_block_shape(
-            embeddings, prototypes, matmul_dtype, out_dtype, eps=eps, num_pixels=batch * height * width
-        )
+        block_shape = head_block_shape(embeddings, prototypes, matmul_dtype, out_dtype, eps=eps)
     rows, classes = _bounded_block_shape(block_shape, num_classes, num_prototypes, chunk_size)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return blocked_prototype_logits(
@@ -343,7 +340,6 @@ def head_block_shape(
     matmul_dtype: torch.dtype,
     out_dtype: torch.dtype,
     eps: float = 1e-5,
-    num_pixels: int | None = None,
 ) -> tuple[int, int]:
     """(pixels, classes) per block of `blocked_prototype_logits` for this machine, measured once per process.
 
@@ -359,9 +355,7 @@ def head_block_shape(
     num_classes, num_prototypes, dim = prototypes.shape
     if embeddings.device.type != "cpu":
         return (FAST_CHUNK_ROWS * 8, num_classes)
-    num_pixels = (
-        num_pixels if num_pixels is not None else embeddings.shape[0] * embeddings.shape[2] * embeddings.shape[3]
-    )
+    num_pixels = embeddings.shape[0] * embeddings.shape[2] * embeddings.shape[3]
     if num_pixels * num_classes * num_prototypes * dim < HEAD_TUNING_MIN_MACS:
         return DEFAULT_HEAD_BLOCK
     key = (str(embeddings.device), dim, num_classes, num_prototypes, matmul_dtype, torch.get_num_threads())

@@ -45,12 +45,7 @@ needs_onnx = pytest.mark.skipif(onnx_missing, reason="needs the [onnx] extra (on
 OTHER_SHAPES = [(1, 3, 61, 80), (3, 3, 97, 130), (1, 3, 150, 61), (2, 3, 64, 64)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

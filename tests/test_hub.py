@@ -45,13 +45,7 @@ EXPECTED_FILES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small forwards on a busy 2-core machine are far faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_checkpoint(folder: Path, seed: int = 0) -> ProtoSegformerForSemanticSegmentation:

@@ -22,13 +22,7 @@ from proto_segformer.visualization import (
     prototype_statistics,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_near_duplicates_and_unused_prototypes():
