@@ -30,7 +30,7 @@ from proto_segformer.prototypes import (
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# Slow references: one class, one pixel or one prototype at a time, straight from PROTOSEG.md.
+# Slow references: one class, one pixel or one prototype at a time, straight from docs/method.md.
 
 
 def reference_sinkhorn_one_class(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_sinkhorn_float64_stays_float64():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ties in the plan: the same assignment whatever the last bits of rounding (PROTOSEG.md, training step 1)
+# Ties in the plan: the same assignment whatever the last bits of rounding (docs/method.md, training step 1)
 
 
 def test_argmax_with_ties_follows_the_rule_row_by_row():
