@@ -157,7 +157,7 @@ def tied_batch(dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_both_heads_assign_tied_plan_rows_alike_and_to_the_nearest_prototype(dtype):
-    # docs/method.md: ties in Q go to the most similar prototype, the same assignment on every CPU and in every code path.
+    # docs/method.md: ties in Q go to the most similar prototype, the same assignment on every CPU and code path.
     # A few ulps of noise on the pixels stand for another CPU's rounding; bfloat16 runs under autocast (float32 inputs).
     compute = torch.float32 if dtype == torch.bfloat16 else dtype
     pixels, protos, labels = tied_batch(compute)
