@@ -176,17 +176,26 @@ def test_a_fifo_in_the_model_folder_is_skipped_without_hanging(tmp_path, caplog)
     assert "is a FIFO, not a regular file" in line
 
 
-def test_a_fifo_as_a_model_file_stops_the_push(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["fifo", "link-out"])
+def test_a_refused_model_file_stops_the_push(tmp_path, capsys, kind):
+    """A model file (here the image processor's config, loaded and published) that is a FIFO or a link leading out
+    of the model folder stops the push before anything is written."""
     run = tmp_path / "run"
     save_checkpoint(run)
-    (run / "preprocessor_config.json").unlink()
-    os.mkfifo(run / "preprocessor_config.json")
+    outside = tmp_path / "elsewhere.json"
+    (run / "preprocessor_config.json").rename(outside)
+    if kind == "fifo":
+        os.mkfifo(run / "preprocessor_config.json")
+    else:
+        (run / "preprocessor_config.json").symlink_to(outside)
     capsys.readouterr()
     with no_hang():
         code = push_script().main(["--model", str(run), "--local_dir", str(tmp_path / "repo")])
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "Refused preprocessor_config.json:" in line and "is a FIFO, not a regular file" in line
+    reason = "is a FIFO, not a regular file" if kind == "fifo" else f"which lies outside {run.resolve()}"
+    assert line.startswith("error: Refused preprocessor_config.json:") and reason in line
+    assert "Publishing stopped (nothing was written)" in line
     assert not (tmp_path / "repo").exists()
 
 
@@ -219,3 +228,20 @@ def test_a_full_disk_while_assembling_is_one_line_and_changes_nothing(tmp_path, 
     else:
         assert "it was not created" in line
         assert not repo.exists() and list(repo.parent.iterdir()) == []
+
+
+def test_add_classes_does_not_copy_a_linked_training_args_file(run_with_credentials, tmp_path, caplog):
+    """add_classes carries training_args.json into the new model (which may be pushed later): not a link's target."""
+    from test_class_editing import saved_model_with_extras, write_support_folder
+
+    from proto_segformer.add_classes import add_classes_from_folder
+
+    _, credentials = run_with_credentials
+    model_dir = tmp_path / "model"
+    saved_model_with_extras(model_dir)
+    (model_dir / "training_args.json").symlink_to(credentials)
+    write_support_folder(tmp_path / "support")
+    add_classes_from_folder(model_dir, tmp_path / "support", ["red", "blue"], tmp_path / "out")
+    assert not (tmp_path / "out" / "training_args.json").exists()
+    assert SECRET not in tree_text(tmp_path / "out")
+    assert any(r.getMessage().startswith("Skipped training_args.json:") for r in caplog.records)
