@@ -268,7 +268,9 @@ def add_classes_from_folder(
 
     def write_card(folder: Path) -> None:
         if training_args.is_file() and not (folder / TRAINING_ARGS_FILE).exists():
-            shutil.copyfile(training_args, folder / TRAINING_ARGS_FILE)  # how the network was trained
+            from .hub import copy_optional  # a link leading out of model_dir is skipped with a warning
+
+            copy_optional(training_args, folder / TRAINING_ARGS_FILE, model_dir)  # how the network was trained
         write_model_card(folder, class_additions=additions, **inputs)
 
     save_model_atomically(model, processor, output_dir.resolve(), write_card)  # a link: replace what it points to

@@ -13,11 +13,21 @@ The repository holds everything needed to use the model without the `proto_segfo
 
 The folder is assembled beside the destination and put in place in one step. `.proto_segformer_assembly.json`
 lists the files an assembly wrote: `overwrite` replaces only those and refuses a folder that holds anything else
-(a training output, a `.git`, a user's files), or one that overlaps the checkpoint.
+(a training output, a `.git`, a user's files), or one that overlaps the checkpoint. A full disk while assembling is
+a one-line `HubError`; the destination is then as it was.
+
+Nothing from outside the model folder enters the repository unless the user named it (`--pictures`, `--card`):
+every file is copied by `safe_files.copy_into_upload`, which refuses a link that leads outside the model folder
+(the training output; for a `checkpoint-*` folder, the training output that holds it) and anything that is not a
+regular file (a FIFO, a device). A refused model file (config, weights, image processor, code) stops the push
+before anything is written; a refused optional file (results, training arguments, card inputs, the training card)
+is left out with a one-line warning. The card lists only known fields, never a token (`model_card.py`).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
@@ -37,17 +47,32 @@ from .model_card import (
     PROTOTYPE_STATS_FILE,
     RESULT_FILES,
     TRAINING_ARGS_FILE,
+    redact_tokens,
+    without_secrets,
     write_model_card,
 )
-from .safe_files import exchange_folders, is_within, read_manifest, remove_listed, staging_folder, write_manifest
+from .safe_files import (
+    RefusedFile,
+    copy_into_upload,
+    exchange_folders,
+    is_within,
+    open_for_upload,
+    read_for_upload,
+    read_manifest,
+    remove_listed,
+    staging_folder,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
-HANDLER_SOURCE = Path(__file__).resolve().parent / "endpoint_handler.py"
+PACKAGE_DIR = Path(__file__).resolve().parent
+HANDLER_SOURCE = PACKAGE_DIR / "endpoint_handler.py"
 HANDLER_NAME = "handler.py"
 # Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
-# Files of a training output copied into the repository when present (the checkpoint folder, else its parent).
+# Optional files of a training output copied into the repository when present (the checkpoint folder, else the
+# training output holding it); one that is refused is left out with a warning.
 SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE, CARD_INPUTS_FILE)
 REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
 
@@ -103,12 +128,80 @@ def custom_code_files() -> list[Path]:
     return [modeling, *sorted(Path(p) for p in get_relative_import_files(str(modeling)))]
 
 
+def model_folder(source: Path) -> Path:
+    """The folder whose files may enter the repository: the training output `source`, or for a `checkpoint-*`
+    folder the training output that holds it (its image processor and results are read from there)."""
+    return source.parent if source.name.startswith("checkpoint-") else source
+
+
 def sidecar_source(folder: Path, name: str) -> Path | None:
-    """`folder/name`, or for a `checkpoint-*` folder `folder.parent/name`, if it exists."""
-    for candidate in (folder, folder.parent):
-        if (candidate / name).is_file():
+    """`folder/name`, or for a `checkpoint-*` folder `folder.parent/name`, if there is anything of that name (a
+    link or a FIFO too: `copy_into_upload` then says why it is refused); never a file outside the model folder."""
+    for candidate in dict.fromkeys((folder, model_folder(folder))):
+        if os.path.lexists(candidate / name):
             return candidate / name
     return None
+
+
+def skipped(path: Path, error: RefusedFile) -> None:
+    """The one-line warning for an optional file that is left out."""
+    logger.warning("Skipped %s: %s; continuing without it.", path.name, error)
+
+
+def copy_optional(source: Path, destination: Path, root: Path) -> bool:
+    """`copy_into_upload` of an optional file of the model folder `root`; a refused file is skipped with a warning.
+    A JSON file's entries that hold a secret (a token, a key, a password) are removed from the copy."""
+    try:
+        copy_into_upload(source, destination, root)
+    except RefusedFile as error:
+        skipped(source, error)
+        return False
+    if destination.suffix == ".json":
+        remove_json_secrets(destination)
+    return True
+
+
+def remove_json_secrets(path: Path) -> None:
+    """Rewrite the JSON file `path` (in the folder being assembled) without the entries `without_secrets` finds."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    cleaned, removed = without_secrets(data)
+    if removed:
+        path.write_text(json.dumps(cleaned, indent=2) + "\n")
+        logger.warning("Removed %s from the published %s: they hold secrets.", ", ".join(removed), path.name)
+
+
+def model_file_paths(source: Path) -> list[Path]:
+    """The files of the checkpoint `source` that loading reads (config, weights, index, image processor)."""
+    names = ("config.json", "preprocessor_config.json")
+    found = [
+        path
+        for path in sorted(source.iterdir())
+        if path.name in names or path.name.endswith((".safetensors", ".safetensors.index.json"))
+    ]
+    root = model_folder(source)
+    if root != source and not os.path.lexists(source / names[1]) and os.path.lexists(root / names[1]):
+        found.append(root / names[1])
+    return found
+
+
+def check_model_files(source: Path) -> None:
+    """Refuse, before any work, a checkpoint whose config, weights or image processor is a link leading outside the
+    model folder or not a regular file: their contents are loaded and published (`HubError`, nothing written)."""
+    if not source.is_dir():
+        return  # validate_checkpoint says what is wrong
+    root = model_folder(source)
+    for path in model_file_paths(source):
+        try:
+            with open_for_upload(path, root):
+                pass
+        except RefusedFile as error:
+            raise HubError(
+                f"Refused {path.name}: {error}. Publishing stopped (nothing was written): copy the real file into"
+                f" {root} if it is the model's."
+            ) from error
 
 
 MANIFEST_NAME = ".proto_segformer_assembly.json"  # the files an assembly wrote; only these are ever replaced
@@ -185,7 +278,14 @@ def card_defaults(source: Path) -> dict[str, Any]:
     if found is None or sidecar_source(source, CARD_INPUTS_FILE) is not None:
         return {}
     try:
-        data = ModelCard.load(found, ignore_metadata_errors=True).data
+        text = read_for_upload(found, model_folder(source)).decode("utf-8")
+    except RefusedFile as error:
+        skipped(found, error)
+        return {}
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        data = ModelCard(text, ignore_metadata_errors=True).data
     except Exception:
         return {}
     datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets] if data.datasets else []
@@ -211,20 +311,54 @@ def prepared_card_pictures(card: Path) -> list[str]:
 
     if not card.is_file():
         raise HubError(f"Model card {card} does not exist.")
+    text = read_card(card)
     try:
-        data = ModelCard.load(card).data
+        data = ModelCard(text).data
     except Exception as error:
         raise HubError(f"Model card {card} has invalid metadata: {error}") from error
     if data.library_name != "transformers" or "custom_code" not in (data.tags or []):
         raise HubError(f"Model card {card} is not a ProtoSegformer card (library_name transformers, tag custom_code).")
     pictures = []
-    for link in MARKDOWN_IMAGE.findall(card.read_text()):
+    for link in MARKDOWN_IMAGE.findall(text):
         if "://" in link or link.startswith("/"):
             continue
-        if not (card.parent / link).is_file() or ".." in Path(link).parts:
+        if not os.path.lexists(card.parent / link) or ".." in Path(link).parts:
             raise HubError(f"Model card {card} links to {link!r}, which is not a file next to it.")
+        try:
+            with open_for_upload(card.parent / link, card.parent):
+                pass
+        except RefusedFile as error:
+            raise HubError(
+                f"Model card {card} links to {link!r}, which is refused: {error}. Publishing stopped (nothing was"
+                " written): the card's pictures must be files in its folder."
+            ) from error
         pictures.append(link)
     return sorted(set(pictures))
+
+
+def read_card(card: Path) -> str:
+    """The text of the prepared model card the user named (`HubError` if it is not a readable regular file)."""
+    try:
+        return read_for_upload(card, card.parent, named_by_user=True).decode("utf-8")
+    except RefusedFile as error:
+        raise HubError(f"Model card refused: {error}.") from error
+    except UnicodeDecodeError as error:
+        raise HubError(f"Model card {card} is not UTF-8 text: {error}.") from error
+
+
+def check_pictures(pictures: Sequence[str | Path]) -> None:
+    """The pictures the user named must be regular files (they may lie anywhere: the user named them), with
+    distinct file names (they are published as images/<name>)."""
+    names = [Path(picture).name for picture in pictures]
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise HubError(f"Pictures with the same file name {twice}: rename them (each is published as images/<name>).")
+    for picture in pictures:
+        try:
+            with open_for_upload(picture, Path(picture).parent, named_by_user=True):
+                pass
+        except RefusedFile as error:
+            raise HubError(f"Picture refused: {error}.") from error
 
 
 def list_files(folder: Path) -> list[str]:
@@ -262,22 +396,28 @@ def assemble_repository(
     from .inference import CheckpointError, find_processor_folder, load_image_processor, load_model, validate_checkpoint
 
     source, local_dir = Path(source), Path(local_dir)
-    for picture in pictures:
-        if not Path(picture).is_file():
-            raise HubError(f"Picture {picture} does not exist.")
+    check_pictures(pictures)
     card_pictures = prepared_card_pictures(Path(card)) if card is not None else []
+    check_model_files(source)
     validate_checkpoint(source)
     defaults = card_defaults(source)
     dataset_name = dataset_name or defaults.get("dataset_name")
     base_model = base_model or defaults.get("base_model")
     license = license or defaults.get("license")
-    if find_processor_folder(source) is None:
+    processor_folder = find_processor_folder(source)
+    if processor_folder is None:
         raise CheckpointError(
             f"{source} (and its parent) has no preprocessor_config.json: save the image processor with the model"
             " (the training script does) so that users preprocess images as in training."
         )
+    if not is_within(processor_folder, model_folder(source)):
+        raise HubError(
+            f"{source} has no preprocessor_config.json; the one in {processor_folder} lies outside the model folder"
+            f" (only a checkpoint-* folder takes it from its training output): copy it into {source}."
+        )
     model = load_model(source)
     processor = load_image_processor(source)
+
     def write(staging: Path) -> None:
         write_repository(
             staging,
@@ -308,16 +448,50 @@ def assemble_folder(
     Refuses what `check_destination` refuses; on a failure `folder` is left as it was."""
     previous = check_destination(folder, source, overwrite)
     target = folder.resolve()  # a link to a folder: the folder it points to is replaced, not the link
-    staging = staging_folder(target, purpose)
+    existed = target.exists()
+    try:
+        staging = staging_folder(target, purpose)
+    except OSError as error:
+        full = disk_full_error(error, folder, existed)
+        if full is None:
+            raise
+        raise full from error
     try:
         write(staging)
         files = list_files(staging)
         write_manifest(staging / MANIFEST_NAME, files, written_by=f"proto_segformer.hub.{written_by}")
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
+        if isinstance(error, RefusedFile):  # a file changed between the checks and the copy
+            state = "it is as it was" if existed else "it was not created"
+            raise HubError(f"Refused {error}; publishing stopped before {folder} was written ({state}).") from error
+        full = disk_full_error(error, folder, existed) if isinstance(error, Exception) else None
+        if full is not None:
+            raise full from error
         raise
     commit_assembly(staging, target, previous)
     return files
+
+
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full_error(error: BaseException, folder: Path, existed: bool) -> HubError | None:
+    """The one-line `HubError` for a full disk (or quota) while writing `folder`, else None. Libraries that write
+    through their own code (safetensors) report it in their message rather than as an `OSError`."""
+    message = str(error)
+    if not (
+        isinstance(error, OSError)
+        and error.errno in DISK_FULL
+        or "No space left on device" in message
+        or "os error 28" in message
+    ):
+        return None
+    state = "it is as it was" if existed else "it was not created"
+    return HubError(
+        f"No space left on the device while writing {folder}: nothing was changed ({state}; the partial copy"
+        " beside it was removed). Free some space and run again."
+    )
 
 
 def write_repository(
@@ -332,32 +506,35 @@ def write_repository(
     repo_id: str | None,
     card_inputs: dict[str, Any],
 ) -> None:
-    """Write every repository file of `model` (loaded from `source`) into the empty `folder`."""
+    """Write every repository file of `model` (loaded from `source`) into the empty `folder`.
+
+    Files enter only through `copy_into_upload` (code and handler from the package, optional files from the model
+    folder, pictures and a prepared card the user named); the weights, config and processor are saved afresh."""
     model.save_pretrained(folder)  # model.safetensors with `prototypes`, config.json with auto_map, code files
     for code_file in custom_code_files():
-        shutil.copyfile(code_file, folder / code_file.name)
+        (folder / code_file.name).unlink(missing_ok=True)  # save_pretrained may have copied it: copy it our way
+        copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)
-    shutil.copyfile(HANDLER_SOURCE, folder / HANDLER_NAME)
+    copy_into_upload(HANDLER_SOURCE, folder / HANDLER_NAME, PACKAGE_DIR)
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
+    root = model_folder(source)
     for name in SIDECAR_FILES:
         found = sidecar_source(source, name)
         if found is not None:
-            shutil.copyfile(found, folder / name)
+            copy_optional(found, folder / name, root)
 
     picture_entries = []
     for picture in map(Path, pictures):
-        (folder / "images").mkdir(exist_ok=True)
-        shutil.copyfile(picture, folder / "images" / picture.name)
+        copy_into_upload(picture, folder / "images" / picture.name, picture.parent, named_by_user=True)
         picture_entries.append((f"images/{picture.name}", picture.stem.replace("_", " ").replace("-", " ")))
 
     if card is not None:
-        text = Path(card).read_text()
+        text = read_card(Path(card))
         if repo_id is not None:  # a card rendered without a repo id has placeholders in its snippets
             text = PLACEHOLDER_REPO_ID.sub(repo_id, text)
-        (folder / "README.md").write_text(text)
+        (folder / "README.md").write_text(redact_tokens(text, Path(card)))
         for relative in card_pictures:
-            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(card).parent / relative, folder / relative)
+            copy_into_upload(Path(card).parent / relative, folder / relative, Path(card).parent)
     else:
         write_model_card(folder, repo_id=repo_id, pictures=picture_entries, **card_inputs)
     missing = [

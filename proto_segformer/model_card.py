@@ -6,6 +6,10 @@ with the evaluation results read from the training output (`all_results.json` / 
 
 What the card states is kept next to it in `model_card_inputs.json` (data set, base model, licence, training crop,
 classes added after training), so that a card rendered again later (`push_to_hub`, `add_classes`) says the same.
+
+A card shows known fields only: the training arguments of `CARD_TRAINING_ARGS`, the metrics of `KNOWN_METRICS` and
+per-class results of the model's classes, each value checked (a finite number, a flag or a short plain name); never
+an entry whose name suggests a secret (token, key, password, ...) nor anything that looks like a Hugging Face token.
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ KNOWN_METRICS: dict[str, tuple[str, str]] = {
 }
 BOOKKEEPING = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "step", "model_preparation_time"}
 RESULT_FILES = ("all_results.json", "eval_results.json")
+# Run statistics of train_results.json / all_results.json shown in the card (numbers only).
+TRAIN_SUMMARY = ("train_loss", "train_runtime", "epoch")
+# Names of entries that may hold a secret, and what a Hugging Face token looks like: neither is ever shown.
+SECRET_WORDS = {"token", "secret", "secrets", "password", "passwd", "pwd", "passphrase", "key", "keys", "apikey"}
+SECRET_WORDS |= {"credential", "credentials", "auth", "private"}
+SECRET_ENDINGS = ("token", "secret", "password", "passwd")  # hubtoken, clientsecret, ...
+HF_TOKEN = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{16,}")
+TOKEN_PLACEHOLDER = re.compile(r"^<[A-Z0-9_]+>$")  # TrainingArguments.to_dict writes "<HUB_TOKEN>" for a token
+PLAIN_NAME = re.compile(r"^[\w.\-]{0,40}$")  # a value such as "adamw_torch" or "polynomial"
 PROTOTYPE_STATS_FILE = "prototype_stats.json"
 TRAINING_ARGS_FILE = "training_args.json"
 CARD_INPUTS_FILE = "model_card_inputs.json"
@@ -117,23 +130,75 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def secret_name(name: Any) -> bool:
+    """True for an entry name that suggests a secret: a word (split at "_", "-", ".", case changes) such as token,
+    key, password, secret, private, auth, or a word ending in token/secret/password. Counts such as
+    `include_num_input_tokens_seen` are not secrets."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()
+    words = [word for word in re.split(r"[^a-z0-9]+", spaced) if word]
+    return any(word in SECRET_WORDS or word.endswith(SECRET_ENDINGS) for word in words)
+
+
+def looks_secret(name: Any, value: Any = None) -> bool:
+    """True for an entry whose name suggests a secret (hub_token, private_key, password, ...) or whose value holds
+    something that looks like a Hugging Face token."""
+    return secret_name(name) or (isinstance(value, str) and bool(HF_TOKEN.search(value)))
+
+
+def card_value(value: Any) -> bool:
+    """True for a value a card may show: a flag, a finite number, a short plain name, or a few numbers (a crop)."""
+    if isinstance(value, bool) or _is_number(value):
+        return True
+    if isinstance(value, str):
+        return bool(PLAIN_NAME.match(value)) and not HF_TOKEN.search(value)
+    if isinstance(value, (list, tuple)):
+        return 0 < len(value) <= 4 and all(_is_number(v) for v in value)
+    return False
+
+
+def without_secrets(data: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`data` (parsed JSON) without the entries that hold a secret: a string under a secret-like name (other than
+    a placeholder such as "<HUB_TOKEN>") or any string that looks like a Hugging Face token; and their names."""
+    removed: list[str] = []
+    if isinstance(data, dict):
+        cleaned = {}
+        for key, value in data.items():
+            name = f"{where}.{key}" if where else str(key)
+            is_secret_string = isinstance(value, str) and value and not TOKEN_PLACEHOLDER.match(value)
+            if (is_secret_string and secret_name(key)) or HF_TOKEN.search(str(key)):
+                removed.append(name)
+                continue
+            cleaned[key], inner = without_secrets(value, name)
+            removed += inner
+        return cleaned, removed
+    if isinstance(data, list):
+        items = [without_secrets(value, f"{where}[{index}]") for index, value in enumerate(data)]
+        return [item for item, _ in items], [name for _, inner in items for name in inner]
+    if isinstance(data, str) and HF_TOKEN.search(data):
+        return HF_TOKEN.sub("<redacted>", data), [where or "a value"]
+    return data, removed
+
+
+def redact_tokens(text: str, where: str | Path) -> str:
+    """`text` with anything that looks like a Hugging Face token replaced (a warning names `where` it came from)."""
+    if not HF_TOKEN.search(text):
+        return text
+    logger.warning("Removed what looks like a Hugging Face token from the model card of %s.", where)
+    return HF_TOKEN.sub("<redacted>", text)
+
+
 def scalar_metrics(eval_results: Mapping[str, Any]) -> list[tuple[str, str, float]]:
-    """(metric type, display name, value) of the scalar metrics worth a model-index entry, known ones first."""
+    """(metric type, display name, value) of the `KNOWN_METRICS` found (finite numbers); other entries are not
+    shown (a card shows known fields only; per-class entries go to the table in the body)."""
     results = strip_eval_prefix(eval_results)
-    entries = [(t, n, float(results[k])) for k, (t, n) in KNOWN_METRICS.items() if _is_number(results.get(k))]
-    for key, value in results.items():
-        if key in KNOWN_METRICS or key in BOOKKEEPING or not _is_number(value):
-            continue
-        if key.startswith(("iou_", "accuracy_")):  # per-class entries go to the table in the body
-            continue
-        entries.append((key, key.replace("_", " ").title(), float(value)))
-    return entries
+    return [(t, n, float(results[k])) for k, (t, n) in KNOWN_METRICS.items() if _is_number(results.get(k))]
 
 
 def per_class_metrics(eval_results: Mapping[str, Any], id2label: Mapping[int, str]) -> dict[str, dict[str, float]]:
     """{class name: {"iou": x, "accuracy": y}} from `per_category_iou`/`per_category_accuracy` lists or
-    `iou_<name>`/`accuracy_<name>` entries; values that are nan are left out."""
+    `iou_<name>`/`accuracy_<name>` entries of the model's classes; values that are nan are left out."""
     results = strip_eval_prefix(eval_results)
+    names = {str(name) for name in id2label.values()}
     table: dict[str, dict[str, float]] = {}
     for metric in ("iou", "accuracy"):
         values = results.get(f"per_category_{metric}")
@@ -142,7 +207,7 @@ def per_class_metrics(eval_results: Mapping[str, Any], id2label: Mapping[int, st
                 if _is_number(value):
                     table.setdefault(str(id2label.get(index, index)), {})[metric] = float(value)
         for key, value in results.items():
-            if key.startswith(f"{metric}_") and _is_number(value):
+            if key.startswith(f"{metric}_") and key[len(metric) + 1 :] in names and _is_number(value):
                 table.setdefault(key[len(metric) + 1 :], {})[metric] = float(value)
     return table
 
@@ -225,8 +290,8 @@ def results_section(eval_results: Mapping[str, Any], id2label: Mapping[int, str]
     return "\n".join(lines)
 
 
-# Training arguments worth showing; any argument that is not a TrainingArguments field (script settings such as
-# the crop size or the data set) is shown too.
+# Training arguments worth showing (TrainingArguments fields); CARD_TRAINING_ARGS adds the script settings the
+# training records. Nothing else in training_args.json is shown.
 SHOWN_TRAINING_ARGS = (
     "learning_rate",
     "lr_scheduler_type",
@@ -243,28 +308,24 @@ SHOWN_TRAINING_ARGS = (
     "bf16",
     "fp16",
 )
+CARD_TRAINING_ARGS = (*SHOWN_TRAINING_ARGS, "crop_size")
 
 
 def selected_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments to list in the card: `SHOWN_TRAINING_ARGS` (unless max_steps is -1) and non-Trainer ones."""
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
-    trainer_fields = {f.name for f in fields(TrainingArguments)}
+    """The arguments to list in the card: those of `CARD_TRAINING_ARGS` (max_steps unless it is -1, else the
+    epochs) whose value `card_value` accepts; any other entry (a path, a token, an unknown key) is left out."""
     chosen = {}
     uses_max_steps = isinstance(training_args.get("max_steps"), int) and training_args["max_steps"] > 0
     for key, value in training_args.items():
-        if key in SHOWN_TRAINING_ARGS:
-            if key == "max_steps" and not uses_max_steps:
-                continue
-            if key == "num_train_epochs" and uses_max_steps:  # max_steps overrides the epochs
-                continue
-            if key in ("warmup_steps", "warmup_ratio") and not value:
-                continue
-            chosen[key] = value
-        elif key not in trainer_fields and value is not None and len(str(value)) <= 80:
-            chosen[key] = value
+        if key not in CARD_TRAINING_ARGS or looks_secret(key, value) or not card_value(value):
+            continue
+        if key == "max_steps" and not uses_max_steps:
+            continue
+        if key == "num_train_epochs" and uses_max_steps:  # max_steps overrides the epochs
+            continue
+        if key in ("warmup_steps", "warmup_ratio") and not value:
+            continue
+        chosen[key] = value
     return chosen
 
 
@@ -276,7 +337,7 @@ def training_section(
 ) -> str:
     """Markdown: the data (and a note on it), the main training arguments and run statistics."""
     lines = [f"Data: {dataset_text}." + (f" {data_note}" if data_note else "")]
-    summary = {k: v for k, v in train_results.items() if k in ("train_loss", "train_runtime", "epoch")}
+    summary = {k: v for k, v in train_results.items() if k in TRAIN_SUMMARY and _is_number(v)}
     shown = selected_training_args(training_args) if training_args else {}
     if shown:
         lines += ["", "| argument | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in shown.items()]
@@ -285,50 +346,66 @@ def training_section(
     if summary:
         lines += [
             "",
-            "Run: " + ", ".join(f"{k} = {v:.4g}" if _is_number(v) else f"{k} = {v}" for k, v in summary.items()),
+            "Run: " + ", ".join(f"{k} = {v:.4g}" for k, v in summary.items()),
         ]
     return "\n".join(lines)
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value of prototype_stats.json as the card shows it: a number, or a short one-line text without a token;
+    "?" for anything else."""
+    if _is_number(value):
+        return str(value)
+    if isinstance(value, str) and len(value) <= limit and "\n" not in value and not HF_TOKEN.search(value):
+        return value
+    return "?"
+
+
 def prototype_section(stats: Mapping[str, Any] | None) -> str:
-    """Markdown: near-duplicate and unused prototypes (the official release's prototypes collapse; these do not?)."""
+    """Markdown: near-duplicate and unused prototypes (the official release's prototypes collapse; these do not?).
+    Every value shown passes `_shown` (numbers and short texts: prototype_stats.json is a file of the folder)."""
     if not stats:
         return ""
     num_classes, num_prototypes = stats["num_classes"], stats["num_prototypes_per_class"]
+    if not (isinstance(num_classes, int) and isinstance(num_prototypes, int)):
+        return ""
     pairs = num_classes * num_prototypes * (num_prototypes - 1) // 2
     duplicates = stats.get("near_duplicates", [])
     cosine = stats.get("within_class_cosine", {})
     lines = ["### Prototype health", ""]
+    threshold = _shown(stats.get("near_duplicate_threshold", 0.95))
     lines.append(
-        f"- Near-duplicates (two prototypes of one class with cosine > {stats.get('near_duplicate_threshold', 0.95)}):"
+        f"- Near-duplicates (two prototypes of one class with cosine > {threshold}):"
         f" **{len(duplicates)}** of {pairs} within-class pairs"
         + (
-            f" (within-class cosine: max {cosine.get('max')}, mean {cosine.get('mean')})."
+            f" (within-class cosine: max {_shown(cosine.get('max'))}, mean {_shown(cosine.get('mean'))})."
             if cosine.get("max") is not None
             else "."
         )
     )
     if duplicates:
         shown = ", ".join(
-            f"{d['class']} p{d['prototypes'][0]}~p{d['prototypes'][1]} ({d['cosine']})" for d in duplicates[:10]
+            f"{_shown(d['class'])} p{_shown(d['prototypes'][0])}~p{_shown(d['prototypes'][1])} ({_shown(d['cosine'])})"
+            for d in duplicates[:10]
         )
         lines.append(f"  Pairs: {shown}{', ...' if len(duplicates) > 10 else ''}.")
     usage = stats.get("usage")
     if usage:
-        where = f" on {usage['data']}" if usage.get("data") else ""
+        where = f" on {_shown(usage['data'], 200)}" if usage.get("data") else ""
         seen = usage.get("classes_seen", num_classes)
+        seen = seen if isinstance(seen, int) else num_classes
         lines.append(
             f"- Unused prototypes{where} (never the nearest prototype of any pixel of their class):"
-            f" **{usage['unused_count']}** of {seen * num_prototypes}; used by < 1% of their class's pixels:"
-            f" {usage.get('rarely_used_count', 0)}."
+            f" **{_shown(usage['unused_count'])}** of {seen * num_prototypes}; used by < 1% of their class's pixels:"
+            f" {_shown(usage.get('rarely_used_count', 0))}."
         )
         if usage["unused"]:
-            shown = ", ".join(f"{u['class']} p{u['prototype']}" for u in usage["unused"][:20])
+            shown = ", ".join(f"{_shown(u['class'])} p{_shown(u['prototype'])}" for u in usage["unused"][:20])
             lines.append(f"  Unused: {shown}{', ...' if len(usage['unused']) > 20 else ''}.")
         if usage.get("mean_effective_prototypes") is not None:
             lines.append(
                 f"- Effective prototypes per class (exp of the entropy of usage; {num_prototypes} = all used equally,"
-                f" 1 = collapsed): mean **{usage['mean_effective_prototypes']}**."
+                f" 1 = collapsed): mean **{_shown(usage['mean_effective_prototypes'])}**."
             )
     else:
         lines.append("- Usage on data was not measured (run scripts/visualize_prototypes.py to add it).")
@@ -365,11 +442,11 @@ def _side_by_side(size: Any) -> str | None:
     """ "HxW" for an int, a (height, width) pair or a {"height", "width"} dict; None otherwise."""
     if isinstance(size, bool):
         return None
+    if isinstance(size, Mapping) and "height" in size and "width" in size:
+        size = (size["height"], size["width"])
     if isinstance(size, int) and size > 0:
         return f"{size}x{size}"
-    if isinstance(size, Mapping) and "height" in size and "width" in size:
-        return f"{size['height']}x{size['width']}"
-    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2 and all(map(_is_number, size)):
         return f"{size[0]}x{size[1]}"
     return None
 
@@ -496,6 +573,9 @@ def resolve_card_inputs(output_dir: str | Path, **given: Any) -> dict[str, Any]:
         raise TypeError(f"Unknown card inputs {sorted(unknown)}; expected some of {CARD_INPUTS}.")
     inputs = read_card_inputs(output_dir)
     inputs.update({k: v for k, v in given.items() if v is not None})
+    for key in [k for k, v in inputs.items() if isinstance(v, str) and HF_TOKEN.search(v)]:
+        logger.warning("Card input %s of %s looks like a Hugging Face token; left out of the card.", key, output_dir)
+        del inputs[key]
     return inputs
 
 
@@ -604,7 +684,7 @@ def render_model_card(
         f"A SegFormer ({size or 'custom MiT size'}) semantic segmentation model with a ProtoSeg prototype classifier"
         f" ({num_labels} classes x {config.get('num_prototypes_per_class')} prototypes), trained on {dataset_text}."
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=str(template),
         title=name,
@@ -634,6 +714,9 @@ def render_model_card(
         prototype_section=prototype_section(prototype_stats),
         pictures_section=pictures_section(pictures),
     )
+    content = str(card)
+    cleaned = redact_tokens(content, output_dir)  # the last guard: nothing that looks like a token is published
+    return card if cleaned == content else ModelCard(cleaned)
 
 
 def write_model_card(
@@ -721,13 +804,17 @@ def write_model_card(
 
 __all__ = [
     "CARD_INPUTS_FILE",
+    "CARD_TRAINING_ARGS",
     "TEMPLATE_PATH",
     "build_card_data",
+    "looks_secret",
     "per_class_metrics",
     "read_eval_results",
     "read_card_inputs",
+    "redact_tokens",
     "render_model_card",
     "scalar_metrics",
     "widget_for_classes",
+    "without_secrets",
     "write_model_card",
 ]

@@ -6,6 +6,10 @@ never touches a file the library did not write.
 - `exchange_folders`: swap two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames).
 - `read_manifest` / `write_manifest`: the list of files a tool wrote into a folder, so that a later run replaces
   only those.
+- `copy_into_upload` / `read_for_upload`: the one way a file enters a folder that is uploaded (the Hub repository, the
+  Space): a file of the model folder must be a regular file inside it (a link that leads outside, a FIFO, a device is
+  refused with a `RefusedFile` that says which and why); a file the user named on the command line may lie anywhere
+  but must still be a regular file.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import ctypes
 import ctypes.util
 import json
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -133,11 +140,149 @@ def write_manifest(path: str | Path, files: Iterable[str], written_by: str) -> P
     return atomic_write_text(path, text)
 
 
+# ------------------------------------------------------------------------------------------- files entering an upload
+
+
+class RefusedFile(ValueError):
+    """A file that may not enter an upload folder; the message names it and says why, in one line."""
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is ("a FIFO", ...), None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a link"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _refuse_special(source: Path, mode: int) -> None:
+    kind = _kind(mode)
+    if kind is not None:
+        raise RefusedFile(f"{source} is {kind}, not a regular file")
+
+
+def _open_named(source: Path) -> int:
+    """Open a file the user named (links followed), refusing anything but a regular file before opening it."""
+    try:
+        _refuse_special(source, os.stat(source).st_mode)
+        return os.open(source, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
+    except FileNotFoundError:
+        raise RefusedFile(f"{source} does not exist") from None
+    except OSError as error:
+        raise RefusedFile(f"{source} cannot be read ({error.strerror})") from None
+
+
+def _outside_reason(source: Path, target: str, folder: str) -> str:
+    if source.is_symlink():
+        return f"{source} is a link to {target}, which lies outside {folder}"
+    return f"{source} resolves to {target}, which lies outside {folder}"
+
+
+def _resolved(path: str | Path) -> str:
+    """The real path of `path` (every link resolved)."""
+    return os.path.realpath(path)
+
+
+def _open_inside(source: Path, model_folder: Path) -> int:
+    """Open `source`, which must resolve to a regular file inside `model_folder`, without following any link on the
+    way from the model folder (O_NOFOLLOW on every step): a link swapped in after the check fails to open."""
+    folder = _resolved(model_folder)
+    target = _resolved(source)
+    if os.path.commonpath([folder, target]) != folder:
+        raise RefusedFile(_outside_reason(source, target, folder))
+    parts = Path(target).relative_to(folder).parts
+    if not parts:
+        raise RefusedFile(f"{source} is the folder {folder} itself, not a file")
+    if not os.path.lexists(target):
+        raise RefusedFile(
+            f"{source} is a link to {target}, which does not exist"
+            if source.is_symlink()
+            else f"{source} does not exist"
+        )
+    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+    try:
+        if os.open not in os.supports_dir_fd or not _O_NOFOLLOW:  # no openat: check, then open the final name only
+            _refuse_special(source, os.lstat(target).st_mode)
+            return os.open(target, flags)
+        directory = os.open(folder, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=directory)
+                os.close(directory)
+                directory = inner
+            _refuse_special(source, os.stat(parts[-1], dir_fd=directory, follow_symlinks=False).st_mode)
+            return os.open(parts[-1], flags, dir_fd=directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        raise RefusedFile(f"{source} changed while it was being read ({error.strerror}); run again") from None
+
+
+def open_for_upload(source: str | Path, model_folder: str | Path, *, named_by_user: bool = False) -> BinaryIO:
+    """`source` opened for reading, for a copy into an upload folder; `RefusedFile` (one line: which and why) for:
+
+    - any file that is not a regular file (a FIFO, a device, a socket, a folder): never opened, so nothing hangs;
+    - unless `named_by_user`: a file that does not resolve to a place inside `model_folder` (a link to a file
+      elsewhere, e.g. a credentials file). A link to another file inside the folder is harmless and followed.
+
+    A file the user named on the command line (`named_by_user`) may lie anywhere, through links.
+    """
+    source = Path(source)
+    descriptor = _open_named(source) if named_by_user else _open_inside(source, Path(model_folder))
+    try:
+        _refuse_special(source, os.fstat(descriptor).st_mode)  # what was opened, not what was checked
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb")
+
+
+def copy_contents(reader: BinaryIO, writer: BinaryIO) -> None:
+    """Copy an open file's bytes into another (the step a full disk fails)."""
+    shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def copy_into_upload(
+    source: str | Path, destination: str | Path, model_folder: str | Path, *, named_by_user: bool = False
+) -> Path:
+    """Copy `source` into the new file `destination` (inside a folder being assembled for upload), with the checks
+    of `open_for_upload`; return `destination`. Never overwrites: `destination` must not exist yet."""
+    destination = Path(destination)
+    with open_for_upload(source, model_folder, named_by_user=named_by_user) as reader:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open(destination, "xb") as writer:
+            copy_contents(reader, writer)
+    return destination
+
+
+def read_for_upload(source: str | Path, model_folder: str | Path, *, named_by_user: bool = False) -> bytes:
+    """The bytes of `source`, with the checks of `open_for_upload` (for a file whose content enters an upload)."""
+    with open_for_upload(source, model_folder, named_by_user=named_by_user) as reader:
+        return reader.read()
+
+
 __all__ = [
+    "RefusedFile",
     "atomic_write",
     "atomic_write_text",
+    "copy_into_upload",
     "exchange_folders",
     "is_within",
+    "open_for_upload",
+    "read_for_upload",
     "read_manifest",
     "remove_listed",
     "staging_folder",

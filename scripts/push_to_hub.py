@@ -1,16 +1,17 @@
 """Assemble a complete Hugging Face Hub repository from a trained ProtoSegformer and upload it in one commit.
 
     python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes --dataset_name scenes
-    python scripts/push_to_hub.py --model runs/scenes --local_dir hub_repo          # assemble only, no network
+    python scripts/push_to_hub.py --model runs/scenes --local_dir runs/hub_repo     # assemble only, no network
     python scripts/push_to_hub.py --model runs/scenes --dry_run                     # same, into a temporary folder
     python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes \
         --space_repo_id alice/protosegformer-scenes-demo                            # + a Gradio Space (demo)
-    python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes --local_dir hub_repo \
-        --space_dir space                                                           # both folders, no network
+    python scripts/push_to_hub.py --model runs/scenes --repo_id alice/protosegformer-scenes \
+        --local_dir runs/hub_repo --space_dir runs/space                            # both folders, no network
 
 The repository: model.safetensors (with the `prototypes` buffer), config.json with auto_map, the custom-code files,
 preprocessor_config.json, README.md (model card), handler.py + requirements.txt (Inference Endpoints), the training
-result files and optional pictures. Uploading needs a token (`hf auth login` or HF_TOKEN).
+result files and optional pictures. Uploading needs a token (`hf auth login` or HF_TOKEN). Only files of the
+model folder (links leading outside it are refused) and the files named here (--pictures, --card) are published.
 The Space (app.py, requirements.txt, README.md with the Space metadata, examples/) loads the model `--repo_id` with
 `trust_remote_code=True` and shows the segmentation overlay, a class legend and the prototype assignment map.
 """

@@ -379,7 +379,8 @@ def test_hub_card_keeps_what_the_training_card_recorded(tmp_path):
     run = tmp_path / "run"
     save_checkpoint(run)
     args = {**TrainingArguments(output_dir=str(tmp_path / "x"), learning_rate=6e-5, max_steps=300).to_dict()}
-    args["image_size"] = 64  # a script setting, not a TrainingArguments field
+    args["crop_size"] = [64, 64]  # a script setting the training records, not a TrainingArguments field
+    args["image_size"] = 64  # an unknown setting: not shown (a card shows known fields only)
     write_model_card(run, dataset_name="scenes", base_model="nvidia/mit-b0", training_args=args)
     assert json.loads((run / "training_args.json").read_text())["max_steps"] == 300
     files = assemble_repository(run, tmp_path / "repo")  # no card arguments: taken from the training card
@@ -388,7 +389,7 @@ def test_hub_card_keeps_what_the_training_card_recorded(tmp_path):
     assert card.data.datasets == ["scenes"] and card.data.base_model == "nvidia/mit-b0"
     assert card.data.license == "other"
     assert "| learning_rate | 6e-05 |" in card.text and "| max_steps | 300 |" in card.text
-    assert "| image_size | 64 |" in card.text
+    assert "| crop_size | [64, 64] |" in card.text and "| image_size |" not in card.text
     assert "| logging_dir |" not in card.text
     assert "| num_train_epochs |" not in card.text  # max_steps overrides it
 

@@ -70,12 +70,20 @@ RUN = {
         "",
         ("predictions/photo0_label.png", "predictions/photo1_overlay.jpg", "predictions/a_prototype.png"),
     ),
-    "python scripts/push_to_hub.py --model runs/demo --local_dir hub_repo": (
+    "python scripts/push_to_hub.py --model runs/demo --local_dir runs/hub_repo": (
         "",
-        ("hub_repo/model.safetensors", "hub_repo/config.json", "hub_repo/README.md", "hub_repo/handler.py"),
+        (
+            "runs/hub_repo/model.safetensors",
+            "runs/hub_repo/config.json",
+            "runs/hub_repo/README.md",
+            "runs/hub_repo/handler.py",
+        ),
     ),
-    "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo --local_dir hub_demo"
-    " --space_dir space_demo": ("", ("hub_demo/model.safetensors", "space_demo/app.py", "space_demo/README.md")),
+    "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo --local_dir runs/hub_demo"
+    " --space_dir runs/space_demo": (
+        "",
+        ("runs/hub_demo/model.safetensors", "runs/space_demo/app.py", "runs/space_demo/README.md"),
+    ),
     "python scripts/visualize_prototypes.py --model runs/demo --dataset scenes --num_images 64"
     " --output runs/demo/prototype_atlas.png --stats_output runs/demo/prototype_stats.json": (
         "--num_images 8",
@@ -106,7 +114,7 @@ SKIP = {
         "resumes a checkpoint of the full demo run (tests/test_train.py covers resuming)"
     ),
     "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo": "needs the Hub and a token",
-    "PROTOSEG_MODEL=hub_demo python space_demo/app.py": (
+    "PROTOSEG_MODEL=runs/hub_demo python runs/space_demo/app.py": (
         "serves until stopped; tests/test_space.py runs the app and drives it in headless Chromium"
     ),
     "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo"

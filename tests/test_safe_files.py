@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from proto_segformer import safe_files
@@ -50,3 +54,62 @@ def test_remove_listed_deletes_only_the_listed_files(tmp_path):
     assert (tmp_path / "outside.txt").is_file()  # a listed name never reaches outside the folder
     (root / "manifest.json").write_text("not json")
     assert read_manifest(root / "manifest.json") is None
+
+
+# -------------------------------------------------------------------------------------- files entering an upload
+
+
+def test_copy_into_upload_refuses_links_out_of_the_folder_and_special_files(tmp_path):
+    from proto_segformer.safe_files import RefusedFile, copy_into_upload
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    out.mkdir()
+    (tmp_path / "credentials").write_text("secret")
+    (model / "real.json").write_text("{}")
+    (model / "inside.json").symlink_to(model / "real.json")  # harmless: another file of the folder
+    (model / "outside.json").symlink_to(tmp_path / "credentials")
+    (model / "sub").symlink_to(tmp_path)  # a folder link leading out
+    (model / "dangling.json").symlink_to(model / "gone.json")
+    os.mkfifo(model / "fifo.json")
+    assert copy_into_upload(model / "inside.json", out / "inside.json", model).read_text() == "{}"
+    refusals = {
+        "outside.json": f"is a link to {tmp_path / 'credentials'}, which lies outside {model}",
+        "sub/credentials": f"resolves to {tmp_path / 'credentials'}, which lies outside {model}",
+        "dangling.json": "which does not exist",
+        "fifo.json": "is a FIFO, not a regular file",
+        "missing.json": "does not exist",
+    }
+    for name, reason in refusals.items():
+        with pytest.raises(RefusedFile, match=re.escape(reason)):
+            copy_into_upload(model / name, out / name.replace("/", "_"), model)
+    assert sorted(p.name for p in out.iterdir()) == ["inside.json"]
+    # a file the user named may lie anywhere, through links, but must be a regular file
+    assert copy_into_upload(model / "outside.json", out / "named", model, named_by_user=True).read_text() == "secret"
+    for special, kind in ((model / "fifo.json", "a FIFO"), (Path(os.devnull), "a character device")):
+        with pytest.raises(RefusedFile, match=f"is {kind}, not a regular file"):
+            copy_into_upload(special, out / "special", model, named_by_user=True)
+
+
+def test_copy_into_upload_follows_no_link_swapped_in_after_the_check(tmp_path, monkeypatch):
+    """A link put in place between the check (the resolved path lies inside) and the opening is not followed."""
+    from proto_segformer.safe_files import RefusedFile, copy_into_upload
+
+    model = tmp_path / "model"
+    (model / "logs").mkdir(parents=True)
+    (tmp_path / "credentials").write_text("secret")
+    real = safe_files._resolved
+    swapped = {model / "file.json": tmp_path / "credentials", model / "logs": tmp_path}
+
+    def checked_before_the_swap(path):  # as if resolved before the link was put in place
+        return str(Path(path).absolute()) if Path(path).parent in swapped or Path(path) in swapped else real(path)
+
+    monkeypatch.setattr(safe_files, "_resolved", checked_before_the_swap)
+    (model / "file.json").symlink_to(tmp_path / "credentials")
+    with pytest.raises(RefusedFile, match="is a link, not a regular file"):
+        copy_into_upload(model / "file.json", tmp_path / "copy", model)
+    (model / "logs").rmdir()
+    (model / "logs").symlink_to(tmp_path)
+    with pytest.raises(RefusedFile, match="changed while it was being read"):
+        copy_into_upload(model / "logs" / "credentials", tmp_path / "copy", model)
+    assert not (tmp_path / "copy").exists()
