@@ -22,6 +22,7 @@ The rules:
 - Boolean samples (PIL mode "1", bool arrays) are 0 or 255; gray levels are repeated into the three channels.
 - Palette images go through their palette; CMYK, YCbCr, HSV through PIL's conversion (ICC profiles are not applied).
 - Arrays are (H, W) gray, (H, W, 1) gray, (H, W, 2) gray + alpha, (H, W, 3) RGB or (H, W, 4) RGBA.
+- A file of several frames (GIF, multi-page TIFF, MPO) gives its first frame.
 
 Every image these rules cannot read is a `ValueError` that says why.
 """

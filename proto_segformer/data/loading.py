@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..image_decoding import check_label_orientation, to_rgb_image
+from ..image_decoding import check_label_orientation
 from ..paths import check_source
 from .builtin import BUILTIN_DATASETS, build_builtin_dataset
 from .transforms import label_to_array, reduce_label_array, to_rgb
@@ -338,7 +338,7 @@ def read_pair(
     try:
         if isinstance(image, Image.Image):
             check_label_orientation(image, label_size(label))
-        rgb = to_rgb_image(image)
+        rgb = to_rgb(image)  # to_rgb_array's pixels (an RGB image without EXIF orientation is used as it is)
     except ValueError as error:
         raise DataError(f"{name}, image{_file_of(split, index, image_column)}: {error}.") from error
     return rgb, label
