@@ -76,15 +76,39 @@ def support_pairs(support_dir: str | Path) -> list[tuple[Path, Path]]:
     return [(images[stem], masks[stem]) for stem in sorted(images)]
 
 
-def read_support(pairs: list[tuple[Path, Path]]) -> tuple[list[Any], list[Any]]:
-    """The PIL images (RGB) and masks of `pairs`; masks must be single-channel."""
-    from PIL import Image
+def open_support_file(path: Path):
+    """The PIL image of a support file, loaded; an unreadable file is an `AddClassesError` naming it."""
+    from PIL import Image, UnidentifiedImageError
 
-    images = [Image.open(image_path).convert("RGB") for image_path, _ in pairs]
-    masks = [Image.open(mask_path) for _, mask_path in pairs]
-    for (_, mask_path), mask in zip(pairs, masks):
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = str(error).replace(str(path), "<file>")
+        raise AddClassesError(f"{path} is not a readable image ({type(error).__name__}: {reason}).") from error
+    return image
+
+
+def read_support(pairs: list[tuple[Path, Path]]) -> tuple[list[Any], list[Any]]:
+    """The RGB PIL images and the masks of `pairs`; masks must be single-channel.
+
+    Images go through `image_decoding.to_rgb_array`, the decoder training, `predict`, the endpoint and the Space use
+    (EXIF orientation applied, transparency on white, 16-bit and float samples scaled by their range); a mask that
+    fits its image only as stored, not as shown, is refused (`image_decoding.check_label_orientation`)."""
+    from .image_decoding import check_label_orientation, to_rgb_image
+
+    images, masks = [], []
+    for image_path, mask_path in pairs:
+        mask = open_support_file(mask_path)
         if mask.mode not in MASK_MODES:
             raise ValueError(f"{mask_path} has mode {mask.mode!r}; masks must be single-channel (L, P or I) PNGs.")
+        image = open_support_file(image_path)
+        try:
+            check_label_orientation(image, (mask.size[1], mask.size[0]))
+            images.append(to_rgb_image(image))
+        except ValueError as error:
+            raise AddClassesError(f"{image_path}: {error}.") from error
+        masks.append(mask)
     return images, masks
 
 
@@ -97,6 +121,19 @@ def load_processor(model_dir: str | Path):
     return AutoImageProcessor.from_pretrained(model_dir)
 
 
+def check_input_sizes(pairs, images, sizes, minimum: int) -> None:
+    """An `AddClassesError` naming the first support image whose model input (height, width) in `sizes` is below
+    `minimum`, the encoder's smallest input (`model.min_input_size`, the limit `predict` reports too)."""
+    for (image_path, _), image, (height, width) in zip(pairs, images, sizes):
+        if min(height, width) < minimum:
+            seen = "" if (height, width) == (image.size[1], image.size[0]) else " as the model sees it"
+            raise AddClassesError(
+                f"{image_path} is too small: {height}x{width} (height x width){seen}; this model needs at least"
+                f" {minimum}x{minimum} pixels (its encoder's smallest input). Use a larger support image or"
+                f" --image_size {minimum} or more."
+            )
+
+
 def add_support(model, processor, images, masks, pairs, names, settings: AddClassesSettings) -> dict[str, int]:
     """Prepare the support images like at inference and add the classes to `model`; returns {name: id}."""
     options = {
@@ -104,6 +141,7 @@ def add_support(model, processor, images, masks, pairs, names, settings: AddClas
         "max_pixels_per_class": settings.max_pixels_per_class,
         "seed": settings.seed,
     }
+    minimum = int(getattr(model, "min_input_size", 4))
     try:
         if processor is not None and settings.image_size is None:
             for (image_path, _), image, mask in zip(pairs, images, masks):
@@ -115,9 +153,14 @@ def add_support(model, processor, images, masks, pairs, names, settings: AddClas
             ]
             pixel_values = [batch["pixel_values"][0] for batch in processed]
             labels = [batch["labels"][0] for batch in processed]
+            check_input_sizes(pairs, images, [tuple(p.shape[-2:]) for p in pixel_values], minimum)
             return model.add_classes(pixel_values, labels, names, **options)
         size = None if settings.image_size is None else (settings.image_size, settings.image_size)
+        sizes = [size or (image.size[1], image.size[0]) for image in images]
+        check_input_sizes(pairs, images, sizes, minimum)
         return model.add_classes(images, masks, names, image_size=size, **options)
+    except AddClassesError:
+        raise
     except ValueError as error:
         order = ", ".join(image_path.stem for image_path, _ in pairs[:10])
         raise ValueError(f"{error} (images[i]/masks[i] are the support files in name order: {order})") from error

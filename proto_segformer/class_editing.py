@@ -33,6 +33,7 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, to_numpy_array
 from transformers.utils import logging
 
+from .image_decoding import check_label_orientation, displayed_size, to_rgb_image
 from .prototypes import cluster_prototypes
 
 logger = logging.get_logger(__name__)
@@ -114,10 +115,11 @@ def _is_pil_image(value: Any) -> bool:
 def pil_to_pixel_values(image: Any, image_size: tuple[int, int] | None = None) -> torch.Tensor:
     """(3, H, W) float32 pixel values of a PIL image, as `SegformerImageProcessor` makes them.
 
-    RGB conversion, optional bilinear resize to `image_size` = (height, width), rescale by 1/255, then normalisation
-    with the ImageNet mean and std.
+    RGB pixels by `image_decoding.to_rgb_array` (the decoder training and predict use: EXIF orientation applied,
+    transparency on white, 16-bit and float samples scaled by their range), optional bilinear resize to `image_size`
+    = (height, width), rescale by 1/255, then normalisation with the ImageNet mean and std.
     """
-    image = image.convert("RGB")
+    image = to_rgb_image(image)
     if image_size is not None:
         image = image.resize((image_size[1], image_size[0]), resample=PILImageResampling.BILINEAR)
     array = torch.as_tensor(to_numpy_array(image)).permute(2, 0, 1).float() / 255.0
@@ -182,12 +184,14 @@ def prepare_support(
     num_names: int,
     num_channels: int = 3,
     image_size: tuple[int, int] | None = None,
+    min_size: int = 4,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Validated (pixel_values (C, H, W) float, mask (H, W) int64) pairs of the support set.
 
     PIL images are normalised (and with `image_size` resized, their masks too, by nearest neighbour); pixel-values
-    tensors are used as given. Errors on different counts, sizes that differ between an image and its mask, and
-    mask values outside [0, num_names].
+    tensors are used as given. Errors on different counts, sizes that differ between an image (as shown: EXIF
+    orientation applied) and its mask, inputs smaller than `min_size` (the encoder's smallest input, the model's
+    `min_input_size`) and mask values outside [0, num_names].
     """
     if isinstance(images, torch.Tensor) and images.ndim != 4:
         raise ValueError(
@@ -213,8 +217,13 @@ def prepare_support(
     for index, (image, mask) in enumerate(zip(image_list, mask_list)):
         mask = mask_to_tensor(mask, index)
         if _is_pil_image(image):
-            size = (image.size[1], image.size[0])
-            pixel_values = pil_to_pixel_values(image, image_size)
+            try:
+                check_label_orientation(image, tuple(mask.shape))
+                width, height = displayed_size(image)
+                pixel_values = pil_to_pixel_values(image, image_size)
+            except ValueError as error:
+                raise ValueError(f"images[{index}]: {error}.") from error
+            size = (height, width)
         else:
             pixel_values = image_to_pixel_values(image, index, num_channels)
             size = tuple(pixel_values.shape[1:])
@@ -223,8 +232,13 @@ def prepare_support(
                 f"images[{index}] is {size[0]}x{size[1]} (height x width) but masks[{index}] is"
                 f" {mask.shape[0]}x{mask.shape[1]}; masks must be at image resolution."
             )
-        if min(size) < 4:
-            raise ValueError(f"images[{index}] is too small ({size[0]}x{size[1]}); SegFormer needs at least 4x4.")
+        if min(pixel_values.shape[1:]) < min_size:
+            resized = " after resizing to image_size" if tuple(pixel_values.shape[1:]) != size else ""
+            raise ValueError(
+                f"images[{index}] is too small: {pixel_values.shape[1]}x{pixel_values.shape[2]} (height x"
+                f" width){resized}; this model's encoder needs at least {min_size}x{min_size} pixels. Give larger"
+                f" images, or an image_size of at least {min_size}."
+            )
         bad = (mask < 0) | (mask > num_names)
         if bad.any():
             values = torch.unique(mask[bad]).tolist()[:10]
@@ -439,7 +453,8 @@ def add_classes_to_model(
         )
 
     config = model.config
-    pairs = prepare_support(images, masks, len(names), config.num_channels, image_size)
+    min_size = int(getattr(model, "min_input_size", 4))  # the smallest input the encoder accepts
+    pairs = prepare_support(images, masks, len(names), config.num_channels, image_size, min_size)
     cells = [
         support_cell_labels(
             mask,

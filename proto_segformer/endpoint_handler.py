@@ -9,8 +9,11 @@ base64 string (standard alphabet; line breaks and other whitespace, as written b
 ignored; optionally a `data:` URI, as sent in a JSON body), or a PIL image.
 Response: the image-segmentation pipeline format, one entry per class present:
 `[{"label": str, "score": float, "mask": <PNG, base64>}]` where the mask is a single-channel PNG of the image's
-size, 255 on the class's pixels and 0 elsewhere, and the score is the mean softmax probability of the class over
-those pixels.
+size (as shown: EXIF orientation applied), 255 on the class's pixels and 0 elsewhere, and the score is the mean
+softmax probability of the class over those pixels.
+
+Pixels come from `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` is stored beside
+`handler.py`), the decoder training and `predict` use: an image file gives the endpoint the pixels it gave training.
 
 Work per request is bounded: an image of more than `max_pixels` pixels (default 4,194,304 = 2048 x 2048; the
 constructor's `max_pixels` or the environment variable PROTOSEG_MAX_PIXELS) is refused from its header, before it is
@@ -24,19 +27,26 @@ import base64
 import binascii
 import io
 import os
+import re
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+try:  # inside the proto_segformer package
+    from .image_decoding import to_rgb_image
+except ImportError:  # handler.py in a Hub repository: the byte-identical copy of image_decoding.py beside it
+    from image_decoding import to_rgb_image
 
 DEFAULT_MAX_PIXELS = 2048 * 2048
 # Raster formats PIL decodes by itself; others (EPS through Ghostscript, for one) are refused before any decoding.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 MAX_PIXELS_VARIABLE = "PROTOSEG_MAX_PIXELS"
+OBJECT_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")  # e.g. PIL's "<_io.BytesIO object at 0x...>"
 
 
 def max_pixels_setting(max_pixels: int | None = None) -> int:
@@ -62,6 +72,14 @@ def check_image_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
+def describe_error(error: Exception) -> str:
+    """What went wrong in decoding, in words: no object reprs (PIL names the buffer it could not read)."""
+    if isinstance(error, UnidentifiedImageError):
+        return f"the data is not an image in a format this endpoint reads ({', '.join(IMAGE_FORMATS)}), or is cut short"
+    text = OBJECT_REPR.sub("", str(error)).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def base64_bytes(text: str) -> bytes:
     """The bytes of a standard base64 string (whitespace and line breaks ignored; a `data:...;base64,` prefix too)."""
     if text.startswith("data:"):
@@ -79,10 +97,14 @@ def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """An RGB PIL image from bytes, a base64 string (or `data:image/...;base64,` URI) or a PIL image.
 
     The size is checked against `max_pixels` from the image header, before decoding; any failure to decode is a
-    `ValueError` that says what is wrong."""
+    `ValueError` that says what is wrong. The pixels come from `image_decoding.to_rgb_array`, the decoder training
+    and `predict` use (EXIF orientation applied, transparency on white, 16-bit and float samples scaled by their
+    range), so the endpoint sees an image file as the model saw it in training."""
     if isinstance(inputs, str):
         inputs = base64_bytes(inputs)
     if isinstance(inputs, (bytes, bytearray, memoryview)):
+        if len(inputs) == 0:
+            raise ValueError("'inputs' holds no bytes; send the image file's bytes.")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -93,7 +115,7 @@ def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                 " downscale it before sending."
             ) from error
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bytes that are not an image
-            raise ValueError(f"'inputs' could not be decoded as an image ({type(error).__name__}: {error}).") from error
+            raise ValueError(f"'inputs' could not be decoded as an image ({describe_error(error)}).") from error
     elif isinstance(inputs, Image.Image):
         image = inputs
     else:
@@ -101,9 +123,9 @@ def decode_image(inputs: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     check_image_size(image.width, image.height, max_pixels)
     try:
         image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb_image(image)
     except Exception as error:  # noqa: BLE001 - truncated data, corrupt EXIF, unsupported modes, ...
-        raise ValueError(f"'inputs' could not be decoded as an image ({type(error).__name__}: {error}).") from error
+        raise ValueError(f"'inputs' could not be decoded as an image ({describe_error(error)}).") from error
 
 
 def mask_to_base64_png(mask: np.ndarray) -> str:

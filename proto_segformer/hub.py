@@ -7,7 +7,8 @@ The repository holds everything needed to use the model without the `proto_segfo
   files it points to (`configuration_proto_segformer.py`, `modeling_proto_segformer.py` and their local imports);
 - `preprocessor_config.json` (the image processor);
 - `README.md`: the model card (`model_card.py`);
-- `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`);
+- `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`), with
+  `image_decoding.py`, the package's image decoder it imports;
 - the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
   inputs (model_card_inputs.json) and pictures.
 
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 HANDLER_SOURCE = PACKAGE_DIR / "endpoint_handler.py"
 HANDLER_NAME = "handler.py"
+# The one image decoder, copied byte-identical beside handler.py (and a Space's app.py), which import it by name.
+IMAGE_DECODING_SOURCE = PACKAGE_DIR / "image_decoding.py"
 # Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Optional files of a training output copied into the repository when present (the checkpoint folder, else the
@@ -516,6 +519,8 @@ def write_repository(
         copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)
     copy_into_upload(HANDLER_SOURCE, folder / HANDLER_NAME, PACKAGE_DIR)
+    if not (folder / IMAGE_DECODING_SOURCE.name).exists():  # the handler's decoder (also a remote-code file today)
+        copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     root = model_folder(source)
     for name in SIDECAR_FILES:

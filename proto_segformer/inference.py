@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .configuration_proto_segformer import check_similarity_dtype
+from .image_decoding import to_rgb_array
 
 logger = logging.getLogger(__name__)
 
@@ -250,29 +251,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, EXIF orientation applied. Raises `OSError` if it cannot be decoded."""
+    """(H, W, 3) uint8 RGB of an image file by `image_decoding.to_rgb_array` (the decoder training uses: EXIF
+    orientation applied, transparency on white, 16-bit and float samples scaled by their range). Raises `OSError`
+    if it cannot be decoded."""
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"))
+            return to_rgb_array(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = str(error).replace(f" '{path}'", "").replace(str(path), "<file>")
         raise OSError(f"not a readable image ({type(error).__name__}: {reason})") from error
 
 
 def as_rgb_array(image: Any) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) array from a PIL image or an (H, W), (H, W, 3) or (H, W, 4) uint8 array."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"Images must be uint8 arrays or PIL images, got dtype {array.dtype}.")
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=2)
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        return np.ascontiguousarray(array[..., :3])
-    raise ValueError(f"Images must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
+    """An RGB uint8 (H, W, 3) array from a PIL image or an image array, by `image_decoding.to_rgb_array`: arrays of
+    shape (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) holding uint8, uint16, bool or float values."""
+    return to_rgb_array(image)
 
 
 # -------------------------------------------------------------------------------------------------- window geometry

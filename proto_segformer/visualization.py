@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .image_decoding import to_rgb_array
+
 NEAR_DUPLICATE_COSINE = 0.95
 
 
@@ -130,7 +132,7 @@ class DatasetSamples(Sequence):
         else:
             image = row[self.image_column]
             label = row.get(self.label_column) if self.label_column else None
-        image = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+        image = to_rgb_array(image)  # the package's one decoder, as training and predict read images
         label = None if label is None else np.asarray(label).astype(np.int64)
         return image, label
 

@@ -239,6 +239,16 @@ ERROR_CASES = {
     "no names": (lambda p, m: (p, m, []), {}, "names is empty"),
     "bad min_cell_fraction": (lambda p, m: (p, m, ["red", "blue"]), {"min_cell_fraction": 0.5}, r"\(0.5, 1\]"),
     "image_size with pixel values": (lambda p, m: (p, m, ["red", "blue"]), {"image_size": (16, 16)}, "PIL images"),
+    "pixel values below the encoder's smallest input": (
+        lambda p, m: (p[:, :, :8, :8].contiguous(), m[:, :8, :8], ["red", "blue"]),
+        {},
+        r"images\[0\] is too small: 8x8 .* this model's encoder needs at least 29x29",
+    ),
+    "PIL images resized below the encoder's smallest input": (
+        lambda p, m: ([two_colour_image(0)[0]], [two_colour_image(0)[1]], ["red", "blue"]),
+        {"image_size": (16, 16)},
+        r"16x16 .* after resizing to image_size; this model's encoder needs at least 29x29",
+    ),
 }
 
 
@@ -454,6 +464,32 @@ def test_add_classes_script_saves_an_extended_model(tmp_path, with_processor):
     pixel_values = pil_to_pixel_values(image, size)[None]
     predictions = extended.eval()(pixel_values).logits.argmax(dim=1)
     assert set(predictions[0, :, :3].unique().tolist()) == {5} and set(predictions[0, :, -3:].unique().tolist()) == {6}
+
+
+@pytest.mark.parametrize("with_processor", [False, True])
+def test_add_classes_names_a_support_image_below_the_encoder_minimum_in_one_line(tmp_path, with_processor):
+    """An 8x8 support image is a one-line error naming the file and the minimum (the encoder's smallest input,
+    `model.min_input_size`: 29 for mit-b0's shape, what predict reports too), not a convolution traceback."""
+    from transformers import SegformerImageProcessorPil
+
+    from proto_segformer.add_classes import AddClassesError, add_classes_from_folder
+
+    model_dir, support_dir = tmp_path / "model", tmp_path / "support"
+    model = make_model()
+    model.save_pretrained(model_dir)
+    if with_processor:  # a processor that keeps the image size: the model sees 8x8
+        SegformerImageProcessorPil(do_resize=False).save_pretrained(model_dir)
+    (support_dir / "images").mkdir(parents=True)
+    (support_dir / "masks").mkdir()
+    image, mask = two_colour_image(size=8)
+    image.save(support_dir / "images" / "tiny.png")
+    mask.save(support_dir / "masks" / "tiny.png")
+    with pytest.raises(AddClassesError) as caught:
+        add_classes_from_folder(model_dir, support_dir, ["red", "blue"], tmp_path / "out")
+    message = str(caught.value)
+    assert str(support_dir / "images" / "tiny.png") in message and "8x8" in message and "at least 29x29" in message
+    assert "\n" not in message and model.min_input_size == 29
+    assert not (tmp_path / "out").exists()
 
 
 def test_add_classes_script_names_unmatched_files(tmp_path):

@@ -122,11 +122,14 @@ def test_common_formats_decode(kind) -> None:
         (base64.b64encode(b"GIF89a garbage").decode(), "could not be decoded as an image"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "could not be decoded as an image"),  # no Ghostscript
         (12, "must be image bytes, a base64 string or a PIL image, got int"),
+        (b"", "holds no bytes"),
+        (b"not an image", r"not an image in a format this endpoint reads \(PNG, JPEG, WEBP, BMP, GIF, TIFF\)"),
     ],
 )
 def test_every_decoding_failure_is_a_named_value_error(inputs, message) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         decode_image(inputs)
+    assert " object at 0x" not in str(caught.value)  # names what was wrong, not PIL's "<_io.BytesIO object at 0x..>"
 
 
 def test_a_request_without_inputs_is_a_value_error(handler) -> None:

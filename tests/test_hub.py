@@ -37,6 +37,7 @@ EXPECTED_FILES = {
     "config.json",
     "configuration_proto_segformer.py",
     "handler.py",
+    "image_decoding.py",
     "model.safetensors",
     "modeling_proto_segformer.py",
     "preprocessor_config.json",

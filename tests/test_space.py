@@ -65,7 +65,8 @@ def voc_jpeg(folder: Path) -> Path:
 def test_the_space_folder_holds_app_requirements_metadata_and_examples(space):
     files = sorted(p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file())
     assert files == [
-        ".proto_segformer_assembly.json", "README.md", "app.py", "examples/voc_photo.jpg", "requirements.txt"
+        ".proto_segformer_assembly.json", "README.md", "app.py", "examples/voc_photo.jpg", "image_decoding.py",
+        "requirements.txt",
     ]  # fmt: skip
     data = SpaceCard.load(space / "README.md").data
     assert (data.sdk, data.sdk_version, data.app_file, data.models) == ("gradio", GRADIO_VERSION, "app.py", [MODEL_ID])
@@ -76,6 +77,7 @@ def test_the_space_folder_holds_app_requirements_metadata_and_examples(space):
     imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
     allowed = {"__future__", "html", "math", "os", "pathlib", "gradio", "numpy", "torch", "PIL", "transformers"}
+    allowed.add("image_decoding")  # the package's decoder, a byte-identical copy beside app.py (test_image_decoding)
     assert {name.split(".")[0] for name in imported} <= allowed  # self-contained: no proto_segformer on a Space
     requirements = (space / "requirements.txt").read_text().split()
     assert {"transformers>=5.0,<6", "torch", f"gradio=={GRADIO_VERSION}", "pillow", "numpy"} <= set(requirements)
@@ -133,7 +135,7 @@ def test_upload_makes_a_gradio_space_in_one_commit_and_the_card_links_it(checkpo
     model_commit, space_commit = (call.kwargs for call in create_commit.call_args_list)
     assert space_commit["repo_type"] == "space" and space_commit["repo_id"] == "alice/protoseg-demo"
     assert {op.path_in_repo for op in space_commit["operations"]} == {
-        "README.md", "app.py", "requirements.txt", "examples/voc_photo.jpg"
+        "README.md", "app.py", "image_decoding.py", "requirements.txt", "examples/voc_photo.jpg"
     }  # fmt: skip
     assert result.space_commit_url.endswith("/commit/abc")
     card = next(op for op in model_commit["operations"] if op.path_in_repo == "README.md").path_or_fileobj
@@ -160,9 +162,16 @@ def test_space_upload_without_network_is_one_line(checkpoint, tmp_path):
 
 
 def load_app(space: Path):
-    spec = importlib.util.spec_from_file_location("space_app", space / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """app.py imported as `python app.py` runs it: its folder (with image_decoding.py) first on sys.path."""
+    sys.path.insert(0, str(space))
+    sys.modules.pop("image_decoding", None)
+    try:
+        spec = importlib.util.spec_from_file_location("space_app", space / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(space))
+        sys.modules.pop("image_decoding", None)
     return module
 
 

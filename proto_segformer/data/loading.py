@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..image_decoding import check_label_orientation
 from ..paths import check_source
 from .builtin import BUILTIN_DATASETS, build_builtin_dataset
 from .transforms import label_to_array, reduce_label_array, to_rgb
@@ -314,19 +315,33 @@ def decode_image(value: Any, what: str) -> Image.Image | np.ndarray:
     return image
 
 
+def label_size(label: Image.Image | np.ndarray) -> tuple[int, ...]:
+    """(height, width) of a label image or array (its shape for an array that is no 2-D map)."""
+    if isinstance(label, Image.Image):
+        return (label.size[1], label.size[0])
+    return tuple(np.shape(label)[:2])
+
+
 def read_pair(
     split: datasets.Dataset, index: int, image_column: str, label_column: str, split_name: str = "train"
 ) -> tuple[Image.Image, Image.Image | np.ndarray]:
-    """Sample `index` as (image, label); `split` should come from `undecoded` so unreadable files are named."""
+    """Sample `index` as (RGB image as shown, label); `split` should come from `undecoded` so unreadable files are
+    named.
+
+    The image goes through `image_decoding.to_rgb_array`, the decoder `predict`, the endpoint and the Space use
+    (EXIF orientation applied, transparency on white, 16-bit and float samples scaled by their range); a label that
+    fits the image only as stored, not as shown, is a `DataError` (`image_decoding.check_label_orientation`)."""
     row = split[index]
     name = f"Split {split_name!r}, sample {index}"
     image = decode_image(row[image_column], f"{name}, image")
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim not in (2, 3):
-            raise DataError(f"{name}, image: expected (H, W) or (H, W, C) values, got shape {array.shape}.")
-        image = Image.fromarray(array if array.dtype == np.uint8 else np.clip(array, 0, 255).astype(np.uint8))
-    return image, decode_image(row[label_column], f"{name}, label")
+    label = decode_image(row[label_column], f"{name}, label")
+    try:
+        if isinstance(image, Image.Image):
+            check_label_orientation(image, label_size(label))
+        rgb = to_rgb(image)  # to_rgb_array's pixels (an RGB image without EXIF orientation is used as it is)
+    except ValueError as error:
+        raise DataError(f"{name}, image{_file_of(split, index, image_column)}: {error}.") from error
+    return rgb, label
 
 
 def _file_of(split: datasets.Dataset, index: int, column: str) -> str:

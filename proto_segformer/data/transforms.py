@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_decoding import exif_orientation, has_transparency, to_rgb_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,24 +64,13 @@ class AugmentationConfig:
             raise ValueError(f"cat_max_ratio must lie in (0, 1], got {self.cat_max_ratio}.")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image (grayscale, palette, RGBA, 16-bit, CMYK) as RGB; transparency is composited on white (as
-    transformers' `convert_rgb` does)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 255 else 255.0
-        return Image.fromarray((array / peak * 255.0).round().astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """An RGB PIL image of any PIL image or image array, by `image_decoding.to_rgb_array` (the one decoder of the
+    package: EXIF orientation applied, transparency on white, 16-bit and float samples scaled by their range)."""
+    if isinstance(image, Image.Image) and image.mode == "RGB" and not has_transparency(image):
+        if exif_orientation(image) == 1:
+            return image  # already what the decoder gives
+    return to_rgb_image(image)
 
 
 def label_to_array(label: Image.Image | np.ndarray) -> np.ndarray:

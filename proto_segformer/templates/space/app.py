@@ -7,6 +7,9 @@ For an uploaded image the app shows the segmentation overlay with a legend of th
 prototype assignment map: which of the predicted class's M prototypes each pixel matched (the class colour, darker
 for prototype 0 and lighter for prototype M-1; class boundaries in white).
 
+Images are decoded by `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` beside this
+file), as in training and `predict`: an uploaded file gives the model the pixels it gave in training.
+
 Settings (environment variables): PROTOSEG_MODEL, the model repository id or a local folder (default: the model this
 Space was written for); PROTOSEG_MAX_PIXELS, the largest image segmented at full size (default 1,048,576 =
 1024 x 1024): larger images are downscaled to it first, so the work per request is bounded.
@@ -23,12 +26,16 @@ import gradio as gr
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from image_decoding import to_rgb_image  # proto_segformer's image decoder, a byte-identical copy beside this file
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 DEFAULT_MODEL = "<namespace>/<model>"  # written in by proto_segformer.space
 DEFAULT_MAX_PIXELS = 1024 * 1024
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# Gradio hands the upload over in its own mode (None): a 16-bit, float or transparent image reaches `bounded`
+# undecoded, so it is decoded by `image_decoding` as in training (Gradio's default "RGB" would clip it first).
+INPUT_IMAGE_MODE = None
 
 
 def max_pixels_setting() -> int:
@@ -61,8 +68,12 @@ def label_colormap(num_classes: int) -> np.ndarray:
 
 
 def bounded(image: Image.Image, max_pixels: int) -> Image.Image:
-    """The upright RGB image, downscaled (aspect kept) to at most `max_pixels` pixels."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    """The RGB image by `image_decoding.to_rgb_array` (as training and `predict` decode it: upright, transparency on
+    white, 16-bit and float samples scaled by their range), downscaled (aspect kept) to at most `max_pixels` pixels."""
+    try:
+        image = to_rgb_image(image)
+    except ValueError as error:
+        raise gr.Error(f"This image cannot be read: {error}.") from error
     if image.width * image.height <= max_pixels:
         return image
     scale = math.sqrt(max_pixels / (image.width * image.height))
@@ -172,7 +183,7 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
             f" Images above {segmenter.max_pixels:,} pixels are downscaled first."
         )
         with gr.Row():
-            image = gr.Image(type="pil", label="Image", elem_id="input-image")
+            image = gr.Image(type="pil", image_mode=INPUT_IMAGE_MODE, label="Image", elem_id="input-image")
             legend = gr.HTML(label="Classes", elem_id="legend")
         button = gr.Button("Segment", variant="primary", elem_id="segment")
         with gr.Row():
