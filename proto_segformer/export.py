@@ -13,6 +13,7 @@ exported graph runs whatever it is given; `OnnxRuntimeModel` checks its inputs b
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,8 +141,10 @@ def _check_destination(output_dir: Path) -> bool:
     return True
 
 
-def write_onnx_folder(model, processor, output_dir: str | Path) -> Path:
-    """Write model.onnx, config.json and the image processor's config into `output_dir`, atomically.
+def write_onnx_folder(model, processor, output_dir: str | Path, training_crop: tuple[int, int] | None = None) -> Path:
+    """Write model.onnx, config.json and the image processor's config into `output_dir`, atomically; with
+    `training_crop` (height, width) also model_card_inputs.json recording it as "crop_size" (prediction's sliding
+    window, `inference.training_crop_size`).
 
     The files are assembled in a staging folder beside `output_dir` and renamed into place; an existing
     `output_dir` must be empty or an earlier export (its manifest lists every file), which is then replaced whole.
@@ -154,6 +157,8 @@ def write_onnx_folder(model, processor, output_dir: str | Path) -> Path:
         export_onnx(model, staging / ONNX_NAME)
         model.config.save_pretrained(staging)
         processor.save_pretrained(staging)
+        if training_crop is not None:
+            (staging / "model_card_inputs.json").write_text(json.dumps({"crop_size": list(training_crop)}) + "\n")
         written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         write_manifest(staging / EXPORT_MANIFEST, written, WRITTEN_BY)
         if replace:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,8 @@ def find_processor_folder(folder: str | Path) -> Path | None:
 
 
 def load_image_processor(folder: str | Path, crop_size: int | None = None):
-    """The checkpoint's image processor; SegFormer's default (ImageNet statistics) at `crop_size` if it has none."""
+    """The checkpoint's image processor; SegFormer's default (ImageNet statistics) resizing to `crop_size` (default:
+    the recorded training crop, else `DEFAULT_CROP`) if it has none."""
     from transformers import AutoImageProcessor, SegformerImageProcessorPil
 
     source = find_processor_folder(folder)
@@ -221,15 +222,84 @@ def load_image_processor(folder: str | Path, crop_size: int | None = None):
             raise CheckpointError(
                 f"{source / PROCESSOR_NAME} is not a valid image processor config: {error}"
             ) from error
-    size = crop_size or 512
+    recorded = recorded_training_crop(folder)
+    height, width = (crop_size, crop_size) if crop_size else (recorded[0] if recorded else (DEFAULT_CROP,) * 2)
     logger.warning(
         "%s has no %s; using SegFormer's default image processor (ImageNet mean/std, %dx%d).",
         folder,
         PROCESSOR_NAME,
-        size,
-        size,
+        height,
+        width,
     )
-    return SegformerImageProcessorPil(size={"height": size, "width": size})
+    return SegformerImageProcessorPil(size={"height": height, "width": width})
+
+
+# The training crop when nothing records it: train.py's default --crop_size (and SegFormer's ADE20K crop).
+DEFAULT_CROP = 512
+# Files of a training output (and of an assembled Hub repository) that record the training crop as "crop_size".
+CROP_RECORDS = ("model_card_inputs.json", "training_args.json")
+
+
+def _crop_pair(value: Any) -> tuple[int, int] | None:
+    """(height, width) of a recorded crop (a side, [height, width] or {"height", "width"}), None if not one."""
+    if isinstance(value, dict):
+        value = [value.get("height"), value.get("width")]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        value = [value, value]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def recorded_training_crop(folder: str | Path) -> tuple[tuple[int, int], Path] | None:
+    """The training crop (height, width) recorded with a checkpoint and the file that records it: "crop_size" in
+    `model_card_inputs.json` or `training_args.json` of the folder or, for a `checkpoint-*` folder, of the training
+    output that holds it. None if no file records one."""
+    folder = Path(folder)
+    folders = [folder] + ([folder.parent] if folder.name.startswith("checkpoint-") else [])
+    for candidate in folders:
+        for name in CROP_RECORDS:
+            path = candidate / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            crop = _crop_pair(data.get("crop_size")) if isinstance(data, dict) else None
+            if crop is not None:
+                return crop, path
+    return None
+
+
+def training_crop_size(folder: str | Path | None, processor) -> tuple[tuple[int, int], str]:
+    """The crop (height, width) the model was trained on, and where it comes from, by the first rule that applies:
+
+    1. "crop_size" recorded with the checkpoint (`recorded_training_crop`: model_card_inputs.json or
+       training_args.json, which train.py writes);
+    2. the image processor's size, when the processor resizes (a processor that resizes every image to one size
+       trains and predicts at that size);
+    3. `DEFAULT_CROP` (512, train.py's default --crop_size), logged as a guess.
+
+    (train.py saves a processor that does not resize, whose `size` is SegFormer's unused default 512: it is not the
+    crop.)
+    """
+    recorded = recorded_training_crop(folder) if folder is not None else None
+    if recorded is not None:
+        return recorded[0], f"recorded in {recorded[1]}"
+    if bool(getattr(processor, "do_resize", True)):
+        return processor_crop_size(processor), "the image processor's size (it resizes every image to it)"
+    logger.warning(
+        "No training crop is recorded with %s (no crop_size in %s) and its image processor does not resize: sliding"
+        " windows use %dx%d. Pass --crop_size with the crop the model was trained on.",
+        folder if folder is not None else "the model",
+        " or ".join(CROP_RECORDS),
+        DEFAULT_CROP,
+        DEFAULT_CROP,
+    )
+    return (DEFAULT_CROP, DEFAULT_CROP), f"not recorded: the default {DEFAULT_CROP}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -486,18 +556,40 @@ def grid_to_prediction(
 
 
 class Segmenter:
-    """A ProtoSegformer, its image processor and `InferenceOptions`: `predict(images) -> list[Prediction]`."""
+    """A ProtoSegformer, its image processor and `InferenceOptions`: `predict(images) -> list[Prediction]`.
 
-    def __init__(self, model, processor, options: InferenceOptions | None = None) -> None:
+    The sliding window (`crop`) is `options.crop_size`, else `training_crop` (the crop the model was trained on;
+    `from_pretrained` finds it with `training_crop_size`), else the processor's size when it resizes, else
+    `DEFAULT_CROP`. Images smaller than the encoder accepts (`min_input_size`, e.g. 29 pixels for mit-b0) are padded
+    with the mean colour and the result cropped back, so every image of at least one pixel gets a prediction.
+    """
+
+    def __init__(
+        self, model, processor, options: InferenceOptions | None = None, training_crop: tuple[int, int] | None = None
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.options = options or InferenceOptions()
-        self.crop = tuple(self.options.crop_size or self._aligned(processor_crop_size(processor)))
+        if training_crop is None:
+            training_crop = training_crop_size(None, processor)[0]
+        self.crop = tuple(self.options.crop_size or self._aligned(training_crop))
         self.stride = tuple(self.options.stride or (default_stride(self.crop[0]), default_stride(self.crop[1])))
+        # The ONNX Runtime model pads small inputs itself.
+        self.min_input_size = int(getattr(model, "min_input_size", 1))
+        if min(self.crop) < self.min_input_size:
+            raise ValueError(
+                f"The sliding window {self.crop[0]}x{self.crop[1]} is smaller than this encoder accepts"
+                f" ({self.min_input_size} pixels a side); pass --crop_size {self._aligned_up(self.min_input_size)}"
+                " or more (the crop the model was trained on)."
+            )
 
     @staticmethod
     def _aligned(size: tuple[int, int]) -> tuple[int, int]:
         return tuple(max(GRID, s // GRID * GRID) for s in size)
+
+    @staticmethod
+    def _aligned_up(side: int) -> int:
+        return math.ceil(side / GRID) * GRID
 
     @classmethod
     def from_pretrained(
@@ -507,6 +599,7 @@ class Segmenter:
 
         `backend="onnxruntime"`: `folder` is an ONNX export (`export.write_onnx_folder`), run by ONNX Runtime on the
         CPU; it gives label maps only (prototype maps need the PyTorch model's embeddings and prototypes).
+        The sliding window is the training crop (`training_crop_size`) unless `options.crop_size` is set.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -527,7 +620,12 @@ class Segmenter:
             if options is not None and options.similarity_dtype is not None:
                 model.config.similarity_dtype = options.similarity_dtype
         crop = options.crop_size[0] if options is not None and options.crop_size else None
-        return cls(model, load_image_processor(folder, crop_size=crop), options)
+        processor = load_image_processor(folder, crop_size=crop)
+        training_crop = None
+        if options is None or options.crop_size is None:
+            training_crop, source = training_crop_size(folder, processor)
+            logger.info("Sliding window %dx%d: the training crop, %s.", *training_crop, source)
+        return cls(model, processor, options, training_crop=training_crop)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -546,8 +644,12 @@ class Segmenter:
         return self.options.mode == "slide"
 
     def predict(self, images: Sequence[Any]) -> list[Prediction]:
-        """Predictions for PIL images or uint8 arrays, in order; "whole" images share batches."""
+        """Predictions for PIL images or uint8 arrays, in order; "whole" images share batches. Every prediction has
+        its image's (H, W)."""
         arrays = [as_rgb_array(image) for image in images]
+        empty = [array.shape for array in arrays if array.shape[0] < 1 or array.shape[1] < 1]
+        if empty:
+            raise ValueError(f"Images must have at least one pixel, got shape {empty[0]}.")
         results: list[Prediction | None] = [None] * len(arrays)
         whole = [i for i, array in enumerate(arrays) if not self.uses_slide(array)]
         whole_set = set(whole)
@@ -563,22 +665,42 @@ class Segmenter:
                 indices = indices_of_size[start : start + self.options.batch_size]
                 for i, prediction in zip(indices, self._predict_whole([arrays[i] for i in indices])):
                     results[i] = prediction
+        for array, prediction in zip(arrays, results):
+            check_prediction_size(prediction, array.shape[:2])
         return results  # type: ignore[return-value]
 
-    def _predict_whole(self, arrays: list[np.ndarray]) -> list[Prediction]:
-        pixel_values = self.processor(images=arrays, return_tensors="pt")["pixel_values"]
-        with_embeddings = self.options.prototype_maps
-        logits, embeddings = forward_batches(self.model, pixel_values, self.options.batch_size, with_embeddings)
-        prototypes = self.model.prototypes.float() if with_embeddings else None
-        return [
-            grid_to_prediction(
-                logits[i], embeddings[i] if with_embeddings else None, prototypes, array.shape[:2], array.shape[:2]
-            )
-            for i, array in enumerate(arrays)
+    def _pixel_values(self, images: np.ndarray | list[np.ndarray], **kwargs: Any) -> torch.Tensor:
+        """The processor's (N, 3, H, W) input; images are channels-last (H, W, 3), said explicitly: the processor
+        would take a 3-pixel-high (3, W, 3) image, or a (1, W, 3) one, for channels-first and mangle it."""
+        return self.processor(images=images, input_data_format="channels_last", return_tensors="pt", **kwargs)[
+            "pixel_values"
         ]
 
+    def _predict_whole(self, arrays: list[np.ndarray]) -> list[Prediction]:
+        pixel_values = self._pixel_values(arrays)
+        input_h, input_w = pixel_values.shape[2:]
+        # Smaller than the encoder accepts (a small image that is not resized): pad, predict, crop back.
+        padded = pad_to(pixel_values, max(input_h, self.min_input_size), max(input_w, self.min_input_size))
+        with_embeddings = self.options.prototype_maps
+        logits, embeddings = forward_batches(self.model, padded, self.options.batch_size, with_embeddings)
+        prototypes = self.model.prototypes.float() if with_embeddings else None
+        predictions = []
+        for i, array in enumerate(arrays):
+            height, width = array.shape[:2]
+            # The grid covers the padded input; in image pixels that is the image scaled by image / input size.
+            scaled = (
+                round(padded.shape[2] * height / input_h) if padded.shape[2] != input_h else height,
+                round(padded.shape[3] * width / input_w) if padded.shape[3] != input_w else width,
+            )
+            predictions.append(
+                grid_to_prediction(
+                    logits[i], embeddings[i] if with_embeddings else None, prototypes, scaled, (height, width)
+                )
+            )
+        return predictions
+
     def _predict_slide(self, array: np.ndarray) -> Prediction:
-        pixel_values = self.processor(images=array, do_resize=False, return_tensors="pt")["pixel_values"]
+        pixel_values = self._pixel_values(array, do_resize=False)
         logits, embeddings, padded = slide_grid(
             self.model, pixel_values, self.crop, self.stride, self.options.batch_size, self.options.prototype_maps
         )
@@ -586,28 +708,73 @@ class Segmenter:
         return grid_to_prediction(logits, embeddings, prototypes, padded, array.shape[:2])
 
 
+def check_prediction_size(prediction: Prediction, size: tuple[int, int]) -> None:
+    """`RuntimeError` unless the prediction's maps have the image's (H, W): a wrong-sized label file is never
+    written."""
+    shapes = {prediction.label_map.shape[:2]}
+    if prediction.prototype_map is not None:
+        shapes.add(prediction.prototype_map.shape[:2])
+    if shapes != {tuple(size)}:
+        raise RuntimeError(
+            f"internal error: the prediction has size {sorted(shapes)} for an image of {tuple(size)}; not written."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- pictures out
 
 
 def class_colormap(num_classes: int) -> np.ndarray:
-    """(max(num_classes, 256), 3) uint8 colours: imgviz's (PASCAL VOC) label colormap, extended if K > 256."""
-    import imgviz
+    """(max(num_classes, 256), 3) uint8 colours of classes 0 .. K-1 (`palette.class_palette`: far apart in OKLab,
+    black for class 0; entry 255 is the ignored label's neutral colour when K <= 255)."""
+    from .palette import class_palette
 
-    base = imgviz.label_colormap()
-    if num_classes <= len(base):
-        return base
-    rng = np.random.default_rng(0)
-    extra = rng.integers(0, 256, size=(num_classes - len(base), 3), dtype=np.uint8)
-    return np.concatenate([base, extra])
+    return class_palette(num_classes)
+
+
+def label_colours(label_map: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """`class_colormap` for a model of `num_classes` (default: the label map's largest value + 1), long enough for
+    every value of `label_map` (so 255, the ignored label, gets the neutral ignore colour for K <= 255)."""
+    largest = int(label_map.max()) if label_map.size else 0
+    colours = class_colormap(num_classes or largest + 1)
+    return colours if largest < len(colours) else class_colormap(largest + 1)
+
+
+def index_png(values: np.ndarray, count: int, colours: np.ndarray) -> Image.Image:
+    """An (H, W) map of indices in [0, count) as a PNG-ready image whose pixel values are the indices: palette mode
+    ('P', `colours` (>= min(count, 256), 3) uint8 as its palette) when count <= 256, else 16-bit grey ('I;16', up to
+    65536 indices; a viewer shows it dark, the values are exact)."""
+    if count <= 256:
+        image = Image.fromarray(values.astype(np.uint8), mode="P")
+        palette = np.zeros((256, 3), dtype=np.uint8)
+        palette[: min(256, len(colours))] = colours[:256]
+        image.putpalette(palette.reshape(-1).tolist())
+        return image
+    if count > 65536:
+        raise ValueError(f"A PNG holds at most 65536 indices, got {count}.")
+    return Image.fromarray(values.astype(np.uint16))
 
 
 def label_png(label_map: np.ndarray, num_classes: int) -> Image.Image:
-    """The label map as a PNG-ready image: palette mode ('P', value = class index) when K <= 256, else 16-bit."""
-    if num_classes <= 256:
-        image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-        image.putpalette(class_colormap(256)[:256].reshape(-1).tolist())
-        return image
-    return Image.fromarray(label_map.astype(np.uint16))
+    """The label map as a PNG-ready image: palette mode ('P', value = class index, colours `class_colormap`) when
+    K <= 256, else 16-bit."""
+    return index_png(label_map, num_classes, class_colormap(num_classes))
+
+
+def blend(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """(H, W, 3) uint8: `alpha` of the (H, W, 3) colours over the image."""
+    mixed = alpha * colours.astype(np.float32) + (1 - alpha) * image.astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)
+
+
+def legend_font_size(image: np.ndarray) -> int:
+    """The legend's font size for an overlay of `image`: scaled with the image, at least 10 pixels."""
+    return max(10, min(image.shape[:2]) // 25)
+
+
+def present_classes(label_map: np.ndarray, id2label: dict[int, str] | None) -> list[int]:
+    """The classes of `id2label` that occur in `label_map`, in index order."""
+    present = set(np.unique(label_map).tolist())
+    return [int(k) for k in sorted(id2label or {}, key=int) if int(k) in present]
 
 
 def colour_overlay(
@@ -623,18 +790,15 @@ def colour_overlay(
     `visualization.LEGEND_MAX_FRACTION` of the image; for a smaller image it goes on a white strip beside it, so the
     result is wider (and taller if the legend is): the image part is never hidden.
     """
-    import imgviz
-
     from .visualization import attach_legend, legend_picture
 
-    colormap = class_colormap(int(label_map.max()) + 1)
-    blended = imgviz.label2rgb(label_map.astype(np.int32), image=image, alpha=alpha, colormap=colormap)
-    present = [int(k) for k in sorted(id2label or {}, key=int) if (label_map == int(k)).any()]
+    colormap = label_colours(label_map, len(id2label or {}))
+    blended = blend(image, colormap[label_map], alpha)
+    present = present_classes(label_map, id2label)
     if not legend or not present:
         return blended
-    font_size = max(10, min(image.shape[:2]) // 25)
     items = [(str(id2label[k]), colormap[k]) for k in present]
-    return attach_legend(blended, legend_picture(items, font_size))
+    return attach_legend(blended, legend_picture(items, legend_font_size(image)))
 
 
 def prototype_colormap(num_prototypes: int) -> np.ndarray:
@@ -653,27 +817,64 @@ def class_boundaries(label_map: np.ndarray) -> np.ndarray:
     return edges
 
 
-def prototype_shades(label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int) -> np.ndarray:
-    """(H, W, 3) uint8: each pixel in its class's colour (as in `colour_overlay`), shaded by its prototype index:
-    prototype 0 darkest, prototype M-1 lightest (near-black class colours are lifted to grey first)."""
-    base = class_colormap(int(label_map.max()) + 1)[label_map].astype(np.float32)
-    dark = base.max(axis=-1, keepdims=True) < 60
-    base = np.where(dark, 128.0, base)
-    level = prototype_map.astype(np.float32)[..., None] / max(1, num_prototypes - 1) - 0.5  # in [-0.5, 0.5]
-    amount = np.abs(level) * 1.5  # up to 75% towards black or white
+def shade_table(colours: np.ndarray, num_prototypes: int) -> np.ndarray:
+    """(n, M, 3) uint8: the shades of n class colours (n, 3) for prototypes 0 .. M-1: prototype 0 darkest, M-1
+    lightest (up to 75% of the way to black and to white), the middle one the class colour; near-black colours are
+    lifted to grey first. Any M works; neighbouring prototypes of a large M get close shades."""
+    base = colours.astype(np.float32)
+    base = np.where(base.max(axis=-1, keepdims=True) < 60, 128.0, base)[:, None, :]  # (n, 1, 3)
+    level = np.arange(num_prototypes, dtype=np.float32)[None, :, None] / max(1, num_prototypes - 1) - 0.5
+    amount = np.abs(level) * 1.5
     target = np.where(level > 0, 255.0, 0.0)
     return (base * (1 - amount) + target * amount).round().clip(0, 255).astype(np.uint8)
 
 
+def prototype_shades(
+    label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int, num_classes: int | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8: each pixel in its class's colour (as in `colour_overlay`), shaded by its prototype index
+    (`shade_table`: prototype 0 darkest, prototype M-1 lightest)."""
+    table = shade_table(label_colours(label_map, num_classes), num_prototypes)
+    return table[label_map, np.clip(prototype_map, 0, num_prototypes - 1)]
+
+
+def prototype_legend(
+    label_map: np.ndarray, id2label: dict[int, str], num_prototypes: int, font_size: int
+) -> np.ndarray | None:
+    """(h, w, 3) uint8 legend of a prototype overlay: what the shades mean, then per class present its name and its
+    shades for prototypes 0 .. M-1 (left to right); None if no class of `id2label` is present."""
+    from .visualization import legend_picture
+
+    present = present_classes(label_map, id2label)
+    if not present:
+        return None
+    table = shade_table(class_colormap(max(present) + 1)[present], num_prototypes)
+    last = num_prototypes - 1
+    title = f"shade = prototype 0 (dark) .. {last} (light)" if last > 0 else "1 prototype per class"
+    items = [(str(id2label[k]), table[index]) for index, k in enumerate(present)]
+    return legend_picture(items, font_size, title=title)
+
+
 def prototype_overlay(
-    image: np.ndarray, label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int, alpha: float = 0.7
+    image: np.ndarray,
+    label_map: np.ndarray,
+    prototype_map: np.ndarray,
+    num_prototypes: int,
+    alpha: float = 0.7,
+    id2label: dict[int, str] | None = None,
+    legend: bool = True,
 ) -> np.ndarray:
     """(H, W, 3) uint8: `prototype_shades` blended over the image, class boundaries in white; pixels of one class
-    that matched different prototypes get different shades of the class colour."""
-    colours = prototype_shades(label_map, prototype_map, num_prototypes).astype(np.float32)
-    blended = (alpha * colours + (1 - alpha) * image.astype(np.float32)).round().astype(np.uint8)
+    that matched different prototypes get different shades of the class colour. With `id2label` a legend
+    (`prototype_legend`: the classes present, their shades from prototype 0 to M-1) is attached as in
+    `colour_overlay` (in the corner, or beside a small image)."""
+    from .visualization import attach_legend
+
+    colours = prototype_shades(label_map, prototype_map, num_prototypes, len(id2label or {}))
+    blended = blend(image, colours, alpha)
     blended[class_boundaries(label_map)] = 255
-    return blended
+    key = prototype_legend(label_map, id2label, num_prototypes, legend_font_size(image)) if legend else None
+    return blended if key is None else attach_legend(blended, key)
 
 
 def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
@@ -686,13 +887,38 @@ def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
     }
 
 
-def save_image(picture: Image.Image, path: Path, **options: Any) -> Path:
+def save_image(picture: Image.Image, path: Path, on_written: Callable[[Path], None] | None = None, **options) -> Path:
     """Save `picture` to `path` atomically (a temporary file in the same folder, then `os.replace`): a crash leaves
-    the old file or the new one, never half of it. The format follows `path`'s suffix."""
+    the old file or the new one, never half of it. The format follows `path`'s suffix. `on_written(temporary)` is
+    called once the temporary file is complete, before the rename (to record its checksum)."""
     from .safe_files import atomic_write
 
     file_format = Image.registered_extensions()[path.suffix.lower()]
-    return atomic_write(path, lambda temporary: picture.save(temporary, format=file_format, **options))
+
+    def write(temporary: Path) -> None:
+        picture.save(temporary, format=file_format, **options)
+        if on_written is not None:
+            on_written(temporary)
+
+    return atomic_write(path, write)
+
+
+def prediction_pictures(
+    prediction: Prediction, image: np.ndarray, id2label: dict[int, str], num_prototypes: int
+) -> dict[str, tuple[Image.Image, dict[str, Any]]]:
+    """{kind: (picture, save options)} of one image's outputs (the kinds of `output_paths`), rendered in memory."""
+    pictures: dict[str, tuple[Image.Image, dict[str, Any]]] = {
+        "label": (label_png(prediction.label_map, len(id2label)), {}),
+        "overlay": (Image.fromarray(colour_overlay(image, prediction.label_map, id2label)), {"quality": 90}),
+    }
+    if prediction.prototype_map is not None:
+        raw = index_png(prediction.prototype_map, num_prototypes, prototype_colormap(num_prototypes))
+        overlay = prototype_overlay(
+            image, prediction.label_map, prediction.prototype_map, num_prototypes, id2label=id2label
+        )
+        pictures["prototype"] = (raw, {})
+        pictures["prototype_overlay"] = (Image.fromarray(overlay), {"quality": 90})
+    return pictures
 
 
 def save_prediction(
@@ -702,27 +928,25 @@ def save_prediction(
     stem: str,
     id2label: dict[int, str],
     num_prototypes: int,
+    on_written: Callable[[Path, Path], None] | None = None,
 ) -> list[Path]:
     """Write the label PNG, the overlay and (if computed) the prototype map PNG and its overlay; return the paths.
 
-    `{stem}_prototype.png` is a palette PNG whose value is the prototype index in [0, M) of the pixel's predicted
-    class (read it with the label PNG: class k, prototype m). Every file is written atomically (`save_image`).
+    `{stem}_prototype.png` holds, per pixel, the prototype index in [0, M) of the pixel's predicted class (read it
+    with the label PNG: class k, prototype m): a palette PNG for M <= 256, else 16-bit. Every picture is rendered
+    before the first file is written (an error writes nothing), and every file is written atomically
+    (`save_image`); `on_written(path, temporary)` is called for each file before it is renamed into place.
+    A prediction whose size is not the image's is refused (`check_prediction_size`).
     """
+    check_prediction_size(prediction, image.shape[:2])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(output_dir, stem)
-    save_image(label_png(prediction.label_map, len(id2label)), paths["label"])
-    save_image(Image.fromarray(colour_overlay(image, prediction.label_map, id2label)), paths["overlay"], quality=90)
-    written = [paths["label"], paths["overlay"]]
-    if prediction.prototype_map is not None:
-        raw = Image.fromarray(prediction.prototype_map.astype(np.uint8), mode="P")
-        palette = np.zeros((256, 3), dtype=np.uint8)
-        palette[:num_prototypes] = prototype_colormap(num_prototypes)
-        raw.putpalette(palette.reshape(-1).tolist())
-        save_image(raw, paths["prototype"])
-        picture = prototype_overlay(image, prediction.label_map, prediction.prototype_map, num_prototypes)
-        save_image(Image.fromarray(picture), paths["prototype_overlay"], quality=90)
-        written += [paths["prototype"], paths["prototype_overlay"]]
+    written = []
+    for kind, (picture, options) in prediction_pictures(prediction, image, id2label, num_prototypes).items():
+        path = paths[kind]
+        hook = (lambda temporary, path=path: on_written(path, temporary)) if on_written is not None else None
+        written.append(save_image(picture, path, on_written=hook, **options))
     return written
 
 
@@ -778,8 +1002,85 @@ class OutputError(ValueError):
     tool did not write (an input, a user's file)."""
 
 
-# Records, in an output folder, the files prediction wrote there: only those may be replaced by a later run.
+# Records, in an output folder, the files prediction wrote there and the SHA-256 of each as written: only those
+# files, with those bytes, may be replaced by a later run (a file edited since is the user's).
 PREDICTIONS_MANIFEST = ".proto_segformer_predictions.json"
+# While a run writes, it appends "<sha256> <name>" here before each file is renamed into place (a killed run's
+# files are then still recognised); folded into the manifest at the end of the run, then removed.
+PREDICTIONS_JOURNAL = ".proto_segformer_predictions.journal"
+MANIFEST_WRITER = "predict_files"
+
+
+@dataclass
+class OutputRecords:
+    """What an output folder records about the files prediction wrote there.
+
+    files: the names listed in the manifest; hashes: {name: SHA-256} from the manifest (None: a manifest of an
+    older version that recorded no hashes); journal: {name: hashes} a run appended but did not fold in (a run that
+    was killed).
+    """
+
+    files: set[str]
+    hashes: dict[str, str] | None
+    journal: dict[str, set[str]]
+
+    @classmethod
+    def read(cls, output_dir: str | Path) -> OutputRecords:
+        from .safe_files import read_manifest, read_manifest_hashes
+
+        manifest = Path(output_dir) / PREDICTIONS_MANIFEST
+        files = read_manifest(manifest)
+        hashes = read_manifest_hashes(manifest) if files is not None else {}
+        journal: dict[str, set[str]] = {}
+        path = Path(output_dir) / PREDICTIONS_JOURNAL
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                digest, _, name = line.partition(" ")
+                if len(digest) == 64 and name:  # a line cut short by a kill is left out
+                    journal.setdefault(name, set()).add(digest)
+        return cls(set(files or []), hashes, journal)
+
+    def accepted(self, name: str) -> set[str]:
+        """The contents (SHA-256) that a file of this name had when prediction wrote it."""
+        recorded = {self.hashes[name]} if self.hashes and name in self.hashes else set()
+        return recorded | self.journal.get(name, set())
+
+    def verdict(self, path: Path) -> str | None:
+        """None if the existing file `path` is one prediction wrote, unchanged; else why it may not be replaced:
+        "foreign" (not written by prediction), "edited" (changed since) or "unverifiable" (listed without a
+        checksum: by an older version of predict, which recorded none)."""
+        from .safe_files import file_sha256
+
+        name = path.name
+        if name not in self.files and name not in self.journal:
+            return "foreign"
+        accepted = self.accepted(name)
+        if not accepted:
+            return "unverifiable"
+        return None if file_sha256(path) in accepted else "edited"
+
+
+def refusal_message(output_dir: str | Path, refused: dict[str, list[str]]) -> str:
+    """One line: which existing outputs are not replaced, why, and what to do."""
+
+    def listing(paths: list[str]) -> str:
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        return ", ".join(paths[:5]) + more
+
+    reasons = []
+    if refused.get("foreign"):
+        reasons.append(f"{listing(refused['foreign'])}, not written by an earlier prediction there")
+    if refused.get("edited"):
+        reasons.append(f"{listing(refused['edited'])}, changed since prediction wrote them (edited by hand?)")
+    if refused.get("unverifiable"):
+        reasons.append(
+            f"{listing(refused['unverifiable'])}, written by an older version of predict that kept no checksums, so"
+            " an edit cannot be ruled out"
+        )
+    return (
+        f"{output_dir} already holds {'; and '.join(reasons)}; not overwriting anything. Choose another --output_dir,"
+        " or move or delete those files to predict them again."
+    )
 
 
 def check_output_folder(output_dir: str | Path) -> None:
@@ -820,33 +1121,88 @@ def prepare_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_map
     """Check the output folder and the planned outputs of `paths` before any work; return the plan.
 
     `OutputError` when the folder is a file or not writable, when an output would replace an input (e.g. the output
-    folder is the input folder and holds `cat.jpg` and `cat_label.png`), or when an output file exists that an earlier
-    prediction did not write (it is not listed in the folder's manifest): no file the tool did not write is replaced.
+    folder is the input folder and holds `cat.jpg` and `cat_label.png`), or when an output file exists that may not
+    be replaced (`OutputRecords.verdict`): one that an earlier prediction did not write, one changed since it was
+    written (its SHA-256 is not the one recorded: a user's edit), or one listed by an older version without
+    checksums. Nothing is replaced but files prediction wrote, unchanged.
     """
-    from .safe_files import read_manifest
-
     check_output_folder(output_dir)
     plan = plan_outputs(paths, output_dir, prototype_maps)
     inputs = {Path(path).resolve() for path in paths}
     planned = [target for outputs in plan.values() for target in outputs.values()]
-    ours = set(read_manifest(Path(output_dir) / PREDICTIONS_MANIFEST) or [])
+    records = OutputRecords.read(output_dir)
     clashes = sorted({target for target in planned if target.resolve() in inputs})
     if clashes:
-        earlier = any(target.name in ours for target in clashes)
+        earlier = any(target.name in records.files for target in clashes)
         raise OutputError(
             f"Writing the predictions into {output_dir} would overwrite input file(s):"
             f" {', '.join(map(str, clashes[:5]))}"
             + (" (outputs of an earlier prediction there are inputs now)" if earlier else "")
             + ". Choose another --output_dir."
         )
-    foreign = sorted(str(target) for target in planned if target.exists() and target.name not in ours)
-    if foreign:
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise OutputError(
-            f"{output_dir} already holds {', '.join(foreign[:5])}{more}, not written by an earlier prediction there;"
-            " not overwriting. Choose another --output_dir or move them away."
-        )
+    refused: dict[str, list[str]] = {}
+    for target in planned:
+        verdict = records.verdict(target) if target.exists() else None
+        if verdict is not None:
+            refused.setdefault(verdict, []).append(str(target))
+    if refused:
+        raise OutputError(refusal_message(output_dir, {k: sorted(v) for k, v in refused.items()}))
     return plan
+
+
+class OutputLog:
+    """The manifest of one prediction run: planned names are listed before any is written; each file's SHA-256 is
+    appended to the journal before its rename (`record`) and the manifest is rewritten with all hashes at `close`."""
+
+    def __init__(self, output_dir: Path, planned: Iterable[str]) -> None:
+        from .safe_files import file_sha256, write_manifest
+
+        self.output_dir = output_dir
+        records = OutputRecords.read(output_dir)
+        self.files = records.files | set(planned)
+        self.hashes = dict(records.hashes or {})
+        for name, accepted in records.journal.items():  # a killed run's files, as they are now
+            path = output_dir / name
+            if path.is_file() and (digest := file_sha256(path)) in accepted:
+                self.hashes[name] = digest
+        write_manifest(self.manifest, self.files, written_by=MANIFEST_WRITER, hashes=self.hashes)
+        self.journal_path.unlink(missing_ok=True)
+        self.journal = self.journal_path.open("a")
+        self.pending: dict[str, str] = {}
+
+    @property
+    def manifest(self) -> Path:
+        return self.output_dir / PREDICTIONS_MANIFEST
+
+    @property
+    def journal_path(self) -> Path:
+        return self.output_dir / PREDICTIONS_JOURNAL
+
+    def record(self, path: Path, temporary: Path) -> None:
+        """Journal the content of `temporary`, about to become `path`."""
+        from .safe_files import file_sha256
+
+        digest = file_sha256(temporary)
+        self.journal.write(f"{digest} {path.name}\n")
+        self.journal.flush()
+        self.pending[path.name] = digest
+
+    def written(self, path: Path) -> None:
+        """`path` is in place with the content last recorded for it."""
+        if path.name in self.pending:
+            self.hashes[path.name] = self.pending.pop(path.name)
+
+    def close(self) -> None:
+        """Record the hashes (also of files renamed into place before an error) in the manifest; drop the journal."""
+        from .safe_files import file_sha256, write_manifest
+
+        self.journal.close()
+        for name, digest in self.pending.items():
+            path = self.output_dir / name
+            if path.is_file() and file_sha256(path) == digest:
+                self.hashes[name] = digest
+        write_manifest(self.manifest, self.files, written_by=MANIFEST_WRITER, hashes=self.hashes)
+        self.journal_path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -863,6 +1219,29 @@ class PredictSummary:
         return len(self.written) / self.seconds if self.seconds > 0 else float("nan")
 
 
+def failure_reason(error: BaseException) -> str:
+    """One line for a skipped image: the error's type and first line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def predict_batch(segmenter: Segmenter, images: list[np.ndarray]) -> list[Prediction | BaseException]:
+    """The predictions of `images`; if the batch fails, each image alone, so that one image's error (returned in
+    its place) does not cost the others theirs."""
+    try:
+        return list(segmenter.predict(images))
+    except Exception as error:
+        if len(images) == 1:
+            return [error]
+    results: list[Prediction | BaseException] = []
+    for image in images:
+        try:
+            results.append(segmenter.predict([image])[0])
+        except Exception as error:
+            results.append(error)
+    return results
+
+
 def predict_files(
     segmenter: Segmenter,
     paths: Sequence[Path],
@@ -872,47 +1251,67 @@ def predict_files(
     """Predict every image in `paths` in batches and write its outputs (see `save_prediction`) into `output_dir`.
 
     The outputs are checked first (`prepare_outputs`: never an input, never a file an earlier prediction did not
-    write) and recorded in the folder's manifest before they are written, each atomically. Files that cannot be read
-    as images are skipped with a warning and listed in the summary; they never stop the batch. A progress bar (tqdm)
-    runs over the files when `progress`.
+    write or that was changed since) and listed in the folder's manifest before they are written, each atomically;
+    the manifest then records each file's SHA-256. An image that cannot be read, predicted or rendered is skipped
+    with a warning and its reason, listed in the summary: it never stops the batch (its pictures are all rendered
+    before the first of its files is written). Every image of at least one pixel is predicted (small ones are
+    padded, `Segmenter`). A progress bar (tqdm) runs over the files when `progress`.
     """
     import time
 
     from tqdm.auto import tqdm
 
-    from .safe_files import read_manifest, write_manifest
-
     output_dir = Path(output_dir)
     plan = prepare_outputs(paths, output_dir, segmenter.options.prototype_maps)
     output_dir.mkdir(parents=True, exist_ok=True)
-    manifest = output_dir / PREDICTIONS_MANIFEST
-    planned = {target.name for outputs in plan.values() for target in outputs.values()}
-    write_manifest(manifest, (read_manifest(manifest) or []) + sorted(planned), written_by="predict_files")
+    log = OutputLog(output_dir, [target.name for outputs in plan.values() for target in outputs.values()])
     written: dict[Path, list[Path]] = {}
     skipped: list[tuple[Path, str]] = []
     pixels = 0
     num_prototypes = int(segmenter.model.config.num_prototypes_per_class)
     start = time.perf_counter()
     bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
-    batch_size = segmenter.options.batch_size
-    for offset in range(0, len(paths), batch_size):
-        batch: list[tuple[Path, np.ndarray]] = []
-        for path in paths[offset : offset + batch_size]:
-            try:
-                batch.append((path, read_image(path)))
-            except OSError as error:
-                logger.warning("Skipping %s: %s", path, error)
-                skipped.append((path, str(error)))
+
+    def skip(path: Path, reason: str) -> None:
+        logger.warning("Skipping %s: %s", path, reason)
+        skipped.append((path, reason))
+
+    def on_written(path: Path, temporary: Path) -> None:
+        log.record(path, temporary)
+
+    try:
+        batch_size = segmenter.options.batch_size
+        for offset in range(0, len(paths), batch_size):
+            batch: list[tuple[Path, np.ndarray]] = []
+            for path in paths[offset : offset + batch_size]:
+                try:
+                    batch.append((path, read_image(path)))
+                except OSError as error:
+                    skip(path, str(error))
+                    bar.update(1)
+            if not batch:
+                continue
+            results = predict_batch(segmenter, [image for _, image in batch])
+            for (path, image), result in zip(batch, results):
                 bar.update(1)
-        if not batch:
-            continue
-        predictions = segmenter.predict([image for _, image in batch])
-        for (path, image), prediction in zip(batch, predictions):
-            stem = plan[Path(path)]["label"].name[: -len("_label.png")]
-            written[path] = save_prediction(prediction, image, output_dir, stem, segmenter.id2label, num_prototypes)
-            pixels += image.shape[0] * image.shape[1]
-            bar.update(1)
-    bar.close()
+                if isinstance(result, BaseException):
+                    skip(path, f"could not be predicted ({failure_reason(result)})")
+                    continue
+                stem = plan[Path(path)]["label"].name[: -len("_label.png")]
+                try:
+                    files = save_prediction(
+                        result, image, output_dir, stem, segmenter.id2label, num_prototypes, on_written=on_written
+                    )
+                except (ValueError, RuntimeError, OSError) as error:
+                    skip(path, f"could not be written ({failure_reason(error)})")
+                    continue
+                for file in files:
+                    log.written(file)
+                written[path] = files
+                pixels += image.shape[0] * image.shape[1]
+    finally:
+        bar.close()
+        log.close()
     return PredictSummary(written, skipped, time.perf_counter() - start, pixels)
 
 

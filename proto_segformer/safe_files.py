@@ -5,7 +5,8 @@ never touches a file the library did not write.
 - `staging_folder`: a fresh hidden folder next to a destination, on the same file system, to assemble into.
 - `exchange_folders`: swap two folders in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames).
 - `read_manifest` / `write_manifest`: the list of files a tool wrote into a folder, so that a later run replaces
-  only those.
+  only those; optionally with each file's SHA-256 (`file_sha256`, `read_manifest_hashes`), so that a later run can
+  tell a file it wrote from one a user has edited since.
 - `copy_into_upload` / `read_for_upload`: the one way a file enters a folder that is uploaded (the Hub repository, the
   Space): a file of the model folder must be a regular file inside it (a link that leads outside, a FIFO, a device is
   refused with a `RefusedFile` that says which and why); a file the user named on the command line may lie anywhere
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -134,10 +136,38 @@ def read_manifest(path: str | Path) -> list[str] | None:
     return files
 
 
-def write_manifest(path: str | Path, files: Iterable[str], written_by: str) -> Path:
-    """Record (atomically) the relative paths of the files `written_by` wrote into the manifest's folder."""
-    text = json.dumps({"written_by": written_by, "files": sorted(set(files))}, indent=1) + "\n"
-    return atomic_write_text(path, text)
+def read_manifest_hashes(path: str | Path) -> dict[str, str] | None:
+    """{file: SHA-256 hex} recorded by `write_manifest(..., hashes=...)`; None if the manifest is missing or records
+    no hashes (written before hashes were recorded, or by a tool that records none)."""
+    path = Path(path)
+    if read_manifest(path) is None:
+        return None
+    hashes = json.loads(path.read_text()).get("sha256")
+    if not isinstance(hashes, dict):
+        return None
+    return {str(name): str(value) for name, value in hashes.items() if isinstance(value, str)}
+
+
+def write_manifest(
+    path: str | Path, files: Iterable[str], written_by: str, hashes: Mapping[str, str] | None = None
+) -> Path:
+    """Record (atomically) the relative paths of the files `written_by` wrote into the manifest's folder and, when
+    given, the SHA-256 of those whose content is known (`hashes`, {file: hex}; names not in `files` are dropped)."""
+    files = sorted(set(files))
+    data: dict = {"written_by": written_by, "files": files}
+    if hashes is not None:
+        listed = set(files)
+        data["sha256"] = {name: hashes[name] for name in sorted(hashes) if name in listed}
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- files entering an upload
@@ -280,10 +310,12 @@ __all__ = [
     "atomic_write_text",
     "copy_into_upload",
     "exchange_folders",
+    "file_sha256",
     "is_within",
     "open_for_upload",
     "read_for_upload",
     "read_manifest",
+    "read_manifest_hashes",
     "remove_listed",
     "staging_folder",
     "write_manifest",

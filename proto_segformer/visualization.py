@@ -273,10 +273,14 @@ def crop_patch(image: np.ndarray, centre: tuple[int, int], size: int) -> np.ndar
     return padded[row : row + size, col : col + size]
 
 
-def mark_centre(patch: Image.Image, colour: tuple[int, int, int] = (255, 255, 0)) -> Image.Image:
-    """Draw a small ring at the centre of a patch (the matched pixel)."""
+def mark_centre(
+    patch: Image.Image, colour: tuple[int, int, int] = (255, 255, 0), radius: int | None = None
+) -> Image.Image:
+    """Draw a small ring (yellow, black-edged) at the centre of a patch: the matched pixel. Default radius: a twelfth
+    of the patch, at least 3 pixels."""
     draw = ImageDraw.Draw(patch)
-    cx, cy, radius = patch.width // 2, patch.height // 2, max(3, patch.width // 12)
+    cx, cy = patch.width // 2, patch.height // 2
+    radius = radius or max(3, patch.width // 12)
     draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(0, 0, 0), width=3)
     draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=colour, width=1)
     return patch
@@ -289,6 +293,58 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# The atlas's key, under the grid: what the marks mean.
+ATLAS_KEY = (
+    "ring: the pixel most similar to the prototype (each patch is centred on it, in the image as the model saw it)",
+    "% under a patch: share of the class's pixels whose nearest prototype (of the class's) it is",
+    "red frame: unused prototype (no pixel of its class is nearest to it); grey: no match in the data",
+    "swatch beside a class name: the class colour of label PNGs and overlays",
+)
+
+
+def wrap_text(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` broken at spaces into lines at most `width` pixels wide (a longer word stands alone)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def fit_text(text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """`text`, cut short with "..." if it is wider than `width` pixels."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if measure.textlength(text, font=font) <= width:
+        return text
+    while text and measure.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def draw_atlas_key(width: int, font: ImageFont.ImageFont, patch_size: int, line_height: int = 14) -> Image.Image:
+    """The atlas's key (`ATLAS_KEY`) as a white strip `width` pixels wide: a sample ring (as drawn on patches of
+    `patch_size`), then the wrapped lines."""
+    radius = max(3, patch_size // 12)
+    ring = 2 * radius + 8
+    text_left = 4 + ring + 6
+    indent = 10  # continuation lines of an entry are indented
+    lines: list[tuple[int, str]] = []
+    for entry in ATLAS_KEY:
+        wrapped = wrap_text(entry, font, max(60, width - text_left - indent - 4))
+        lines += [(0 if index == 0 else indent, line) for index, line in enumerate(wrapped)]
+    key = Image.new("RGB", (width, max(ring + 8, 6 + len(lines) * line_height)), (255, 255, 255))
+    sample = Image.new("RGB", (ring, ring), (150, 150, 150))
+    key.paste(mark_centre(sample, radius=radius), (4, 4))
+    draw = ImageDraw.Draw(key)
+    for index, (offset, line) in enumerate(lines):
+        draw.text((text_left + offset, 4 + index * line_height), line, fill=(40, 40, 40), font=font)
+    draw.line((0, 0, width - 1, 0), fill=(200, 200, 200))
+    return key
+
+
 def render_atlas(
     matches: PrototypeMatches,
     samples: Sequence,
@@ -299,24 +355,30 @@ def render_atlas(
     classes: Sequence[int] | None = None,
 ) -> Image.Image:
     """One PNG-ready grid: a row per class (`classes`, default: those with pixels in the data), a column per
-    prototype, `top_n` patches per cell.
+    prototype, `top_n` patches per cell, and a key under it (`ATLAS_KEY`).
 
     Each patch covers a square of `context` times the shorter side of the resized input (the model's view) around the
     matched pixel (ringed) and is shown at `patch_size` pixels. Under each cell: the prototype's usage share within
-    its class; unused prototypes get a red frame, cells without any pixel of the class are left grey.
+    its class; unused prototypes get a red frame, cells without any pixel of the class are left grey. Each class
+    name has a swatch of its colour (`palette.class_colours`, as in label PNGs and overlays).
     """
+    from .palette import class_colours
+
     num_classes, num_prototypes = matches.usage.shape
     if classes is None:  # the classes present in the data (all of them if none is)
         classes = [k for k in range(num_classes) if matches.usage[k].sum() > 0] or list(range(num_classes))
     classes = list(classes)
+    colours = class_colours(max(num_classes, max(classes, default=0) + 1))
     best_images, best_scores = matches.best(top_n)
     shares = matches.usage / np.maximum(matches.usage.sum(axis=1, keepdims=True), 1)
     font, small = _font(12), _font(10)
-    label_width, header, caption, gap = 110, 18, 14, 4
+    label_width, header, caption, gap, swatch = 110, 18, 14, 4, 12
     cell_w, cell_h = top_n * patch_size + (top_n - 1) * 2, patch_size + caption
     width = label_width + num_prototypes * (cell_w + gap)
-    height = header + len(classes) * (cell_h + gap)
-    atlas = Image.new("RGB", (width, height), (255, 255, 255))
+    grid_height = header + len(classes) * (cell_h + gap)
+    key = draw_atlas_key(width, small, patch_size)
+    atlas = Image.new("RGB", (width, grid_height + key.height), (255, 255, 255))
+    atlas.paste(key, (0, grid_height))
     draw = ImageDraw.Draw(atlas)
     for m in range(num_prototypes):
         draw.text((label_width + m * (cell_w + gap) + cell_w // 2 - 8, 2), f"p{m}", fill=(0, 0, 0), font=font)
@@ -332,8 +394,14 @@ def render_atlas(
 
     for row, k in enumerate(classes):
         top = header + row * (cell_h + gap)
-        name = str(id2label.get(k, k))[:16]
-        draw.text((4, top + patch_size // 2 - 6), name, fill=(0, 0, 0), font=font)
+        middle = top + patch_size // 2
+        draw.rectangle(
+            (4, middle - swatch // 2, 4 + swatch - 1, middle + swatch // 2 - 1),
+            fill=tuple(int(c) for c in colours[k]),
+            outline=(128, 128, 128),
+        )
+        name = fit_text(str(id2label.get(k, k)), font, label_width - swatch - 14)
+        draw.text((8 + swatch, middle - 7), name, fill=(0, 0, 0), font=font)
         seen = matches.usage[k].sum() > 0
         for m in range(num_prototypes):
             left = label_width + m * (cell_w + gap)
@@ -403,19 +471,43 @@ def build_prototype_atlas(
 LEGEND_MAX_FRACTION = 0.2
 
 
-def legend_picture(items: Sequence[tuple[str, Sequence[int]]], font_size: int) -> np.ndarray:
-    """(h, w, 3) uint8: one row per (name, RGB colour): a colour swatch and the name, black on white."""
+# The widest a strip of shades (one colour per prototype) gets in a legend, in font sizes; more shades are sampled.
+MAX_STRIP_WIDTH = 8
+
+
+def legend_picture(
+    items: Sequence[tuple[str, Sequence[int] | np.ndarray]], font_size: int, title: str | None = None
+) -> np.ndarray:
+    """(h, w, 3) uint8: an optional title line, then one row per (name, colour): a swatch and the name, black on
+    white. A colour is one RGB triple (a square swatch) or an (n, 3) array of shades (a strip, left to right, of
+    n cells of at least half a font size, at most `MAX_STRIP_WIDTH` font sizes wide: beyond that the strip shows
+    evenly spaced samples of the shades)."""
     font = _font(font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, row = max(2, font_size // 4), font_size + max(2, font_size // 4)
-    text_width = max(int(measure.textlength(name, font=font)) for name, _ in items)
-    width, height = pad + font_size + pad + text_width + pad, pad + row * len(items)
+    swatches = [np.asarray(colour, dtype=np.uint8).reshape(-1, 3) for _, colour in items]
+    cell = max(2, font_size // 2)
+    swatch_width = max([font_size] + [min(len(s) * cell, MAX_STRIP_WIDTH * font_size) for s in swatches if len(s) > 1])
+    texts = [name for name, _ in items] + ([title] if title else [])
+    text_width = max(int(measure.textlength(text, font=font)) for text in texts)
+    top_rows = 1 if title else 0
+    width = max(pad + swatch_width + pad + text_width + pad, pad + text_width + pad)
+    height = pad + row * (len(items) + top_rows)
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
-    for index, (name, colour) in enumerate(items):
-        top = pad + index * row
-        draw.rectangle((pad, top, pad + font_size - 1, top + font_size - 1), fill=tuple(int(c) for c in colour))
-        draw.text((2 * pad + font_size, top), name, fill=(0, 0, 0), font=font)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for index, ((name, _), swatch) in enumerate(zip(items, swatches)):
+        top = pad + (index + top_rows) * row
+        if len(swatch) == 1:
+            draw.rectangle((pad, top, pad + font_size - 1, top + font_size - 1), fill=tuple(int(c) for c in swatch[0]))
+        else:
+            strip_width = min(len(swatch) * cell, MAX_STRIP_WIDTH * font_size)
+            columns = (np.arange(strip_width) * len(swatch)) // strip_width  # nearest shade for each pixel column
+            strip = np.repeat(swatch[columns][None], font_size, axis=0)
+            picture.paste(Image.fromarray(strip), (pad, top))
+            draw.rectangle((pad, top, pad + strip_width - 1, top + font_size - 1), outline=(128, 128, 128))
+        draw.text((2 * pad + swatch_width, top), name, fill=(0, 0, 0), font=font)
     draw.rectangle((0, 0, width - 1, height - 1), outline=(128, 128, 128))
     return np.asarray(picture)
 
@@ -449,30 +541,34 @@ def prediction_panel(
     scale: int = 3,
     gap: int = 4,
 ) -> Image.Image:
-    """A grid of pictures (each (H, W, 3) uint8, all the same size per row): one row per image, one column per
-    view (e.g. image, ground truth, prediction overlay, prototype map), upscaled `scale` times (nearest), with the
-    column titles on top."""
+    """A grid of pictures (each (H, W, 3) uint8; an overlay with its legend beside it may be larger than the
+    others): one row per image, one column per view (e.g. image, ground truth, prediction overlay, prototype map),
+    upscaled `scale` times (nearest), with the column titles on top. Each column is as wide as its widest picture,
+    each row as tall as its tallest."""
     if not rows:
         raise ValueError("prediction_panel needs at least one row.")
-    cell_h = max(row[0].shape[0] for row in rows) * scale
-    cell_w = max(picture.shape[1] for row in rows for picture in row) * scale
-    columns = max(len(row) for row in rows)
     header = 20
-    panel = Image.new("RGB", (columns * (cell_w + gap) - gap, header + len(rows) * (cell_h + gap) - gap), "white")
+    columns = max(len(row) for row in rows)
+    widths = [max(row[c].shape[1] for row in rows if c < len(row)) * scale for c in range(columns)]
+    lefts = [sum(widths[:c]) + c * gap for c in range(columns)]
+    heights = [max(picture.shape[0] for picture in row) * scale for row in rows]
+    tops = [header + sum(heights[:r]) + r * gap for r in range(len(rows))]
+    panel = Image.new("RGB", (lefts[-1] + widths[-1], tops[-1] + heights[-1]), "white")
     draw = ImageDraw.Draw(panel)
     font = _font(13)
     for column, title in enumerate(titles[:columns]):
-        draw.text((column * (cell_w + gap) + 4, 3), title, fill=(0, 0, 0), font=font)
+        draw.text((lefts[column] + 4, 3), title, fill=(0, 0, 0), font=font)
     for row_index, row in enumerate(rows):
         for column, picture in enumerate(row):
             image = Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST)
-            panel.paste(image, (column * (cell_w + gap), header + row_index * (cell_h + gap)))
+            panel.paste(image, (lefts[column], tops[row_index]))
     return panel
 
 
 __all__ = [
     "LEGEND_MAX_FRACTION",
     "NEAR_DUPLICATE_COSINE",
+    "ATLAS_KEY",
     "AtlasResult",
     "DatasetSamples",
     "PrototypeMatches",

@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = parse(ExportArguments, argv, description=__doc__)
 
     from proto_segformer.export import ExportError, write_onnx_folder
-    from proto_segformer.inference import CheckpointError, load_image_processor, load_model
+    from proto_segformer.inference import CheckpointError, load_image_processor, load_model, recorded_training_crop
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         model = load_model(args.model)
-        folder = write_onnx_folder(model, load_image_processor(args.model), args.output_dir)
+        crop = recorded_training_crop(args.model)  # kept: predict's sliding window is the training crop
+        processor = load_image_processor(args.model)
+        folder = write_onnx_folder(model, processor, args.output_dir, training_crop=crop[0] if crop else None)
     except (CheckpointError, ExportError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -45,21 +45,20 @@ def rescale(array, factor: float, nearest: bool):
         return array
     size = (max(1, round(array.shape[1] * factor)), max(1, round(array.shape[0] * factor)))
     if nearest:
-        return np.asarray(Image.fromarray(array.astype(np.int32)).resize(size, Image.NEAREST)).astype(array.dtype)
+        values = array.astype(np.int32) if array.ndim == 2 else array  # label maps as 32-bit, images as they are
+        return np.asarray(Image.fromarray(values).resize(size, Image.NEAREST)).astype(array.dtype)
     return np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
 
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PictureArguments, argv, description=__doc__)
 
-    import imgviz
-    import numpy as np
-
     from proto_segformer.data import build_builtin_dataset
     from proto_segformer.inference import (
         CheckpointError,
         InferenceOptions,
         Segmenter,
+        class_colormap,
         colour_overlay,
         prototype_overlay,
     )
@@ -89,15 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     predictions = segmenter.predict([image for image, _ in panel_samples])
     for (image, label), prediction in zip(panel_samples, predictions):
         big_image = rescale(image, args.scale, nearest=args.scale > 1)
-        big_label = rescale(np.where(label == 255, 0, label), args.scale, nearest=True)
+        big_label = rescale(label, args.scale, nearest=True)  # 255 (ignored): the neutral ignore colour
         big_prediction = rescale(prediction.label_map, args.scale, nearest=True)
         big_prototypes = rescale(prediction.prototype_map, args.scale, nearest=True)
         rows.append(
             [
                 big_image,
-                imgviz.label2rgb(big_label.astype(np.int32)),
+                class_colormap(len(segmenter.id2label))[big_label],
                 colour_overlay(big_image, big_prediction, segmenter.id2label, alpha=0.6),
-                prototype_overlay(big_image, big_prediction, big_prototypes, num_prototypes),
+                prototype_overlay(
+                    big_image, big_prediction, big_prototypes, num_prototypes, id2label=segmenter.id2label
+                ),
             ]
         )
     panel = prediction_panel(rows, ["image", "ground truth", "prediction", "prototype matched"], scale=1)

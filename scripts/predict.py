@@ -5,11 +5,15 @@
 
 For each image: <name>_label.png (palette PNG, value = class index), <name>_overlay.jpg (classes over the image,
 with a legend) and with --prototype_maps <name>_prototype.png (value = index of the predicted class's prototype the
-pixel matched) and <name>_prototype_overlay.jpg. Images larger than the training crop go through sliding-window
-inference (--mode auto). Files that are not readable images are skipped with a warning and counted at the end.
+pixel matched; 16-bit for more than 256 prototypes) and <name>_prototype_overlay.jpg (with a legend of the shades).
+Every output has its image's size. Images larger than the sliding window go through sliding-window inference (--mode
+auto); the window is the crop the model was trained on (see --crop_size). Images smaller than the encoder accepts
+are padded and the result cropped back. Files that are not readable images, or that fail, are skipped with their
+reason and counted at the end; the run goes on.
 With --backend onnxruntime, --model is a folder written by scripts/export_onnx.py (label maps and overlays only, on
-the CPU; prototype maps need the PyTorch backend). Outputs never replace an input or a file that an earlier
-prediction did not write (the output folder's .proto_segformer_predictions.json lists what prediction wrote there).
+the CPU; prototype maps need the PyTorch backend). Outputs never replace an input, a file that an earlier prediction
+did not write, or one changed since (the output folder's .proto_segformer_predictions.json lists what prediction
+wrote there with each file's SHA-256): the run then stops before writing anything and names the files.
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ class PredictArguments:
         },
     )
     crop_size: int | None = field(
-        default=None, metadata={"help": "Sliding window side (default: the processor's size)."}
+        default=None,
+        metadata={
+            "help": "Sliding window side. Default: the training crop: crop_size recorded in the model's"
+            " model_card_inputs.json or training_args.json (train.py writes it), else the image processor's size if"
+            " it resizes, else 512 (train.py's default crop; a warning says so)."
+        },
     )
     stride: int | None = field(default=None, metadata={"help": "Sliding window step (default: 2/3 of the crop)."})
     prototype_maps: bool = field(default=False, metadata={"help": "Also write prototype assignment maps."})
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from proto_segformer.inference import (
         CheckpointError,
         InferenceOptions,
+        OutputError,
         Segmenter,
         collect_inputs,
         predict_files,
@@ -94,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress)
+    try:
+        summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress)
+    except OutputError as error:  # the folder changed while the model loaded
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(
         f"Predicted {len(summary.written)} image(s) into {args.output_dir} in {summary.seconds:.1f} s"
         f" ({summary.images_per_second:.2f} images/s on {args.device})."
     )
     if summary.skipped:
-        print(f"Skipped {len(summary.skipped)} file(s) that are not readable images:")
+        print(f"Skipped {len(summary.skipped)} file(s):")
         for path, reason in summary.skipped:
             print(f"  {path}: {reason}")
     return 0 if summary.written else 1

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         load_image_processor,
         load_model,
-        processor_crop_size,
         resolve_device,
+        training_crop_size,
     )
     from proto_segformer.visualization import build_prototype_atlas
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model, device=resolve_device(args.device))
         processor = load_image_processor(args.model)
-        samples, description = load_samples(args, processor_crop_size(processor)[0])
+        samples, description = load_samples(args, training_crop_size(args.model, processor)[0][0])
         num_classes = model.prototypes.shape[0]
         classes = list(range(min(num_classes, args.max_classes))) if args.max_classes else None
         result = build_prototype_atlas(

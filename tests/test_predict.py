@@ -171,7 +171,7 @@ def test_predict_folder_with_a_corrupt_file_writes_the_others(checkpoint, photo,
     captured = capsys.readouterr()
     assert code == 0
     assert "Predicted 3 image(s)" in captured.out
-    assert "Skipped 2 file(s) that are not readable images" in captured.out
+    assert "Skipped 2 file(s):" in captured.out and "not a readable image" in captured.out
     assert "broken.jpg" in captured.out and "notes.txt" in captured.out
     sizes = {"large": (500, 375), "small": (60, 48), "gray": (40, 40)}
     for stem, size in sizes.items():
@@ -180,9 +180,9 @@ def test_predict_folder_with_a_corrupt_file_writes_the_others(checkpoint, photo,
         assert np.asarray(label).max() < 5
         prototype = np.asarray(Image.open(out / f"{stem}_prototype.png"))
         assert prototype.shape == size[::-1] and prototype.max() < 4
-        overlay = Image.open(out / f"{stem}_overlay.jpg").size  # small images: the legend is beside the image
-        assert overlay == size if stem == "large" else (overlay[0] > size[0] and overlay[1] >= size[1])
-        assert Image.open(out / f"{stem}_prototype_overlay.jpg").size == size
+        for kind in ("overlay", "prototype_overlay"):  # small images: the legend is beside the image
+            overlay = Image.open(out / f"{stem}_{kind}.jpg").size
+            assert overlay == size if stem == "large" else (overlay[0] > size[0] and overlay[1] >= size[1])
     assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
 
 
@@ -277,7 +277,8 @@ def test_blockwise_upsampled_argmax_equals_the_full_one():
 
 def test_processor_without_resizing_runs_whole_images_at_their_resolution(model, photo):
     processor = SegformerImageProcessorPil(size={"height": 48, "width": 48}, do_resize=False)
-    segmenter = Segmenter(model, processor, InferenceOptions(batch_size=4, prototype_maps=True))
+    options = InferenceOptions(batch_size=4, prototype_maps=True, crop_size=(48, 48))
+    segmenter = Segmenter(model, processor, options)
     images = [photo[:40, :44], photo[:32, :32], photo[40:80, :44], photo[:100, :60]]  # the last one slides
     predictions = segmenter.predict(images)
     assert [p.label_map.shape for p in predictions] == [(40, 44), (32, 32), (40, 44), (100, 60)]
@@ -382,3 +383,201 @@ def test_predict_unwritable_output_folder_fails_before_the_model_loads(checkpoin
     error = capsys.readouterr().err.strip()
     assert "is not writable" in error and "Permission denied" in error and len(error.splitlines()) == 1
     assert not (locked / "out").exists()
+
+
+# ------------------------------------------------------------------------------ every image gets its own-size label
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(model, tmp_path_factory) -> Path:
+    """A checkpoint laid out as train.py writes it: a processor that does not resize (its `size` is SegFormer's
+    unused default 512) and the training crop in training_args.json."""
+    folder = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(folder)
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(folder)
+    (folder / "training_args.json").write_text('{"crop_size": 64, "learning_rate": 0.0001}')
+    return folder
+
+
+ODD_SIZES = [(3, 100), (100, 3), (28, 28), (16, 200), (3, 3), (1, 1), (1, 500), (375, 1), (2, 31)]
+
+
+@pytest.mark.parametrize("which", ["resizing", "trained"])
+def test_small_and_thin_images_get_labels_of_their_own_size(which, checkpoint, trained_checkpoint, photo, tmp_path):
+    """Images under the encoder's minimum side (29 for this mit-b0 shape) or one pixel high are padded, predicted and
+    cropped back; a 3-pixel-high image is never taken for a channels-first one (it gave a 64x3 label)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for height, width in ODD_SIZES:
+        Image.fromarray(np.ascontiguousarray(photo[:height, :width])).save(folder / f"odd_{height}x{width}.png")
+    model = checkpoint if which == "resizing" else trained_checkpoint
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--inputs", str(folder), "--output_dir", str(out), "--no_progress"]
+    assert run_predict_script([*argv, "--prototype_maps", "--batch_size", "3"]) == 0
+    for height, width in ODD_SIZES:
+        for kind in ("label", "prototype"):
+            values = np.asarray(Image.open(out / f"odd_{height}x{width}_{kind}.png"))
+            assert values.shape == (height, width), (kind, height, width)
+        assert np.asarray(Image.open(out / f"odd_{height}x{width}_label.png")).max() < 5
+
+
+def test_an_image_that_fails_is_skipped_with_its_reason_and_the_run_goes_on(checkpoint, photo, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, size in [("a", 40), ("bad", 44), ("c", 48)]:
+        Image.fromarray(np.ascontiguousarray(photo[:size, :size])).save(folder / f"{name}.png")
+    original = Segmenter.predict
+
+    def predict(self, images):
+        if any(np.asarray(image).shape[0] == 44 for image in images):
+            raise RuntimeError("out of memory (simulated)\nsecond line")
+        return original(self, images)
+
+    out = tmp_path / "out"
+    argv = ["--model", str(checkpoint), "--inputs", str(folder), "--output_dir", str(out), "--no_progress"]
+    with mock.patch.object(Segmenter, "predict", predict):
+        assert run_predict_script([*argv, "--batch_size", "3"]) == 0
+    captured = capsys.readouterr().out
+    assert "Predicted 2 image(s)" in captured and "Skipped 1 file(s):" in captured
+    assert "bad.png: could not be predicted (RuntimeError: out of memory (simulated))" in captured
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "a_label.png", "a_overlay.jpg", "c_label.png", "c_overlay.jpg"
+    ]  # fmt: skip
+
+
+def test_a_prediction_of_the_wrong_size_is_never_written(model, processor, photo, tmp_path):
+    from proto_segformer.inference import Prediction, save_prediction
+
+    wrong = Prediction(np.zeros((64, 3), np.int64), None)
+    with pytest.raises(RuntimeError, match="has size"):
+        save_prediction(wrong, photo[:3, :64], tmp_path, "thin", {k: str(k) for k in range(5)}, 4)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- the window: the training crop
+
+
+def test_the_sliding_window_is_the_training_crop(model, trained_checkpoint, tmp_path, caplog):
+    # train.py's folder: the crop recorded in training_args.json, not the processor's unused 512.
+    segmenter = Segmenter.from_pretrained(trained_checkpoint)
+    assert segmenter.crop == (64, 64) and segmenter.stride == (40, 40)
+    from proto_segformer.inference import DEFAULT_CROP, training_crop_size
+
+    assert Segmenter.from_pretrained(trained_checkpoint, options=InferenceOptions(crop_size=(96, 96))).crop == (96, 96)
+    # A checkpoint-* folder of that run reads the run's record; model_card_inputs.json (Hub repos) counts too.
+    inner = trained_checkpoint / "checkpoint-10"
+    inner.mkdir(exist_ok=True)
+    assert training_crop_size(inner, segmenter.processor)[0] == (64, 64)
+    card_only = tmp_path / "card"
+    card_only.mkdir()
+    (card_only / "model_card_inputs.json").write_text('{"crop_size": [48, 80]}')
+    assert training_crop_size(card_only, segmenter.processor)[0] == (48, 80)
+    # No record: a resizing processor's size, else the documented default with a warning.
+    resizing = SegformerImageProcessorPil(size={"height": 96, "width": 96})
+    assert training_crop_size(tmp_path, resizing)[0] == (96, 96)
+    with caplog.at_level("WARNING"):
+        assert training_crop_size(tmp_path, segmenter.processor)[0] == (DEFAULT_CROP, DEFAULT_CROP)
+    assert "Pass --crop_size" in caplog.text
+    with pytest.raises(ValueError, match="smaller than this encoder accepts"):
+        Segmenter(model, resizing, InferenceOptions(crop_size=(16, 16)))
+
+
+def test_the_onnx_export_keeps_the_training_crop(trained_checkpoint, tmp_path):
+    from proto_segformer.inference import recorded_training_crop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import export_onnx
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "onnx"
+    with mock.patch("proto_segformer.export.export_onnx", side_effect=lambda _, path: Path(path).write_bytes(b"x")):
+        assert export_onnx.main(["--model", str(trained_checkpoint), "--output_dir", str(out)]) == 0
+    assert recorded_training_crop(out)[0] == (64, 64)
+
+
+# -------------------------------------------------------------------------------- any number of prototypes per class
+
+
+def test_prototype_maps_with_more_prototypes_than_a_palette_holds(photo, tmp_path):
+    from proto_segformer.inference import save_prediction
+
+    torch.manual_seed(0)
+    many = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3, num_prototypes_per_class=300)).eval()
+    processor = SegformerImageProcessorPil(size={"height": CROP, "width": CROP})
+    segmenter = Segmenter(many, processor, InferenceOptions(prototype_maps=True))
+    image = photo[:CROP, :80]
+    prediction = segmenter.predict([image])[0]
+    assert 255 < prediction.prototype_map.max() < 300  # indices a uint8 palette PNG cannot hold
+    names = {0: "sky", 1: "road", 2: "car"}
+    written = save_prediction(prediction, image, tmp_path, "many", names, num_prototypes=300)
+    assert [p.name for p in written] == [
+        "many_label.png", "many_overlay.jpg", "many_prototype.png", "many_prototype_overlay.jpg"
+    ]  # fmt: skip
+    stored = np.asarray(Image.open(tmp_path / "many_prototype.png")).astype(np.int64)
+    np.testing.assert_array_equal(stored, prediction.prototype_map)  # 16-bit: every index kept exactly
+
+
+# ------------------------------------------------------------------------------------- a user's edits are kept
+
+
+def predict_into(checkpoint: Path, folder: Path, out: Path) -> int:
+    return run_predict_script(["--model", str(checkpoint), "--inputs", str(folder), "--output_dir", str(out),
+                               "--no_progress"])  # fmt: skip
+
+
+def test_a_rerun_never_replaces_a_label_edited_by_hand(checkpoint, photo, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("cat", "dog"):
+        Image.fromarray(np.ascontiguousarray(photo[:48, :60])).save(folder / f"{name}.png")
+    assert predict_into(checkpoint, folder, out) == 0
+    assert predict_into(checkpoint, folder, out) == 0  # unchanged outputs are replaced freely
+    edited = np.zeros((48, 60), np.uint8)
+    edited[10:20, 10:20] = 3
+    Image.fromarray(edited, mode="L").save(out / "cat_label.png")  # the user's correction
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert predict_into(checkpoint, folder, out) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "cat_label.png, changed since prediction wrote them" in error and "dog_label" not in error
+    assert "Choose another --output_dir, or move or delete those files" in error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, not even the manifest
+    (out / "cat_label.png").unlink()  # as the message says: delete it to predict it again
+    assert predict_into(checkpoint, folder, out) == 0
+    assert np.asarray(Image.open(out / "cat_label.png")).shape == (48, 60)
+
+
+def test_an_old_manifest_without_checksums_is_treated_conservatively(checkpoint, photo, tmp_path, capsys):
+    import json
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(np.ascontiguousarray(photo[:48, :60])).save(folder / "cat.png")
+    assert predict_into(checkpoint, folder, out) == 0
+    manifest = out / ".proto_segformer_predictions.json"
+    data = json.loads(manifest.read_text())
+    assert sorted(data["sha256"]) == ["cat_label.png", "cat_overlay.jpg"]
+    manifest.write_text(json.dumps({"written_by": "predict_files", "files": data["files"]}))  # as older versions
+    capsys.readouterr()
+    assert predict_into(checkpoint, folder, out) == 2
+    error = capsys.readouterr().err
+    assert "older version of predict that kept no checksums" in error and "cat_label.png" in error
+
+
+def test_a_killed_runs_files_are_recognised_from_the_journal(checkpoint, photo, tmp_path):
+    from proto_segformer.inference import PREDICTIONS_JOURNAL, OutputRecords
+    from proto_segformer.safe_files import file_sha256
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    Image.fromarray(np.ascontiguousarray(photo[:48, :60])).save(folder / "cat.png")
+    assert predict_into(checkpoint, folder, out) == 0
+    # A run killed after renaming a new cat_label.png into place, before it recorded the hash in the manifest.
+    Image.fromarray(np.ones((48, 60), np.uint8), mode="P").save(out / "cat_label.png")
+    (out / PREDICTIONS_JOURNAL).write_text(f"{file_sha256(out / 'cat_label.png')} cat_label.png\nabc")
+    assert OutputRecords.read(out).verdict(out / "cat_label.png") is None
+    assert predict_into(checkpoint, folder, out) == 0
+    assert not (out / PREDICTIONS_JOURNAL).exists()
+    assert OutputRecords.read(out).verdict(out / "cat_label.png") is None

@@ -22,7 +22,7 @@ from PIL import Image
 from test_hub import LABELS, save_checkpoint
 
 from proto_segformer.hub import HubError, assemble_repository, push_to_hub
-from proto_segformer.inference import nearest_prototype_per_class
+from proto_segformer.inference import class_colormap, nearest_prototype_per_class
 from proto_segformer.space import GRADIO_VERSION, example_pictures, write_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,14 +176,12 @@ def load_app(space: Path):
 
 
 def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo, tmp_path):
-    import imgviz
-
     app = load_app(space)
     segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
     image = Image.open(voc_jpeg(tmp_path))
     label_map, prototype_map = segmenter.label_and_prototype_maps(image)
     assert label_map.shape == prototype_map.shape == (375, 500)
-    assert np.array_equal(app.label_colormap(5), imgviz.label_colormap())  # the colours predict.py uses
+    assert np.array_equal(app.label_colormap(5), class_colormap(5))  # the colours predict.py uses
     # The prototype map is each pixel's nearest prototype of its class, as the package computes it.
     with torch.no_grad():
         pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
@@ -197,8 +195,50 @@ def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo
     assert {name for name in LABELS.values() if f'data-class="{name}"' in legend} == present
     # A large image is downscaled to the pixel cap before any work (aspect kept).
     small = app.Segmenter(str(hub_repo), max_pixels=10_000)
-    overlay, _, _ = small(image.resize((2000, 1500)))
+    overlay, _, _ = small.pictures(image.resize((2000, 1500)))
     assert overlay.shape[0] * overlay.shape[1] <= 10_000 and overlay.shape[:2] == (86, 115)
+    # ... and shown enlarged (whole pixels) to a readable size.
+    shown, _, _ = small(image.resize((2000, 1500)))
+    assert shown.shape[:2] == (86 * 4, 115 * 4) and np.array_equal(shown[::4, ::4], overlay)
+
+
+def test_the_app_uses_the_package_class_colours_for_any_class_count(space):
+    from proto_segformer.palette import class_colours, class_palette
+
+    app = load_app(space)
+    for count in (0, 1, 2, 21, 150, 300):
+        np.testing.assert_array_equal(app.class_colours(count), class_colours(count))
+    for count in (5, 255, 256, 400):
+        np.testing.assert_array_equal(app.label_colormap(count), class_palette(count))
+
+
+@pytest.fixture(scope="module")
+def unresized_repo(tmp_path_factory) -> Path:
+    """A model repository whose processor does not resize (as train.py saves it)."""
+    from transformers import SegformerImageProcessorPil
+
+    run = tmp_path_factory.mktemp("unresized") / "run"
+    run.mkdir()
+    save_checkpoint(run)
+    SegformerImageProcessorPil(do_resize=False).save_pretrained(run)
+    folder = run.parent / "repo"
+    assemble_repository(run, folder, repo_id=MODEL_ID)
+    return folder
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 100), (20, 20), (64, 64)])
+def test_the_app_segments_tiny_images_at_their_size_and_shows_them_enlarged(space, unresized_repo, size):
+    """Images under the encoder's minimum side are padded and the result cropped back; a 3-pixel-high image is not
+    taken for a channels-first one; small results are enlarged for display by a whole factor."""
+    app = load_app(space)
+    segmenter = app.Segmenter(str(unresized_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    image = Image.fromarray(np.resize(np.arange(256, dtype=np.uint8), (*size, 3)))
+    label_map, prototype_map = segmenter.label_and_prototype_maps(image)
+    assert label_map.shape == prototype_map.shape == size
+    overlay, prototypes, legend = segmenter(image)
+    factor = overlay.shape[0] // size[0]
+    assert overlay.shape == prototypes.shape == (size[0] * factor, size[1] * factor, 3)
+    assert max(overlay.shape[:2]) >= app.MIN_DISPLAY_SIDE and "legend-entry" in legend
 
 
 # ------------------------------------------------------------------------------------------------- the browser
@@ -224,6 +264,16 @@ def browser_or_skip():
     from selenium.webdriver.chrome.service import Service
 
     return webdriver, Service
+
+
+def overlaps(first: dict, second: dict) -> bool:
+    """Whether two element rectangles (selenium's x, y, width, height) share any area."""
+    return (
+        first["x"] < second["x"] + second["width"]
+        and second["x"] < first["x"] + first["width"]
+        and first["y"] < second["y"] + second["height"]
+        and second["y"] < first["y"] + first["height"]
+    )
 
 
 def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
@@ -280,8 +330,31 @@ def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
         assert "% of the image" in driver.find_element(By.CSS_SELECTOR, "#legend").text
         driver.save_screenshot(str(tmp_path / "space.png"))
         assert Image.open(tmp_path / "space.png").size[0] > 0
-        if os.environ.get("PROTOSEG_SCREENSHOT"):  # to look at it: PROTOSEG_SCREENSHOT=/some/file.png
-            shutil.copyfile(tmp_path / "space.png", os.environ["PROTOSEG_SCREENSHOT"])
+
+        # A small image: its results are shown enlarged to a readable size, and no caption covers them.
+        small = tmp_path / "small.png"
+        Image.open(photo).resize((64, 64)).save(small)
+        driver.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(small))
+        wait.until(lambda d: loaded("#input-image") == (64, 64))
+        driver.find_element(By.CSS_SELECTOR, "#segment").click()
+        wait.until(lambda d: loaded("#overlay") == loaded("#prototype-map") == (384, 384))
+        pictures = [driver.find_element(By.CSS_SELECTOR, f"{s} img") for s in ("#overlay", "#prototype-map")]
+        for picture in pictures:
+            assert picture.rect["width"] >= 256 and picture.rect["height"] >= 256, picture.rect
+        assert pictures[0].rect["y"] == pictures[1].rect["y"]  # side by side, on one line
+        texts = driver.find_elements(
+            By.CSS_SELECTOR, "label, [data-testid=block-label], #overlay-caption, #prototype-caption"
+        )
+        for text in (t for t in texts if t.is_displayed() and t.text.strip()):
+            for picture in pictures:
+                assert not overlaps(text.rect, picture.rect), (text.text, text.rect, picture.rect)
+        captions = [driver.find_element(By.CSS_SELECTOR, s).text for s in ("#overlay-caption", "#prototype-caption")]
+        assert "Segmentation" in captions[0] and "prototype 0" in captions[1]
+        driver.save_screenshot(str(tmp_path / "space_small.png"))
+        if os.environ.get("PROTOSEG_SCREENSHOT"):  # to look at them: PROTOSEG_SCREENSHOT=/some/file.png
+            target = Path(os.environ["PROTOSEG_SCREENSHOT"])
+            shutil.copyfile(tmp_path / "space.png", target)
+            shutil.copyfile(tmp_path / "space_small.png", target.with_name(f"{target.stem}_small{target.suffix}"))
     finally:
         if driver is not None:
             driver.quit()

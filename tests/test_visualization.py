@@ -23,6 +23,13 @@ from proto_segformer.visualization import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+PALETTE_SHA256 = "415ffc15225791cc6a997fd28bdff177640f8532023a5e23199061e6bdafc46c"
+
+
+def atlas_key_height(width: int, patch_size: int) -> int:
+    from proto_segformer.visualization import _font, draw_atlas_key
+
+    return draw_atlas_key(width, _font(10), patch_size).height
 
 
 def test_near_duplicates_and_unused_prototypes():
@@ -86,9 +93,10 @@ def test_atlas_grid_and_usage(model_and_processor):
     # best matches are per image, best first
     images, scores = matches.best(2)
     assert images.shape == (3, 4, 2) and np.all(scores[..., 0] >= scores[..., 1])
-    # layout: header 18 + a row per class present (2) of (32 + 14 caption + 4 gap); label column 110 + 4 cells of
-    # (2*32+2 + 4)
-    assert result.image.size == (110 + 4 * (66 + 4), 18 + 2 * (46 + 4))
+    # layout: header 18 + a row per class present (2) of (32 + 14 caption + 4 gap), then the key; label column 110
+    # + 4 cells of (2*32+2 + 4)
+    width = 110 + 4 * (66 + 4)
+    assert result.image.size == (width, 18 + 2 * (46 + 4) + atlas_key_height(width, 32))
     stats = result.statistics
     assert stats["usage"]["classes_seen"] == 2 and stats["usage"]["labelled"] is True
     assert stats["usage"]["unused_count"] == int((matches.usage[:2] == 0).sum())
@@ -125,7 +133,8 @@ def test_visualize_script_on_builtin_data(tmp_path, capsys):
     assert "unused" in capsys.readouterr().out
     from PIL import Image
 
-    assert Image.open(output).size[1] == 18 + stats["usage"]["classes_seen"] * (64 + 14 + 4)
+    width, height = Image.open(output).size
+    assert height == 18 + stats["usage"]["classes_seen"] * (64 + 14 + 4) + atlas_key_height(width, 64)
 
 
 def test_atlas_with_a_processor_that_keeps_image_sizes(model_and_processor):
@@ -177,3 +186,103 @@ def test_the_legend_never_hides_more_than_a_fifth_of_the_image(size):
         assert covered == 0 and with_legend.shape[1] > size
     else:
         assert with_legend.shape == image.shape and 0 < covered
+
+
+# ------------------------------------------------------------------------------------ the atlas explains its marks
+
+
+def test_the_atlas_has_a_key_for_its_ring_and_swatches_for_its_classes(model_and_processor):
+    from proto_segformer.palette import class_colours
+    from proto_segformer.visualization import ATLAS_KEY
+
+    model, processor = model_and_processor
+    atlas = np.asarray(build_prototype_atlas(model, processor, DatasetSamples(striped_samples())).image)
+    grid_height = 18 + 2 * (64 + 14 + 4)
+    key = atlas[grid_height:]
+    assert key.shape[0] >= 14 * len(ATLAS_KEY)  # a line per entry at least
+    # The key shows the ring it explains (yellow on black) and text.
+    assert ((key == (255, 255, 0)).all(axis=-1)).any()
+    assert ((key < 100).all(axis=-1)).mean() > 0.01
+    assert any("ring" in entry and "most similar" in entry for entry in ATLAS_KEY)
+    # Each class row has a swatch of its colour in the label column.
+    for row, colour in enumerate(class_colours(2)):
+        top = 18 + row * (64 + 14 + 4)
+        label_column = atlas[top : top + 64, :20]
+        assert ((label_column == colour).all(axis=-1)).sum() >= 50
+
+
+# ------------------------------------------------------------------------------------------ the class colours
+
+
+def test_class_colours_stay_far_apart_for_any_number_of_classes():
+    from proto_segformer.palette import IGNORE_COLOUR, class_colours, class_palette, minimum_distance, oklab
+
+    colours = class_colours(150)
+    for count in range(2, 151):
+        # OKLab distance (about 0.02 is a just-noticeable difference): at least 0.06 among the first 150 colours,
+        # 0.14 among the first 21 (PASCAL VOC's count), for all pairs, and so for neighbouring classes.
+        bound = 0.14 if count <= 21 else 0.06
+        assert minimum_distance(colours[:count]) >= bound, count
+    neighbours = np.linalg.norm(oklab(colours[1:]) - oklab(colours[:-1]), axis=1)
+    assert neighbours.min() >= 0.06
+    # PASCAL VOC's colours (black, 128,0,0, 0,128,0, ..., then 64,0,0) fail the same bound.
+    import imgviz
+
+    assert minimum_distance(imgviz.label_colormap()[:21]) < 0.05
+    # The sequence does not depend on the count (adding classes keeps the colours), class 0 is black, the ignored
+    # label 255 keeps a neutral colour far from every class colour.
+    np.testing.assert_array_equal(class_colours(300)[:150], colours)
+    assert tuple(colours[0]) == (0, 0, 0)
+    palette = class_palette(21)
+    assert palette.shape == (256, 3) and tuple(palette[255]) == IGNORE_COLOUR
+    to_ignore = np.linalg.norm(oklab(class_colours(255)) - oklab(np.array(IGNORE_COLOUR, np.uint8)), axis=1)
+    assert to_ignore.min() >= 0.05
+    assert tuple(class_palette(256)[255]) != IGNORE_COLOUR  # 256 classes: 255 is a class
+    assert class_colours(1000).shape == (1000, 3) and class_colours(0).shape == (0, 3)
+
+
+def test_class_colours_are_the_same_on_every_machine():
+    import hashlib
+
+    from proto_segformer.palette import class_colours
+
+    # Integer arithmetic after one rounding of the OKLab coordinates: the same bytes everywhere. Pinned.
+    digest = hashlib.sha256(class_colours(256).tobytes()).hexdigest()
+    assert digest == PALETTE_SHA256
+    assert class_colours(6).tolist() == [[0, 0, 0], [0, 0, 255], [255, 0, 255], [0, 206, 0], [115, 0, 132], [255, 0, 0]]
+
+
+def test_label_pngs_and_overlays_use_the_class_colours():
+    from proto_segformer.inference import colour_overlay, label_png
+    from proto_segformer.palette import class_colours
+
+    label = np.array([[0, 1], [2, 3]])
+    palette = np.asarray(label_png(label, 4).getpalette(), np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(palette[:4], class_colours(4))
+    plain = colour_overlay(np.zeros((2, 2, 3), np.uint8), label, alpha=1.0, legend=False)
+    np.testing.assert_array_equal(plain, class_colours(4)[label])
+
+
+# ----------------------------------------------------------------------------------- the prototype overlay's key
+
+
+def test_the_prototype_overlay_has_a_legend_of_classes_and_shades():
+    from proto_segformer.inference import prototype_overlay, shade_table
+    from proto_segformer.palette import class_colours
+
+    image, label, names = quadrant_scene(256)
+    prototypes = (np.arange(256)[None, :] // 16 % 4).repeat(256, axis=0)
+    plain = prototype_overlay(image, label, prototypes, 4, legend=False)
+    with_legend = prototype_overlay(image, label, prototypes, 4, id2label=names)
+    assert with_legend.shape == image.shape
+    covered = (with_legend != plain).any(axis=-1).mean()
+    assert 0 < covered <= 0.2
+    # Every shade of every class present is in the legend, unblended (the overlay blends them with the image).
+    shades = shade_table(class_colours(5)[1:5], 4).reshape(-1, 3)
+    legend_pixels = {tuple(c) for c in with_legend[plain.shape[0] // 2 :].reshape(-1, 3)}
+    assert {tuple(c) for c in shades} <= legend_pixels
+    # Any number of prototypes: shades go from dark to light.
+    many = shade_table(class_colours(3)[1:], 300)
+    assert many.shape == (2, 300, 3) and (many[:, 0].astype(int).sum(-1) < many[:, -1].astype(int).sum(-1)).all()
+    small = prototype_overlay(image[:40, :40], label[:40, :40], prototypes[:40, :40], 300, id2label=names)
+    assert small.shape[1] > 40  # a small picture keeps its legend beside it

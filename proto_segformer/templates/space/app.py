@@ -5,7 +5,9 @@ transformers with `trust_remote_code=True` from the code files stored in the mod
 
 For an uploaded image the app shows the segmentation overlay with a legend of the classes present and the
 prototype assignment map: which of the predicted class's M prototypes each pixel matched (the class colour, darker
-for prototype 0 and lighter for prototype M-1; class boundaries in white).
+for prototype 0 and lighter for prototype M-1; class boundaries in white). Small results are enlarged (nearest
+neighbour, whole pixels) to at least `MIN_DISPLAY_SIDE` pixels so that they can be read; captions stand above the
+pictures, never on them.
 
 Images are decoded by `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` beside this
 file), as in training and `predict`: an uploaded file gives the model the pixels it gave in training.
@@ -50,21 +52,80 @@ def max_pixels_setting() -> int:
     return value
 
 
+# Class colours: a copy of proto_segformer.palette (this file cannot import the package; a test checks that both
+# give the same colours). Class 0 black, then greedy farthest points in OKLab over a 32-level RGB grid of lightness
+# 0.40-0.92, away from white, mid grey and the ignore colour; integer arithmetic, so the same on every machine.
+IGNORE_COLOUR = (224, 224, 192)
+RESERVED_COLOURS = ((255, 255, 255), (128, 128, 128), IGNORE_COLOUR)
+PALETTE_LEVELS, PALETTE_LIGHTNESS, PALETTE_QUANTUM = 32, (0.40, 0.92), 10_000
+# Results whose longer side is shorter than this are enlarged (whole pixels, nearest neighbour) for display.
+MIN_DISPLAY_SIDE = 384
+
+
+def quantized_oklab(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) int64 OKLab coordinates (units of 1 / PALETTE_QUANTUM) of (..., 3) uint8 sRGB colours."""
+    value = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(value <= 0.04045, value / 12.92, ((value + 0.055) / 1.055) ** 2.4)
+    r, g, b = linear[..., 0], linear[..., 1], linear[..., 2]
+    l_ = np.cbrt(0.4122214708 * r + 0.5363325363 * g + 0.0514459929 * b)
+    m_ = np.cbrt(0.2119034982 * r + 0.6806995451 * g + 0.1073969566 * b)
+    s_ = np.cbrt(0.0883024619 * r + 0.2817188376 * g + 0.6299787005 * b)
+    lab = np.stack(
+        (
+            0.2104542553 * l_ + 0.7936177850 * m_ - 0.0040720468 * s_,
+            1.9779984951 * l_ - 2.4285922050 * m_ + 0.4505937099 * s_,
+            0.0259040371 * l_ + 0.7827717662 * m_ - 0.8086757660 * s_,
+        ),
+        axis=-1,
+    )
+    return np.rint(lab * PALETTE_QUANTUM).astype(np.int64)
+
+
+def class_colours(count: int) -> np.ndarray:
+    """(count, 3) uint8 colours of classes 0 .. count-1 (the same as proto_segformer.palette.class_colours)."""
+    levels = (np.arange(PALETTE_LEVELS) * 255 * 2 + (PALETTE_LEVELS - 1)) // (2 * (PALETTE_LEVELS - 1))
+    red, green, blue = np.meshgrid(levels, levels, levels, indexing="ij")
+    candidates = np.stack((red.ravel(), green.ravel(), blue.ravel()), axis=1).astype(np.uint8)
+    points = quantized_oklab(candidates)
+    low, high = (round(bound * PALETTE_QUANTUM) for bound in PALETTE_LIGHTNESS)
+    keep = (points[:, 0] >= low) & (points[:, 0] <= high)
+    candidates, points = candidates[keep], points[keep]
+    columns = [np.ascontiguousarray(points[:, axis]) for axis in range(3)]
+
+    def squared_distances(point: np.ndarray) -> np.ndarray:
+        return sum((column - int(value)) ** 2 for column, value in zip(columns, point))
+
+    taken = [np.zeros(3, dtype=np.uint8)]
+    nearest = np.full(len(candidates), np.iinfo(np.int64).max, dtype=np.int64)
+    for colour in ((0, 0, 0), *RESERVED_COLOURS):
+        nearest = np.minimum(nearest, squared_distances(quantized_oklab(np.asarray(colour, dtype=np.uint8))))
+    while len(taken) < count:
+        index = int(np.argmax(nearest))
+        if nearest[index] == 0:
+            taken += taken[: count - len(taken)]
+            break
+        taken.append(candidates[index])
+        nearest = np.minimum(nearest, squared_distances(points[index]))
+    return np.stack(taken[:count]) if count else np.zeros((0, 3), dtype=np.uint8)
+
+
 def label_colormap(num_classes: int) -> np.ndarray:
-    """(max(num_classes, 256), 3) uint8: the PASCAL VOC colours (as imgviz and proto_segformer use), then random."""
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        value, red, green, blue = index, 0, 0, 0
-        for shift in range(8):
-            red |= ((value >> 0) & 1) << (7 - shift)
-            green |= ((value >> 1) & 1) << (7 - shift)
-            blue |= ((value >> 2) & 1) << (7 - shift)
-            value >>= 3
-        colours[index] = (red, green, blue)
-    if num_classes > 256:
-        extra = np.random.default_rng(0).integers(0, 256, size=(num_classes - 256, 3), dtype=np.uint8)
-        colours = np.concatenate([colours, extra])
+    """(max(num_classes, 256), 3) uint8: the class colours (as proto_segformer's label PNGs and overlays use them);
+    entry 255 is the ignore colour when there are at most 255 classes."""
+    colours = class_colours(max(num_classes, 256))
+    if num_classes <= 255:
+        colours[255] = IGNORE_COLOUR
     return colours
+
+
+def for_display(picture: np.ndarray, min_side: int = MIN_DISPLAY_SIDE) -> np.ndarray:
+    """`picture` (H, W, 3) enlarged by a whole factor (nearest neighbour: every pixel a crisp block) until its
+    longer side is at least `min_side`; a larger picture is returned as it is."""
+    longer = max(picture.shape[:2])
+    if longer >= min_side:
+        return picture
+    factor = math.ceil(min_side / longer)
+    return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
 
 
 def bounded(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -95,35 +156,70 @@ def overlay_picture(image: np.ndarray, label_map: np.ndarray, colours: np.ndarra
     return blended.round().astype(np.uint8)
 
 
+def shade_table(colours: np.ndarray, num_prototypes: int) -> np.ndarray:
+    """(n, M, 3) uint8 shades of n class colours for prototypes 0 .. M-1: prototype 0 darkest, M-1 lightest (up to
+    75% towards black / white), the middle one the class colour; near-black colours lifted to grey first."""
+    base = colours.astype(np.float32)
+    base = np.where(base.max(axis=-1, keepdims=True) < 60, 128.0, base)[:, None, :]
+    level = np.arange(num_prototypes, dtype=np.float32)[None, :, None] / max(1, num_prototypes - 1) - 0.5
+    amount = np.abs(level) * 1.5
+    return (base * (1 - amount) + np.where(level > 0, 255.0, 0.0) * amount).round().clip(0, 255).astype(np.uint8)
+
+
 def prototype_picture(
     image: np.ndarray, label_map: np.ndarray, prototype_map: np.ndarray, num_prototypes: int, colours: np.ndarray
 ) -> np.ndarray:
-    """(H, W, 3) uint8: each pixel in its class colour shaded by its prototype (0 darkest, M-1 lightest; near-black
-    colours lifted to grey first), blended over the image, class boundaries in white."""
-    base = colours[label_map].astype(np.float32)
-    base = np.where(base.max(axis=-1, keepdims=True) < 60, 128.0, base)
-    level = prototype_map.astype(np.float32)[..., None] / max(1, num_prototypes - 1) - 0.5
-    amount = np.abs(level) * 1.5
-    shaded = base * (1 - amount) + np.where(level > 0, 255.0, 0.0) * amount
+    """(H, W, 3) uint8: each pixel in its class colour shaded by its prototype (`shade_table`), blended over the
+    image, class boundaries in white."""
+    count = int(label_map.max()) + 1
+    shaded = shade_table(colours[:count], num_prototypes)[label_map, prototype_map].astype(np.float32)
     blended = (0.7 * shaded + 0.3 * image.astype(np.float32)).round().clip(0, 255).astype(np.uint8)
     blended[class_boundaries(label_map)] = 255
     return blended
 
 
-def legend_html(label_map: np.ndarray, prototype_map: np.ndarray, id2label: dict[int, str], colours) -> str:
-    """An HTML list of the classes present (most pixels first): colour, name, share of the image and the prototypes
-    their pixels matched."""
+def swatch(colour, title: str = "") -> str:
+    """An inline square of one colour."""
+    red, green, blue = (int(c) for c in colour)
+    return (
+        f'<span title="{html.escape(title)}" style="display:inline-block;width:1em;height:1em;'
+        f'background:rgb({red},{green},{blue});border:1px solid #888;vertical-align:middle"></span>'
+    )
+
+
+def shade_strip(shades: np.ndarray, max_cells: int = 24) -> str:
+    """The shades of one class (prototype 0 at the left), at most `max_cells` cells (evenly spaced samples)."""
+    count = len(shades)
+    picks = np.unique(np.linspace(0, count - 1, min(count, max_cells)).round().astype(int))
+    cells = "".join(
+        f'<span title="prototype {m}" style="display:inline-block;width:0.7em;height:1em;'
+        f'background:rgb({shades[m][0]},{shades[m][1]},{shades[m][2]})"></span>'
+        for m in picks.tolist()
+    )
+    return f'<span class="shades" style="border:1px solid #888;display:inline-block;line-height:0">{cells}</span>'
+
+
+def legend_html(
+    label_map: np.ndarray,
+    prototype_map: np.ndarray,
+    id2label: dict[int, str],
+    colours,
+    num_prototypes: int | None = None,
+) -> str:
+    """An HTML list of the classes present (most pixels first): colour, name, share of the image, the class's
+    shades in the prototype map (prototype 0 .. M-1, left to right; M default: the largest index matched + 1) and
+    the prototypes their pixels matched."""
     ids, counts = np.unique(label_map, return_counts=True)
+    num_prototypes = num_prototypes or int(prototype_map.max()) + 1
     rows = []
     for class_id, count in sorted(zip(ids.tolist(), counts.tolist()), key=lambda item: -item[1]):
-        red, green, blue = (int(c) for c in colours[class_id])
         used = np.unique(prototype_map[label_map == class_id]).tolist()
         name = html.escape(str(id2label.get(class_id, class_id)))
+        shades = shade_table(np.asarray(colours[class_id : class_id + 1]), num_prototypes)[0]
         rows.append(
-            f'<li class="legend-entry" data-class="{name}"><span style="display:inline-block;width:1em;height:1em;'
-            f'background:rgb({red},{green},{blue});border:1px solid #888;vertical-align:middle"></span> '
-            f'<b class="legend-name">{name}</b>: {100 * count / label_map.size:.1f}% of the image; prototypes'
-            f" matched: {', '.join(map(str, used))}</li>"
+            f'<li class="legend-entry" data-class="{name}">{swatch(colours[class_id], name)} '
+            f'<b class="legend-name">{name}</b>: {100 * count / label_map.size:.1f}% of the image;'
+            f" prototype shades {shade_strip(shades)}; prototypes matched: {', '.join(map(str, used))}</li>"
         )
     return '<ul class="legend" style="list-style:none;padding-left:0">' + "".join(rows) + "</ul>"
 
@@ -141,33 +237,53 @@ class Segmenter:
 
     @torch.no_grad()
     def label_and_prototype_maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size."""
-        pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"]
+        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size.
+
+        An input smaller than the encoder accepts (a small image and a processor that does not resize) is padded
+        with the mean colour and the result cropped back."""
+        array = np.asarray(image.convert("RGB"))
+        # Channels-last said explicitly: a 3-pixel-high image would otherwise be taken for channels-first.
+        pixel_values = self.processor(images=array, input_data_format="channels_last", return_tensors="pt")[
+            "pixel_values"
+        ]
+        input_h, input_w = pixel_values.shape[2:]
+        minimum = int(getattr(self.model, "min_input_size", 1))
+        padded_h, padded_w = max(input_h, minimum), max(input_w, minimum)
+        pixel_values = F.pad(pixel_values, (0, padded_w - input_w, 0, padded_h - input_h))
         outputs = self.model(pixel_values=pixel_values, output_pixel_embeddings=True)
         logits, embeddings = outputs.logits.float(), outputs.pixel_embeddings[0].float()  # (1, K, h, w), (D, h, w)
         if not torch.isfinite(logits).all():
             raise gr.Error("The model produced NaN or inf scores for this image; its weights may be broken.")
         size = (image.height, image.width)
-        label_map = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0)
+        # The logits cover the padded input: in image pixels, the image scaled by padded / input size.
+        scaled = (round(size[0] * padded_h / input_h), round(size[1] * padded_w / input_w))
+        upsampled = F.interpolate(logits, size=scaled, mode="bilinear", align_corners=False)
+        label_map = upsampled[0, :, : size[0], : size[1]].argmax(dim=0)
         scores = torch.einsum("kmd,dhw->kmhw", self.model.prototypes.float(), embeddings)
         nearest = scores.argmax(dim=1)  # (K, h, w): each class's nearest prototype on the 1/4 grid
-        rows = torch.arange(size[0]) * nearest.shape[1] // size[0]
-        columns = torch.arange(size[1]) * nearest.shape[2] // size[1]
+        rows = torch.arange(size[0]) * nearest.shape[1] // scaled[0]
+        columns = torch.arange(size[1]) * nearest.shape[2] // scaled[1]
         prototype_map = nearest[label_map, rows[:, None], columns[None, :]]
         return label_map.numpy(), prototype_map.numpy()
 
-    def __call__(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str]:
-        if image is None:
-            raise gr.Error("Upload an image (or pick an example) first.")
+    def pictures(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str]:
+        """(overlay, prototype map, legend HTML) of an image at its (bounded) size."""
         image = bounded(image, self.max_pixels)
         label_map, prototype_map = self.label_and_prototype_maps(image)
         array = np.asarray(image)
-        num_prototypes = self.model.prototypes.shape[1]
+        num_prototypes = int(self.model.prototypes.shape[1])
         return (
             overlay_picture(array, label_map, self.colours),
             prototype_picture(array, label_map, prototype_map, num_prototypes, self.colours),
-            legend_html(label_map, prototype_map, self.id2label, self.colours),
+            legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes),
         )
+
+    def __call__(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str]:
+        """What the page shows: the pictures enlarged for display (`for_display`) and the legend."""
+        if image is None:
+            raise gr.Error("Upload an image (or pick an example) first.")
+        overlay, prototypes, legend = self.pictures(image)
+        return for_display(overlay), for_display(prototypes), legend
 
 
 def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr.Blocks:
@@ -186,15 +302,22 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
             image = gr.Image(type="pil", image_mode=INPUT_IMAGE_MODE, label="Image", elem_id="input-image")
             legend = gr.HTML(label="Classes", elem_id="legend")
         button = gr.Button("Segment", variant="primary", elem_id="segment")
+        # Captions stand above the pictures (gr.Image's own label is drawn over the picture's top-left corner), with
+        # the same height, so that both pictures start on one line; the legend above explains the shades.
         with gr.Row():
-            overlay = gr.Image(label="Segmentation", elem_id="overlay", format="png", interactive=False)
-            prototypes = gr.Image(
-                label=f"Prototype assignment (which of the class's {num_prototypes} prototypes each pixel matched:"
-                " darker = lower index)",
-                elem_id="prototype-map",
-                format="png",
-                interactive=False,
-            )
+            with gr.Column():
+                gr.Markdown(
+                    "**Segmentation**: the class colours over the image", elem_id="overlay-caption", min_height="3.5em"
+                )
+                overlay = gr.Image(show_label=False, elem_id="overlay", format="png", interactive=False)
+            with gr.Column():
+                gr.Markdown(
+                    f"**Prototype map**: the prototype each pixel matched, as a shade of its class colour: dark ="
+                    f" prototype 0 ... light = prototype {num_prototypes - 1}; class boundaries in white",
+                    elem_id="prototype-caption",
+                    min_height="3.5em",
+                )
+                prototypes = gr.Image(show_label=False, elem_id="prototype-map", format="png", interactive=False)
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=image, cache_examples=False)
         button.click(segmenter, inputs=image, outputs=[overlay, prototypes, legend])
