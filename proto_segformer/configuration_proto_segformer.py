@@ -96,10 +96,9 @@ def check_id2label(id2label: dict | None) -> None:
             " that are not integers. Renumber id2label (and label2id) as 0..K-1."
         ) from None
     count = len(id2label)
-    if ids != set(range(count)) or len(ids) != count:
+    if ids != set(range(count)):  # then some id in 0..K-1 is missing (K names), and maybe others are extra
         missing, extra = sorted(set(range(count)) - ids), sorted(ids - set(range(count)))
-        found = f"lacks id(s) {_shown(missing)}" if missing else "repeats ids"
-        found += f" and has extra id(s) {_shown(extra)}" if extra else ""
+        found = f"lacks id(s) {_shown(missing)}" + (f" and has extra id(s) {_shown(extra)}" if extra else "")
         raise ValueError(
             f"id2label in config.json must number its {count} classes 0..{count - 1} (one per prototype class), but"
             f" it {found}. Renumber id2label (and label2id) as 0..{count - 1}, in the order of the prototypes."

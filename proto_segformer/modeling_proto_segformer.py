@@ -241,14 +241,14 @@ def _local_weight_files(pretrained_model_name_or_path, kwargs: dict) -> list[str
     hub_kwargs = {k: kwargs[k] for k in HUB_FIELDS if k in kwargs and k not in ("local_files_only", "force_download")}
 
     def locate(filename: str) -> str | None:
-        path = os.path.join(name, kwargs.get("subfolder") or "", filename)
-        if os.path.isfile(path) or os.path.isdir(name):
+        if os.path.isdir(name):
+            path = os.path.join(name, kwargs.get("subfolder") or "", filename)
             return path if os.path.isfile(path) else None
         try:
             return cached_file(
                 name, filename, local_files_only=True, _raise_exceptions_for_missing_entries=False, **hub_kwargs
             )
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             return None
 
     single = locate(SAFE_WEIGHTS_NAME)
@@ -320,13 +320,12 @@ def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> tuple[str,
             " count, add classes with model.add_classes(...), or pass ignore_mismatched_sizes=True to re-initialise"
             " the prototypes randomly (they then need training)."
         ), False
-    held = _saved_prototype_classes(_local_weight_files(pretrained_model_name_or_path, kwargs))
-    if held is not None and saved_classes is not None and held[1] != saved_classes:
-        (weights, held_classes), fix = held, f"0..{held[1] - 1}"
+    weights, held = _saved_prototype_classes(_local_weight_files(pretrained_model_name_or_path, kwargs)) or (None, None)
+    if held is not None and saved_classes is not None and held != saved_classes:
         return (
-            f"config.json names {saved_classes} classes (id2label) but {weights} holds prototypes for {held_classes}"
+            f"config.json names {saved_classes} classes (id2label) but {weights} holds prototypes for {held}"
             f" (in {pretrained_model_name_or_path}): they belong to different models. Make id2label list the"
-            f" checkpoint's {held_classes} classes (ids {fix}, in the order of the prototypes), or restore the"
+            f" checkpoint's {held} classes (ids 0..{held - 1}, in the order of the prototypes), or restore the"
             " config.json saved with these weights."
         ), False
     return (
