@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .class_editing import DEFAULT_MIN_CELL_FRACTION
+from .class_editing import DEFAULT_MIN_CELL_FRACTION, normalize_names
 from .safe_files import exchange_folders, is_within, remove_listed, staging_folder
 
 logger = logging.getLogger(__name__)
@@ -287,14 +287,15 @@ def add_classes_from_folder(
     """Add the classes `names`, learnt from the support folder, to the model in `model_dir`; save the extended model
     with its image processor and a model card into `output_dir` (see the module docstring); return {name: id}.
 
-    Checks come first (output folder, support files), then the model is loaded and extended in memory, then saved in
-    one step: on any error, and after a crash at any moment, `model_dir` and `output_dir` are as they were.
+    Checks come first (names, output folder, support files), then the model is loaded and extended in memory, then
+    saved in one step: on any error, and after a crash at any moment, `model_dir` and `output_dir` are as they were.
     """
     from .inference import load_model
     from .model_card import TRAINING_ARGS_FILE, write_model_card
 
     settings = settings or AddClassesSettings()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
+    names = normalize_names(names)  # before any file is read: a newline or an empty name is refused here
     check_output_dir(model_dir, output_dir, overwrite_model)
     pairs = support_pairs(support_dir)
     images, masks = read_support(pairs)

@@ -33,6 +33,7 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, to_numpy_array
 from transformers.utils import logging
 
+from .configuration_proto_segformer import class_name_problem
 from .image_decoding import check_label_orientation, displayed_size, to_rgb_image
 from .prototypes import cluster_prototypes
 
@@ -46,7 +47,8 @@ DEFAULT_MIN_CELL_FRACTION = 0.75
 
 
 def normalize_names(names: str | Sequence[str], what: str = "names") -> list[str]:
-    """A list of class names from one name or a sequence of names; errors on empty or non-string names."""
+    """A list of class names from one name or a sequence of names; errors on empty or non-string names and on names
+    with control characters (a newline, a tab: `class_name_problem`)."""
     if isinstance(names, str):
         names = [names]
     if not isinstance(names, Sequence) or isinstance(names, (bytes, bytearray)):
@@ -59,6 +61,9 @@ def normalize_names(names: str | Sequence[str], what: str = "names") -> list[str
             raise TypeError(f"{what} must be strings, got {name!r} of type {type(name).__name__}.")
         if not name.strip():
             raise ValueError(f"{what} contains an empty class name {name!r}.")
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{what} contains the class name {name!r}, which {problem}: names must be one-line text.")
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ValueError(f"{what} contains {duplicated} more than once.")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+import os
+import unicodedata
 from typing import Any
 
 from transformers import SegformerConfig
+
+from .paths import check_source
 
 # Mix Transformer sizes from the SegFormer paper (Xie et al., 2021, Table 6 and Sec. 4.1).
 MIT_PRESETS: dict[str, dict[str, Any]] = {
@@ -48,6 +53,116 @@ def check_similarity_dtype(name: str | None) -> str | None:
         raise ValueError(f"similarity_dtype must be one of {SIMILARITY_DTYPE_NAMES}, got {name!r}.")
     return name
 
+
+# Upper bounds of the fields that size tensors and loops: far above any real use (the paper: M = 10, T = 3), so that a
+# typo (10000000 for 10) is a one-line error before anything is allocated, not gigabytes allocated or hours of loops.
+MAX_PROTOTYPES_PER_CLASS = 1000
+MAX_SINKHORN_ITERATIONS = 100
+# inference_chunk_size bounds the pixel-by-prototype scores held at once: 2**31 float32 scores are 8 GiB.
+MAX_INFERENCE_CHUNK_SIZE = 2**31
+# The float32 weights and prototype buffer a config may ask for (estimated from its sizes, `model_size_terms`).
+MAX_MODEL_BYTES = 8 * 2**30
+# Unicode categories a class name may not contain: control characters (newline, tab, ...), line/paragraph separators.
+FORBIDDEN_NAME_CATEGORIES = ("Cc", "Zl", "Zp")
+
+
+def class_name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a class (not a string, empty, or holding a control character such as a newline: it
+    would break the one-line-per-class outputs), or None when it can."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name.strip():
+        return "is empty"
+    bad = sorted({char for char in name if unicodedata.category(char) in FORBIDDEN_NAME_CATEGORIES})
+    if bad:
+        return f"holds the control character(s) {', '.join(repr(char) for char in bad)}"
+    return None
+
+
+def _shown(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+
+
+def check_id2label(id2label: dict | None) -> None:
+    """A ValueError (one line, naming config.json and the fix) unless `id2label` numbers its K classes 0..K-1 (one per
+    prototype class: K = num_labels) with names `class_name_problem` accepts."""
+    id2label = id2label or {}
+    try:
+        ids = {int(key) for key in id2label}
+    except (TypeError, ValueError):
+        keys = [key for key in id2label if not str(key).lstrip("-").isdigit()]
+        raise ValueError(
+            f"id2label in config.json must map class ids 0..{len(id2label) - 1} to names, but has keys {keys[:5]}"
+            " that are not integers. Renumber id2label (and label2id) as 0..K-1."
+        ) from None
+    count = len(id2label)
+    if ids != set(range(count)):  # then some id in 0..K-1 is missing (K names), and maybe others are extra
+        missing, extra = sorted(set(range(count)) - ids), sorted(ids - set(range(count)))
+        found = f"lacks id(s) {_shown(missing)}" + (f" and has extra id(s) {_shown(extra)}" if extra else "")
+        raise ValueError(
+            f"id2label in config.json must number its {count} classes 0..{count - 1} (one per prototype class), but"
+            f" it {found}. Renumber id2label (and label2id) as 0..{count - 1}, in the order of the prototypes."
+        )
+    for key, name in id2label.items():
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ValueError(
+                f"Class name {name!r} (id {int(key)}) in config.json's id2label {problem}: class names must be"
+                " non-empty one-line text. Rename it in id2label and label2id (or model.rename_class)."
+            )
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """A ValueError unless `value` is an integer (not a bool or float) in [minimum, maximum]."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value >= minimum and (maximum is None or value <= maximum):
+            return
+    bound = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    raise ValueError(f"{name} must be {bound}, got {value!r}.")
+
+
+def model_size_terms(config: ProtoSegformerConfig) -> list[tuple[str, int]]:
+    """(description, float32 values) of the tensors a model of `config` holds: the prototype buffer K*M*D, the
+    decoder, the projection and each encoder stage (attention, Mix-FFN, sequence reduction, patch embedding; an
+    estimate within a few percent, enough to refuse sizes far beyond any machine's memory)."""
+    k, m, d = config.num_labels or 0, config.num_prototypes_per_class, config.embedding_dim
+    c, blocks = config.decoder_hidden_size, config.num_encoder_blocks
+    terms = [
+        (f"the prototype buffer K*M*D = {k}*{m}*{d}", k * m * d),
+        (
+            f"the decoder, (num_encoder_blocks*decoder_hidden_size)*decoder_hidden_size = {blocks * c}*{c}",
+            blocks * c * c + sum(config.hidden_sizes) * c,
+        ),
+        (f"the projection decoder_hidden_size*(decoder_hidden_size + D) = {c}*{c + d}", c * (c + d)),
+    ]
+    previous = config.num_channels
+    stages = zip(config.hidden_sizes, config.depths, config.mlp_ratios, config.sr_ratios, config.patch_sizes)
+    for index, (hidden, depth, ratio, reduction, patch) in enumerate(stages):
+        per_layer = hidden * hidden * (4 + 2 * ratio + (reduction * reduction if reduction > 1 else 0))
+        terms.append(
+            (
+                f"encoder stage {index + 1} (hidden_sizes[{index}] = {hidden}, depths[{index}] = {depth})",
+                depth * per_layer + previous * hidden * patch * patch,
+            )
+        )
+        previous = hidden
+    return terms
+
+
+def check_model_size(config: ProtoSegformerConfig) -> None:
+    """A ValueError naming the largest product when the model's float32 weights and prototypes would exceed
+    MAX_MODEL_BYTES (a decoder_hidden_size or prototype count far beyond any machine), before anything is allocated."""
+    terms = model_size_terms(config)
+    total = 4 * sum(values for _, values in terms)
+    if total > MAX_MODEL_BYTES:
+        name, values = max(terms, key=lambda term: term[1])
+        raise ValueError(
+            f"This configuration needs about {total / 2**30:,.1f} GiB of float32 weights and prototypes, over the"
+            f" {MAX_MODEL_BYTES // 2**30} GiB limit; most of it is {name} values ({4 * values / 2**30:,.1f} GiB)."
+            " Lower the sizes in that product."
+        )
+
+
 # Written into config.json so that the Auto classes and the pipeline find the custom code next to the weights.
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_proto_segformer.ProtoSegformerConfig",
@@ -83,6 +198,11 @@ class ProtoSegformerConfig(SegformerConfig):
             option for CPUs and GPUs with fast bf16 matrix units (the class scores are then normalised in float32).
             Inference only (no labels); training always computes the similarities in the model's precision. Off by
             default; its agreement with float32 is in the README's performance section.
+
+    Checked when the config is built or loaded (`check_protoseg_fields`, one line per problem): `id2label` must number
+    the classes 0..K-1 with non-empty one-line names; num_prototypes_per_class <= MAX_PROTOTYPES_PER_CLASS (1000),
+    sinkhorn_iterations <= MAX_SINKHORN_ITERATIONS (100), 1 <= inference_chunk_size <= 2**31, and the float32
+    weights and prototype buffer (K*M*D) together <= MAX_MODEL_BYTES (8 GiB).
     """
 
     model_type = "proto_segformer"
@@ -105,6 +225,8 @@ class ProtoSegformerConfig(SegformerConfig):
     ) -> None:
         # A parametric SegFormer config.json says "segformer"; this config is always a proto_segformer one.
         kwargs.pop("model_type", None)
+        if kwargs.get("id2label") is not None:
+            check_id2label(kwargs["id2label"])  # before transformers turns the keys into ints
         super().__init__(**kwargs)
         self.num_prototypes_per_class = num_prototypes_per_class
         self.prototype_dim = prototype_dim
@@ -120,24 +242,43 @@ class ProtoSegformerConfig(SegformerConfig):
         self.similarity_dtype = similarity_dtype
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
-        self._validate_prototype_fields()
+        self.check_protoseg_fields()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> ProtoSegformerConfig:
+        """`PretrainedConfig.from_pretrained`; a local-looking path that does not exist is a one-line error at once,
+        naming the closest existing folders (`paths.check_source`, no network), not a minute of Hub retries."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_source(str(pretrained_model_name_or_path), cache_dir=kwargs.get("cache_dir"), network=False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PretrainedConfig.from_dict`, with the fields checked again after the keyword overrides it sets (as
+        `from_pretrained(..., num_prototypes_per_class=...)` does) on the built config."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).check_protoseg_fields()
+        return result
 
     @property
     def embedding_dim(self) -> int:
         """D: `prototype_dim`, or `decoder_hidden_size` when it is `None`."""
         return self.prototype_dim if self.prototype_dim is not None else self.decoder_hidden_size
 
-    def _validate_prototype_fields(self) -> None:
-        if int(self.num_prototypes_per_class) < 1:
-            raise ValueError(f"num_prototypes_per_class must be >= 1, got {self.num_prototypes_per_class}.")
-        if self.prototype_dim is not None and int(self.prototype_dim) < 1:
-            raise ValueError(f"prototype_dim must be >= 1 or None, got {self.prototype_dim}.")
+    def check_protoseg_fields(self) -> None:
+        """A ValueError (one line) for the first field out of its range: the class names, the ProtoSeg fields and
+        the resource bounds (see the class docstring). The model checks its config again when it is built."""
+        check_id2label(self.id2label)
+        _integer("num_prototypes_per_class", self.num_prototypes_per_class, 1, MAX_PROTOTYPES_PER_CLASS)
+        if self.prototype_dim is not None:
+            _integer("prototype_dim", self.prototype_dim, 1)
+        _integer("decoder_hidden_size", self.decoder_hidden_size, 1)
         if not 0.0 <= float(self.prototype_momentum) <= 1.0:
             raise ValueError(f"prototype_momentum must lie in [0, 1], got {self.prototype_momentum}.")
         if float(self.sinkhorn_epsilon) <= 0:
             raise ValueError(f"sinkhorn_epsilon must be > 0, got {self.sinkhorn_epsilon}.")
-        if int(self.sinkhorn_iterations) < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {self.sinkhorn_iterations}.")
+        _integer("sinkhorn_iterations", self.sinkhorn_iterations, 0, MAX_SINKHORN_ITERATIONS)
+        _integer("inference_chunk_size", self.inference_chunk_size, 1, MAX_INFERENCE_CHUNK_SIZE)
         if float(self.ppc_temperature) <= 0:
             raise ValueError(f"ppc_temperature must be > 0, got {self.ppc_temperature}.")
         if self.class_score_normalization not in CLASS_SCORE_NORMALIZATIONS:
@@ -148,6 +289,7 @@ class ProtoSegformerConfig(SegformerConfig):
         check_similarity_dtype(self.similarity_dtype)
         if float(self.class_score_temperature) <= 0:
             raise ValueError(f"class_score_temperature must be > 0, got {self.class_score_temperature}.")
+        check_model_size(self)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> ProtoSegformerConfig:
@@ -158,4 +300,14 @@ class ProtoSegformerConfig(SegformerConfig):
 # auto_map in every saved config.json (AutoConfig.from_pretrained(..., trust_remote_code=True)).
 ProtoSegformerConfig.register_for_auto_class()
 
-__all__ = ["MIT_PRESETS", "ProtoSegformerConfig", "mit_preset"]
+__all__ = [
+    "MAX_INFERENCE_CHUNK_SIZE",
+    "MAX_MODEL_BYTES",
+    "MAX_PROTOTYPES_PER_CLASS",
+    "MAX_SINKHORN_ITERATIONS",
+    "MIT_PRESETS",
+    "ProtoSegformerConfig",
+    "check_id2label",
+    "class_name_problem",
+    "mit_preset",
+]

@@ -5,7 +5,8 @@
   (B, 3, H, W) float32, output `logits` (B, K, H/4, W/4), with batch, height and width dynamic.
 - `write_onnx_folder`: model.onnx, config.json (id2label) and the image processor's config in an output folder,
   written atomically (a staging folder renamed into place); it only replaces a folder it wrote itself.
-- `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`inference.py`) runs like the PyTorch model.
+- `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`inference.py`) runs like the PyTorch model; it
+  refuses a folder whose config.json names another class count than model.onnx outputs.
 
 Traced and compiled code skips the model's data-dependent input checks (NaN/inf pixels, label values): the
 exported graph runs whatever it is given; `OnnxRuntimeModel` checks its inputs before running the session.
@@ -202,7 +203,22 @@ class OnnxRuntimeModel:
         self.session = onnxruntime.InferenceSession(
             str(folder / ONNX_NAME), options, providers=["CPUExecutionProvider"]
         )
-        self.config = ProtoSegformerConfig.from_pretrained(folder)
+        self.folder = folder
+        self.config = ProtoSegformerConfig.from_pretrained(folder)  # checks id2label: ids 0..K-1, one-line names
+        shapes = {output.name: output.shape for output in self.session.get_outputs()}
+        if "logits" not in shapes:
+            self._class_count_mismatch("no 'logits' output")
+        classes = shapes["logits"][1] if len(shapes["logits"]) == 4 else None
+        if isinstance(classes, int) and classes != self.config.num_labels:  # else checked on the logits, in __call__
+            self._class_count_mismatch(f"logits for {classes} classes")
+
+    def _class_count_mismatch(self, what: str) -> None:
+        """The error for a folder whose config.json names other classes than model.onnx outputs logits for."""
+        raise ValueError(
+            f"{self.folder / 'config.json'} names {self.config.num_labels} classes (id2label) but"
+            f" {self.folder / ONNX_NAME} has {what}: the files come from different models. Export the checkpoint again"
+            " (python scripts/export_onnx.py --model CHECKPOINT --output_dir NEW_FOLDER)."
+        )
 
     def eval(self) -> OnnxRuntimeModel:
         return self
@@ -228,6 +244,8 @@ class OnnxRuntimeModel:
         if pad_h or pad_w:
             pixel_values = torch.nn.functional.pad(pixel_values, (0, pad_w, 0, pad_h))
         (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values.contiguous().numpy()})
+        if logits.ndim != 4 or logits.shape[1] != self.config.num_labels:  # a graph whose class axis is dynamic
+            self._class_count_mismatch(f"logits of shape {logits.shape}")
         return SimpleNamespace(logits=torch.from_numpy(logits)[:, :, : (height + 3) // 4, : (width + 3) // 4])
 
 

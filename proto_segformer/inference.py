@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .configuration_proto_segformer import check_similarity_dtype
+from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .image_decoding import to_rgb_array
+from .paths import close_matches
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,13 @@ class CheckpointInfo:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
-    """`config.json` of a ProtoSegformer checkpoint folder as a dict; `CheckpointError` naming what is wrong."""
+    """`config.json` of a ProtoSegformer checkpoint folder as a dict, checked by `ProtoSegformerConfig` (class ids
+    0..K-1 and names, field ranges); `CheckpointError` naming what is wrong (a missing folder: with close matches)."""
     folder = Path(folder)
     if not folder.exists():
-        raise CheckpointError(f"Checkpoint folder {str(folder)!r} does not exist.")
+        close = close_matches(str(folder))
+        hint = f" Did you mean {', '.join(repr(path) for path in close)}?" if close else ""
+        raise CheckpointError(f"Checkpoint folder {str(folder)!r} does not exist.{hint}")
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} is a file, not a checkpoint folder (expected config.json and weights).")
     config_path = folder / "config.json"
@@ -84,6 +88,10 @@ def read_config(folder: str | Path) -> dict[str, Any]:
             f"{str(folder)!r} is not a ProtoSegformer checkpoint: config.json has model_type {model_type!r},"
             f" expected {MODEL_TYPE!r}."
         )
+    try:  # the config's own checks: class ids 0..K-1 and names, field ranges and resource bounds
+        ProtoSegformerConfig.from_dict(dict(config))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{config_path}: {error}") from error
     return config
 
 

@@ -7,6 +7,7 @@ prototype. The prototypes are running means of pixel embeddings, updated in trai
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -16,13 +17,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.segformer.modeling_segformer import SegformerMLP, SegformerModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
@@ -227,8 +229,78 @@ def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: 
         )
 
 
-def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> str:
-    """Explain a size mismatch between a checkpoint and the requested model (usually the class count)."""
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+HUB_FIELDS = ("cache_dir", "revision", "token", "subfolder", "local_files_only", "force_download", "proxies")
+
+
+def _local_weight_files(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
+    """The checkpoint's safetensors files on this machine (a local folder's, or a Hub id's cached copies); never
+    downloads anything. Empty when there are none."""
+    name = str(pretrained_model_name_or_path)
+    hub_kwargs = {k: kwargs[k] for k in HUB_FIELDS if k in kwargs and k not in ("local_files_only", "force_download")}
+
+    def locate(filename: str) -> str | None:
+        if os.path.isdir(name):
+            path = os.path.join(name, kwargs.get("subfolder") or "", filename)
+            return path if os.path.isfile(path) else None
+        try:
+            return cached_file(
+                name, filename, local_files_only=True, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
+        except (OSError, ValueError, TypeError):
+            return None
+
+    single = locate(SAFE_WEIGHTS_NAME)
+    if single is not None:
+        return [single]
+    index = locate(SAFE_WEIGHTS_INDEX_NAME)
+    if index is None:
+        return []
+    try:
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [path for path in map(locate, shards) if path is not None]
+
+
+def _unreadable_weights(files: list[str]) -> tuple[str, Exception] | None:
+    """The first of `files` whose safetensors header cannot be read, with safetensors' error; None if all read."""
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises several types for truncated or garbage files
+            return path, error
+    return None
+
+
+def _saved_prototype_classes(files: list[str]) -> tuple[str, int] | None:
+    """(file name, K) of the `prototypes` tensor among the safetensors `files` (headers only), or None."""
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if "prototypes" in handle.keys():
+                    return os.path.basename(path), int(handle.get_slice("prototypes").get_shape()[0])
+        except Exception:  # an unreadable file is reported elsewhere
+            return None
+    return None
+
+
+def _corrupt_weights_message(pretrained_model_name_or_path, kwargs: dict, error: Exception) -> str:
+    """One line naming the weights file safetensors could not read (corrupt or truncated) and the fix."""
+    found = _unreadable_weights(_local_weight_files(pretrained_model_name_or_path, kwargs))
+    path, error = found if found is not None else (f"of {pretrained_model_name_or_path}", error)
+    return (
+        f"The weights file {path} is corrupt or truncated (safetensors: {error}). Copy or download it again, or save"
+        " the model again with save_pretrained."
+    )
+
+
+def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> tuple[str, bool]:
+    """Explain a size mismatch between a checkpoint and the requested model (usually the class count), and whether
+    transformers' load report adds anything to the message (it does not when the class counts explain it)."""
     try:
         saved, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path)
     except (OSError, ValueError):
@@ -247,12 +319,20 @@ def _mismatch_message(pretrained_model_name_or_path, kwargs: dict) -> str:
             f" was asked for {requested_classes} classes (num_labels / id2label). Load it without changing the class"
             " count, add classes with model.add_classes(...), or pass ignore_mismatched_sizes=True to re-initialise"
             " the prototypes randomly (they then need training)."
-        )
+        ), False
+    weights, held = _saved_prototype_classes(_local_weight_files(pretrained_model_name_or_path, kwargs)) or (None, None)
+    if held is not None and saved_classes is not None and held != saved_classes:
+        return (
+            f"config.json names {saved_classes} classes (id2label) but {weights} holds prototypes for {held}"
+            f" (in {pretrained_model_name_or_path}): they belong to different models. Make id2label list the"
+            f" checkpoint's {held} classes (ids 0..{held - 1}, in the order of the prototypes), or restore the"
+            " config.json saved with these weights."
+        ), False
     return (
         f"The checkpoint {pretrained_model_name_or_path} has tensors whose shapes differ from the requested"
         " configuration (for example num_prototypes_per_class, prototype_dim or hidden sizes); the load report"
         " above lists them. Pass ignore_mismatched_sizes=True to re-initialise those tensors."
-    )
+    ), True
 
 
 PARAMETRIC_CLASSIFIER_PREFIXES = ("decode_head.classifier.", "classifier.")
@@ -262,10 +342,9 @@ NEW_IN_PROTOSEG_PREFIXES = ("projection.", "prototypes", "decode_head.")
 
 def _checkpoint_model_type(pretrained_model_name_or_path, kwargs: dict) -> str | None:
     """`model_type` of the checkpoint's own config.json (not of a `config` passed in), or None if it has none."""
-    hub_fields = ("cache_dir", "revision", "token", "subfolder", "local_files_only", "force_download", "proxies")
     try:
         saved, _ = PretrainedConfig.get_config_dict(
-            pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_fields if k in kwargs}
+            pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_FIELDS if k in kwargs}
         )
     except (OSError, ValueError):
         return None
@@ -405,6 +484,8 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         super().__init__(config)
         if config.num_labels is None or config.num_labels < 2:
             raise ValueError(f"ProtoSeg needs at least 2 classes (num_labels), got {config.num_labels}.")
+        # Again here, before anything is allocated: fields set on the config after it was built are checked too.
+        ProtoSegformerConfig.check_protoseg_fields(config)
         self.segformer = SegformerModel(config)
         self.decode_head = ProtoSegformerDecodeHead(config)
         self.projection = ProtoSegformerProjection(config)
@@ -426,7 +507,9 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
           projection and prototypes new and drop the parametric classifier: transformers' load report is replaced
           by one line (`conversion_summary`, logged at INFO). Anything else keeps transformers' report.
         - A class count that differs from the checkpoint's is a clear error (unless `ignore_mismatched_sizes=True`,
-          which re-initialises the prototypes on purpose, said in one line at INFO instead of a load report).
+          which re-initialises the prototypes on purpose, said in one line at INFO instead of a load report), and so
+          is a config.json naming another class count than its weights' prototypes.
+        - A weights file safetensors cannot read is a `ValueError` naming the file (corrupt or truncated).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         name = pretrained_model_name_or_path
@@ -436,10 +519,17 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
             try:
                 model, loading_info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
             except RuntimeError as error:
-                held.release()
                 if "ignore_mismatched_sizes" not in str(error):
+                    held.release()
                     raise
-                raise ValueError(_mismatch_message(name, kwargs)) from error
+                message, with_report = _mismatch_message(name, kwargs)
+                if not with_report:
+                    held.discard()
+                held.release()
+                raise ValueError(message) from error
+            except SafetensorError as error:
+                held.discard()
+                raise ValueError(_corrupt_weights_message(name, kwargs, error)) from error
             missing, unexpected = set(loading_info["missing_keys"]), set(loading_info["unexpected_keys"])
             if missing or unexpected:
                 source_type = _checkpoint_model_type(name, kwargs)

@@ -77,16 +77,28 @@ def looks_local(name: str) -> bool:
     return bool(difflib.get_close_matches(name, _entries(Path(".")), n=1, cutoff=0.8))
 
 
-def missing_path_message(name: str, what: str = "model") -> str:
-    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries)."""
+def _closest_existing(name: str) -> tuple[Path, list[str]]:
+    """The closest existing folder above path `name`, and the names of its entries closest to the missing part."""
     path = Path(os.path.expanduser(name))
     existing = path.parent
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
     missing_part = path.relative_to(existing).parts[0] if path.is_relative_to(existing) else path.name
+    return existing, difflib.get_close_matches(missing_part, _entries(existing), n=3, cutoff=0.6)
+
+
+def close_matches(name: str) -> list[str]:
+    """Existing paths whose names are close to the missing part of path `name` (at most 3, closest first), e.g.
+    ["runs/demo"] for "runs/demoo": for a "did you mean" hint, without touching the network."""
+    existing, close = _closest_existing(name)
+    return [str(existing / entry) for entry in close]
+
+
+def missing_path_message(name: str, what: str = "model") -> str:
+    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries)."""
+    existing, close = _closest_existing(name)
     entries = _entries(existing)
     where = "the current folder" if str(existing) == "." else f"{existing}/"
-    close = difflib.get_close_matches(missing_part, entries, n=3, cutoff=0.6)
     message = f"The {what} path {name!r} does not exist (checked locally; it was not looked up on the Hub)"
     if close:
         suggestions = ", ".join(repr(str(existing / entry)) for entry in close)
@@ -159,6 +171,7 @@ __all__ = [
     "HubUnreachableError",
     "LocalPathNotFoundError",
     "check_source",
+    "close_matches",
     "hub_unreachable_reason",
     "is_cached",
     "looks_local",

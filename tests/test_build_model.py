@@ -41,7 +41,7 @@ def test_preset_with_overrides() -> None:
     assert "mit-b0" in source
     assert model.config.decoder_hidden_size == 64 and model.prototypes.shape == (3, 2, 64)
     assert model.config.ppc_weight == 0.5 and model.config.id2label == ID2LABEL
-    with pytest.raises(ModelInputError, match="num_prototypes_per_class must be >= 1"):
+    with pytest.raises(ModelInputError, match=r"num_prototypes_per_class must be an integer in \[1, 1000\], got 0"):
         build_model(
             model_name_or_path=None, model_preset="mit-b0", id2label=ID2LABEL, overrides={"num_prototypes_per_class": 0}
         )

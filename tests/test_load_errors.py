@@ -5,6 +5,7 @@ Starting from a SegFormer checkpoint keeps giving fresh prototypes, with one lin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -213,3 +214,144 @@ def test_weights_that_overflow_on_a_cast_are_an_error(complete, tmp_path) -> Non
     assert load_model(folder).projection.conv1.bias[0] == 1e6
     with pytest.raises(CheckpointError, match=r"as torch.float16 holds NaN or inf values in projection.conv1.bias"):
         load_model(folder, dtype=torch.float16)
+
+
+# ------------------------------------------------------------------------------ config.json vs the weights (issue 18)
+
+ELEVEN = {index: f"class {index}" for index in range(11)}
+SKIPPED_IDS = "id2label in config.json must number its 11 classes 0..10 (one per prototype class), but it lacks id(s)"
+TWELVE_NAMES = "config.json names 12 classes (id2label) but model.safetensors holds prototypes for 11"
+
+
+@pytest.fixture(scope="module")
+def eleven(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("eleven") / "model"
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=11, id2label=ELEVEN, label2id={v: k for k, v in ELEVEN.items()})
+    ProtoSegformerForSemanticSegmentation(config).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 32, "width": 32}, do_resize=False).save_pretrained(folder)
+    return folder
+
+
+def with_labels(source: Path, target: Path, id2label: dict[int, str]) -> Path:
+    """A copy of checkpoint `source` whose config.json names the classes `id2label` (as edited by hand)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config["id2label"] = {str(k): v for k, v in id2label.items()}
+    config["label2id"] = {v: k for k, v in id2label.items()}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+@pytest.fixture(scope="module")
+def mislabelled(eleven, tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints of 11 prototype classes whose config.json is wrong: ids 0-9 and 12; 12 names; a corrupt header."""
+    root = tmp_path_factory.mktemp("mislabelled")
+    skipping = {**{index: f"class {index}" for index in range(10)}, 12: "class 12"}
+    corrupt = edited_copy(eleven, root / "corrupt", lambda weights: None)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 8 + data[8:])  # header length 2**64 - 1: "too large"
+    return {
+        "skipped_ids": with_labels(eleven, root / "skipped_ids", skipping),
+        "twelve_names": with_labels(eleven, root / "twelve_names", {index: f"c{index}" for index in range(12)}),
+        "corrupt": corrupt,
+    }
+
+
+def test_a_config_json_whose_ids_skip_is_refused_for_inference(mislabelled) -> None:
+    folder = mislabelled["skipped_ids"]
+    with pytest.raises(ValueError, match=re.escape(SKIPPED_IDS)):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'config.json'}: {SKIPPED_IDS}")):
+        validate_checkpoint(folder)  # predict, add_classes and the Hub upload check the folder with it
+    with pytest.raises(CheckpointError, match=re.escape(SKIPPED_IDS)):
+        load_model(folder)
+
+
+def test_more_class_names_than_prototype_classes_is_named_in_one_line(mislabelled, caplog) -> None:
+    logging.getLogger("transformers.modeling_utils").addHandler(caplog.handler)
+    try:
+        with pytest.raises(ValueError, match=re.escape(TWELVE_NAMES)) as error:
+            ProtoSegformerForSemanticSegmentation.from_pretrained(mislabelled["twelve_names"])
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(caplog.handler)
+    assert "Make id2label list the checkpoint's 11 classes (ids 0..10" in str(error.value)
+    assert "LOAD REPORT" not in caplog.text  # the message says it all
+
+
+def test_a_corrupt_weights_file_is_named(mislabelled) -> None:
+    path = mislabelled["corrupt"] / "model.safetensors"
+    with pytest.raises(ValueError, match=rf"^The weights file {re.escape(str(path))} is corrupt or truncated \(.*"):
+        ProtoSegformerForSemanticSegmentation.from_pretrained(mislabelled["corrupt"])
+
+
+def test_remote_code_paths_refuse_mislabelled_and_corrupt_checkpoints_in_a_clean_process(mislabelled, tmp_path) -> None:
+    handler_dir = tmp_path / "handler"
+    handler_dir.mkdir()
+    shutil.copyfile(REPO / "proto_segformer" / "endpoint_handler.py", handler_dir / "handler.py")
+    folders = {name: str(folder) for name, folder in mislabelled.items()}
+    result = run_clean(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(handler_dir)!r})
+        from transformers import AutoModel
+        from handler import EndpointHandler
+        errors = {{}}
+        for case, folder in {folders!r}.items():
+            for name, load in (
+                ("AutoModel", lambda: AutoModel.from_pretrained(folder, trust_remote_code=True)),
+                ("handler", lambda: EndpointHandler(folder)),
+            ):
+                try:
+                    load()
+                    errors[case + " " + name] = None
+                except Exception as error:
+                    errors[case + " " + name] = type(error).__name__ + ": " + str(error)
+        print(json.dumps(errors))
+        """,
+        cwd=tmp_path,
+    )
+    expected = {
+        "skipped_ids": SKIPPED_IDS,
+        "twelve_names": TWELVE_NAMES,
+        "corrupt": f"The weights file {mislabelled['corrupt'] / 'model.safetensors'} is corrupt or truncated",
+    }
+    for key, error in result.items():
+        assert error is not None and expected[key.split()[0]] in error, (key, error)
+        assert "\n" not in error, (key, error)
+
+
+def test_a_mistyped_local_path_names_the_close_folders_at_once(eleven, tmp_path, monkeypatch) -> None:
+    from proto_segformer import ProtoSegformerConfig
+    from proto_segformer.paths import LocalPathNotFoundError
+
+    shutil.copytree(eleven, tmp_path / "runs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    did_you_mean = "Did you mean 'runs/demo'?"
+    missing = "The model path 'runs/demoo' does not exist (checked locally; it was not looked up on the Hub)."
+    with pytest.raises(LocalPathNotFoundError, match=re.escape(f"{missing} {did_you_mean}")):
+        ProtoSegformerConfig.from_pretrained("runs/demoo")
+    with pytest.raises(LocalPathNotFoundError, match=re.escape(f"{missing} {did_you_mean}")):
+        ProtoSegformerForSemanticSegmentation.from_pretrained("runs/demoo")
+    with pytest.raises(CheckpointError, match=re.escape(f"folder 'runs/demoo' does not exist. {did_you_mean}")):
+        validate_checkpoint("runs/demoo")  # predict's --model
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--inference_chunk_size", "-1"], "inference_chunk_size must be an integer in [1, 2147483648], got -1."),
+        (["--decoder_hidden_size", "1000000"], "over the 8 GiB limit; most of it is the decoder"),
+    ],
+)
+def test_train_refuses_sizes_beyond_the_bounds_in_one_line(tmp_path, capsys, flags, message) -> None:
+    from proto_segformer.run_training import main
+
+    argv = ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--eval_strategy", "no", *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--builtin_num_train", "4", "--builtin_num_validation", "2", "--builtin_image_size", "32"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: Invalid model configuration: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -66,6 +67,75 @@ def test_config_defaults_follow_the_contract():
 def test_config_rejects_bad_prototype_fields(field, value):
     with pytest.raises(ValueError, match=field):
         ProtoSegformerConfig(**{field: value})
+
+
+SKIPPING_IDS = {**{index: f"class {index}" for index in range(10)}, 12: "class 12"}
+
+
+def test_config_id2label_must_number_the_classes_0_to_k_minus_1():
+    message = (
+        "id2label in config.json must number its 11 classes 0..10 (one per prototype class), but it lacks id(s) 10"
+        " and has extra id(s) 12. Renumber id2label (and label2id) as 0..10, in the order of the prototypes."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_config(num_labels=11, id2label=SKIPPING_IDS)
+    with pytest.raises(ValueError, match=r"lacks id\(s\) 1 and has extra id\(s\) 2"):  # ids as JSON strings
+        ProtoSegformerConfig.from_dict({"id2label": {"0": "a", "2": "b"}})
+    # a config.json as every version wrote it (string ids 0..K-1) loads as before
+    assert ProtoSegformerConfig.from_dict({"id2label": {"0": "a", "1": "b"}}).id2label == {0: "a", 1: "b"}
+
+
+@pytest.mark.parametrize("name", ["sky\nblue", "tab\there", "nul\x00", "line\u2028break", "", "   "])
+def test_config_refuses_empty_class_names_and_control_characters(name):
+    message = rf"^Class name {re.escape(repr(name))} \(id 1\) in config.json's id2label (is empty|holds the)"
+    with pytest.raises(ValueError, match=message):
+        tiny_config(num_labels=2, id2label={0: "ground", 1: name})
+    assert tiny_config(num_labels=2, id2label={0: "ground", 1: "sky (blue) é‍"}).num_labels == 2
+
+
+RESOURCE_CASES = [
+    ({"num_prototypes_per_class": 10**7}, "num_prototypes_per_class must be an integer in [1, 1000], got 10000000."),
+    ({"num_prototypes_per_class": 1e7}, "num_prototypes_per_class must be an integer in [1, 1000], got 10000000.0."),
+    ({"sinkhorn_iterations": 10**9}, "sinkhorn_iterations must be an integer in [0, 100], got 1000000000."),
+    ({"inference_chunk_size": -1}, "inference_chunk_size must be an integer in [1, 2147483648], got -1."),
+    ({"inference_chunk_size": 0}, "inference_chunk_size must be an integer in [1, 2147483648], got 0."),
+    (
+        {"decoder_hidden_size": 10**6},
+        "over the 8 GiB limit; most of it is the decoder, (num_encoder_blocks*decoder_hidden_size)*decoder_hidden_size"
+        " = 4000000*1000000 values (14,901.5 GiB). Lower the sizes in that product.",
+    ),
+    (
+        {"num_labels": 100_000, "num_prototypes_per_class": 1000, "prototype_dim": 64},
+        "over the 8 GiB limit; most of it is the prototype buffer K*M*D = 100000*1000*64 values (23.8 GiB).",
+    ),
+]
+
+
+@pytest.mark.parametrize("fields,message", RESOURCE_CASES)
+def test_config_refuses_sizes_beyond_the_resource_bounds(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_config(**fields)
+
+
+def test_resource_bounds_hold_for_overrides_and_fields_set_after_the_config_was_built(tmp_path):
+    no_dropout_model().save_pretrained(tmp_path)
+    for load in (ProtoSegformerConfig.from_pretrained, ProtoSegformerForSemanticSegmentation.from_pretrained):
+        with pytest.raises(ValueError, match=r"sinkhorn_iterations must be an integer in \[0, 100\]"):
+            load(tmp_path, sinkhorn_iterations=10**9)
+    config = tiny_config()
+    config.num_prototypes_per_class = 5000
+    with pytest.raises(ValueError, match=r"num_prototypes_per_class must be an integer in \[1, 1000\], got 5000"):
+        ProtoSegformerForSemanticSegmentation(config)
+
+
+def test_the_size_estimate_is_within_a_few_percent_of_the_model():
+    from proto_segformer.configuration_proto_segformer import model_size_terms
+
+    config = tiny_config(num_labels=19)
+    model = ProtoSegformerForSemanticSegmentation(config)
+    actual = sum(parameter.numel() for parameter in model.parameters()) + model.prototypes.numel()
+    estimate = sum(values for _, values in model_size_terms(config))
+    assert 0.9 < estimate / actual < 1.1
 
 
 def test_model_needs_two_classes():
