@@ -76,9 +76,9 @@ def test_any_missing_tensor_of_a_protoseg_checkpoint_is_named(complete, tmp_path
 def test_remote_code_paths_without_prototypes_are_errors_in_a_clean_process(without_prototypes, tmp_path) -> None:
     handler_dir = tmp_path / "handler"
     handler_dir.mkdir()
-    shutil.copyfile(
-        Path(__file__).resolve().parents[1] / "proto_segformer" / "endpoint_handler.py", handler_dir / "handler.py"
-    )
+    package = Path(__file__).resolve().parents[1] / "proto_segformer"
+    shutil.copyfile(package / "endpoint_handler.py", handler_dir / "handler.py")
+    shutil.copyfile(package / "image_decoding.py", handler_dir / "image_decoding.py")  # as hub.py ships it
     folder = str(without_prototypes)
     result = run_clean(
         f"""
@@ -289,6 +289,7 @@ def test_remote_code_paths_refuse_mislabelled_and_corrupt_checkpoints_in_a_clean
     handler_dir = tmp_path / "handler"
     handler_dir.mkdir()
     shutil.copyfile(REPO / "proto_segformer" / "endpoint_handler.py", handler_dir / "handler.py")
+    shutil.copyfile(REPO / "proto_segformer" / "image_decoding.py", handler_dir / "image_decoding.py")
     folders = {name: str(folder) for name, folder in mislabelled.items()}
     result = run_clean(
         f"""
