@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_config
+from conftest import ROOT, require_extra, requires_extra, tiny_config
 from rounding import assert_argmax_up_to_ties
 from transformers import SegformerImageProcessorPil
 
@@ -38,8 +38,7 @@ from proto_segformer.prototypes import (
     traced_prototype_logits,
 )
 
-onnx_missing = importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None
-needs_onnx = pytest.mark.skipif(onnx_missing, reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+needs_onnx = requires_extra("onnx")
 
 # Shapes other than the one traced with (2, 3, 96, 96): batch 1 and 3, sizes not multiples of 32 or of 4.
 OTHER_SHAPES = [(1, 3, 61, 80), (3, 3, 97, 130), (1, 3, 150, 61), (2, 3, 64, 64)]
@@ -81,8 +80,7 @@ def program(model) -> torch.export.ExportedProgram:
 def onnx_folder(checkpoint, program, tmp_path_factory) -> Path:
     """The export script's output for `checkpoint` (the module's one ONNX conversion, of `program`: the script loads
     the same weights from `checkpoint`)."""
-    if onnx_missing:
-        pytest.skip("needs the [onnx] extra")
+    require_extra("onnx")
     script = _export_script()
     output = tmp_path_factory.mktemp("exports") / "onnx"
     with pytest.MonkeyPatch.context() as patch:

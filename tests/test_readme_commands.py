@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_extra
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,14 @@ RUN = {
     ),
 }
 
+# RUN commands that need an optional extra: skipped without it, naming it (under CI=true, tests/conftest.py requires
+# every extra).
+NEEDS_EXTRA = {
+    "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": "onnx",
+    "python scripts/predict.py --backend onnxruntime --model runs/demo-onnx --inputs photos/"
+    " --output_dir predictions-onnx": "onnx",
+}
+
 # README command -> why this test does not run it.
 SKIP = {
     'pip install torch==2.13.0 && pip install ".[dev]" && python scripts/train.py --output_dir runs/demo': (
@@ -157,6 +166,7 @@ def test_every_readme_command_is_listed():
     assert not set(RUN) & set(SKIP)
     unlisted = [command for command in commands if command not in RUN and command not in SKIP]
     assert not unlisted, f"README commands in neither RUN nor SKIP of {__file__}: {unlisted}"
+    assert set(NEEDS_EXTRA) <= set(RUN)
     gone = [command for command in [*RUN, *SKIP] if command not in commands]
     assert not gone, f"listed commands no longer in the README: {gone}"
     first_lines = [block.splitlines()[0] for block in fenced_blocks("python")]
@@ -235,6 +245,8 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("command", list(RUN), ids=lambda command: command[:60])
 def test_readme_command_runs(command, workspace):
+    if command in NEEDS_EXTRA:
+        require_extra(NEEDS_EXTRA[command])
     flags, outputs = RUN[command]
     short = f"{command} {flags}".strip()
     done, seconds = FIXTURE_RUNS[command] if command in FIXTURE_RUNS else shell(short, workspace)
