@@ -173,6 +173,19 @@ def test_every_readme_command_is_listed():
     assert sorted(first_lines) == sorted([*PYTHON_RUN, *PYTHON_SKIP])
 
 
+def test_the_quick_start_is_two_commands_and_says_which_torch_to_install():
+    """One command installs and trains, one runs the tests; the note below says what a CPU-only user installs (the
+    bare `pip install torch==2.13.0` takes the CUDA build, several GB, from the public PyPI)."""
+    section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+                for line in block.splitlines() if line.strip()]  # fmt: skip
+    assert commands == [
+        'pip install torch==2.13.0 && pip install ".[dev]" && python scripts/train.py --output_dir runs/demo',
+        "python -P -m pytest -q",
+    ]
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in " ".join(section.split())
+
+
 # ----------------------------------------------------------------------------------------------------- workspace
 
 
