@@ -40,7 +40,8 @@ def test_ci_refuses_to_run_when_an_extra_is_missing(tmp_path):
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Hide())\n"
     )
-    env = {**os.environ, "CI": "true", "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    path = [str(tmp_path), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "CI": "true", "PYTHONPATH": os.pathsep.join(path)}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests/test_safe_files.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
