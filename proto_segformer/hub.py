@@ -594,6 +594,8 @@ def push_to_hub(
         token = require_token(token)
         api = api or HfApi(token=token)
         hub_call(api.whoami, token=token)  # the Hub is reachable and the token valid, before any work
+    # Without --local_dir the folders are working copies in the shared temporary folder, owner-only (mkdtemp's 0700)
+    # on purpose; the files inside, and any --local_dir / --space_dir, get the usual modes (safe_files).
     folder = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="protoseg_hub_"))
     files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
     result = PushResult(local_dir=folder, files=files, repo_id=repo_id)

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .image_decoding import to_rgb_array
 from .paths import close_matches
+from .training_crop import CROP_RECORDS, recorded_training_crop
 
 logger = logging.getLogger(__name__)
 
@@ -244,45 +245,7 @@ def load_image_processor(folder: str | Path, crop_size: int | None = None):
 
 # The training crop when nothing records it: train.py's default --crop_size (and SegFormer's ADE20K crop).
 DEFAULT_CROP = 512
-# Files of a training output (and of an assembled Hub repository) that record the training crop as "crop_size".
-CROP_RECORDS = ("model_card_inputs.json", "training_args.json")
-
-
-def _crop_pair(value: Any) -> tuple[int, int] | None:
-    """(height, width) of a recorded crop (a side, [height, width] or {"height", "width"}), None if not one."""
-    if isinstance(value, dict):
-        value = [value.get("height"), value.get("width")]
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        value = [value, value]
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
-        return int(value[0]), int(value[1])
-    return None
-
-
-def recorded_training_crop(folder: str | Path) -> tuple[tuple[int, int], Path] | None:
-    """The training crop (height, width) recorded with a checkpoint and the file that records it: "crop_size" in
-    `model_card_inputs.json` or `training_args.json` of the folder or, for a `checkpoint-*` folder, of the training
-    output that holds it. None if no file records one."""
-    folder = Path(folder)
-    folders = [folder] + ([folder.parent] if folder.name.startswith("checkpoint-") else [])
-    for candidate in folders:
-        for name in CROP_RECORDS:
-            path = candidate / name
-            if not path.is_file():
-                continue
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            crop = _crop_pair(data.get("crop_size")) if isinstance(data, dict) else None
-            if crop is not None:
-                return crop, path
-    return None
-
-
-def training_crop_size(folder: str | Path | None, processor) -> tuple[tuple[int, int], str]:
+def sliding_window_crop(folder: str | Path | None, processor) -> tuple[tuple[int, int], str]:
     """The crop (height, width) the model was trained on, and where it comes from, by the first rule that applies:
 
     1. "crop_size" recorded with the checkpoint (`recorded_training_crop`: model_card_inputs.json or
@@ -567,7 +530,7 @@ class Segmenter:
     """A ProtoSegformer, its image processor and `InferenceOptions`: `predict(images) -> list[Prediction]`.
 
     The sliding window (`crop`) is `options.crop_size`, else `training_crop` (the crop the model was trained on;
-    `from_pretrained` finds it with `training_crop_size`), else the processor's size when it resizes, else
+    `from_pretrained` finds it with `sliding_window_crop`), else the processor's size when it resizes, else
     `DEFAULT_CROP`. Images smaller than the encoder accepts (`min_input_size`, e.g. 29 pixels for mit-b0) are padded
     with the mean colour and the result cropped back, so every image of at least one pixel gets a prediction.
     """
@@ -579,7 +542,7 @@ class Segmenter:
         self.processor = processor
         self.options = options or InferenceOptions()
         if training_crop is None:
-            training_crop = training_crop_size(None, processor)[0]
+            training_crop = sliding_window_crop(None, processor)[0]
         self.crop = tuple(self.options.crop_size or self._aligned(training_crop))
         self.stride = tuple(self.options.stride or (default_stride(self.crop[0]), default_stride(self.crop[1])))
         # The ONNX Runtime model pads small inputs itself.
@@ -607,7 +570,7 @@ class Segmenter:
 
         `backend="onnxruntime"`: `folder` is an ONNX export (`export.write_onnx_folder`), run by ONNX Runtime on the
         CPU; it gives label maps only (prototype maps need the PyTorch model's embeddings and prototypes).
-        The sliding window is the training crop (`training_crop_size`) unless `options.crop_size` is set.
+        The sliding window is the training crop (`sliding_window_crop`) unless `options.crop_size` is set.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -631,7 +594,7 @@ class Segmenter:
         processor = load_image_processor(folder, crop_size=crop)
         training_crop = None
         if options is None or options.crop_size is None:
-            training_crop, source = training_crop_size(folder, processor)
+            training_crop, source = sliding_window_crop(folder, processor)
             logger.info("Sliding window %dx%d: the training crop, %s.", *training_crop, source)
         return cls(model, processor, options, training_crop=training_crop)
 

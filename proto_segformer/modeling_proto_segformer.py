@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.segformer.modeling_segformer import SegformerMLP, SegformerModel
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import CONFIG_NAME, ModelOutput, cached_file
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
@@ -158,6 +158,15 @@ class ProtoSegformerPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, then the weight files get the permissions that config.json got from the
+        same save: safetensors 0.8 writes through a temporary file created owner-only (0600) and renamed into place,
+        whatever the umask (safetensors/safetensors#782), while config.json, written with `open()`, has the mode the
+        user's umask (or the file it replaced) gives."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        _match_config_file_mode(save_directory)
+        return result
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, ProtoSegformerForSemanticSegmentation):
@@ -165,6 +174,18 @@ class ProtoSegformerPreTrainedModel(PreTrainedModel):
             num_classes, num_prototypes, dim = module.prototypes.shape
             fresh = random_unit_prototypes(num_classes, num_prototypes, dim, device=module.prototypes.device)
             init.copy_(module.prototypes, fresh.to(module.prototypes.dtype))
+
+
+def _match_config_file_mode(folder) -> None:
+    """Give the weight files `model*.safetensors` in `folder` the permission bits of its config.json (nothing where
+    this process wrote no config, e.g. a non-main process)."""
+    try:
+        mode = os.stat(os.path.join(folder, CONFIG_NAME)).st_mode & 0o7777
+        names = [name for name in os.listdir(folder) if name.startswith("model") and name.endswith(".safetensors")]
+    except OSError:
+        return
+    for name in names:
+        os.chmod(os.path.join(folder, name), mode)
 
 
 def minimum_input_size(config: ProtoSegformerConfig) -> int:

@@ -11,6 +11,11 @@ never touches a file the library did not write.
   Space): a file of the model folder must be a regular file inside it (a link that leads outside, a FIFO, a device is
   refused with a `RefusedFile` that says which and why); a file the user named on the command line may lie anywhere
   but must still be a regular file.
+
+Permissions: `tempfile.mkstemp` / `mkdtemp` create owner-only files (0600) and folders (0700) whatever the umask, and
+a rename keeps them. Everything renamed into place here gets the mode that `open()` / `mkdir()` would have given it:
+a new file 0666 & ~umask (0644 under the usual umask 022), a new folder 0777 & ~umask (0755); a file or folder that
+it replaces keeps its own mode (as overwriting it with `open(path, "w")` would).
 """
 
 from __future__ import annotations
@@ -32,9 +37,44 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    `os.umask` is read only by setting it, and the umask is shared by every thread: a file another thread creates
+    between the set and the restore gets the wrong mode. Linux (4.7+) reports it as "Umask:" in /proc/self/status;
+    elsewhere the set-and-restore is the fallback, with the strict 0o077 in between, so that a file created in that
+    window is private rather than open.
+    """
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | Path, folder: bool = False) -> int:
+    """The permission bits for a file (or `folder`) about to be renamed onto `path`: those of what is at `path` now,
+    else what `open()` (0666) or `mkdir()` (0777) would give a new one under the current umask."""
+    try:
+        existing = os.stat(path)
+    except OSError:
+        existing = None
+    if existing is not None and stat.S_ISDIR(existing.st_mode) == folder:
+        return stat.S_IMODE(existing.st_mode)
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` for a temporary file next to `path`, then rename it over `path` in one step.
 
+    The file gets the mode `default_mode` gives (that of the file it replaces, or 0666 & ~umask), not mkstemp's 0600.
     On an exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
@@ -42,6 +82,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, default_mode(path))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -56,10 +97,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def staging_folder(destination: str | Path, purpose: str) -> Path:
     """A new empty hidden folder `.<name>.<purpose>-XXXX` beside `destination` (same file system, so that renames
-    are atomic); the parent folder is created if needed."""
+    are atomic); the parent folder is created if needed. It has the mode the folder renamed onto `destination`
+    should have (`default_mode`: that of an existing `destination`, else 0777 & ~umask), not mkdtemp's 0700."""
     destination = Path(destination).absolute()
     destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.{purpose}-", dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{purpose}-", dir=destination.parent))
+    os.chmod(staging, default_mode(destination, folder=True))
+    return staging
 
 
 def is_within(path: str | Path, folder: str | Path) -> bool:
@@ -309,6 +353,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "copy_into_upload",
+    "current_umask",
+    "default_mode",
     "exchange_folders",
     "file_sha256",
     "is_within",

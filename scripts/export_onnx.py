@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 
 from proto_segformer.cli import parse
+
+# What the export does and how long it takes (README, Export section: measured on the demo model).
+EXPORTING = (
+    "Exporting {model}: torch.export traces the model, then torch.onnx converts the program to ONNX (the demo's"
+    " mit-b0: about 45 s of CPU time, 2-4 min on a busy 2-core machine) ..."
+)
 
 
 @dataclass
@@ -27,18 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = parse(ExportArguments, argv, description=__doc__)
 
     from proto_segformer.export import ExportError, write_onnx_folder
-    from proto_segformer.inference import CheckpointError, load_image_processor, load_model, recorded_training_crop
+    from proto_segformer.inference import CheckpointError, load_image_processor, load_model
+    from proto_segformer.training_crop import recorded_training_crop
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    started = time.monotonic()
     try:
         model = load_model(args.model)
+        print(EXPORTING.format(model=args.model), flush=True)
         crop = recorded_training_crop(args.model)  # kept: predict's sliding window is the training crop
         processor = load_image_processor(args.model)
         folder = write_onnx_folder(model, processor, args.output_dir, training_crop=crop[0] if crop else None)
     except (CheckpointError, ExportError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Wrote {folder}/model.onnx with config.json and preprocessor_config.json.")
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    print(f"Wrote {folder}/model.onnx with config.json and preprocessor_config.json in {minutes} min {seconds} s.")
     return 0
 
 

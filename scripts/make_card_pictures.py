@@ -22,7 +22,10 @@ class PictureArguments:
     model: str = field(metadata={"help": "Checkpoint folder trained on a built-in data set."})
     output_dir: str = field(metadata={"help": "Folder for the pictures and the card (e.g. model_cards/<name>)."})
     dataset: str = field(default="scenes", metadata={"help": "Built-in data set the model was trained on."})
-    image_size: int = field(default=64, metadata={"help": "Side of the built-in images (as in training)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the built-in images (default: the model's training crop; 64 if none is recorded)."},
+    )
     num_panel_images: int = field(default=4, metadata={"help": "Validation images (rows) in predictions.png."})
     num_atlas_images: int = field(default=100, metadata={"help": "Validation images searched for the atlas."})
     scale: float = field(default=3.0, metadata={"help": "Display scale of the panel pictures (scenes are small)."})
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         prototype_overlay,
     )
     from proto_segformer.model_card import render_model_card
+    from proto_segformer.training_crop import training_crop_size
     from proto_segformer.visualization import DatasetSamples, build_prototype_atlas, prediction_panel
 
     try:
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dataset,
         num_train=args.num_atlas_images if args.atlas_split == "train" else 1,
         num_validation=args.num_atlas_images,
-        image_size=args.image_size,
+        image_size=args.image_size or training_crop_size(args.model) or 64,  # the images it was trained on
         seed=args.seed,
     )
     samples = DatasetSamples(data["validation"])

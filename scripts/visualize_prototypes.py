@@ -30,7 +30,10 @@ class AtlasArguments:
     )
     split: str = field(default="validation", metadata={"help": "Split of the data set."})
     num_images: int = field(default=64, metadata={"help": "Images used (the first N of the split)."})
-    image_size: int | None = field(default=None, metadata={"help": "Built-in data: image side (default: crop)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Built-in data: image side (default: the model's training crop; 64 if none is recorded)."},
+    )
     images: list[str] = field(
         default_factory=list, metadata={"help": "Unlabelled images/folders/globs instead of a data set."}
     )
@@ -43,7 +46,19 @@ class AtlasArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the built-in data."})
 
 
-def load_samples(args: AtlasArguments, crop: int):
+# The built-in data's own image side (scripts/train.py --builtin_image_size), for a model that records no crop.
+BUILTIN_IMAGE_SIZE = 64
+
+
+def builtin_image_size(args: AtlasArguments) -> int:
+    """--image_size, else the crop the model was trained on: a model trained on 64-pixel scenes sees 64-pixel
+    scenes (its saved processor does not resize, and its `size` of 512 is not the training crop)."""
+    from proto_segformer.training_crop import training_crop_size
+
+    return args.image_size or training_crop_size(args.model) or BUILTIN_IMAGE_SIZE
+
+
+def load_samples(args: AtlasArguments):
     """(samples, description) for the atlas."""
     from proto_segformer.inference import collect_inputs, read_image
     from proto_segformer.visualization import DatasetSamples
@@ -65,31 +80,26 @@ def load_samples(args: AtlasArguments, crop: int):
         return DatasetSamples(data), f"{len(data)} images of {args.dataset} ({args.split})"
     from proto_segformer.data import build_builtin_dataset
 
-    size = args.image_size or crop
+    size = builtin_image_size(args)
     data, _ = build_builtin_dataset(
         args.dataset, num_train=1, num_validation=args.num_images, image_size=size, seed=args.seed
     )
     split = data[args.split].select(range(min(args.num_images, len(data[args.split]))))
-    return DatasetSamples(split), f"{len(split)} {args.split} images of the built-in '{args.dataset}' data"
+    description = f"{len(split)} {args.split} images ({size}x{size}) of the built-in '{args.dataset}' data"
+    return DatasetSamples(split), description
 
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(AtlasArguments, argv, description=__doc__)
 
-    from proto_segformer.inference import (
-        CheckpointError,
-        load_image_processor,
-        load_model,
-        resolve_device,
-        training_crop_size,
-    )
+    from proto_segformer.inference import CheckpointError, load_image_processor, load_model, resolve_device
     from proto_segformer.visualization import build_prototype_atlas
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         model = load_model(args.model, device=resolve_device(args.device))
         processor = load_image_processor(args.model)
-        samples, description = load_samples(args, training_crop_size(args.model, processor)[0][0])
+        samples, description = load_samples(args)
         num_classes = model.prototypes.shape[0]
         classes = list(range(min(num_classes, args.max_classes))) if args.max_classes else None
         result = build_prototype_atlas(

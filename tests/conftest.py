@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,58 @@ ROOT = Path(__file__).resolve().parents[1]
 # benchmarks/ is not part of the installed package; appended, so an installed proto_segformer still wins.
 sys.path.append(str(ROOT))
 
-if os.environ.get("CI") == "true":
+# Optional dependencies, by the setup.cfg extra that installs them, and the browser the Space's browser test drives.
+# Without them the tests that need them skip, naming the extra (`requires_extra`, `require_extra`), so that the
+# README's `pip install ".[dev]"` gives a passing suite. CI (.ci/run, CI=true) installs them all: there a missing one
+# stops the run at once instead of letting its tests skip silently.
+EXTRAS = {"demo": ("gradio", "selenium"), "onnx": ("onnx", "onnxscript", "onnxruntime")}
+BROWSER = (Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"))  # Debian's chromium, chromium-driver
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a finder that refuses the name
+        return False
+
+
+def missing_extra_reason(extra: str, *modules: str) -> str | None:
+    """Why a test of `extra` (all its modules, or only `modules`) cannot run here; None if it can."""
+    missing = [name for name in modules or EXTRAS[extra] if not _installed(name)]
+    if not missing:
+        return None
+    return f"needs the [{extra}] extra: pip install '.[{extra}]' (missing: {', '.join(missing)})"
+
+
+def requires_extra(extra: str, *modules: str) -> pytest.MarkDecorator:
+    """Mark a test that needs the optional dependencies of `extra` (or only `modules` of it): skipped without them."""
+    reason = missing_extra_reason(extra, *modules)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Inside a test or fixture: skip without the optional dependencies of `extra`; under CI fail instead."""
+    reason = missing_extra_reason(extra, *modules)
+    if reason is not None:
+        (pytest.fail if IN_CI else pytest.skip)(reason)
+
+
+def missing_optional_dependencies() -> list[str]:
+    """Every extra and browser file that some test needs and this environment lacks (what CI must not lack)."""
+    missing = [reason for extra in EXTRAS if (reason := missing_extra_reason(extra))]
+    missing += [f"needs {path} (apt-get install chromium chromium-driver)" for path in BROWSER if not path.exists()]
+    return missing
+
+
+if IN_CI and (missing := missing_optional_dependencies()):
+    raise pytest.UsageError(
+        "CI=true but optional test dependencies are missing, and the tests that need them would be skipped: "
+        + "; ".join(missing)
+        + ". Install every extra as .ci/run does (pip install '.[dev,onnx,demo]')."
+    )
+
+if IN_CI:
     # CI tests the package as installed from its wheel (.ci/run), never the source tree: a file left out of the
     # package must fail here.
     package_dir = Path(proto_segformer.__file__).resolve().parent

@@ -5,10 +5,14 @@ One tiny model is exported once per module (torch.export ~10 s, ONNX ~20 s on on
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import imgviz
@@ -16,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_config
+from conftest import ROOT, require_extra, requires_extra, tiny_config
 from rounding import assert_argmax_up_to_ties
 from transformers import SegformerImageProcessorPil
 
@@ -39,8 +43,7 @@ from proto_segformer.prototypes import (
     traced_prototype_logits,
 )
 
-onnx_missing = importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None
-needs_onnx = pytest.mark.skipif(onnx_missing, reason="needs the [onnx] extra (onnx, onnxscript, onnxruntime)")
+needs_onnx = requires_extra("onnx")
 
 # Shapes other than the one traced with (2, 3, 96, 96): batch 1 and 3, sizes not multiples of 32 or of 4.
 OTHER_SHAPES = [(1, 3, 61, 80), (3, 3, 97, 130), (1, 3, 150, 61), (2, 3, 64, 64)]
@@ -82,14 +85,34 @@ def program(model) -> torch.export.ExportedProgram:
 def onnx_folder(checkpoint, program, tmp_path_factory) -> Path:
     """The export script's output for `checkpoint` (the module's one ONNX conversion, of `program`: the script loads
     the same weights from `checkpoint`)."""
-    if onnx_missing:
-        pytest.skip("needs the [onnx] extra")
+    require_extra("onnx")
     script = _export_script()
     output = tmp_path_factory.mktemp("exports") / "onnx"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "export_program", lambda model: program)
-        assert script.main(["--model", str(checkpoint), "--output_dir", str(output)]) == 0
+    logs = _Records()
+    exporter_logger = logging.getLogger("torch.onnx")  # the exporter's loggers propagate to it
+    exporter_logger.addHandler(logs)
+    try:
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            patch.setattr(export_module, "export_program", lambda model: program)
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                assert script.main(["--model", str(checkpoint), "--output_dir", str(output)]) == 0
+    finally:
+        exporter_logger.removeHandler(logs)
+    EXPORT_MESSAGES.update(printed=printed.getvalue(), warned=[str(w.message) for w in warned], logged=logs.messages)
     return output
+
+
+EXPORT_MESSAGES: dict = {}  # what the export script printed, warned and logged (the onnx_folder fixture)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _inputs(shape, seed: int) -> torch.Tensor:
@@ -379,3 +402,31 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager():
         torch.testing.assert_close(a.grad / scale, b.grad / scale, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     assert not torch.equal(eager.prototypes, before)  # the step updated some prototypes
     torch.testing.assert_close(compiled_model.prototypes, eager.prototypes, atol=1e-6, rtol=0)
+
+
+@needs_onnx
+def test_the_export_script_says_what_it_does_and_hides_only_the_known_harmless_warnings(onnx_folder):
+    printed, warned, logged = EXPORT_MESSAGES["printed"], EXPORT_MESSAGES["warned"], EXPORT_MESSAGES["logged"]
+    assert printed.startswith("Exporting ") and "min" in printed.splitlines()[0]  # what, and how long to expect
+    assert printed.splitlines()[-1].startswith("Wrote ") and " in " in printed.splitlines()[-1]
+    assert not [message for message in logged if "torchvision" in message], logged
+    assert not [message for message in warned if "LeafSpec" in message], warned
+
+
+def test_only_the_known_exporter_messages_are_silenced():
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    logs = _Records()
+    registry.addHandler(logs)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            with export_module.known_exporter_warnings_silenced():
+                registry.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+                registry.warning("an unknown operator")
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+                warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+            registry.warning("torchvision is not installed. Skipping %s", "torchvision::nms")  # outside: shown
+    finally:
+        registry.removeHandler(logs)
+    assert logs.messages == ["an unknown operator", "torchvision is not installed. Skipping torchvision::nms"]
+    assert [str(w.message) for w in warned] == ["another deprecation"]

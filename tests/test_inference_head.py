@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import require_extra, tiny_config
 from rounding import assert_argmax_up_to_ties
 
 from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
@@ -237,7 +237,7 @@ def test_the_model_runs_its_head_in_bfloat16_when_configured_and_saves_the_optio
 
 
 def test_onnx_export_refuses_bfloat16_similarities_before_writing(tmp_path):
-    pytest.importorskip("onnxscript")
+    require_extra("onnx", "onnx", "onnxscript")
     from proto_segformer.export import export_onnx
 
     model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3, similarity_dtype="bfloat16")).eval()

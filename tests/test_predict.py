@@ -461,29 +461,29 @@ def test_the_sliding_window_is_the_training_crop(model, trained_checkpoint, tmp_
     # train.py's folder: the crop recorded in training_args.json, not the processor's unused 512.
     segmenter = Segmenter.from_pretrained(trained_checkpoint)
     assert segmenter.crop == (64, 64) and segmenter.stride == (40, 40)
-    from proto_segformer.inference import DEFAULT_CROP, training_crop_size
+    from proto_segformer.inference import DEFAULT_CROP, sliding_window_crop
 
     assert Segmenter.from_pretrained(trained_checkpoint, options=InferenceOptions(crop_size=(96, 96))).crop == (96, 96)
     # A checkpoint-* folder of that run reads the run's record; model_card_inputs.json (Hub repos) counts too.
     inner = trained_checkpoint / "checkpoint-10"
     inner.mkdir(exist_ok=True)
-    assert training_crop_size(inner, segmenter.processor)[0] == (64, 64)
+    assert sliding_window_crop(inner, segmenter.processor)[0] == (64, 64)
     card_only = tmp_path / "card"
     card_only.mkdir()
     (card_only / "model_card_inputs.json").write_text('{"crop_size": [48, 80]}')
-    assert training_crop_size(card_only, segmenter.processor)[0] == (48, 80)
+    assert sliding_window_crop(card_only, segmenter.processor)[0] == (48, 80)
     # No record: a resizing processor's size, else the documented default with a warning.
     resizing = SegformerImageProcessorPil(size={"height": 96, "width": 96})
-    assert training_crop_size(tmp_path, resizing)[0] == (96, 96)
+    assert sliding_window_crop(tmp_path, resizing)[0] == (96, 96)
     with caplog.at_level("WARNING"):
-        assert training_crop_size(tmp_path, segmenter.processor)[0] == (DEFAULT_CROP, DEFAULT_CROP)
+        assert sliding_window_crop(tmp_path, segmenter.processor)[0] == (DEFAULT_CROP, DEFAULT_CROP)
     assert "Pass --crop_size" in caplog.text
     with pytest.raises(ValueError, match="smaller than this encoder accepts"):
         Segmenter(model, resizing, InferenceOptions(crop_size=(16, 16)))
 
 
 def test_the_onnx_export_keeps_the_training_crop(trained_checkpoint, tmp_path):
-    from proto_segformer.inference import recorded_training_crop
+    from proto_segformer.training_crop import recorded_training_crop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     try:

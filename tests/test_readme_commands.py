@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_extra
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,14 @@ RUN = {
     ),
 }
 
+# RUN commands that need an optional extra: skipped without it, naming it (under CI=true, tests/conftest.py requires
+# every extra).
+NEEDS_EXTRA = {
+    "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": "onnx",
+    "python scripts/predict.py --backend onnxruntime --model runs/demo-onnx --inputs photos/"
+    " --output_dir predictions-onnx": "onnx",
+}
+
 # README command -> why this test does not run it.
 SKIP = {
     'pip install torch==2.13.0 && pip install ".[dev]" && python scripts/train.py --output_dir runs/demo': (
@@ -165,10 +174,24 @@ def test_every_readme_command_is_listed():
     assert not set(RUN) & set(SKIP)
     unlisted = [command for command in commands if command not in RUN and command not in SKIP]
     assert not unlisted, f"README commands in neither RUN nor SKIP of {__file__}: {unlisted}"
+    assert set(NEEDS_EXTRA) <= set(RUN)
     gone = [command for command in [*RUN, *SKIP] if command not in commands]
     assert not gone, f"listed commands no longer in the README: {gone}"
     first_lines = [block.splitlines()[0] for block in fenced_blocks("python")]
     assert sorted(first_lines) == sorted([*PYTHON_RUN, *PYTHON_SKIP])
+
+
+def test_the_quick_start_is_two_commands_and_says_which_torch_to_install():
+    """One command installs and trains, one runs the tests; the note below says what a CPU-only user installs (the
+    bare `pip install torch==2.13.0` takes the CUDA build, several GB, from the public PyPI)."""
+    section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+                for line in block.splitlines() if line.strip()]  # fmt: skip
+    assert commands == [
+        'pip install torch==2.13.0 && pip install ".[dev]" && python scripts/train.py --output_dir runs/demo',
+        "python -P -m pytest -q",
+    ]
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in " ".join(section.split())
 
 
 # ----------------------------------------------------------------------------------------------------- workspace
@@ -243,6 +266,8 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("command", list(RUN), ids=lambda command: command[:60])
 def test_readme_command_runs(command, workspace):
+    if command in NEEDS_EXTRA:
+        require_extra(NEEDS_EXTRA[command])
     flags, outputs = RUN[command]
     short = f"{command} {flags}".strip()
     done, seconds = FIXTURE_RUNS[command] if command in FIXTURE_RUNS else shell(short, workspace)

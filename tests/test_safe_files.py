@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,42 @@ def test_copy_into_upload_follows_no_link_swapped_in_after_the_check(tmp_path, m
     with pytest.raises(RefusedFile, match="changed while it was being read"):
         copy_into_upload(model / "logs" / "credentials", tmp_path / "copy", model)
     assert not (tmp_path / "copy").exists()
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o027], ids=oct)
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_write_and_staging_folder_give_the_modes_of_new_files(umask, tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700 whatever the umask; what is renamed into place must not stay so."""
+    path = atomic_write(tmp_path / "a.txt", lambda temporary: temporary.write_text("a"))
+    assert _mode(path) == 0o666 & ~umask
+    assert _mode(write_manifest(tmp_path / "manifest.json", ["a.txt"], "test")) == 0o666 & ~umask
+    staging = safe_files.staging_folder(tmp_path / "new" / "out", "testing")
+    assert _mode(staging) == 0o777 & ~umask
+
+
+def test_a_replaced_file_or_folder_keeps_its_mode(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    path.chmod(0o640)
+    atomic_write(path, lambda temporary: temporary.write_text("new"))
+    assert path.read_text() == "new" and _mode(path) == 0o640
+    folder = tmp_path / "out"
+    folder.mkdir(mode=0o750)
+    folder.chmod(0o750)
+    assert _mode(safe_files.staging_folder(folder, "testing")) == 0o750
+
+
+def test_current_umask_is_read_without_changing_it(umask, monkeypatch):
+    assert safe_files.current_umask() == umask
+    monkeypatch.setattr(safe_files, "_PROC_STATUS", safe_files.Path("/nonexistent/status"))  # not Linux
+    assert safe_files.current_umask() == umask
+    assert safe_files.current_umask() == umask  # the fallback restored it

@@ -17,6 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import BROWSER, IN_CI, require_extra, requires_extra
 from huggingface_hub import HfApi, ModelCard, SpaceCard
 from PIL import Image
 from test_hub import LABELS, save_checkpoint
@@ -27,7 +28,7 @@ from proto_segformer.space import GRADIO_VERSION, example_pictures, write_space
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "alice/protoseg-tiny"
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM, CHROMEDRIVER = BROWSER
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,7 @@ def load_app(space: Path):
     return module
 
 
+@requires_extra("demo", "gradio")
 def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo, tmp_path):
     app = load_app(space)
     segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
@@ -252,14 +254,11 @@ def free_port() -> int:
 
 def browser_or_skip():
     """selenium and Debian's chromium + chromium-driver; under CI their absence is a failure, never a skip."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if importlib.util.find_spec("selenium") is None or importlib.util.find_spec("gradio") is None:
-        missing.append("the [demo] extra (gradio, selenium)")
+    require_extra("demo")
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     if missing:
         message = f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        (pytest.fail if IN_CI else pytest.skip)(message)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

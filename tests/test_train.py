@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from train_helpers import REPO, TINY_ARGS, clean_env
 
 from proto_segformer.run_training import main
+from proto_segformer.safe_files import current_umask
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,18 @@ def test_output_folder_is_complete(demo_run: Path) -> None:
     weights = load_file(str(demo_run / "model.safetensors"))
     assert weights["prototypes"].shape == (11, 3, 16)
     assert torch.allclose(weights["prototypes"].norm(dim=-1), torch.ones(11, 3), atol=1e-5)
+
+
+def test_output_folder_has_the_modes_of_new_files(demo_run: Path) -> None:
+    """Weights, checkpoints and every other output get 0666 & ~umask (folders 0777 & ~umask), not the 0600 that
+    safetensors gives its files."""
+    mask = current_umask()
+    wrong = [
+        f"{path.relative_to(demo_run)}: {oct(stat.S_IMODE(path.stat().st_mode))}"
+        for path in [demo_run, *demo_run.rglob("*")]
+        if stat.S_IMODE(path.stat().st_mode) != (0o777 if path.is_dir() else 0o666) & ~mask
+    ]
+    assert wrong == []
 
 
 def test_loss_terms_are_logged_separately(demo_run: Path) -> None:

@@ -35,13 +35,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import numpy as np
 from PIL import Image
+
+from ..safe_files import staging_folder
 
 IGNORE_INDEX = 255
 CACHE_VERSION = 3  # bump when the generated pixels change
@@ -556,8 +557,7 @@ def _cache_folder(cache_dir, arguments: dict) -> Path | None:
 def _save_atomically(dataset: datasets.DatasetDict, id2label: dict[int, str], folder: Path) -> None:
     """Write to a temporary sibling folder, then rename, so a reader never sees a half-written entry."""
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        staging = staging_folder(folder, "building")  # with the mode of a new folder, not mkdtemp's 0700
         dataset.save_to_disk(str(staging / "data"))
         (staging / "id2label.json").write_text(json.dumps(id2label))
         os.replace(staging, folder)
