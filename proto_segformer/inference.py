@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .configuration_proto_segformer import check_similarity_dtype
+from .output_folders import OutputError, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -779,36 +780,8 @@ def unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-class OutputError(ValueError):
-    """An output folder that cannot be used: a file, not writable, or one where outputs would replace files the
-    tool did not write (an input, a user's file)."""
-
-
 # Records, in an output folder, the files prediction wrote there: only those may be replaced by a later run.
 PREDICTIONS_MANIFEST = ".proto_segformer_predictions.json"
-
-
-def check_output_folder(output_dir: str | Path) -> None:
-    """`OutputError` unless `output_dir` is (or can be created as) a writable folder; creates nothing.
-
-    Writability is probed with a temporary file in the folder (or its nearest existing parent), removed at once.
-    """
-    import tempfile
-
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputError(f"The output folder {output_dir} is a file; choose a folder (it is created if needed).")
-    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputError(f"Cannot create the output folder {output_dir}: {existing} is a file.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        where = "" if existing == output_dir else f" ({existing}, where it would be created)"
-        raise OutputError(
-            f"The output folder {output_dir} is not writable{where}: {error.strerror or error}."
-        ) from error
 
 
 def plan_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:

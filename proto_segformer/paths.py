@@ -77,8 +77,9 @@ def looks_local(name: str) -> bool:
     return bool(difflib.get_close_matches(name, _entries(Path(".")), n=1, cutoff=0.8))
 
 
-def missing_path_message(name: str, what: str = "model") -> str:
-    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries)."""
+def missing_path_message(name: str, what: str = "model", hub: bool = True) -> str:
+    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries).
+    `hub`: say that the name was not looked up on the Hub (for names that could be Hub ids)."""
     path = Path(os.path.expanduser(name))
     existing = path.parent
     while not existing.is_dir() and existing != existing.parent:
@@ -87,7 +88,8 @@ def missing_path_message(name: str, what: str = "model") -> str:
     entries = _entries(existing)
     where = "the current folder" if str(existing) == "." else f"{existing}/"
     close = difflib.get_close_matches(missing_part, entries, n=3, cutoff=0.6)
-    message = f"The {what} path {name!r} does not exist (checked locally; it was not looked up on the Hub)"
+    message = f"The {what} path {name!r} does not exist"
+    message += " (checked locally; it was not looked up on the Hub)" if hub else ""
     if close:
         suggestions = ", ".join(repr(str(existing / entry)) for entry in close)
         return f"{message}. Did you mean {suggestions}?"
