@@ -11,6 +11,10 @@ Importing this module loads nothing heavy; `ArgumentParser` loads `transformers.
 (about 1 s, no torch). `parse` answers `--help` from the dataclass fields before that, so a script that parses its
 arguments before importing anything else answers `--help` in about 0.1 s. `check_flags` serves scripts/train.py,
 which checks its flags before loading torch.
+
+Failures after parsing are one line too: `run_main` answers Ctrl-C with `prog: interrupted...` and exit code 130
+(no traceback), and `exit_if_write_failure` a failed write (a full disk) with the folder, the cause and what is
+intact, exit code 1. The paths are checked by `proto_segformer.preflight` before torch loads.
 """
 
 from __future__ import annotations
@@ -19,10 +23,23 @@ import difflib
 import functools
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-__all__ = ["ArgumentParser", "check_flags", "closest_flags", "parse", "unknown_arguments_message", "usage_error"]
+__all__ = [
+    "INTERRUPTED_EXIT_CODE",
+    "ArgumentParser",
+    "check_flags",
+    "closest_flags",
+    "exit_if_write_failure",
+    "exit_interrupted",
+    "parse",
+    "run_main",
+    "unknown_arguments_message",
+    "usage_error",
+]
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 
 def closest_flags(flag: str, known: Iterable[str], count: int = 2) -> list[str]:
@@ -77,6 +94,32 @@ def check_flags(prog: str, args: Sequence[str], known: Iterable[str]) -> None:
     unknown = [text for text in args if _is_flag(text) and text.split("=", 1)[0] not in known]
     if unknown:
         usage_error(prog, unknown_arguments_message(unknown, [flag for flag in known if flag.startswith("--")]))
+
+
+def exit_interrupted(message: str = "interrupted.") -> NoReturn:
+    """Ctrl-C: one line on stderr (`prog: message`), exit code 130, no traceback."""
+    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: {message}\n")
+    raise SystemExit(INTERRUPTED_EXIT_CODE)
+
+
+def run_main(main: Callable[..., Any], *args: Any, interrupted: str = "interrupted.") -> NoReturn:
+    """`sys.exit(main(*args))`, with Ctrl-C answered by `exit_interrupted(interrupted)`."""
+    try:
+        code = main(*args)
+    except KeyboardInterrupt:
+        exit_interrupted(interrupted)
+    raise SystemExit(code)
+
+
+def exit_if_write_failure(error: BaseException, folder: str, what: str, intact: str) -> None:
+    """When `error` is a failed write (a full disk above all: `output_folders.is_write_failure`), one line on stderr
+    naming `folder`, the cause and `intact` (what is unchanged, how to go on), exit code 1; otherwise return (the
+    caller re-raises)."""
+    from .output_folders import is_write_failure, write_failure_message
+
+    if is_write_failure(error):
+        sys.stderr.write(f"error: {write_failure_message(error, folder, what, intact)}\n")
+        raise SystemExit(1)
 
 
 def parse(dataclass_types: Any, args: Sequence[str] | None = None, description: str | None = None) -> tuple:

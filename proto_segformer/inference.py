@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .image_decoding import to_rgb_array
+from .output_folders import OutputError, check_output_folder
 from .paths import close_matches
 from .training_crop import CROP_RECORDS, recorded_training_crop
 
@@ -968,11 +969,6 @@ def unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-class OutputError(ValueError):
-    """An output folder that cannot be used: a file, not writable, or one where outputs would replace files the
-    tool did not write (an input, a user's file)."""
-
-
 # Records, in an output folder, the files prediction wrote there and the SHA-256 of each as written: only those
 # files, with those bytes, may be replaced by a later run (a file edited since is the user's).
 PREDICTIONS_MANIFEST = ".proto_segformer_predictions.json"
@@ -1052,29 +1048,6 @@ def refusal_message(output_dir: str | Path, refused: dict[str, list[str]]) -> st
         f"{output_dir} already holds {'; and '.join(reasons)}; not overwriting anything. Choose another --output_dir,"
         " or move or delete those files to predict them again."
     )
-
-
-def check_output_folder(output_dir: str | Path) -> None:
-    """`OutputError` unless `output_dir` is (or can be created as) a writable folder; creates nothing.
-
-    Writability is probed with a temporary file in the folder (or its nearest existing parent), removed at once.
-    """
-    import tempfile
-
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputError(f"The output folder {output_dir} is a file; choose a folder (it is created if needed).")
-    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputError(f"Cannot create the output folder {output_dir}: {existing} is a file.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        where = "" if existing == output_dir else f" ({existing}, where it would be created)"
-        raise OutputError(
-            f"The output folder {output_dir} is not writable{where}: {error.strerror or error}."
-        ) from error
 
 
 def plan_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:

@@ -94,12 +94,14 @@ def close_matches(name: str) -> list[str]:
     return [str(existing / entry) for entry in close]
 
 
-def missing_path_message(name: str, what: str = "model") -> str:
-    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries)."""
+def missing_path_message(name: str, what: str = "model", hub: bool = True) -> str:
+    """One line: `name` does not exist; the closest existing folder above it and its close matches (or entries).
+    `hub`: say that the name was not looked up on the Hub (for names that could be Hub ids)."""
     existing, close = _closest_existing(name)
     entries = _entries(existing)
     where = "the current folder" if str(existing) == "." else f"{existing}/"
-    message = f"The {what} path {name!r} does not exist (checked locally; it was not looked up on the Hub)"
+    message = f"The {what} path {name!r} does not exist"
+    message += " (checked locally; it was not looked up on the Hub)" if hub else ""
     if close:
         suggestions = ", ".join(repr(str(existing / entry)) for entry in close)
         return f"{message}. Did you mean {suggestions}?"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -25,7 +26,18 @@ import torch
 import transformers
 from transformers import HfArgumentParser, SegformerImageProcessorPil, TrainingArguments
 
-from .cli import ArgumentParser
+from .checkpoint_folders import (
+    FINAL_STAGING_DIR,
+    MODEL_CARD_FILE,
+    ResumeError,
+    checkpoint_folders,
+    find_resume_checkpoint,
+    interrupted_saves,
+    listing,
+    newest_complete_checkpoint,
+    read_trainer_state,
+)
+from .cli import INTERRUPTED_EXIT_CODE, ArgumentParser, exit_interrupted
 from .configuration_proto_segformer import MIT_PRESETS
 from .data.builtin import build_builtin_dataset
 from .data.dataset import SegmentationDataset
@@ -43,22 +55,20 @@ from .data.loading import (
     resolve_column,
 )
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
+from .output_folders import write_failure_message
+from .preflight import check_failed, check_training_command
 from .training import (
-    FINAL_STAGING_DIR,
-    MODEL_CARD_FILE,
     PROTOSEG_FIELDS,
     MeanIoUMetric,
     ModelInputError,
     ProtoSegTrainer,
     RankPrototypesCallback,
+    SaveFailedError,
     TrainingDivergedError,
     build_model,
     check_model_source,
-    checkpoint_folders,
-    checkpoint_problem,
-    interrupted_saves,
-    is_staging_folder,
-    newest_complete_checkpoint,
+    model_summary,
+    resume_config_problem,
     save_training_outputs,
 )
 
@@ -188,9 +198,9 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": "Hub id or local path: a DatasetDict saved with save_to_disk, a folder of parquet files, or an"
-            " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png). 'builtin:<name>' picks a"
-            " built-in offline data set (scenes, scenes-shape, scenes-large, scenes-large-digits, scenes-fashion, voc,"
-            " arc2017); none: builtin:scenes."
+            " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png). A built-in offline data set by"
+            " its name, or as 'builtin:<name>' when a local folder has that name (scenes, scenes-shape, scenes-large,"
+            " scenes-large-digits, scenes-fashion, voc, arc2017); none: builtin:scenes."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
@@ -348,6 +358,9 @@ def prepare_data(
 ) -> PreparedData:
     """Load, split, name and check the data (raises `DataError` naming any problem), and wrap it for the Trainer."""
     builtin = parse_builtin_name(data_args.dataset_name)
+    if builtin is not None and data_args.dataset_name == builtin:
+        message = "--dataset_name %s: no local folder of that name; using the built-in data set builtin:%s."
+        logger.info(message, builtin, builtin)
     ignore_index = 255
     if builtin is not None:
         with training_args.main_process_first():
@@ -470,37 +483,51 @@ def prepare_data(
 # --------------------------------------------------------------------------------------------------- output folder
 
 
-def _listing(paths: list[Path]) -> str:
-    names = [path.name for path in paths]
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
 def resolve_resume(output_dir: Path, resume: str | None) -> str | None:
     """--resume_from_checkpoint: "last"/"true" is the newest complete checkpoint-N in `output_dir` (naming the
-    incomplete ones skipped); an explicit folder must be a complete checkpoint."""
+    incomplete ones skipped); an explicit folder must be a complete checkpoint (`find_resume_checkpoint`)."""
     if resume is None:
         return None
+    try:
+        checkpoint, skipped = find_resume_checkpoint(output_dir, resume)
+    except ResumeError as error:
+        raise DataError(str(error)) from error
+    for path, reason in skipped:
+        logger.warning("Skipping the incomplete checkpoint %s: %s.", path, reason)
     if resume.lower() in ("last", "true"):
-        checkpoint, skipped = newest_complete_checkpoint(output_dir)
-        for path, reason in skipped:
-            logger.warning("Skipping the incomplete checkpoint %s: %s.", path, reason)
-        if checkpoint is None:
-            found = f" (only incomplete ones: {_listing([p for p, _ in skipped])})" if skipped else ""
-            raise DataError(
-                f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir}{found}. Start"
-                " a new run without --resume_from_checkpoint (in a folder that holds a run, that needs"
-                " --overwrite_output_dir, which deletes the run's model files and checkpoints)."
-            )
         logger.info("Resuming from %s.", checkpoint)
         return str(checkpoint)
-    problem = checkpoint_problem(resume)
-    if problem is not None:
-        folder = Path(resume).parent
-        folder = folder.parent if is_staging_folder(folder.name) else folder
-        newest, _ = newest_complete_checkpoint(folder)
-        hint = f" The newest complete checkpoint there is {newest}." if newest is not None else ""
-        raise DataError(f"--resume_from_checkpoint {resume} is not a complete checkpoint: {problem}.{hint}")
     return resume
+
+
+class RunFinished(Exception):
+    """--resume_from_checkpoint of a run that is finished: nothing to train, nothing is changed (the message)."""
+
+
+def finished_run_message(output_dir: Path, checkpoint: Path, training_args: TrainingArguments) -> str | None:
+    """Why resuming `checkpoint` has nothing to do, if so: `output_dir` holds a finished run (model and card),
+    `checkpoint` is its last step, and the requested length (--max_steps, else --num_train_epochs) is not longer."""
+    if not ((output_dir / MODEL_CARD_FILE).is_file() and (output_dir / "model.safetensors").is_file()):
+        return None
+    run_state, state = read_trainer_state(output_dir), read_trainer_state(checkpoint)
+    if run_state is None or state is None:
+        return None
+    step, last_step = int(state.get("global_step", 0)), int(run_state.get("global_step", -1))
+    if step < last_step:
+        return None  # an earlier checkpoint of the run: training it again was asked for
+    if training_args.max_steps > 0:
+        target, longer = f"--max_steps {training_args.max_steps}", training_args.max_steps > step
+    else:
+        epochs, trained_epochs = training_args.num_train_epochs, float(run_state.get("num_train_epochs") or 0)
+        target = f"--num_train_epochs {epochs:g}"
+        longer = epochs > trained_epochs or step < int(run_state.get("max_steps") or 0)
+    if longer:
+        return None
+    return (
+        f"{output_dir} holds a finished run: {checkpoint.name} is its last step (step {step}, {target}). Nothing to"
+        " resume; its model and results are unchanged. To train it further, resume with a larger --max_steps (or"
+        " --num_train_epochs)."
+    )
 
 
 def output_dir_contents(output_dir: Path) -> dict[str, list[Path]]:
@@ -544,10 +571,13 @@ def prepare_output_dir(training_args: TrainingArguments, data_args: DataTraining
     output_dir = Path(training_args.output_dir)
     resume = resolve_resume(output_dir, training_args.resume_from_checkpoint)
     if resume is not None:
+        finished = finished_run_message(output_dir, Path(resume), training_args)
+        if finished is not None:
+            raise RunFinished(finished)
         stale = interrupted_saves(output_dir)  # the staging folders of this library's interrupted saves
         with training_args.main_process_first(desc="removing staging folders"):
             if training_args.process_index == 0 and stale:
-                logger.warning("Removing the staging folders of interrupted saves: %s.", _listing(stale))
+                logger.warning("Removing the staging folders of interrupted saves: %s.", listing(stale))
                 _remove(stale)
         return resume
     if not training_args.do_train or not output_dir.is_dir():
@@ -560,7 +590,7 @@ def prepare_output_dir(training_args: TrainingArguments, data_args: DataTraining
         with training_args.main_process_first(desc="removing the previous run"):
             if training_args.process_index == 0:
                 _remove(removed)
-        logger.warning("--overwrite_output_dir: deleted the previous run in %s (%s).", output_dir, _listing(removed))
+        logger.warning("--overwrite_output_dir: deleted the previous run in %s (%s).", output_dir, listing(removed))
         return None
     raise DataError(refusal_message(output_dir, contents))
 
@@ -570,13 +600,13 @@ def refusal_message(output_dir: Path, contents: dict[str, list[Path]]) -> str:
     finished = (output_dir / MODEL_CARD_FILE).exists() and any(p.name == "model.safetensors" for p in contents["final"])
     checkpoint, _ = newest_complete_checkpoint(output_dir)
     if finished:
-        state = f"a finished run ({_listing(contents['final'])})"
+        state = f"a finished run ({listing(contents['final'])})"
     elif contents["final"] or any(p.name == FINAL_STAGING_DIR for p in contents["interrupted"]):
         state = "a run whose final save was interrupted (no model card)"
     else:
         state = "an unfinished run"
     if contents["checkpoints"]:
-        state += f" with checkpoints {_listing(contents['checkpoints'])}"
+        state += f" with checkpoints {listing(contents['checkpoints'])}"
     options = []
     if checkpoint is not None:
         options.append(f"continue it from {checkpoint.name} with --resume_from_checkpoint last")
@@ -614,7 +644,7 @@ def run_training(
     start = time.monotonic()
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    logger.setLevel(training_args.get_process_log_level())
+    logging.getLogger("proto_segformer").setLevel(training_args.get_process_log_level())  # this module and training
     if data_args.torch_threads is not None:
         if data_args.torch_threads < 1:
             raise DataError(f"--torch_threads must be >= 1, got {data_args.torch_threads}.")
@@ -640,8 +670,18 @@ def run_training(
         revision=model_args.model_revision,
         token=model_args.token,
     )
+    if resume is not None:
+        problem = resume_config_problem(resume, model.config)
+        if problem is not None:
+            raise ModelInputError(problem)
+        source = f"{model_summary(model.config)}, resuming {Path(resume).name} of {training_args.output_dir}"
     logger.info("Model: %s; %d classes; data: %s", source, len(data.id2label), data.dataset_label)
+    return _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start)
 
+
+def _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start):
+    """Train (from `resume` if given), evaluate and write the output folder; Ctrl-C from here on is
+    `TrainingInterrupted` with the step reached."""
     callbacks = []
     if data_args.save_rank_prototypes:
         callbacks.append(RankPrototypesCallback(Path(training_args.output_dir) / "rank_prototypes"))
@@ -659,24 +699,28 @@ def run_training(
     )
     results: dict[str, Any] = {"output_dir": training_args.output_dir}
     train_metrics = None
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        train_metrics = dict(train_result.metrics)
-        results["train"] = train_metrics
-    eval_metrics = None
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        results["eval"] = eval_metrics
-    save_training_outputs(
-        trainer,
-        training_args.output_dir,
-        image_processor=image_processor,
-        train_metrics=train_metrics,
-        eval_metrics=eval_metrics,
-        dataset_name=data.dataset_label,
-        base_model=model_args.model_name_or_path,
-        extra_card_args={"crop_size": data.crop_size},
-    )
+    try:
+        if training_args.do_train:
+            train_result = trainer.train(resume_from_checkpoint=resume)
+            # Nothing left to train (a resumed run at its last step): the results of the training stay.
+            train_metrics = dict(train_result.metrics) or previous_results(training_args.output_dir, "train")
+            results["train"] = train_metrics
+        eval_metrics = None
+        if training_args.do_eval:
+            eval_metrics = trainer.evaluate()
+            results["eval"] = eval_metrics
+        save_training_outputs(
+            trainer,
+            training_args.output_dir,
+            image_processor=image_processor,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            dataset_name=data.dataset_label,
+            base_model=model_args.model_name_or_path,
+            extra_card_args={"crop_size": data.crop_size},
+        )
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer.state.global_step) from None
     if training_args.process_index == 0:
         print(run_summary(training_args.output_dir, eval_metrics, time.monotonic() - start, trainer.state.global_step))
     return results
@@ -704,9 +748,76 @@ def run_summary(output_dir: str, eval_metrics: dict[str, Any] | None, seconds: f
     return "\n".join(lines)
 
 
+def previous_results(output_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """The `<split>_results.json` an earlier save wrote into `output_dir`, if readable."""
+    try:
+        results = json.loads((Path(output_dir) / f"{split}_results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results else None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run: the global step reached (None before training started)."""
+
+    def __init__(self, step: int | None) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same options with --resume_from_checkpoint last."""
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else "scripts/train.py"
+    launcher = ["accelerate", "launch"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ["python"]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return f'{shlex.join([*launcher, script, argv[0]])} with "resume_from_checkpoint": "last" in {argv[0]}'
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return shlex.join([*launcher, script, *kept, "--resume_from_checkpoint", "last"])
+
+
+def _resume_hint(output_dir: str, argv: list[str]) -> str:
+    checkpoint, _ = newest_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return "no checkpoint was saved yet: run the command again to start over"
+    return f"resume with: {resume_command(argv)} (continues from {checkpoint.name})"
+
+
+def interrupted_message(step: int | None, output_dir: str, argv: list[str]) -> str:
+    """One line for Ctrl-C: where the run stopped and how to continue it."""
+    if step is None:
+        return "interrupted before training started; nothing was trained: run the command again to start."
+    return f"interrupted at step {step}; {_resume_hint(output_dir, argv)}."
+
+
+def save_failed_message(error: SaveFailedError, argv: list[str]) -> str:
+    """One line for a failed save (a full disk, most often): the folder, the cause, what is intact, how to go on."""
+    checkpoint, _ = newest_complete_checkpoint(error.folder)
+    if checkpoint is None:
+        intact = "No checkpoint was saved before; free some space and run the command again."
+    else:
+        intact = (
+            f"The checkpoints saved before are intact (newest: {checkpoint.name}); free some space, then"
+            f" {_resume_hint(str(error.folder), argv)}."
+        )
+    cause = error.__cause__ or error
+    return write_failure_message(cause, error.folder, error.what, intact, disk_full=error.disk_full, free=error.free)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of scripts/train.py. User errors (data, arguments) exit with a one-paragraph message."""
+    """Entry point of scripts/train.py. User errors (data, arguments) exit with a one-paragraph message; Ctrl-C
+    with one line saying how to resume (exit code 130); a failed save (a full disk) with one line (exit code 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if check_failed(check_training_command, argv):  # scripts/train.py did it before torch loaded, main() may not
+        raise SystemExit(2)
     parser = build_parser(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -719,11 +830,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
+    first = training_args.process_index == 0
     try:
         return run_training(model_args, data_args, training_args)
     except (DataError, ModelInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunFinished as finished:
+        if first:
+            print(finished)
+        raise SystemExit(0) from None
+    except KeyboardInterrupt as interrupt:
+        if not first:
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        step = interrupt.step if isinstance(interrupt, TrainingInterrupted) else None
+        exit_interrupted(interrupted_message(step, training_args.output_dir, argv))
+    except SaveFailedError as error:
+        if first:
+            print(f"error: {save_failed_message(error, argv)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except TrainingDivergedError as error:  # raised on every process at the same step
         if training_args.process_index == 0:
             print(f"error: {error}", file=sys.stderr)

@@ -18,11 +18,11 @@ finds the one to resume from). A non-finite loss stops training on every process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import warnings
@@ -37,14 +37,29 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
+from .checkpoint_folders import (
+    CHECKPOINT_PATTERN,
+    CHECKPOINT_PREFIX,
+    CHECKPOINT_STAGING_PREFIX,
+    FINAL_STAGING_DIR,
+    MODEL_CARD_FILE,
+    TRAINER_STATE_FILE,
+    checkpoint_folders,
+    checkpoint_problem,
+    interrupted_saves,
+    is_staging_folder,
+    newest_complete_checkpoint,
+)
 from .configuration_proto_segformer import ProtoSegformerConfig
 from .inference import upsampled_argmax
 from .metrics import metrics_from_areas
 from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
+from .output_folders import free_bytes, is_disk_full, is_write_failure
 from .paths import check_source
 from .prototypes import cluster_prototypes
 
 logger = logging.getLogger(__name__)
+assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
 
 # Every ProtoSeg field of the config (the CLI exposes each of them).
 PROTOSEG_FIELDS = (
@@ -61,11 +76,6 @@ PROTOSEG_FIELDS = (
 HEAD_PREFIXES = ("decode_head.", "projection.")
 LOSS_PARTS = ("loss_ce", "loss_ppc", "loss_ppd")
 LOSS_PART_NAMES = ("CE", "PPC", "PPD")
-TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
-CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-CHECKPOINT_STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N: a checkpoint being written
-FINAL_STAGING_DIR = "tmp-final-save"  # the final outputs being written
-MODEL_CARD_FILE = "README.md"  # moved into place last: its presence marks a finished run
 FAULT_ENV = "PROTOSEG_FAULT"
 
 
@@ -75,6 +85,36 @@ class ModelInputError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite: training stopped (on every process) and nothing more was saved."""
+
+
+class SaveFailedError(OSError):
+    """Writing `what` (a checkpoint, the final model) into `folder` failed (a full disk, most often); raised from
+    the write error. Its staging folder was removed; the checkpoints written before are intact."""
+
+    def __init__(self, what: str, folder: str | Path, error: BaseException) -> None:
+        super().__init__(f"Could not write {what} into {folder}: {error}")
+        self.what, self.folder = what, Path(folder)
+        # Measured now, before the half-written files go: torch.save's error has no errno.
+        self.disk_full, self.free = is_disk_full(error, folder), free_bytes(folder)
+
+
+# Config fields that fix the shapes of the weights (and the meaning of the prototypes): a checkpoint resumes only
+# into a model that agrees on all of them.
+RESUME_FIELDS = (
+    "num_labels",
+    "num_prototypes_per_class",
+    "prototype_dim",
+    "decoder_hidden_size",
+    "hidden_sizes",
+    "depths",
+    "num_attention_heads",
+    "num_encoder_blocks",
+    "sr_ratios",
+    "patch_sizes",
+    "strides",
+    "mlp_ratios",
+    "num_channels",
+)
 
 
 def fault_point(name: str, step: int | None = None) -> None:
@@ -194,6 +234,40 @@ def _checkpoint_config(model_name_or_path, config_dict, overrides, label_fields,
     raise ModelInputError(
         f"{model_name_or_path!r} holds a {model_type!r} model; expected a proto_segformer or segformer checkpoint"
         " (a MiT backbone such as nvidia/mit-b0, or a SegFormer such as nvidia/segformer-b0-finetuned-ade-512-512)."
+    )
+
+
+def model_summary(config: PretrainedConfig) -> str:
+    """A few words on a model's size: 'MiT widths [8, 16, 24, 32], decoder 32, 3 prototypes x 16 per class'."""
+    dim = getattr(config, "prototype_dim", None) or config.decoder_hidden_size
+    return (
+        f"MiT widths {list(config.hidden_sizes)}, decoder {config.decoder_hidden_size},"
+        f" {config.num_prototypes_per_class} prototypes x {dim} per class"
+    )
+
+
+def resume_config_problem(checkpoint: str | Path, config: PretrainedConfig) -> str | None:
+    """Why the checkpoint cannot be resumed into a model of `config` (the `RESUME_FIELDS` and class names that
+    differ, with the fix), or None."""
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # checkpoint_problem has looked at it; loading reports anything else
+    current = config.to_dict()
+    differing = [
+        f"{name} {saved.get(name)} there, {current.get(name)} now"
+        for name in RESUME_FIELDS
+        if saved.get(name) != current.get(name)
+    ]
+    names = [{str(k): str(v) for k, v in (dict_.get("id2label") or {}).items()} for dict_ in (saved, current)]
+    if saved.get("num_labels") == current.get("num_labels") and names[0] != names[1]:
+        differing.append("the class names (id2label)")
+    if not differing:
+        return None
+    return (
+        f"--resume_from_checkpoint {checkpoint} holds a model of another configuration: {'; '.join(differing)}."
+        " Resume with the options the run was started with (see its config.json and training_args.json), or"
+        " start a new run in another --output_dir."
     )
 
 
@@ -378,70 +452,6 @@ def initialize_prototypes_from_data(
     return present
 
 
-# ------------------------------------------------------------------------------------------------------ checkpoints
-
-
-def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why `folder` is not a complete Trainer checkpoint (None when it is): a staging folder of an interrupted save,
-    or a file missing (the Trainer writes trainer_state.json last)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "it is not a folder"
-    if is_staging_folder(folder.name) or is_staging_folder(folder.parent.name):
-        return "it is the staging folder of a checkpoint save that was interrupted"
-    state = folder / TRAINER_STATE_FILE
-    try:
-        json.loads(state.read_text())
-    except (OSError, ValueError):
-        return f"{TRAINER_STATE_FILE} is missing or truncated (the save was interrupted)"
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in weights):
-        return "config.json or the weights are missing"
-    return None
-
-
-def checkpoint_folders(output_dir: str | Path) -> list[Path]:
-    """The checkpoint-N folders of `output_dir`, newest (largest N) first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), reverse=True)
-
-
-def is_staging_folder(name: str) -> bool:
-    """Whether `name` is a staging folder of this library's saves (tmp-checkpoint-N, tmp-final-save)."""
-    if name == FINAL_STAGING_DIR:
-        return True
-    return name.startswith(CHECKPOINT_STAGING_PREFIX) and bool(
-        CHECKPOINT_PATTERN.match(name[len(CHECKPOINT_STAGING_PREFIX) :])
-    )
-
-
-def interrupted_saves(output_dir: str | Path) -> list[Path]:
-    """Staging folders left in `output_dir` by interrupted saves (tmp-checkpoint-N, tmp-final-save)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    return sorted(p for p in output_dir.iterdir() if p.is_dir() and is_staging_folder(p.name))
-
-
-def newest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint-N of `output_dir` (None if there is none) and the incomplete ones skipped
-    on the way (with the reason), staging folders of interrupted saves included."""
-    skipped = [
-        (path, "the staging folder of an interrupted save")
-        for path in interrupted_saves(output_dir)
-        if path.name != FINAL_STAGING_DIR
-    ]
-    for folder in checkpoint_folders(output_dir):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder, skipped
-        skipped.append((folder, problem))
-    return None, skipped
-
-
 # ---------------------------------------------------------------------------------------------------------- trainer
 
 
@@ -454,6 +464,18 @@ class EpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+
+
+class ResumeLogCallback(TrainerCallback):
+    """Logs, as a resumed run starts, the checkpoint and the step it continues from: 'Resumed from checkpoint-4
+    (step 4 of 6).'"""
+
+    def __init__(self, checkpoint_name: str) -> None:
+        self.checkpoint_name = checkpoint_name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            logger.info("Resumed from %s (step %d of %d).", self.checkpoint_name, state.global_step, state.max_steps)
 
 
 class RankPrototypesCallback(TrainerCallback):
@@ -469,6 +491,22 @@ class RankPrototypesCallback(TrainerCallback):
         torch.save(model.prototypes.detach().cpu().clone(), self.folder / f"prototypes_rank{rank}.pt")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' info logs (a loaded model's whole config) and progress bars off for the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(max(verbosity, hf_logging.WARNING))
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_checkpoint_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     """Load the weights (and prototypes, BatchNorm statistics) of a saved checkpoint folder into `model`, strictly.
 
@@ -477,7 +515,8 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_dir: str | Path) 
     (`segformer.encoder.block.*`, `decode_head.linear_c.*`) through registered conversion mappings, so most
     weights would be skipped in silence. Loading through `from_pretrained` applies the same conversions.
     """
-    loaded, info = type(model).from_pretrained(str(checkpoint_dir), output_loading_info=True)
+    with quiet_transformers():  # not the whole config and a progress bar at every resume
+        loaded, info = type(model).from_pretrained(str(checkpoint_dir), output_loading_info=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise RuntimeError(f"The checkpoint {checkpoint_dir} does not match the model: {problems}.")
@@ -655,6 +694,13 @@ class ProtoSegTrainer(Trainer):
         self._checkpoint_staging = staging
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException as error:  # a full disk, Ctrl-C: the half-written checkpoint goes, the others stay
+            failure = SaveFailedError(name, run_dir, error) if is_write_failure(error) else None
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if failure is not None:
+                raise failure from error
+            raise
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()
@@ -734,7 +780,8 @@ class ProtoSegTrainer(Trainer):
                 logger.info("%s is at step %d: nothing left to train.", resume_from_checkpoint, state.global_step)
                 self._load_from_checkpoint(str(resume_from_checkpoint))
                 self.state = state
-                return TrainOutput(state.global_step, float("nan"), {"train_steps": 0})
+                return TrainOutput(state.global_step, float("nan"), {})  # no metrics: nothing was trained
+            self.add_callback(ResumeLogCallback(Path(resume_from_checkpoint).name))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
@@ -774,7 +821,8 @@ def save_training_outputs(
 
     Everything is written into `<output_dir>/tmp-final-save/` first and then moved into `output_dir`, the model card
     last: a kill at any moment leaves either no card (an unfinished run, resumable from its checkpoints) or the whole
-    output. Every process must call this (saving may be collective)."""
+    output. Every process must call this (saving may be collective). A failed write (a full disk) removes the
+    staging folder and raises `SaveFailedError`."""
     from .model_card import write_model_card
 
     output_dir = Path(output_dir)
@@ -783,36 +831,48 @@ def save_training_outputs(
     if should_save and staging.exists():
         shutil.rmtree(staging)  # left by an interrupted final save of this library
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if should_save:
-        fault_point("final-save:after-weights")
-        if image_processor is not None:
-            image_processor.save_pretrained(str(staging))
-        results: dict[str, Any] = {}
-        for split, metrics in (("train", train_metrics), ("eval", eval_metrics)):
-            if metrics is not None:
-                _write_json(staging / f"{split}_results.json", metrics)
-                results.update(metrics)
-        if results:
-            _write_json(staging / "all_results.json", results)
-        trainer.state.save_to_json(str(staging / TRAINER_STATE_FILE))
-        args = trainer.args.to_dict()
-        if extra_card_args:
-            args.update(extra_card_args)
-        write_model_card(
-            staging,
-            dataset_name=dataset_name,
-            eval_results=dict(eval_metrics) if eval_metrics is not None else None,
-            base_model=base_model,
-            training_args=json.loads(json.dumps(args, default=str)),
-        )
-        publish_folder(staging, output_dir)
+    try:
+        trainer.save_model(str(staging))
+        if should_save:
+            fault_point("final-save:after-weights")
+            if image_processor is not None:
+                image_processor.save_pretrained(str(staging))
+            results: dict[str, Any] = {}
+            for split, metrics in (("train", train_metrics), ("eval", eval_metrics)):
+                if metrics is not None:
+                    _write_json(staging / f"{split}_results.json", metrics)
+                    results.update(metrics)
+            if results:
+                _write_json(staging / "all_results.json", results)
+            trainer.state.save_to_json(str(staging / TRAINER_STATE_FILE))
+            args = trainer.args.to_dict()
+            if extra_card_args:
+                args.update(extra_card_args)
+            write_model_card(
+                staging,
+                dataset_name=dataset_name,
+                eval_results=dict(eval_metrics) if eval_metrics is not None else None,
+                base_model=base_model,
+                training_args=json.loads(json.dumps(args, default=str)),
+            )
+            publish_folder(staging, output_dir)
+    except Exception as error:  # a full disk: the checkpoints stay, resuming writes the final save again
+        failure = SaveFailedError("the final model", output_dir, error) if is_write_failure(error) else None
+        if should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise failure from error
+        raise
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
 
 __all__ = [
+    "CHECKPOINT_PATTERN",
     "PROTOSEG_FIELDS",
+    "checkpoint_folders",
+    "interrupted_saves",
+    "is_staging_folder",
     "EpochCallback",
     "TrainingDivergedError",
     "checkpoint_problem",
@@ -821,7 +881,12 @@ __all__ = [
     "MeanIoUMetric",
     "ProtoSegTrainer",
     "RankPrototypesCallback",
+    "ResumeLogCallback",
+    "SaveFailedError",
     "build_model",
+    "model_summary",
+    "quiet_transformers",
+    "resume_config_problem",
     "collect_class_embeddings",
     "initialize_prototypes_from_data",
     "load_checkpoint_weights",

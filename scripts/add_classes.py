@@ -25,7 +25,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import parse
+from proto_segformer.cli import exit_if_write_failure, exit_interrupted, parse
+from proto_segformer.preflight import check_failed
 
 
 @dataclass
@@ -53,6 +54,16 @@ class AddClassesArguments:
     )
 
 
+def check_paths(args: AddClassesArguments) -> None:
+    """The model and support folders and the output folder (with room for the model), before torch loads."""
+    from proto_segformer.output_folders import check_output_folder, folder_weights_bytes
+    from proto_segformer.preflight import check_model_folder
+
+    check_model_folder(args.model_dir, "--model_dir")
+    check_model_folder(args.support_dir, "--support_dir")
+    check_output_folder(args.output_dir, "--output_dir", need_bytes=folder_weights_bytes(args.model_dir))
+
+
 def main(args: AddClassesArguments) -> dict[str, int]:
     from proto_segformer.add_classes import AddClassesSettings, add_classes_from_folder
 
@@ -75,13 +86,30 @@ def main(args: AddClassesArguments) -> dict[str, int]:
     return new_ids
 
 
-if __name__ == "__main__":
-    (arguments,) = parse(AddClassesArguments, description=__doc__)
-    from proto_segformer.add_classes import AddClassesError
-    from proto_segformer.inference import CheckpointError
-
+def run(argv: list[str] | None = None) -> int:
+    """The command line: checks, then `main`; every failure a user can cause is one line (exit 2, 1 for a failed
+    write, 130 for Ctrl-C)."""
+    (arguments,) = parse(AddClassesArguments, argv, description=__doc__)
+    if check_failed(check_paths, arguments):
+        return 2
     try:
-        main(arguments)
-    except (AddClassesError, CheckpointError, OSError, ValueError) as error:  # user input: one line, no stack trace
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        from proto_segformer.add_classes import AddClassesError
+        from proto_segformer.inference import CheckpointError
+
+        try:
+            main(arguments)
+        except Exception as error:  # the model is written aside and moved into place in one step
+            exit_if_write_failure(
+                error, arguments.output_dir, "the extended model", "The existing files are unchanged."
+            )
+            if not isinstance(error, (AddClassesError, CheckpointError, OSError, ValueError)):
+                raise
+            print(f"error: {error}", file=sys.stderr)  # user input: one line, no stack trace
+            return 2
+    except KeyboardInterrupt:
+        exit_interrupted("interrupted; the existing files are unchanged.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

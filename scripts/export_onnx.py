@@ -15,7 +15,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import parse
+from proto_segformer.cli import exit_if_write_failure, parse, run_main
+from proto_segformer.preflight import check_failed
 
 # What the export does and how long it takes (README, Export section: measured on the demo model).
 EXPORTING = (
@@ -30,8 +31,19 @@ class ExportArguments:
     output_dir: str = field(metadata={"help": "Folder for model.onnx and the configs (new, empty or an export)."})
 
 
+def check_paths(args: ExportArguments) -> None:
+    """The model folder and the output folder (with room for about the model's size), before torch loads."""
+    from proto_segformer.output_folders import check_output_folder, folder_weights_bytes
+    from proto_segformer.preflight import check_model_folder
+
+    check_model_folder(args.model)
+    check_output_folder(args.output_dir, "--output_dir", need_bytes=folder_weights_bytes(args.model))
+
+
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(ExportArguments, argv, description=__doc__)
+    if check_failed(check_paths, args):
+        return 2
 
     from proto_segformer.export import ExportError, write_onnx_folder
     from proto_segformer.inference import CheckpointError, load_image_processor, load_model
@@ -48,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ExportError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # the export is assembled aside and moved into place when complete
+        exit_if_write_failure(error, args.output_dir, "the ONNX export", f"{args.output_dir} is unchanged.")
+        raise
     minutes, seconds = divmod(round(time.monotonic() - started), 60)
     print(f"Wrote {folder}/model.onnx with config.json and preprocessor_config.json in {minutes} min {seconds} s.")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, interrupted="interrupted; the output folder is unchanged.")

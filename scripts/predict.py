@@ -22,7 +22,8 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import parse
+from proto_segformer.cli import exit_if_write_failure, parse, run_main
+from proto_segformer.preflight import check_failed
 
 
 @dataclass
@@ -67,8 +68,20 @@ class PredictArguments:
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
 
+def check_paths(args: PredictArguments) -> None:
+    """The model folder, the inputs and the output folder, before torch loads."""
+    from proto_segformer.output_folders import check_output_folder
+    from proto_segformer.preflight import check_input_paths, check_model_folder
+
+    check_model_folder(args.model)
+    check_input_paths(args.inputs)
+    check_output_folder(args.output_dir, "--output_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PredictArguments, argv, description=__doc__)
+    if check_failed(check_paths, args):
+        return 2
 
     import torch
 
@@ -109,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as error:  # the folder changed while the model loaded
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        intact = "The outputs written before are complete (each file is written whole); free some space and run the"
+        exit_if_write_failure(error, args.output_dir, "the predictions", f"{intact} same command again.")
+        raise
     print(
         f"Predicted {len(summary.written)} image(s) into {args.output_dir} in {summary.seconds:.1f} s"
         f" ({summary.images_per_second:.2f} images/s on {args.device})."
@@ -121,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, interrupted="interrupted; the outputs written so far are complete, each file whole.")

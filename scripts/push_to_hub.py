@@ -21,7 +21,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from proto_segformer.cli import parse
+from proto_segformer.cli import exit_if_write_failure, parse, run_main
+from proto_segformer.preflight import check_failed
 
 
 @dataclass
@@ -52,8 +53,27 @@ class PushArguments:
     )
 
 
+def check_paths(args: PushArguments) -> None:
+    """The model folder, the card and pictures, and the folders to write (--local_dir with room for the model,
+    --space_dir), before torch loads."""
+    from proto_segformer.output_folders import check_output_folder, folder_weights_bytes
+    from proto_segformer.preflight import check_existing, check_model_folder
+
+    check_model_folder(args.model)
+    if args.card is not None:
+        check_existing(args.card, "--card", kind="file")
+    for picture in args.pictures:
+        check_existing(picture, "--pictures", kind="file")
+    if args.local_dir is not None:
+        check_output_folder(args.local_dir, "--local_dir", need_bytes=folder_weights_bytes(args.model))
+    if args.space_dir is not None:
+        check_output_folder(args.space_dir, "--space_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PushArguments, argv, description=__doc__)
+    if check_failed(check_paths, args):
+        return 2
 
     from proto_segformer.hub import HubError, push_to_hub
 
@@ -79,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         from proto_segformer.inference import CheckpointError  # torch: imported only when needed
 
+        folder = args.local_dir or args.space_dir or "a temporary folder"
+        intact = "Nothing was uploaded" if args.local_dir is None else "An earlier assembly there is unchanged"
+        exit_if_write_failure(error, folder, "the repository", f"{intact}; free some space and run it again.")
         if not isinstance(error, (HubError, CheckpointError, FileNotFoundError)):
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -99,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proto_segformer.cli import parse
+from proto_segformer.cli import exit_if_write_failure, parse, run_main
+from proto_segformer.preflight import check_failed
 
 
 @dataclass
@@ -26,7 +27,10 @@ class AtlasArguments:
     output: str = field(default="prototype_atlas.png", metadata={"help": "Path of the atlas PNG."})
     dataset: str = field(
         default="scenes",
-        metadata={"help": "Built-in data set name, or a folder saved with datasets' save_to_disk (image/label)."},
+        metadata={
+            "help": "Built-in data set name (scenes, voc, ...; or builtin:<name>), or a folder saved with datasets'"
+            " save_to_disk (image/label)."
+        },
     )
     split: str = field(default="validation", metadata={"help": "Split of the data set."})
     num_images: int = field(default=64, metadata={"help": "Images used (the first N of the split)."})
@@ -79,20 +83,55 @@ def load_samples(args: AtlasArguments):
         data = data.select(range(min(args.num_images, len(data))))
         return DatasetSamples(data), f"{len(data)} images of {args.dataset} ({args.split})"
     from proto_segformer.data import build_builtin_dataset
+    from proto_segformer.preflight import builtin_dataset
 
     size = builtin_image_size(args)
     data, _ = build_builtin_dataset(
-        args.dataset, num_train=1, num_validation=args.num_images, image_size=size, seed=args.seed
+        builtin_dataset(args.dataset) or args.dataset,
+        num_train=1,
+        num_validation=args.num_images,
+        image_size=size,
+        seed=args.seed,
     )
     split = data[args.split].select(range(min(args.num_images, len(data[args.split]))))
     description = f"{len(split)} {args.split} images ({size}x{size}) of the built-in '{args.dataset}' data"
     return DatasetSamples(split), description
 
 
+def stats_path(args: AtlasArguments) -> Path:
+    return Path(args.stats_output) if args.stats_output else Path(args.output).with_name("prototype_stats.json")
+
+
+def check_paths(args: AtlasArguments) -> None:
+    """The model folder, the images or data set, and the folders of the outputs, before torch loads."""
+    from proto_segformer.output_folders import check_output_folder
+    from proto_segformer.preflight import PathError, check_dataset_folder, check_input_paths, check_model_folder
+
+    check_model_folder(args.model)
+    if args.images:
+        check_input_paths(args.images, "--images")
+    else:
+        check_dataset_folder(args.dataset, "--dataset")
+    if Path(args.output).is_dir():
+        raise PathError(f"--output {args.output} is a folder; give the path of the PNG to write.")
+    check_output_folder(Path(args.output).parent, "--output")
+    check_output_folder(stats_path(args).parent, "--stats_output")
+
+
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(AtlasArguments, argv, description=__doc__)
+    if check_failed(check_paths, args):
+        return 2
 
-    from proto_segformer.inference import CheckpointError, load_image_processor, load_model, resolve_device
+    from PIL import Image
+
+    from proto_segformer.inference import (
+        CheckpointError,
+        load_image_processor,
+        load_model,
+        resolve_device,
+    )
+    from proto_segformer.safe_files import atomic_write, atomic_write_text
     from proto_segformer.visualization import build_prototype_atlas
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -116,13 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(output, optimize=True)
-    stats_path = Path(args.stats_output) if args.stats_output else output.with_name("prototype_stats.json")
-    stats_path.write_text(json.dumps(result.statistics, indent=2) + "\n")
+    output, stats_file = Path(args.output), stats_path(args)
+    try:
+        for path in (output, stats_file):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        image_format = Image.registered_extensions().get(output.suffix.lower(), "PNG")
+        atomic_write(output, lambda temporary: result.image.save(temporary, format=image_format, optimize=True))
+        atomic_write_text(stats_file, json.dumps(result.statistics, indent=2) + "\n")
+    except Exception as error:  # each file is written aside and renamed into place
+        exit_if_write_failure(error, str(output.parent), "the atlas", "Files there before are unchanged.")
+        raise
     stats, usage = result.statistics, result.statistics["usage"]
-    print(f"Atlas: {output} ({result.image.width}x{result.image.height}); statistics: {stats_path}")
+    print(f"Atlas: {output} ({result.image.width}x{result.image.height}); statistics: {stats_file}")
     print(
         f"{stats['num_classes']} classes x {stats['num_prototypes_per_class']} prototypes on {description}:"
         f" unused {usage['unused_count']}, near-duplicates (cosine > {stats['near_duplicate_threshold']})"
@@ -132,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -122,13 +123,18 @@ def test_a_bad_value_is_a_one_line_error(tmp_path):
 
 
 def test_add_classes_bad_input_is_a_one_line_error(tmp_path):
-    code, stdout, stderr, _ = run_script(
-        "add_classes.py", "--model_dir", "m", "--support_dir", "none", "--names", "a", "--output_dir", "o", cwd=tmp_path
-    )
-    assert code == 2
-    assert stderr.strip().splitlines() == [
-        "error: none/images does not exist: the support folder needs images/ and masks/."
-    ]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "support").mkdir()
+    for support, message in [
+        ("suport", "error: The --support_dir path 'suport' does not exist. Did you mean 'support'?"),
+        ("support", "error: support/images does not exist: the support folder needs images/ and masks/."),
+    ]:
+        code, stdout, stderr, _ = run_script(
+            "add_classes.py", "--model_dir", "m", "--support_dir", support, "--names", "a", "--output_dir", "o",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert code == 2
+        assert stderr.strip().splitlines() == [message]
 
 
 # -------------------------------------------------------------------------------------------------------- --help
@@ -217,3 +223,263 @@ def test_benchmark_precision_names_a_missing_model_in_one_line(tmp_path):
     code, stdout, stderr, _ = run_script("benchmark_precision.py", "--model", "runs/nope", cwd=tmp_path)
     assert code == 2 and stderr.strip().splitlines()[-1] == "error: Checkpoint folder 'runs/nope' does not exist."
     assert "Traceback" not in stdout + stderr
+
+
+# ------------------------------------------------------------------------------- paths, output folders, Ctrl-C, disk
+
+POISON = 'raise ImportError("torch was imported before the paths were checked")\n'
+
+
+def run_without_torch(script: str, *args: str, cwd: Path, prefix: list[str] | None = None) -> tuple[int, str]:
+    """`script` with a `torch` that cannot be imported first on the path: an error it reports came before torch
+    would have loaded (6-27 s on a loaded machine). (exit code, stdout + stderr)."""
+    poison = cwd / ".poison"
+    (poison / "torch").mkdir(parents=True, exist_ok=True)
+    (poison / "torch" / "__init__.py").write_text(POISON)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(poison), str(ROOT)])}
+    command = [*(prefix or []), sys.executable, str(ROOT / "scripts" / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def read_only_prefix(folder: Path) -> list[str] | None:
+    """A command prefix under which `folder` is read-only: a private read-only bind mount (root, where `unshare`
+    may), else the folder made read-only with chmod (which binds everyone but root); None when neither works."""
+    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    try:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", script, str(folder), "touch", str(folder / "probe")],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if probe.returncode == 0 or "Read-only file system" not in probe.stderr:
+        return None
+    return ["unshare", "-m", "sh", "-c", script, str(folder)]
+
+
+def script_commands(workspace: Path, out: Path) -> dict[str, list[str]]:
+    """Each script writing into `out` (a folder, or a file in it), its other paths valid."""
+    return {
+        "train.py": ["--output_dir", str(out / "run"), "--max_steps", "2"],
+        "predict.py": ["--model", "model", "--inputs", "photo.png", "--output_dir", str(out / "predictions")],
+        "export_onnx.py": ["--model", "model", "--output_dir", str(out / "onnx")],
+        "add_classes.py": ["--model_dir", "model", "--support_dir", "support", "--names", "a"]
+        + ["--output_dir", str(out / "plus")],
+        "push_to_hub.py": ["--model", "model", "--local_dir", str(out / "repo")],
+        "visualize_prototypes.py": ["--model", "model", "--output", str(out / "atlas.png")],
+    }
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    for folder in ("model", "support", "runs/demo"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "photo.png").write_bytes(b"")
+    (tmp_path / "card.md").write_text("# card\n")
+    return tmp_path
+
+
+OUTPUT_SCRIPTS = sorted(script_commands(Path("w"), Path("o")))
+FLAGS = {
+    **dict.fromkeys(["train.py", "predict.py", "export_onnx.py", "add_classes.py"], "--output_dir"),
+    "push_to_hub.py": "--local_dir",
+    "visualize_prototypes.py": "--output",
+}
+
+
+@pytest.mark.parametrize("script", OUTPUT_SCRIPTS)
+def test_an_output_folder_that_is_a_file_is_refused_before_torch_loads(script, workspace):
+    taken = workspace / "taken"
+    taken.write_text("a file")
+    code, output = run_without_torch(script, *script_commands(workspace, taken)[script], cwd=workspace)
+    (line,) = output.strip().splitlines()
+    ends = (f"{taken} is a file.", f"{taken} ({FLAGS[script]}) is a file; choose a folder (it is created if needed).")
+    assert code == 2 and line.startswith("error: ") and line.endswith(ends), output
+    assert taken.read_text() == "a file"
+    if script == "train.py":  # the folder itself a file: on main, FileExistsError after loading torch and the data
+        code, output = run_without_torch(script, "--output_dir", str(taken), cwd=workspace)
+        assert code == 2 and output.strip() == (
+            f"error: The output folder {taken} (--output_dir) is a file; choose a folder (it is created if needed)."
+        ), output
+
+
+@pytest.mark.parametrize("script", OUTPUT_SCRIPTS)
+def test_a_read_only_output_folder_is_refused_before_any_work(script, workspace):
+    """On main, train.py found a read-only --output_dir at its first checkpoint (the training until then lost), the
+    other scripts after loading torch and the model."""
+    locked = workspace / "locked"
+    locked.mkdir()
+    prefix = read_only_prefix(locked)
+    if prefix is None:
+        pytest.skip("no way to make a folder read-only for root here (unshare/mount not permitted)")
+    commands = [script_commands(workspace, locked)[script]]
+    if script == "train.py":  # the folder itself read-only: on main found at the first checkpoint, after training
+        commands.append(["--output_dir", str(locked), "--max_steps", "2"])
+    try:
+        for command in commands:
+            code, output = run_without_torch(script, *command, cwd=workspace, prefix=prefix)
+            (line,) = output.strip().splitlines()
+            assert code == 2 and line.startswith(f"error: The output folder {locked}"), output
+            assert f"({FLAGS[script]}) is not writable" in line, line
+            assert line.endswith(("Read-only file system.", "Permission denied.")), line
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("predict.py", ["--model", "runs/demoo", "--inputs", "photo.png", "--output_dir", "o"],
+         "The --model path 'runs/demoo' does not exist. Did you mean 'runs/demo'?"),
+        ("predict.py", ["--model", "model", "--inputs", "photos.png", "--output_dir", "o"],
+         "The --inputs path 'photos.png' does not exist. Did you mean 'photo.png'?"),
+        ("export_onnx.py", ["--model", "runs/demoo", "--output_dir", "o"],
+         "The --model path 'runs/demoo' does not exist. Did you mean 'runs/demo'?"),
+        ("add_classes.py", ["--model_dir", "modle", "--support_dir", "support", "--names", "a", "--output_dir", "o"],
+         "The --model_dir path 'modle' does not exist. Did you mean 'model'?"),
+        ("push_to_hub.py", ["--model", "runs/demoo", "--local_dir", "o"],
+         "The --model path 'runs/demoo' does not exist. Did you mean 'runs/demo'?"),
+        ("push_to_hub.py", ["--model", "model", "--local_dir", "o", "--card", "crad.md"],
+         "The --card path 'crad.md' does not exist. Did you mean 'card.md'?"),
+        ("visualize_prototypes.py", ["--model", "runs/demoo"],
+         "The --model path 'runs/demoo' does not exist. Did you mean 'runs/demo'?"),
+        ("visualize_prototypes.py", ["--model", "model", "--dataset", "scenez"],
+         "--dataset 'scenez' is neither a folder nor a built-in data set; did you mean 'scenes'?"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_path_is_answered_before_torch_loads_with_close_matches(script, args, message, workspace):
+    code, output = run_without_torch(script, *args, cwd=workspace)
+    assert code == 2 and output.strip().splitlines() == [f"error: {message}"], output
+    assert not (workspace / "o").exists()
+
+
+def run_interrupted(script: str, patch: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`script` run as a user runs it, the function `patch` ('module:name') replaced by one that sends the process
+    SIGINT (Ctrl-C) when called."""
+    module, name = patch.split(":")
+    code = (
+        "import os, runpy, signal, sys, importlib\n"
+        f"module = importlib.import_module({module!r})\n"
+        f"setattr(module, {name!r}, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT))\n"
+        f"sys.argv = [{str(ROOT / 'scripts' / script)!r}, *sys.argv[1:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script, patch, args, message",
+    [
+        ("export_onnx.py", "proto_segformer.inference:load_model", ["--model", "model", "--output_dir", "onnx"],
+         "export_onnx.py: interrupted; the output folder is unchanged."),
+        ("predict.py", "proto_segformer.inference:collect_inputs",
+         ["--model", "model", "--inputs", "photo.png", "--output_dir", "out"],
+         "predict.py: interrupted; the outputs written so far are complete, each file whole."),
+        ("add_classes.py", "proto_segformer.add_classes:add_classes_from_folder",
+         ["--model_dir", "model", "--support_dir", "support", "--names", "a", "--output_dir", "plus"],
+         "add_classes.py: interrupted; the existing files are unchanged."),
+    ],
+)  # fmt: skip
+def test_ctrl_c_is_one_line_and_exit_code_130(script, patch, args, message, workspace):
+    done = run_interrupted(script, patch, args, workspace)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [message], done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    import torch
+    from conftest import tiny_config
+    from transformers import SegformerImageProcessorPil
+
+    from proto_segformer import ProtoSegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3)).save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def script_main(script: str):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        module = __import__(script.removesuffix(".py"))
+    finally:
+        sys.path.pop(0)
+    return module.main
+
+
+ENOSPC = OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize(
+    "script, target, message",
+    [
+        ("export_onnx.py", "proto_segformer.export.export_onnx", "Could not write the ONNX export into {out}: the"
+         " disk is full (N free). {out} is unchanged."),
+        ("predict.py", "proto_segformer.inference.save_prediction", "Could not write the predictions into {out}: the"
+         " disk is full (N free). The outputs written before are complete (each file is written whole); free"
+         " some space and run the same command again."),
+        ("push_to_hub.py", "proto_segformer.hub.write_manifest", "Could not write the repository into {out}: the"
+         " disk is full (N free). An earlier assembly there is unchanged; free some space and run it again."),
+    ],
+)  # fmt: skip
+def test_a_full_disk_is_one_line_naming_the_folder(script, target, message, saved_model, tmp_path, capsys):
+    from unittest import mock
+
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    argv = {
+        "export_onnx.py": ["--model", str(saved_model), "--output_dir", str(out)],
+        "predict.py": ["--model", str(saved_model), "--inputs", str(tmp_path / "photo.png"), "--output_dir", str(out),
+                       "--no_progress"],
+        "push_to_hub.py": ["--model", str(saved_model), "--local_dir", str(out)],
+    }[script]  # fmt: skip
+    with mock.patch(target, side_effect=ENOSPC), pytest.raises(SystemExit) as exit_info:
+        script_main(script)(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]  # besides progress bars
+    assert "Traceback" not in err
+    assert re.sub(r"\([\d.]+ (B|KiB|MiB|GiB) free\)", "(N free)", line) == "error: " + message.format(out=out), line
+    if script != "predict.py":
+        assert not out.exists()
+
+
+def test_write_failures_are_told_apart_from_other_errors(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from proto_segformer import output_folders
+    from proto_segformer.output_folders import is_disk_full, is_write_failure, write_failure_message
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with pytest.raises(RuntimeError) as torch_error:  # torch 2.13: "[enforce fail at inline_container.cc:672] ..."
+        torch.save({"weights": torch.zeros(10000)}, "/dev/full")
+    with pytest.raises(OSError) as os_error:
+        Path("/dev/full").write_text("x" * 100000)
+    assert is_write_failure(torch_error.value) and is_write_failure(os_error.value)
+    assert not is_write_failure(ValueError("bad value")) and not is_write_failure(FileNotFoundError(2, "missing"))
+    assert is_disk_full(os_error.value, tmp_path)  # errno 28, whatever the free space
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(output_folders.shutil, "disk_usage", lambda path: usage._replace(free=2**40))
+    assert not is_disk_full(torch_error.value, tmp_path)  # no errno: plenty of space means another cause
+    assert "RuntimeError: [enforce fail at inline_container.cc" in write_failure_message(
+        torch_error.value, tmp_path, "x", ""
+    )
+    monkeypatch.setattr(output_folders.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert is_disk_full(torch_error.value, tmp_path)
+    assert write_failure_message(torch_error.value, tmp_path, "checkpoint-4", "Intact.") == (
+        f"Could not write checkpoint-4 into {tmp_path}: the disk is full (1000 B free). Intact."
+    )

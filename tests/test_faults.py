@@ -142,3 +142,141 @@ def test_an_incomplete_checkpoint_in_place_is_skipped(uninterrupted: Path, tmp_p
         main(["--output_dir", str(output), "--resume_from_checkpoint", "True", *FAULT_ARGS])
     assert f"Skipping the incomplete checkpoint {output / 'checkpoint-4'}" in caplog.text
     assert (output / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------------- Ctrl-C, resuming, finished runs
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_it_stopped_and_the_command_resumes(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) during training: on main a KeyboardInterrupt traceback and no hint. Now one line with the
+    step and the command that resumes, exit code 130; that command (one more checkpoint's worth) finishes the run."""
+    import re
+    import shlex
+    import time
+
+    output = tmp_path / "run"
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--output_dir", str(output), *FAULT_ARGS]
+    command += ["--max_steps", "100000", "--eval_steps", "100000"]
+    process = subprocess.Popen(
+        command, cwd=str(tmp_path), env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell may start jobs ignoring SIGINT
+    )  # fmt: skip
+    try:
+        while not (output / "checkpoint-2").is_dir() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    pattern = r"train\.py: interrupted at step (\d+); resume with: (.*) \(continues from checkpoint-(\d+)\)\."
+    match = re.fullmatch(pattern, line)
+    assert match, line
+    step, resume, newest = int(match[1]), shlex.split(match[2]), int(match[3])
+    assert 2 <= newest <= step and newest % 2 == 0 and not list(output.glob("tmp-*"))
+    assert resume[0] == "python" and resume[-2:] == ["--resume_from_checkpoint", "last"]
+    assert resume[1:-2] == command[1:]  # the user's own command line
+    resumed = subprocess.run(
+        [sys.executable, *resume[1:], "--max_steps", str(newest + 2)], cwd=str(tmp_path), env=clean_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from checkpoint-{newest} (step {newest} of {newest + 2})." in resumed.stdout
+    assert (output / "README.md").is_file() and (output / f"checkpoint-{newest + 2}").is_dir()
+
+
+def test_the_interrupted_message_without_a_checkpoint(tmp_path: Path) -> None:
+    from proto_segformer.run_training import interrupted_message
+
+    assert interrupted_message(3, str(tmp_path), []) == (
+        "interrupted at step 3; no checkpoint was saved yet: run the command again to start over."
+    )
+    assert interrupted_message(None, str(tmp_path), []).startswith("interrupted before training started")
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_its_results(uninterrupted: Path, tmp_path: Path, capsys) -> None:
+    """On main, `--resume_from_checkpoint last` on a finished run rewrote train_results.json as {"train_steps": 0}
+    (the next card lost its train loss and runtime) and re-saved everything."""
+    import shutil
+
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    before = _files(output)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output_dir", str(output), "--resume_from_checkpoint", "last", *FAULT_ARGS])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{output} holds a finished run: checkpoint-6 is its last step (step 6, --max_steps 6). Nothing to resume; its"
+        " model and results are unchanged. To train it further, resume with a larger --max_steps (or"
+        " --num_train_epochs)."
+    )
+    assert _files(output) == before
+
+
+def test_redoing_the_final_save_keeps_the_training_results(uninterrupted: Path, tmp_path: Path) -> None:
+    """A run whose final save was cut short after its results were written (no card): resuming at the last step
+    trains nothing and writes the final save again, with the results of the training (on main: {"train_steps": 0})."""
+    import json
+    import shutil
+
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    (output / "README.md").unlink()
+    main(["--output_dir", str(output), "--resume_from_checkpoint", "last", *FAULT_ARGS])
+    results = json.loads((output / "train_results.json").read_text())
+    assert results == json.loads((uninterrupted / "train_results.json").read_text()) and "train_loss" in results
+    assert "train_loss" in json.loads((output / "all_results.json").read_text())
+    assert (output / "README.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, differences",
+    [
+        (["--num_prototypes_per_class", "4"], "num_prototypes_per_class 3 there, 4 now"),
+        (["--decoder_hidden_size", "16", "--prototype_dim", "8"], "prototype_dim 16 there, 8 now; decoder_hidden_size"
+         " 32 there, 16 now"),
+    ],
+)  # fmt: skip
+def test_resuming_into_another_configuration_names_the_fields(
+    flags, differences, uninterrupted: Path, tmp_path: Path, capsys
+) -> None:
+    """On main a `size mismatch for prototypes` RuntimeError traceback from load_state_dict."""
+    import shutil
+
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", output / "checkpoint-2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output_dir", str(output), "--resume_from_checkpoint", "last", *FAULT_ARGS, *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --resume_from_checkpoint {output / 'checkpoint-2'} holds a model of another configuration:"
+        f" {differences}. Resume with the options the run was started with (see its config.json and"
+        " training_args.json), or start a new run in another --output_dir."
+    ]
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-2"]
+
+
+def test_the_resume_log_names_the_checkpoint_and_the_step(
+    uninterrupted: Path, tmp_path: Path, capfd, caplog
+) -> None:
+    """On main the resume logged "random init" and printed the checkpoint's whole config."""
+    import shutil
+
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-4", output / "checkpoint-4")
+    with caplog.at_level("INFO"):
+        main(["--output_dir", str(output), "--resume_from_checkpoint", "last", *FAULT_ARGS])
+    logs = caplog.text + "".join(capfd.readouterr())
+    assert "Resumed from checkpoint-4 (step 4 of 6)." in logs
+    assert "resuming checkpoint-4 of" in logs and "random init" not in logs
+    assert "ProtoSegformerConfig {" not in logs and '"num_prototypes_per_class"' not in logs
+    assert (output / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()

@@ -8,6 +8,7 @@ connection.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -160,3 +161,79 @@ def test_missing_path_message_lists_what_is_there(workspace) -> None:
     (workspace / "empty").mkdir()
     assert missing_path_message(str(workspace / "empty" / "x"), "data set").endswith("empty/ is empty.")
     assert "\n" not in missing_path_message(str(workspace / "runs" / "zzz"))
+
+
+# ------------------------------------------------------------------- paths checked before torch loads, built-in names
+
+POISON = 'raise ImportError("torch was imported before the paths were checked")\n'
+
+
+def run_train_without_torch(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/train.py with a `torch` that cannot be imported first on the path: a path error it reports came
+    before torch (and transformers' Trainer) would have loaded, as fast as a flag error (no timing needed)."""
+    poison = workspace / ".poison"
+    (poison / "torch").mkdir(parents=True, exist_ok=True)
+    (poison / "torch" / "__init__.py").write_text(POISON)
+    env = user_env(workspace, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(poison), str(REPO)])
+    return subprocess.run([*TRAIN, *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset_name", "ade_lik"], "The data set path 'ade_lik' does not exist (checked locally; it was not"
+         " looked up on the Hub). Did you mean 'ade_like'?"),
+        (["--dataset_name", "scenez"], "The data set 'scenez' is neither a local folder nor a built-in data set;"
+         " did you mean 'scenes' (built-in)? A Hub data set is named owner/name."),
+        (["--dataset_name", "builtin:vocc"], "Unknown built-in data set 'vocc'; did you mean builtin:voc? The"
+         " built-in data sets are: scenes, scenes-shape, scenes-large, scenes-large-digits, scenes-fashion, voc,"
+         " arc2017."),
+        (["--model_name_or_path", "runs/paramm"], "The model path 'runs/paramm' does not exist (checked locally; it"
+         " was not looked up on the Hub). Did you mean 'runs/param', 'runs/params_b0'?"),
+        (["--id2label", "nmes.json"], "The --id2label path 'nmes.json' does not exist. Did you mean 'names.json'?"),
+        (["--resume_from_checkpoint", "runs/param/checkpoint-3"], "The --resume_from_checkpoint path"
+         " 'runs/param/checkpoint-3' does not exist. Did you mean 'runs/param/checkpoint-30'?"),
+        (["--output_dir", "runs/fresh", "--resume_from_checkpoint", "last"], "--resume_from_checkpoint last: no"
+         " complete checkpoint-* folder in runs/fresh. Start a new run without --resume_from_checkpoint (in a"
+         " folder that holds a run, that needs --overwrite_output_dir, which deletes the run's model files and"
+         " checkpoints)."),
+    ],
+)  # fmt: skip
+def test_train_checks_its_paths_before_torch_loads(workspace, args, message) -> None:
+    (workspace / "names.json").write_text('["a", "b"]')
+    (workspace / "runs" / "param" / "checkpoint-30").mkdir()
+    done = run_train_without_torch(workspace, "--output_dir", "out", *args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert error_line(done) == f"error: {message}"
+    assert "torch was imported" not in done.stderr and not (workspace / "out").exists()
+
+
+def test_a_bare_built_in_name_is_the_built_in_data_set(workspace, monkeypatch) -> None:
+    """README lists the built-in data sets by their names: `--dataset_name voc` is `builtin:voc` (on main it went to
+    the Hub and ended in 'unreachable'), unless a local folder has that name."""
+    from proto_segformer.data.builtin import BUILTIN_DATASETS
+    from proto_segformer.data.loading import parse_builtin_name
+    from proto_segformer.preflight import builtin_dataset, builtin_dataset_names, check_dataset_name
+
+    monkeypatch.chdir(workspace)
+    assert builtin_dataset_names() == BUILTIN_DATASETS  # read from the source, without importing `datasets`
+    for name in BUILTIN_DATASETS:
+        assert parse_builtin_name(name) == builtin_dataset(name) == parse_builtin_name(f"builtin:{name}") == name
+        check_dataset_name(name)  # no Hub lookup
+    (workspace / "voc").mkdir()  # a local folder of that name wins
+    assert parse_builtin_name("voc") is None and builtin_dataset("voc") is None
+    assert parse_builtin_name("builtin:voc") == "voc"
+
+
+def test_train_on_a_bare_built_in_name_says_which_data_it_used(tmp_path, caplog) -> None:
+    from train_helpers import TINY_ARGS
+
+    from proto_segformer.run_training import main
+
+    output = tmp_path / "run"
+    argv = ["--output_dir", str(output), *TINY_ARGS, "--dataset_name", "voc", "--max_steps", "1", "--do_eval", "false"]
+    with caplog.at_level("INFO", logger="proto_segformer"):
+        main(argv + ["--builtin_num_train", "4", "--builtin_num_validation", "2", "--crop_size", "32"])
+    assert "--dataset_name voc: no local folder of that name; using the built-in data set builtin:voc." in caplog.text
+    assert "builtin:voc" in (output / "README.md").read_text()

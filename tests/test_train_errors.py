@@ -142,3 +142,53 @@ def test_a_diverging_run_stops_and_says_so(tmp_path: Path) -> None:
     assert sorted(p.name for p in output.glob("checkpoint-*")) == sorted(f"checkpoint-{n}" for n in range(2, step, 2))
     # The logs never report a NaN loss as 0 (the Trainer's NaN filter).
     assert "'loss': '0'" not in result.stdout and "'loss': 0.0" not in result.stdout
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final save"])
+def test_a_full_disk_while_saving_is_one_line_and_the_checkpoints_stay(
+    where: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A full disk at the second checkpoint (torch.save into /dev/full: torch 2.13's own error, without an errno)
+    or at the final save (OSError 28): on main a `RuntimeError: [enforce fail at inline_container.cc:672]` or an
+    `OSError` traceback. Now one line naming the folder, that the disk is full, what is intact and how to resume;
+    the half-written staging folder is gone."""
+    import errno
+    import shutil
+
+    import torch
+
+    from proto_segformer import output_folders, training
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    output = tmp_path / "run"
+    real_save, usage = torch.save, shutil.disk_usage(tmp_path)
+
+    def save(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            monkeypatch.setattr(output_folders.shutil, "disk_usage", lambda path: usage._replace(free=0))
+            return real_save(obj, "/dev/full", *args, **kwargs)
+        return real_save(obj, path, *args, **kwargs)
+
+    def write_json(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        monkeypatch.setattr(training, "_write_json", write_json)
+    argv = ["--output_dir", str(output), *TINY_ARGS, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    what, newest = ("checkpoint-4", "checkpoint-2") if where == "checkpoint" else ("the final model", "checkpoint-4")
+    assert line.startswith(f"error: Could not write {what} into {output}: the disk is full ("), line
+    assert f"free). The checkpoints saved before are intact (newest: {newest}); free some space, then resume with:" in (
+        line
+    )
+    assert line.endswith(f"--eval_steps 4 --resume_from_checkpoint last (continues from {newest}).")
+    assert not list(output.glob("tmp-*")) and (output / newest / "trainer_state.json").is_file()
+    assert not (output / "README.md").exists()

@@ -157,9 +157,12 @@ def load_dataset_any(
 
 
 def parse_builtin_name(dataset_name: str | None) -> str | None:
-    """The built-in data set meant by `dataset_name` (None or "builtin:<name>"), or None for other data."""
+    """The built-in data set meant by `dataset_name` (None, "builtin:<name>", or a bare built-in name that is not a
+    local path), or None for other data."""
     if dataset_name is None or dataset_name == "":
         return "scenes"
+    if dataset_name in BUILTIN_DATASETS and not Path(os.path.expanduser(dataset_name)).exists():
+        return dataset_name
     if dataset_name.startswith(BUILTIN_PREFIX):
         name = dataset_name[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
