@@ -519,8 +519,8 @@ def write_repository(
         copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)
     copy_into_upload(HANDLER_SOURCE, folder / HANDLER_NAME, PACKAGE_DIR)
-    if not (folder / IMAGE_DECODING_SOURCE.name).exists():  # the handler's decoder (also a remote-code file today)
-        copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
+    (folder / IMAGE_DECODING_SOURCE.name).unlink(missing_ok=True)  # the handler's decoder: the package's copy
+    copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     root = model_folder(source)
     for name in SIDECAR_FILES:

@@ -29,8 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .image_decoding import to_rgb_array
+from .local_paths import close_matches
 from .output_folders import OutputError, check_output_folder
-from .paths import close_matches
 from .training_crop import CROP_RECORDS, recorded_training_crop
 
 logger = logging.getLogger(__name__)

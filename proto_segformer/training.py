@@ -56,7 +56,7 @@ from .metrics import metrics_from_areas
 from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
 from .output_folders import free_bytes, is_disk_full, is_write_failure
 from .paths import check_source
-from .prototypes import cluster_prototypes
+from .prototype_math import cluster_prototypes
 
 logger = logging.getLogger(__name__)
 assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
@@ -420,7 +420,7 @@ def initialize_prototypes_from_data(
     seed: int = 0,
 ) -> torch.Tensor:
     """Set the prototypes of every class seen in `batches` to the spherical k-means (with Sinkhorn equipartition,
-    `proto_segformer.prototypes.cluster_prototypes`) of its pixel embeddings; classes not seen keep theirs.
+    `proto_segformer.prototype_math.cluster_prototypes`) of its pixel embeddings; classes not seen keep theirs.
 
     The model embeds in eval mode (no dropout, BatchNorm running statistics untouched). Under torch.distributed each
     process embeds its own batches, the embeddings are gathered, and every process clusters the same pixels with the
