@@ -12,10 +12,10 @@ The repository holds everything needed to use the model without the `proto_segfo
 - the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
   inputs (model_card_inputs.json) and pictures.
 
-The folder is assembled beside the destination and put in place in one step. `.proto_segformer_assembly.json`
-lists the files an assembly wrote: `overwrite` replaces only those and refuses a folder that holds anything else
-(a training output, a `.git`, a user's files), or one that overlaps the checkpoint. A full disk while assembling is
-a one-line `HubError`; the destination is then as it was.
+The folder is assembled beside the destination and put in place in one step (`hub_folders.assemble_folder`).
+`.proto_segformer_assembly.json` lists the files an assembly wrote: `overwrite` replaces only those and refuses a
+folder that holds anything else (a training output, a `.git`, a user's files), or one that overlaps the checkpoint.
+A full disk while assembling is a one-line `HubError`; the destination is then as it was.
 
 Nothing from outside the model folder enters the repository unless the user named it (`--pictures`, `--card`):
 every file is copied by `safe_files.copy_into_upload`, which refuses a link that leads outside the model folder
