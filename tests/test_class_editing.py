@@ -587,7 +587,7 @@ def test_add_classes_killed_mid_save_leaves_the_model_intact(tmp_path):
     write_support_folder(tmp_path / "support")
     before = folder_bytes(model_dir)
     killed = run_add_classes(
-        tmp_path, model_dir, model_dir, "--overwrite_model", env={"PROTO_SEGFORMER_TEST_CRASH": "after_weights"}
+        tmp_path, model_dir, model_dir, "--overwrite_model", env={"PROTOSEG_FAULT": "add-classes:after-weights"}
     )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after the new weights were written
     assert folder_bytes(model_dir) == before
