@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
 from .image_decoding import to_rgb_array
 from .local_paths import close_matches
-from .output_folders import OutputError, check_output_folder
+from .output_folders import OutputError, check_output_folder, is_write_failure
 from .training_crop import CROP_RECORDS, recorded_training_crop
 
 logger = logging.getLogger(__name__)
@@ -1198,7 +1198,8 @@ def predict_files(
     write or that was changed since) and listed in the folder's manifest before they are written, each atomically;
     the manifest then records each file's SHA-256. An image that cannot be read, predicted or rendered is skipped
     with a warning and its reason, listed in the summary: it never stops the batch (its pictures are all rendered
-    before the first of its files is written). Every image of at least one pixel is predicted (small ones are
+    before the first of its files is written); a failed write (a full disk, a read-only folder) stops the run, since
+    every later image would fail alike. Every image of at least one pixel is predicted (small ones are
     padded, `Segmenter`). A progress bar (tqdm) runs over the files when `progress`.
     """
     import time
@@ -1247,6 +1248,8 @@ def predict_files(
                         result, image, output_dir, stem, segmenter.id2label, num_prototypes, on_written=on_written
                     )
                 except (ValueError, RuntimeError, OSError) as error:
+                    if is_write_failure(error):  # a full disk or read-only folder: every later image would fail too
+                        raise
                     skip(path, f"could not be written ({failure_reason(error)})")
                     continue
                 for file in files:
