@@ -61,6 +61,9 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
         attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, as SegFormer's.
         pixel_embeddings (`torch.FloatTensor` of shape `(batch_size, D, height / 4, width / 4)`, *optional*):
             Unit-norm pixel embeddings, returned when `output_pixel_embeddings=True`.
+        prototype_indices (`torch.LongTensor` of shape `(batch_size, num_labels, height / 4, width / 4)`, *optional*):
+            Index m of each class's nearest prototype at each pixel, found in the same pass as the logits (no second
+            similarity product), returned when `output_prototype_indices=True` without labels.
         loss_ce, loss_ppc, loss_ppd (`torch.FloatTensor` of shape `()`, *optional*):
             The loss terms, detached, for logging (returned with `loss`).
     """
@@ -73,6 +76,7 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
     loss_ce: torch.FloatTensor | None = None
     loss_ppc: torch.FloatTensor | None = None
     loss_ppd: torch.FloatTensor | None = None
+    prototype_indices: torch.LongTensor | None = None
 
 
 class ProtoSegformerDecodeHead(nn.Module):
@@ -527,6 +531,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_pixel_embeddings: bool = False,
+        output_prototype_indices: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ProtoSegformerSemanticSegmenterOutput | tuple:
@@ -537,6 +542,8 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 `[0, num_labels)` or `semantic_loss_ignore_index`. With labels the loss is computed; in training
                 mode the prototypes are also updated (and averaged across processes under torch.distributed).
             output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, height/4, width/4).
+            output_prototype_indices (`bool`): also return, without labels, the index of each class's nearest
+                prototype at each pixel (B, num_labels, height/4, width/4), computed with the logits.
             output_hidden_states (`bool`, `int` or `list[int]`, *optional*): the encoder stages to return, as for
                 SegFormer: all four for True, the listed stage indices (negative from the end) as a list with None in
                 place of the others.
@@ -554,7 +561,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         # docs/method.md, forward pass steps 1-3: encoder, decoder, projection to unit embeddings (B, D, h, w).
         embeddings, encoder_outputs = self.embed_pixels(pixel_values, output_attentions=output_attentions)
 
-        loss = loss_ce = loss_ppc = loss_ppd = None
+        loss = loss_ce = loss_ppc = loss_ppd = prototype_indices = None
         similarity_dtype = _similarity_dtype(config)
         if labels is None:  # steps 5-6: nearest-prototype class scores, normalised over the classes
             logits = inference_logits(
@@ -566,7 +573,10 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 temperature=config.class_score_temperature,
                 chunk_size=config.inference_chunk_size,
                 similarity_dtype=similarity_dtype,
+                prototype_indices=output_prototype_indices,
             )
+            if output_prototype_indices:
+                logits, prototype_indices = logits
         else:  # the training step: scores and logits, assignment, losses, (train mode) update and averaging
             logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
 
@@ -576,6 +586,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
             hidden_states=_select_hidden_states(self, encoder_outputs.hidden_states, output_hidden_states),
             attentions=encoder_outputs.attentions if output_attentions else None,
             pixel_embeddings=embeddings if output_pixel_embeddings else None,
+            prototype_indices=prototype_indices,
             loss_ce=loss_ce,
             loss_ppc=loss_ppc,
             loss_ppd=loss_ppd,

@@ -148,6 +148,7 @@ def prototype_logits(
     eps: float = 1e-5,
     similarity_dtype: torch.dtype | None = None,
     block_shape: tuple[int, int] | None = None,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The eager inference head: `normalize_class_scores(class_scores(embeddings, prototypes), dim=1)`, (B, K, h, w).
 
@@ -159,7 +160,7 @@ def prototype_logits(
 
     `similarity_dtype` (None: the embeddings' dtype, or autocast's): the dtype of the similarity matmul, e.g.
     torch.bfloat16 for CPUs and GPUs with fast bf16 matrix units; the class scores are then normalised in float32
-    (or the embeddings' wider dtype).
+    (or the embeddings' wider dtype). `indices`: see `blocked_prototype_logits`.
     """
     _check_similarity_dtype(similarity_dtype)
     matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
@@ -169,7 +170,7 @@ def prototype_logits(
     rows, classes = _bounded_block_shape(block_shape, num_classes, num_prototypes, chunk_size)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return blocked_prototype_logits(
-            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps
+            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps, indices
         )
 
 
@@ -212,6 +213,7 @@ def blocked_prototype_logits(
     matmul_dtype: torch.dtype,
     out_dtype: torch.dtype,
     eps: float = 1e-5,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The inference head, blocked for the caches: (B, D, h, w), (K, M, D) -> logits (B, K, h, w), contiguous.
 
@@ -221,6 +223,9 @@ def blocked_prototype_logits(
     then the LayerNorm over the class axis (mean and variance over K per pixel, in `out_dtype`) writes the pixels'
     logits, already in the (K, pixels) layout of the result. Computes exactly what `normalize_class_scores(
     class_scores(...))` computes (the same products and max; the LayerNorm up to rounding).
+
+    `indices`, optional (B, K, h*w) int64: filled in the same pass with the index m of each class's nearest prototype
+    (the first of equal maxima), the max itself unchanged, so the logits are the same bits with or without it.
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
@@ -241,11 +246,16 @@ def blocked_prototype_logits(
                 width_k = block.shape[0] // num_prototypes
                 similarities = tile[: block.shape[0] * count].view(block.shape[0], count)
                 torch.mm(block, block_pixels, out=similarities)
-                torch.amax(
-                    similarities.view(num_prototypes, width_k, count),
-                    dim=0,
-                    out=scores[first : first + width_k, :count],
-                )
+                if indices is None:
+                    torch.amax(
+                        similarities.view(num_prototypes, width_k, count),
+                        dim=0,
+                        out=scores[first : first + width_k, :count],
+                    )
+                else:
+                    best, index = similarities.view(num_prototypes, width_k, count).max(dim=0)
+                    scores[first : first + width_k, :count] = best
+                    indices[image, first : first + width_k, start : start + count] = index
             _normalize_columns(scores[:, :count].to(out_dtype), eps, out=logits[image, :, start : start + count])
     return logits.view(batch, num_classes, height, width)
 
@@ -566,7 +576,8 @@ def inference_logits(
     temperature: float = 0.1,
     chunk_size: int | None = None,
     similarity_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    prototype_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The inference head: logits (B, K, h, w) from unit embeddings (B, D, h, w) and prototypes (K, M, D).
 
     | path | taken when |
@@ -581,8 +592,16 @@ def inference_logits(
     All compute the same logits (up to rounding). `chunk_size` bounds the pixel-by-prototype scores held at once
     (eager paths); `similarity_dtype` (None: the embeddings' dtype) is the dtype of the similarity matmul, the class
     scores being normalised in float32 or wider.
+
+    With `prototype_indices`, returns (logits, indices): indices (B, K, h, w) int64, the index m of each class's
+    nearest prototype at each pixel, found in the same pass as the class scores (the path's own max over the M
+    prototypes, so the logits are those of the path without indices; the traced path takes the reference's).
     """
     _check_similarity_dtype(similarity_dtype)
+    if prototype_indices:
+        return _logits_and_prototype_indices(
+            embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
+        )
     if fast and normalization == "layer_norm":
         if tracing:
             return traced_prototype_logits(embeddings, prototypes, similarity_dtype=similarity_dtype)
@@ -592,6 +611,26 @@ def inference_logits(
     scores = class_scores(embeddings.to(similarity_dtype or embeddings.dtype), prototypes, chunk_size=chunk_size)
     scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
     return class_logits(scores, 1, normalization, temperature)
+
+
+def _logits_and_prototype_indices(
+    embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inference_logits(..., prototype_indices=True)`: the blocked head fills the indices in its own pass; the other
+    paths take the reference's class scores with their argmax over the M prototypes."""
+    batch, _, height, width = embeddings.shape
+    num_classes = prototypes.shape[0]
+    needs_grad = torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad)
+    if fast and normalization == "layer_norm" and not tracing and not needs_grad:
+        indices = torch.empty(batch, num_classes, height * width, dtype=torch.long, device=embeddings.device)
+        logits = prototype_logits(
+            embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype, indices=indices
+        )
+        return logits, indices.view(batch, num_classes, height, width)
+    dtype = embeddings.dtype if fast else (similarity_dtype or embeddings.dtype)
+    scores, indices = class_scores(embeddings.to(dtype), prototypes, chunk_size, return_indices=True)
+    scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
+    return class_logits(scores, 1, normalization, temperature), indices
 
 
 @dataclass

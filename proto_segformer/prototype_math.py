@@ -52,11 +52,14 @@ def prototype_similarities(embeddings: torch.Tensor, prototypes: torch.Tensor) -
     return flat.view(embeddings.shape[0], num_classes, num_prototypes)
 
 
-def class_scores(embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+def class_scores(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None, return_indices: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """S_k(i) = max_m <e_i, p_{k,m}> for embeddings (B, D, h, w) and prototypes (K, M, D): (B, K, h, w).
 
     With `chunk_size`, at most about `chunk_size` pixel-by-prototype scores exist at once (the classes are
-    processed in blocks); results are identical.
+    processed in blocks); results are identical. With `return_indices`, also argmax_m (B, K, h, w) int64, the
+    nearest prototype of each class (the first of equal maxima), from the same max.
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
@@ -66,6 +69,16 @@ def class_scores(embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size:
         block = num_classes
     else:
         block = max(1, min(num_classes, chunk_size // max(1, pixels.shape[0] * num_prototypes)))
+    if return_indices:
+        parts = [
+            prototype_similarities(pixels, prototypes[start : start + block]).max(dim=-1)
+            for start in range(0, num_classes, block)
+        ]
+        scores, indices = torch.cat([part.values for part in parts], 1), torch.cat([part.indices for part in parts], 1)
+        return (
+            scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2),
+            indices.view(batch, height, width, num_classes).permute(0, 3, 1, 2),
+        )
     if block >= num_classes:
         scores = prototype_similarities(pixels, prototypes).amax(dim=-1)
     else:

@@ -692,3 +692,47 @@ def test_random_unit_prototypes_stay_unit_in_the_prototype_major_layout():
     for k in range(3):
         for m in range(4):
             assert torch.equal(flat[m * 3 + k], protos[k, m])
+
+
+# ------------------------------------------------------------------------------------- nearest-prototype indices
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("classes", [3, 19])
+def test_the_forward_returns_each_class_nearest_prototype_with_the_same_logits(fast, classes):
+    """output_prototype_indices: the argmax over the M prototypes of each class, from the head's own pass: the logits
+    are the same bits as without it, and the indices are those of a separate similarity product."""
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=classes)).eval()
+    model.fast_head = fast
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(pixel_values, output_pixel_embeddings=True)
+        both = model(pixel_values, output_prototype_indices=True)
+    assert torch.equal(both.logits, plain.logits)
+    embeddings = plain.pixel_embeddings
+    similarities = torch.einsum("bdhw,kmd->bkmhw", embeddings, model.prototypes)
+    expected = similarities.argmax(dim=2)
+    assert both.prototype_indices.shape == (2, classes, 16, 24) and both.prototype_indices.dtype == torch.long
+    # where the best two prototypes of a class are not within rounding of each other, the index is exact
+    top2 = similarities.topk(2, dim=2).values
+    clear = (top2[:, :, 0] - top2[:, :, 1]) > 1e-5
+    assert clear.float().mean() > 0.9
+    assert torch.equal(both.prototype_indices[clear], expected[clear])
+    assert plain.prototype_indices is None
+
+
+def test_prototype_indices_of_the_blocked_head_do_not_depend_on_the_block_shape():
+    torch.manual_seed(1)
+    embeddings = torch.nn.functional.normalize(torch.randn(1, 16, 12, 20), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(37, 5, 16), dim=-1)
+    results = []
+    for shape in [(1024, 256), (37, 29), (1, 1)]:
+        indices = torch.empty(1, 37, 240, dtype=torch.long)
+        logits = prototype_logits(embeddings, prototypes, block_shape=shape, indices=indices)
+        results.append((logits, indices))
+        assert torch.equal(logits, prototype_logits(embeddings, prototypes, block_shape=shape))
+    for _, indices in results[1:]:
+        assert torch.equal(indices, results[0][1])
+    _, reference = class_scores(embeddings, prototypes, return_indices=True)
+    assert torch.equal(results[0][1].view(1, 37, 12, 20), reference)
