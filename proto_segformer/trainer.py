@@ -4,9 +4,10 @@ What it changes in the Trainer, each where no callback can: a larger learning ra
 (`create_optimizer`), CE / PPC / PPD logged next to the loss (`compute_loss`, `log`), training stopped on every
 process at a non-finite loss (`training_step`: `TrainingDivergedError`), warm-up clipped to the run's length
 (`create_scheduler`), evaluation reduced to per-class areas inside the step (`prediction_step`, with
-`trainer_metrics.MeanIoUMetric` as `compute_metrics`), the prototypes initialised from data before step one of a
-fresh run and a finished checkpoint not trained again (`train`). The crash-safe checkpoint folders come from
-`training.CheckpointSavingTrainer`.
+`trainer_metrics.MeanIoUMetric` as `compute_metrics`), a finished checkpoint not trained again (`train`). The
+callbacks: the data set's epoch (its augmentation), the prototypes initialised from data before step one of a fresh
+run, a line on the step a resumed run continues from, each process's final prototypes (a check). The crash-safe
+checkpoint folders come from `training.CheckpointSavingTrainer`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ class RankPrototypesCallback(TrainerCallback):
         torch.save(model.prototypes.detach().cpu().clone(), self.folder / f"prototypes_rank{rank}.pt")
 
 
+class PrototypeInitCallback(TrainerCallback):
+    """Before step one of a fresh run (not a resumed one), the prototypes become the clustered embeddings of the
+    trainer's first `prototype_init_batches` training batches per process (`prototype_init`)."""
+
+    def __init__(self, trainer: ProtoSegTrainer) -> None:
+        self.dataset, self.collate_fn = trainer.train_dataset, trainer.data_collator
+        self.batches, self.max_pixels = trainer.prototype_init_batches, trainer.prototype_init_max_pixels
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:  # resumed: the checkpoint holds the prototypes
+            return
+        initialize_prototypes_from_dataset(
+            model,
+            self.dataset,
+            self.collate_fn,
+            batches=self.batches,
+            batch_size=args.per_device_train_batch_size,
+            max_pixels_per_class=self.max_pixels,
+            seed=args.seed,
+            rank=args.process_index,
+            world_size=args.world_size,
+        )
+
+
 class ProtoSegTrainer(CheckpointSavingTrainer):
     """`Trainer` for `ProtoSegformerForSemanticSegmentation`.
 
@@ -134,6 +159,8 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(EpochCallback(self.train_dataset))
+        if self.prototype_init_batches > 0 and self.train_dataset is not None:
+            self.add_callback(PrototypeInitCallback(self))
 
     # ------------------------------------------------------------------ optimiser
     def create_optimizer(self, model=None):
@@ -240,23 +267,7 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
         # The areas carry everything the metric needs; a per-sample placeholder stands in for the labels.
         return loss, areas, torch.zeros(labels.shape[0], device=labels.device)
 
-    def initialize_prototypes(self) -> torch.Tensor:
-        """Cluster the embeddings of `prototype_init_batches` training batches per process into the prototypes."""
-        return initialize_prototypes_from_dataset(
-            self.model,
-            self.train_dataset,
-            self.data_collator,
-            batches=self.prototype_init_batches,
-            batch_size=self.args.per_device_train_batch_size,
-            max_pixels_per_class=self.prototype_init_max_pixels,
-            seed=self.args.seed,
-            rank=self.args.process_index,
-            world_size=self.args.world_size,
-        )
-
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.prototype_init_batches > 0 and not resume_from_checkpoint:
-            self.initialize_prototypes()
         if isinstance(resume_from_checkpoint, str | Path):
             state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_FILE))
             if 0 < self.args.max_steps <= state.global_step:
@@ -271,6 +282,7 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
 
 __all__ = [
     "EpochCallback",
+    "PrototypeInitCallback",
     "ProtoSegTrainer",
     "RankPrototypesCallback",
     "ResumeLogCallback",
