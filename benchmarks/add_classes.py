@@ -67,7 +67,8 @@ from proto_segformer.configuration_proto_segformer import mit_preset
 from proto_segformer.data import IGNORE_INDEX, build_builtin_dataset
 from proto_segformer.data.dataset import SegmentationDataset
 from proto_segformer.data.transforms import AugmentationConfig, pad_collate
-from proto_segformer.training import ProtoSegTrainer, build_model
+from proto_segformer.model_building import build_model
+from proto_segformer.trainer import ProtoSegTrainer
 
 from .arguments import AddClassesBenchmarkArguments
 

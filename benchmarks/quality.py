@@ -193,10 +193,10 @@ def copy_shared_weights(
 def build_model_pair(
     model_args, id2label: Mapping[int, str], seed: int
 ) -> tuple[SegformerForSemanticSegmentation, ProtoSegformerForSemanticSegmentation]:
-    """Both heads for one seed: the ProtoSeg model as `scripts/train.py` builds it (`training.build_model`), its
+    """Both heads for one seed: the ProtoSeg model as `scripts/train.py` builds it (`model_building.build_model`), its
     parametric twin (same SegFormer config), the parametric encoder + decoder initialisation copied into the ProtoSeg
     model, and prototypes drawn from a generator seeded with `seed` (so they depend on the seed only)."""
-    from proto_segformer.training import build_model
+    from proto_segformer.model_building import build_model
 
     torch.manual_seed(seed)
     protoseg, _ = build_model(
@@ -242,7 +242,7 @@ class BatchFingerprint:
 def fingerprinting_trainer_class():
     """`ProtoSegTrainer` that also records a `BatchFingerprint` of the batches its optimisation steps train on
     (after any prototype initialisation; whatever the number of dataloader workers). Training is unchanged."""
-    from proto_segformer.training import ProtoSegTrainer
+    from proto_segformer.trainer import ProtoSegTrainer
 
     class FingerprintingTrainer(ProtoSegTrainer):
         def __init__(self, *args, **kwargs) -> None:
@@ -370,7 +370,7 @@ def train_and_evaluate(
     """Train `model` with `ProtoSegTrainer` on `data` (a `run_training.PreparedData`) and evaluate it with
     `MeanIoUMetric`; returns the run's record (metrics, time, parameters, fingerprints, prototype diagnosis)."""
     from proto_segformer.data.transforms import pad_collate
-    from proto_segformer.training import MeanIoUMetric
+    from proto_segformer.trainer_metrics import MeanIoUMetric
 
     is_protoseg = spec.head == "protoseg"
     metric = MeanIoUMetric(data.id2label, per_category_limit=10**6)

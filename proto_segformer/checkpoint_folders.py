@@ -1,5 +1,5 @@
 """The checkpoint folders of a training run, read without torch (scripts/train.py checks --resume_from_checkpoint
-before torch loads; `proto_segformer.training` re-exports these names).
+before torch loads; `proto_segformer.training` uses them).
 
 Checkpoints are written into `tmp-checkpoint-N/` and renamed to `checkpoint-N/` once every process has written its
 part, so a `checkpoint-N` folder is always complete (`checkpoint_problem` checks one; `newest_complete_checkpoint`

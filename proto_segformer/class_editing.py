@@ -36,6 +36,7 @@ from transformers.utils import logging
 from .configuration_proto_segformer import class_name_problem
 from .image_decoding import check_label_orientation, displayed_size, to_rgb_image
 from .prototype_math import cluster_prototypes
+from .sampling import per_class_sample
 
 logger = logging.get_logger(__name__)
 
@@ -357,15 +358,9 @@ def embed_support_pixels(
 def subsample_per_class(
     classes: torch.Tensor, num_classes: int, max_per_class: int | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """(P',) indices keeping at most `max_per_class` uniformly drawn entries of each class (all when None)."""
-    if max_per_class is None:
-        return torch.arange(classes.shape[0], device=classes.device)
-    keys = torch.rand(classes.shape[0], generator=generator, dtype=torch.float64).to(classes.device)
-    order = torch.argsort(classes.double() + keys)
-    counts = torch.bincount(classes, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(classes.shape[0], device=classes.device) - starts[classes[order]]
-    return torch.sort(order[rank < max_per_class]).values
+    """(P',) indices, in increasing order, keeping at most `max_per_class` uniformly drawn entries of each class
+    (all when None): `sampling.per_class_sample`."""
+    return torch.sort(per_class_sample(classes, num_classes, max_per_class, generator)).values
 
 
 def cluster_support_prototypes(

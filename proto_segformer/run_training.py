@@ -10,6 +10,7 @@ With no `--dataset_name` it trains on the built-in offline data set "scenes" wit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -54,23 +55,21 @@ from .data.loading import (
     read_id2label_file,
     resolve_column,
 )
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
+from .data.transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
+from .model_building import (
+    PROTOSEG_FIELDS,
+    ModelInputError,
+    ModelSource,
+    build_model,
+    model_summary,
+    read_model_source,
+    resume_config_problem,
+)
 from .output_folders import write_failure_message
 from .preflight import check_failed, check_training_command
-from .training import (
-    PROTOSEG_FIELDS,
-    MeanIoUMetric,
-    ModelInputError,
-    ProtoSegTrainer,
-    RankPrototypesCallback,
-    SaveFailedError,
-    TrainingDivergedError,
-    build_model,
-    check_model_source,
-    model_summary,
-    resume_config_problem,
-    save_training_outputs,
-)
+from .trainer import ProtoSegTrainer, RankPrototypesCallback, TrainingDivergedError
+from .trainer_metrics import MeanIoUMetric
+from .training import SaveFailedError, save_training_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +331,8 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
 
 @dataclass
 class PreparedData:
+    """The data of a run: the two data sets the Trainer reads, the class names, a name for the card, the crop."""
+
     train: SegmentationDataset
     validation: SegmentationDataset
     id2label: dict[int, str]
@@ -339,97 +340,138 @@ class PreparedData:
     crop_size: int
 
 
-def _checkpoint_id2label(model_args: ModelArguments) -> dict[int, str] | None:
-    if model_args.model_name_or_path is None:
-        return None
-    try:
-        from transformers import PretrainedConfig
+def _builtin_data(builtin: str, data_args: DataTrainingArguments, training_args: TrainingArguments):
+    """(DatasetDict, id2label) of a built-in data set."""
+    if data_args.id2label is not None:
+        raise DataError("--id2label cannot rename the classes of a built-in data set.")
+    with training_args.main_process_first():
+        try:
+            return build_builtin_dataset(
+                builtin,
+                num_train=data_args.builtin_num_train,
+                num_validation=data_args.builtin_num_validation,
+                image_size=data_args.builtin_image_size,
+                seed=data_args.builtin_seed,
+                long_tail=data_args.builtin_long_tail,
+            )
+        except (ValueError, FileNotFoundError) as error:  # bad builtin_* values, a missing optional package
+            raise DataError(f"builtin:{builtin}: {error}") from error
 
-        config, _ = PretrainedConfig.get_config_dict(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    except OSError:
-        return None
-    if config.get("model_type") != "proto_segformer" or not config.get("id2label"):
-        return None
-    return {int(k): v for k, v in config["id2label"].items()}
+
+def _named_data(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments):
+    """(DatasetDict with a validation split, image column, label column) of --dataset_name."""
+    with training_args.main_process_first():
+        dataset = load_dataset_any(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    dataset = ensure_validation_split(dataset, data_args.train_val_split, training_args.seed)
+    columns = dataset["train"].column_names
+    image_column = resolve_column(
+        columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
+    )
+    label_column = resolve_column(
+        columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", "--label_column_name"
+    )
+    missing = [c for c in (image_column, label_column) if c not in dataset["validation"].column_names]
+    if missing:
+        raise DataError(
+            f"The 'validation' split has no column {missing[0]!r}; its columns are"
+            f" {dataset['validation'].column_names}."
+        )
+    return dataset, image_column, label_column
+
+
+def _class_names(
+    dataset, label_column: str, image_column: str, data_args: DataTrainingArguments, checkpoint_id2label, ignore_index
+) -> dict[int, str]:
+    """The classes of --dataset_name: --id2label, else the data set's, else the checkpoint's, else class_<i> up to
+    the largest label value of the first training samples."""
+    if data_args.id2label is not None:
+        return read_id2label_file(data_args.id2label)
+    id2label = id2label_from_dataset(dataset, data_args.dataset_name, label_column) or checkpoint_id2label
+    if id2label is not None:
+        return id2label
+    for split_name in ("train", "validation"):
+        if len(dataset[split_name]) == 0:
+            raise DataError(f"The {split_name!r} split is empty.")
+    num_labels = infer_num_labels(dataset["train"], image_column, label_column, data_args.reduce_labels, ignore_index)
+    logger.warning(
+        "No class names found (pass --id2label FILE.json): using %d classes class_0..class_%d, from the"
+        " largest label value in the first training samples.",
+        num_labels,
+        num_labels - 1,
+    )
+    return {i: f"class_{i}" for i in range(num_labels)}
+
+
+def _first_samples(dataset, data_args: DataTrainingArguments):
+    """--max_train_samples and --max_eval_samples applied."""
+    for split_name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            dataset[split_name] = dataset[split_name].select(range(min(limit, len(dataset[split_name]))))
+    return dataset
+
+
+def _crop_size(builtin: str | None, data_args: DataTrainingArguments) -> int:
+    """--crop_size, by default the built-in data's image size or 512; at least 32 (SegFormer's smallest input)."""
+    default = data_args.builtin_image_size if builtin is not None else 512
+    crop_size = data_args.crop_size or default
+    if crop_size < 32:
+        raise DataError(
+            f"--crop_size {crop_size} is too small: SegFormer's spatial-reduction attention needs inputs of at least"
+            " 32x32 pixels."
+        )
+    return crop_size
+
+
+def _augmentation(builtin: str | None, crop_size: int, data_args: DataTrainingArguments, ignore_index: int):
+    """The training augmentation (no hue jitter on the built-in scenes, whose colours name the classes)."""
+    hue_delta = data_args.hue_delta
+    if hue_delta is None:
+        hue_delta = 0.0 if builtin and builtin.startswith("scenes") else 18.0
+    return AugmentationConfig(
+        crop_size=(crop_size, crop_size),
+        base_size=data_args.base_size,
+        min_scale=data_args.min_scale,
+        max_scale=data_args.max_scale,
+        cat_max_ratio=data_args.cat_max_ratio,
+        photometric_distortion=data_args.photometric_distortion,
+        hue_delta=hue_delta,
+        ignore_index=ignore_index,
+    )
 
 
 def prepare_data(
-    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: TrainingArguments,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    checkpoint_id2label: dict[int, str] | None = None,
 ) -> PreparedData:
-    """Load, split, name and check the data (raises `DataError` naming any problem), and wrap it for the Trainer."""
+    """Load, split, name and check the data (raises `DataError` naming any problem), and wrap it for the Trainer.
+
+    `ignore_index`: the model's `config.semantic_loss_ignore_index` (label value left out; crops are padded with
+    it). `checkpoint_id2label`: the class names of the checkpoint trained from, used when the data name none."""
+    # 1. The data set, its columns and its classes.
     builtin = parse_builtin_name(data_args.dataset_name)
-    if builtin is not None and data_args.dataset_name == builtin:
-        message = "--dataset_name %s: no local folder of that name; using the built-in data set builtin:%s."
-        logger.info(message, builtin, builtin)
-    ignore_index = 255
     if builtin is not None:
-        with training_args.main_process_first():
-            try:
-                dataset, id2label = build_builtin_dataset(
-                    builtin,
-                    num_train=data_args.builtin_num_train,
-                    num_validation=data_args.builtin_num_validation,
-                    image_size=data_args.builtin_image_size,
-                    seed=data_args.builtin_seed,
-                    long_tail=data_args.builtin_long_tail,
-                )
-            except (ValueError, FileNotFoundError) as error:  # bad builtin_* values, a missing optional package
-                raise DataError(f"builtin:{builtin}: {error}") from error
-        image_column, label_column = "image", "label"
-        dataset_label = f"builtin:{builtin}"
-        if data_args.id2label is not None:
-            raise DataError("--id2label cannot rename the classes of a built-in data set.")
+        if data_args.dataset_name == builtin:
+            message = "--dataset_name %s: no local folder of that name; using the built-in data set builtin:%s."
+            logger.info(message, builtin, builtin)
+        dataset, id2label = _builtin_data(builtin, data_args, training_args)
+        image_column, label_column, dataset_label = "image", "label", f"builtin:{builtin}"
     else:
-        with training_args.main_process_first():
-            dataset = load_dataset_any(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                cache_dir=model_args.cache_dir,
-                token=model_args.token,
-            )
-        dataset = ensure_validation_split(dataset, data_args.train_val_split, training_args.seed)
-        columns = dataset["train"].column_names
-        image_column = resolve_column(
-            columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
-        )
-        label_column = resolve_column(
-            columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", "--label_column_name"
-        )
-        for split_name in ("validation",):
-            missing = [c for c in (image_column, label_column) if c not in dataset[split_name].column_names]
-            if missing:
-                raise DataError(
-                    f"The {split_name!r} split has no column {missing[0]!r}; its columns are"
-                    f" {dataset[split_name].column_names}."
-                )
+        dataset, image_column, label_column = _named_data(model_args, data_args, training_args)
+        id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
         dataset_label = data_args.dataset_name
-        if data_args.id2label is not None:
-            id2label = read_id2label_file(data_args.id2label)
-        else:
-            id2label = id2label_from_dataset(dataset, data_args.dataset_name, label_column)
-            id2label = id2label or _checkpoint_id2label(model_args)
-            if id2label is None:
-                for split_name in ("train", "validation"):
-                    if len(dataset[split_name]) == 0:
-                        raise DataError(f"The {split_name!r} split is empty.")
-                num_labels = infer_num_labels(
-                    dataset["train"], image_column, label_column, data_args.reduce_labels, ignore_index
-                )
-                id2label = {i: f"class_{i}" for i in range(num_labels)}
-                logger.warning(
-                    "No class names found (pass --id2label FILE.json): using %d classes class_0..class_%d, from the"
-                    " largest label value in the first training samples.",
-                    num_labels,
-                    num_labels - 1,
-                )
     if len(id2label) < 2:
         raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
-    if data_args.max_train_samples is not None:
-        dataset["train"] = dataset["train"].select(range(min(data_args.max_train_samples, len(dataset["train"]))))
-    if data_args.max_eval_samples is not None:
-        dataset["validation"] = dataset["validation"].select(
-            range(min(data_args.max_eval_samples, len(dataset["validation"])))
-        )
+    # 2. The samples used, checked before training (files, sizes, label values).
+    dataset = _first_samples(dataset, data_args)
     limit = None if data_args.check_samples is None or data_args.check_samples < 0 else data_args.check_samples
     for split_name in ("train", "validation"):
         check_split(
@@ -442,31 +484,8 @@ def prepare_data(
             reduce_labels=data_args.reduce_labels,
             max_samples=limit,
         )
-
-    if builtin is not None:
-        crop_size = data_args.crop_size or data_args.builtin_image_size
-    else:
-        crop_size = data_args.crop_size or 512
-    if crop_size < 32:
-        raise DataError(
-            f"--crop_size {crop_size} is too small: SegFormer's spatial-reduction attention needs inputs of at least"
-            " 32x32 pixels."
-        )
-    hue_delta = (
-        data_args.hue_delta
-        if data_args.hue_delta is not None
-        else (0.0 if builtin and builtin.startswith("scenes") else 18.0)
-    )
-    augmentation = AugmentationConfig(
-        crop_size=(crop_size, crop_size),
-        base_size=data_args.base_size,
-        min_scale=data_args.min_scale,
-        max_scale=data_args.max_scale,
-        cat_max_ratio=data_args.cat_max_ratio,
-        photometric_distortion=data_args.photometric_distortion,
-        hue_delta=hue_delta,
-        ignore_index=ignore_index,
-    )
+    # 3. The training augmentation and the two data sets the Trainer reads.
+    crop_size = _crop_size(builtin, data_args)
     common = {
         "image_column": image_column,
         "label_column": label_column,
@@ -475,6 +494,7 @@ def prepare_data(
         "ignore_index": ignore_index,
         "seed": training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     }
+    augmentation = _augmentation(builtin, crop_size, data_args, ignore_index)
     train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
     validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
     return PreparedData(train, validation, id2label, dataset_label, crop_size)
@@ -637,45 +657,83 @@ def image_processor_for(model_args: ModelArguments, reduce_labels: bool) -> Segf
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def run_training(
-    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
-) -> dict[str, Any]:
-    """Train and evaluate; returns {"train": metrics, "eval": metrics, "output_dir": path}."""
-    start = time.monotonic()
+def _set_up_process(data_args: DataTrainingArguments, training_args: TrainingArguments) -> None:
+    """Log levels (this package, transformers, datasets) and --torch_threads."""
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    logging.getLogger("proto_segformer").setLevel(training_args.get_process_log_level())  # this module and training
+    logging.getLogger("proto_segformer").setLevel(training_args.get_process_log_level())  # all of the package
     if data_args.torch_threads is not None:
         if data_args.torch_threads < 1:
             raise DataError(f"--torch_threads must be >= 1, got {data_args.torch_threads}.")
         torch.set_num_threads(data_args.torch_threads)
-    if model_args.model_name_or_path is not None:  # a mistyped path fails at once, before the data are read
-        check_model_source(model_args.model_name_or_path, model_args.cache_dir)
+
+
+def model_ignore_index(source: ModelSource | None, overrides: dict[str, Any]) -> int:
+    """The model's `semantic_loss_ignore_index`, known before it is built: --config_overrides', else the checkpoint's
+    config.json's, else the config default. The data are padded with it and the metric leaves it out."""
+    value = overrides.get("semantic_loss_ignore_index")
+    if value is None and source is not None:
+        value = source.config.get("semantic_loss_ignore_index")
+    return DEFAULT_IGNORE_INDEX if value is None else int(value)
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
+    """Train and evaluate; returns {"train": metrics, "eval": metrics, "output_dir": path}. The steps, in order."""
+    start = time.monotonic()
+    _set_up_process(data_args, training_args)
+
+    # 1. The checkpoint to start from: a mistyped path fails at once, before the data are read; config.json is read
+    #    here, once (its classes, its ignore index, then the model's config).
+    source = None
+    if model_args.model_name_or_path is not None:
+        source = read_model_source(
+            model_args.model_name_or_path, model_args.cache_dir, model_args.model_revision, model_args.token
+        )
+    overrides = model_args.config_fields()
+    ignore_index = model_ignore_index(source, overrides)
+
+    # 2. The output folder: the checkpoint to resume from, or a fresh start (a folder holding a run is refused).
     resume = prepare_output_dir(training_args, data_args)
-    data = prepare_data(model_args, data_args, training_args)
+
+    # 3. The data, with the normalisation of the image processor saved with the model.
+    checkpoint_id2label = source.id2label() if source is not None else None
+    data = prepare_data(
+        model_args, data_args, training_args, ignore_index=ignore_index, checkpoint_id2label=checkpoint_id2label
+    )
     image_processor = image_processor_for(model_args, data_args.reduce_labels)
     data.train.image_mean, data.train.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     data.validation.image_mean, data.validation.image_std = data.train.image_mean, data.train.image_std
-    # The model's random initialisation comes from the seed too (the Trainer seeds only when it is created).
+
+    # 4. The model. Its random initialisation comes from the seed too (the Trainer seeds only when it is created).
     if training_args.full_determinism:
         transformers.enable_full_determinism(training_args.seed)
     else:
         transformers.set_seed(training_args.seed)
-    model, source = build_model(
+    model, description = build_model(
         model_name_or_path=model_args.model_name_or_path,
         model_preset=model_args.model_preset,
         id2label=data.id2label,
-        overrides=model_args.config_fields(),
+        overrides=overrides,
         cache_dir=model_args.cache_dir,
         revision=model_args.model_revision,
         token=model_args.token,
+        source=source,
     )
+    if model.config.semantic_loss_ignore_index != ignore_index:  # e.g. null in the checkpoint's config.json
+        raise ModelInputError(
+            f"The model's semantic_loss_ignore_index is {model.config.semantic_loss_ignore_index!r}: give the label"
+            " value to leave out with --config_overrides semantic_loss_ignore_index=N."
+        )
     if resume is not None:
         problem = resume_config_problem(resume, model.config)
         if problem is not None:
             raise ModelInputError(problem)
-        source = f"{model_summary(model.config)}, resuming {Path(resume).name} of {training_args.output_dir}"
-    logger.info("Model: %s; %d classes; data: %s", source, len(data.id2label), data.dataset_label)
+        description = f"{model_summary(model.config)}, resuming {Path(resume).name} of {training_args.output_dir}"
+    logger.info("Model: %s; %d classes; data: %s", description, len(data.id2label), data.dataset_label)
+
+    # 5. Train, evaluate, save.
     return _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start)
 
 
@@ -690,7 +748,7 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
         args=training_args,
         train_dataset=data.train if training_args.do_train else None,
         eval_dataset=data.validation if training_args.do_eval else None,
-        data_collator=pad_collate,
+        data_collator=functools.partial(pad_collate, ignore_index=model.config.semantic_loss_ignore_index),
         compute_metrics=MeanIoUMetric(data.id2label),
         callbacks=callbacks,
         head_learning_rate_multiplier=model_args.head_learning_rate_multiplier,

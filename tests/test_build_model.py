@@ -11,8 +11,8 @@ from conftest import (
 from transformers import SegformerConfig, SegformerForImageClassification, SegformerForSemanticSegmentation
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.model_building import ModelInputError, build_model
 from proto_segformer.run_training import parse_config_overrides
-from proto_segformer.training import ModelInputError, build_model
 
 ID2LABEL = {0: "bg", 1: "cat", 2: "dog"}
 

@@ -24,7 +24,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation, Segf
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.inference import CheckpointError, load_model, validate_checkpoint
-from proto_segformer.training import ModelInputError, build_model
+from proto_segformer.model_building import ModelInputError, build_model
 
 LABELS = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
 MISSING = "has no 'prototypes' tensor (missing: prototypes)"

@@ -246,9 +246,38 @@ def test_save_steps_alone_means_saving_every_n_steps() -> None:
 
 
 def test_the_divergence_message_names_the_step_the_term_and_a_fix() -> None:
-    from proto_segformer.training import divergence_message
+    from proto_segformer.trainer import divergence_message
 
     nan = float("nan")
     message = divergence_message(7, torch.tensor([[1.2, 1.1, 2.0, 0.5], [nan, 1.0, nan, 0.5]]), 0.5)
     assert message.startswith("Training diverged at step 7: the loss is nan on process 1 (CE 1, PPC nan, PPD 0.5;")
     assert "non-finite: PPC)" in message and "--learning_rate 0.05" in message
+
+
+def test_a_model_ignoring_254_trains_and_evaluates_on_crops_padded_with_254(tmp_path: Path) -> None:
+    # The run's ignore index is the model's config.semantic_loss_ignore_index, through the data (crop padding, the
+    # batches' padding), the loss and the metric. On main the data padded with a hard-coded 255 while the model
+    # ignored 254: the model refused the padded pixels ("labels contain values 255 that are neither a class index
+    # in [0, 10] nor the ignore index 254").
+    from proto_segformer.run_training import build_parser, prepare_data
+
+    args = list(TINY_ARGS)
+    args[args.index("--config_overrides") + 1] += ",semantic_loss_ignore_index=254"
+    args[args.index("--builtin_image_size") + 1] = "24"  # validation batches padded to 32 (SegFormer's least input)
+    # Every training crop padded: images scaled to 16 px (0.5 x the 32 px crop) before the 32 x 32 crop.
+    args += ["--crop_size", "32", "--min_scale", "0.5", "--max_scale", "0.5"]
+    output = tmp_path / "run"
+    main(["--output_dir", str(output), "--max_steps", "1", "--eval_steps", "1", "--save_strategy", "no", *args])
+    config = json.loads((output / "config.json").read_text())
+    assert config["semantic_loss_ignore_index"] == 254
+    results = json.loads((output / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_overall_accuracy"] <= 1.0 and results["eval_loss"] == pytest.approx(
+        results["eval_loss"]
+    )  # finite (NaN is not approximately equal to itself)
+
+    model_args, data_args, training_args = build_parser(args).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path / "data"), *args]
+    )
+    data = prepare_data(model_args, data_args, training_args, ignore_index=254)
+    crop = data.train[0]["labels"]
+    assert crop.shape == (32, 32) and (crop == 254).any() and not (crop == 255).any()

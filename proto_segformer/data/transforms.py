@@ -12,16 +12,22 @@ All randomness comes from a `numpy.random.Generator` passed in, so a sample's au
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import SegformerConfig
 
 from ..image_decoding import exif_orientation, has_transparency, to_rgb_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The ignore index of a config that does not set one (SegformerConfig's `semantic_loss_ignore_index` default): the
+# default of the functions here; a training run passes its model's `config.semantic_loss_ignore_index`.
+DEFAULT_IGNORE_INDEX: int = inspect.signature(SegformerConfig.__init__).parameters["semantic_loss_ignore_index"].default
 
 
 @dataclass
@@ -53,7 +59,7 @@ class AugmentationConfig:
     contrast_range: tuple[float, float] = (0.5, 1.5)
     saturation_range: tuple[float, float] = (0.5, 1.5)
     hue_delta: float = 18.0
-    ignore_index: int = 255
+    ignore_index: int = DEFAULT_IGNORE_INDEX
 
     def __post_init__(self) -> None:
         if min(self.crop_size) < 1:
@@ -92,7 +98,7 @@ def label_to_array(label: Image.Image | np.ndarray) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def reduce_label_array(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+def reduce_label_array(label: np.ndarray, ignore_index: int = DEFAULT_IGNORE_INDEX) -> np.ndarray:
     """ADE20K-style reduction: 0 ("other") becomes the ignore index, every other class shifts down by one.
 
     A value of ignore_index + 1 would shift onto the ignore index and vanish from training: a `ValueError`."""
@@ -261,7 +267,10 @@ def eval_transform(
 
 
 def pad_collate(
-    features: list[dict[str, torch.Tensor]], ignore_index: int = 255, multiple: int = 1, min_size: int = 32
+    features: list[dict[str, torch.Tensor]],
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    multiple: int = 1,
+    min_size: int = 32,
 ) -> dict:
     """Stack samples, padding pixel_values with 0 and labels with `ignore_index` (bottom / right) to the batch's
     largest size (at least `min_size`, the smallest input SegFormer's spatial-reduction attention accepts; rounded
@@ -288,6 +297,7 @@ def pad_collate(
 
 
 __all__ = [
+    "DEFAULT_IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentationConfig",
