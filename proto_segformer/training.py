@@ -51,7 +51,7 @@ from .checkpoint_folders import (
     newest_complete_checkpoint,
 )
 from .configuration_proto_segformer import ProtoSegformerConfig
-from .inference import upsampled_argmax
+from .label_maps import upsampled_argmax
 from .metrics import metrics_from_areas
 from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
 from .output_folders import free_bytes, is_disk_full, is_write_failure

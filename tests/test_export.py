@@ -33,7 +33,6 @@ from proto_segformer.export import (
     export_program,
     write_onnx_folder,
 )
-from proto_segformer.inference import InferenceOptions, Segmenter
 from proto_segformer.prototypes import (
     class_scores,
     l2_normalize,
@@ -42,6 +41,7 @@ from proto_segformer.prototypes import (
     random_unit_prototypes,
     traced_prototype_logits,
 )
+from proto_segformer.segmenter import InferenceOptions, Segmenter
 
 needs_onnx = requires_extra("onnx")
 
