@@ -194,7 +194,7 @@ def validate_checkpoint(folder: str | Path) -> ModelFolder:
     )
 
 
-def checked(source: str | Path | ModelFolder) -> ModelFolder:
+def _checked(source: str | Path | ModelFolder) -> ModelFolder:
     """`source` itself if it is a `ModelFolder` (checked already), else `validate_checkpoint(source)`."""
     return source if isinstance(source, ModelFolder) else validate_checkpoint(source)
 
@@ -208,7 +208,7 @@ def load_model(source: str | Path | ModelFolder, device: str | torch.device = "c
     once already, so without a cast they are not scanned again."""
     from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
 
-    checkpoint = checked(source)
+    checkpoint = _checked(source)
     try:
         model, loading_info = ProtoSegformerForSemanticSegmentation.from_pretrained(
             str(checkpoint.folder), output_loading_info=True, dtype=dtype

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .image_decoding import to_rgb_array
-from .output_folders import OutputError, check_output_folder
+from .output_folders import OutputError, check_output_folder, is_write_failure
 from .pictures import colour_overlay, index_png, label_png, prototype_colormap, prototype_overlay
 from .segmenter import Prediction, Segmenter, check_prediction_size
 
@@ -388,8 +388,10 @@ def predict_files(
     model, so that they are checked once per run) and listed in the folder's manifest before they are written,
     each atomically; the manifest then records each file's SHA-256. An image that cannot be read, predicted or
     rendered is skipped with a warning and its reason, listed in the summary: it never stops the batch (its
-    pictures are all rendered before the first of its files is written). Every image of at least one pixel is
-    predicted (small ones are padded, `Segmenter`). A progress bar (tqdm) runs over the files when `progress`.
+    pictures are all rendered before the first of its files is written); a failed write (a full disk:
+    `output_folders.is_write_failure`) stops the run, the files written before complete. Every image of at least
+    one pixel is predicted (small ones are padded, `Segmenter`). A progress bar (tqdm) runs over the files when
+    `progress`.
     """
     import time
 
@@ -438,6 +440,8 @@ def predict_files(
                         result, image, output_dir, stem, segmenter.id2label, num_prototypes, on_written=on_written
                     )
                 except (ValueError, RuntimeError, OSError) as error:
+                    if is_write_failure(error):  # a full disk fails every image after it too: stop, one line
+                        raise
                     skip(path, f"could not be written ({failure_reason(error)})")
                     continue
                 for file in files:

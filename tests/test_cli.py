@@ -375,7 +375,8 @@ def run_interrupted(script: str, patch: str, args: list[str], cwd: Path) -> subp
 @pytest.mark.parametrize(
     "script, patch, args, message",
     [
-        ("export_onnx.py", "proto_segformer.checkpoint:load_model", ["--model", "model", "--output_dir", "onnx"],
+        ("export_onnx.py", "proto_segformer.checkpoint:validate_checkpoint",
+         ["--model", "model", "--output_dir", "onnx"],
          "export_onnx.py: interrupted; the output folder is unchanged."),
         ("predict.py", "proto_segformer.prediction_files:collect_inputs",
          ["--model", "model", "--inputs", "photo.png", "--output_dir", "out"],
