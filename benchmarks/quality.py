@@ -35,7 +35,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from transformers.trainer_callback import PrinterCallback
 
 from proto_segformer.modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
-from proto_segformer.prototypes import l2_normalize, random_unit_prototypes
+from proto_segformer.prototype_math import l2_normalize, random_unit_prototypes
 
 HEADS = ("parametric", "protoseg")
 DATASETS = ("scenes", "scenes-large")

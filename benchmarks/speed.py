@@ -47,7 +47,8 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
 from proto_segformer.configuration_proto_segformer import mit_preset
-from proto_segformer.prototypes import SIMILARITY_DTYPES, l2_normalize, measured_head_blocks, prototype_logits
+from proto_segformer.prototype_kernels import SIMILARITY_DTYPES, measured_head_blocks, prototype_logits
+from proto_segformer.prototype_math import l2_normalize
 
 from .arguments import SpeedArguments
 

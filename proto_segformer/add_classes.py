@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .class_editing import DEFAULT_MIN_CELL_FRACTION, normalize_names
-from .safe_files import exchange_folders, is_within, remove_listed, staging_folder
+from .folder_writer import fault_point, write_folder
+from .safe_files import is_within
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ MASK_MODES = ("L", "P", "I", "I;16")
 WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 # Files of the old model's card: the new card replaces them (the old prototype statistics describe other prototypes).
 SUPERSEDED = ("README.md", "model_card_inputs.json", "prototype_stats.json")
-# A test hook: "after_weights" makes the save kill its own process (SIGKILL) once the new weights are written.
-CRASH_ENV = "PROTO_SEGFORMER_TEST_CRASH"
 
 
 class AddClassesError(ValueError):
@@ -188,13 +187,6 @@ def check_output_dir(model_dir: Path, output_dir: Path, overwrite_model: bool) -
         )
 
 
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -228,34 +220,29 @@ def carry_over(old: Path, staging: Path) -> list[str]:
 
 
 def save_model_atomically(model, processor, output_dir: Path, write_card) -> None:
-    """Save `model` (and `processor`, and the card `write_card(folder)`) into `output_dir` in one step.
+    """Save `model` (and `processor`, and the card `write_card(folder)`) into `output_dir` in one step
+    (`folder_writer.write_folder`).
 
     Everything is written into a staging folder beside `output_dir`; files of an existing `output_dir` that the new
     model does not replace are linked in; then the two folders are exchanged (one atomic rename on Linux) and the
-    previous folder's files are removed. A crash before the exchange leaves `output_dir` as it was (and a hidden
+    previous folder's files are removed (those carried over and its top-level files, which the new model replaces:
+    the user named the folder). A crash before the exchange leaves `output_dir` as it was (and a hidden
     `.<name>.saving-*` folder beside it, safe to delete); after it, the new model.
     """
-    staging = staging_folder(output_dir, "saving")
-    try:
+
+    replaced: list[str] = []  # the previous folder's files that the new folder replaces or holds a link to
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
-        _crash_point("after_weights")
+        fault_point("add-classes:after-weights")
         if processor is not None:
             processor.save_pretrained(staging)
-        carried = carry_over(output_dir, staging) if output_dir.is_dir() else []
+        if output_dir.is_dir():
+            replaced.extend(p.name for p in output_dir.iterdir() if p.is_file() or p.is_symlink())
+            replaced.extend(carry_over(output_dir, staging))
         write_card(staging)  # after carry_over: it may read the old results files, never writes a linked file
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # ours alone
-        raise
-    if not output_dir.exists():
-        os.rename(staging, output_dir)
-        return
-    exchange_folders(staging, output_dir)  # staging now holds the previous folder
-    superseded = [p.relative_to(staging).as_posix() for p in staging.iterdir() if p.is_file() or p.is_symlink()]
-    left = remove_listed(staging, sorted(set(carried) | set(superseded)))
-    if left:
-        logger.warning("Kept %s of the previous %s in %s.", ", ".join(left[:8]), output_dir, staging)
-    else:
-        staging.rmdir()
+
+    write_folder(output_dir, fill, purpose="saving", replaceable=replaced)
 
 
 def class_addition_record(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .configuration_proto_segformer import ProtoSegformerConfig
-from .paths import close_matches
+from .local_paths import close_matches
 from .training_crop import recorded_training_crop
 
 logger = logging.getLogger(__name__)

@@ -135,7 +135,7 @@ def find_resume_checkpoint(output_dir: str | Path, resume: str) -> tuple[Path, l
     problem = checkpoint_problem(resume)
     if problem is not None:
         if not Path(resume).exists():
-            from .paths import missing_path_message
+            from .local_paths import missing_path_message
 
             raise ResumeError(missing_path_message(resume, "--resume_from_checkpoint", hub=False))
         folder = Path(resume).parent

@@ -3,7 +3,7 @@
 A ProtoSeg class is a set of M non-learnable prototypes, not a row of learnable weights. A new class is therefore
 learnt by embedding a few labelled support images with the frozen network and clustering the embeddings of the new
 class's pixels into M prototypes, with the same Sinkhorn-equipartition clustering the training step uses
-(`prototypes.cluster_prototypes`). The new prototypes are appended to the buffer; every existing prototype and every
+(`prototype_math.cluster_prototypes`). The new prototypes are appended to the buffer; every existing prototype and every
 learnable weight stays bit-identical.
 
 Conventions (see `add_classes_to_model` for the details):
@@ -18,8 +18,8 @@ Conventions (see `add_classes_to_model` for the details):
   `min_cell_fraction` (default 0.75, i.e. 12 of the 16 image pixels of a 4x4 cell) of its image pixels carry c: cells
   on a class boundary, or half left out, do not count, so the prototypes see only embeddings well inside the class.
 
-This module imports only torch, transformers, the standard library and single-dot siblings, so that it travels with
-the modeling file as remote code (`save_pretrained` copies it next to the weights).
+The model's `add_classes`, `remove_classes` and `rename_class` methods call this module from the installed package:
+it is not remote code (running and training the model do not need it).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from transformers.utils import logging
 
 from .configuration_proto_segformer import class_name_problem
 from .image_decoding import check_label_orientation, displayed_size, to_rgb_image
-from .prototypes import cluster_prototypes
+from .prototype_math import cluster_prototypes
 
 logger = logging.get_logger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import SegformerConfig
 
-from .paths import check_source
+from .local_paths import check_local_source
 
 # Mix Transformer sizes from the SegFormer paper (Xie et al., 2021, Table 6 and Sec. 4.1).
 MIT_PRESETS: dict[str, dict[str, Any]] = {
@@ -43,7 +43,7 @@ def mit_preset(name: str) -> dict[str, Any]:
 
 # How class scores become logits (config.class_score_normalization); the first is the contract's default.
 CLASS_SCORE_NORMALIZATIONS = ("layer_norm", "temperature")
-# Values of `similarity_dtype` (None: the model's dtype); the torch dtypes are `prototypes.SIMILARITY_DTYPES`.
+# Values of `similarity_dtype` (None: the model's dtype); the torch dtypes are `prototype_kernels.SIMILARITY_DTYPES`.
 SIMILARITY_DTYPE_NAMES = (None, "float32", "bfloat16")
 
 
@@ -247,9 +247,10 @@ class ProtoSegformerConfig(SegformerConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any) -> ProtoSegformerConfig:
         """`PretrainedConfig.from_pretrained`; a local-looking path that does not exist is a one-line error at once,
-        naming the closest existing folders (`paths.check_source`, no network), not a minute of Hub retries."""
+        naming the closest existing folders (`local_paths.check_local_source`, no network), not a minute of Hub
+        retries."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            check_source(str(pretrained_model_name_or_path), cache_dir=kwargs.get("cache_dir"), network=False)
+            check_local_source(str(pretrained_model_name_or_path), cache_dir=kwargs.get("cache_dir"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

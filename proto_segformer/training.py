@@ -13,7 +13,8 @@
 Checkpoints are written into `tmp-checkpoint-N/` and renamed to `checkpoint-N/` once every process has written its
 part, so a `checkpoint-N` folder is always complete (`checkpoint_problem` checks one; `newest_complete_checkpoint`
 finds the one to resume from). A non-finite loss stops training on every process with `TrainingDivergedError`.
-`PROTOSEG_FAULT=<point>[@<step>]` (a test hook, see `fault_point`) kills the process at a named point of a save.
+`PROTOSEG_FAULT=<point>[@<step>]` (the test hook `folder_writer.fault_point`) kills the process at a named point of
+a save.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,12 +51,13 @@ from .checkpoint_folders import (
     newest_complete_checkpoint,
 )
 from .configuration_proto_segformer import ProtoSegformerConfig
+from .folder_writer import fault_point, publish_files
 from .label_maps import upsampled_argmax
 from .metrics import metrics_from_areas
 from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
 from .output_folders import free_bytes, is_disk_full, is_write_failure
 from .paths import check_source
-from .prototypes import cluster_prototypes
+from .prototype_math import cluster_prototypes
 
 logger = logging.getLogger(__name__)
 assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
@@ -76,7 +77,6 @@ PROTOSEG_FIELDS = (
 HEAD_PREFIXES = ("decode_head.", "projection.")
 LOSS_PARTS = ("loss_ce", "loss_ppc", "loss_ppd")
 LOSS_PART_NAMES = ("CE", "PPC", "PPD")
-FAULT_ENV = "PROTOSEG_FAULT"
 
 
 class ModelInputError(ValueError):
@@ -115,17 +115,6 @@ RESUME_FIELDS = (
     "mlp_ratios",
     "num_channels",
 )
-
-
-def fault_point(name: str, step: int | None = None) -> None:
-    """Test hook: with the environment variable PROTOSEG_FAULT=`name` (or `name@step`, `step` being the global step
-    of the save), the process kills itself with SIGKILL here, as `kill -9` would. Unset: a dictionary lookup."""
-    wanted = os.environ.get(FAULT_ENV)
-    if not wanted:
-        return
-    point, _, at_step = wanted.partition("@")
-    if point == name and (not at_step or (step is not None and int(at_step) == step)):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def divergence_message(step: int, values: torch.Tensor, learning_rate: float) -> str:
@@ -420,7 +409,7 @@ def initialize_prototypes_from_data(
     seed: int = 0,
 ) -> torch.Tensor:
     """Set the prototypes of every class seen in `batches` to the spherical k-means (with Sinkhorn equipartition,
-    `proto_segformer.prototypes.cluster_prototypes`) of its pixel embeddings; classes not seen keep theirs.
+    `proto_segformer.prototype_math.cluster_prototypes`) of its pixel embeddings; classes not seen keep theirs.
 
     The model embeds in eval mode (no dropout, BatchNorm running statistics untouched). Under torch.distributed each
     process embeds its own batches, the embeddings are gathered, and every process clusters the same pixels with the
@@ -792,19 +781,6 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(dict(data), indent=4, sort_keys=True) + "\n")
 
 
-def publish_folder(staging: Path, output_dir: Path, last: str = MODEL_CARD_FILE) -> None:
-    """Move every file of `staging` into `output_dir` (os.replace, file by file) with `last` moved last, then remove
-    `staging`. An old `last` file goes first, so that during the move the folder never looks finished."""
-    (output_dir / last).unlink(missing_ok=True)
-    names = sorted(path.name for path in staging.iterdir())
-    ordered = [name for name in names if name != last] + [name for name in names if name == last]
-    for index, name in enumerate(ordered):
-        os.replace(staging / name, output_dir / name)
-        if index == 0:
-            fault_point("final-save:during-move")
-    staging.rmdir()
-
-
 def save_training_outputs(
     trainer: Trainer,
     output_dir: str | Path,
@@ -855,7 +831,7 @@ def save_training_outputs(
                 base_model=base_model,
                 training_args=json.loads(json.dumps(args, default=str)),
             )
-            publish_folder(staging, output_dir)
+            publish_files(staging, output_dir, last=MODEL_CARD_FILE)
     except Exception as error:  # a full disk: the checkpoints stay, resuming writes the final save again
         failure = SaveFailedError("the final model", output_dir, error) if is_write_failure(error) else None
         if should_save:
@@ -877,7 +853,6 @@ __all__ = [
     "TrainingDivergedError",
     "checkpoint_problem",
     "newest_complete_checkpoint",
-    "fault_point",
     "MeanIoUMetric",
     "ProtoSegTrainer",
     "RankPrototypesCallback",

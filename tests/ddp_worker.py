@@ -18,7 +18,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/, for conftest
 from conftest import tiny_config  # noqa: E402
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation  # noqa: E402
-from proto_segformer.prototypes import momentum_update, own_class_similarities, sinkhorn_assignments  # noqa: E402
+from proto_segformer.prototype_math import momentum_update, own_class_similarities, sinkhorn_assignments  # noqa: E402
 
 
 def main(output_dir: str) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from proto_segformer.class_editing import (
     subsample_per_class,
     support_cell_labels,
 )
-from proto_segformer.prototypes import cluster_prototypes
+from proto_segformer.prototype_math import cluster_prototypes
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -348,6 +349,7 @@ def test_rename_class_changes_only_the_label_maps():
 # ----------------------------------------------------------------------------------------------------------------
 # Save, reload, remote code, pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 REMOTE_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -363,13 +365,20 @@ REMOTE_SCRIPT = textwrap.dedent(
     segmenter = pipeline("image-segmentation", model=model, image_processor=processor)
     image = Image.open(image_path)
     labels = sorted(segment["label"] for segment in segmenter(image))
-    model.rename_class("blue thing", "navy thing")  # the editing methods work from the remote code too
+    try:  # the editing methods are not remote code: they need the package
+        model.rename_class("blue thing", "navy thing")
+    except ImportError as error:
+        without_package = str(error)
+    del sys.modules["proto_segformer"]  # now the package is there: the remote-code model's methods use it
+    sys.path.insert(0, sys.argv[3])
+    model.rename_class("blue thing", "navy thing")
     renamed = sorted(segment["label"] for segment in segmenter(image))
     mask = torch.zeros(1, 32, 32, dtype=torch.long)
     mask[:, :8] = 1
     added = model.add_classes(torch.randn(1, 3, 32, 32), mask, ["top strip"])
     print(json.dumps({
         "module": type(model).__module__, "labels": labels, "renamed": renamed, "added": added,
+        "without_package": without_package,
         "num_labels": model.config.num_labels, "prototypes": list(model.prototypes.shape),
     }))
     """
@@ -385,7 +394,7 @@ def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipe
     folder = tmp_path / "extended"
     model.save_pretrained(folder)
     SegformerImageProcessorPil(do_resize=False).save_pretrained(folder)
-    assert (folder / "class_editing.py").exists() and (folder / "prototypes.py").exists()
+    assert (folder / "prototype_math.py").exists() and not (folder / "class_editing.py").exists()
 
     reloaded = ProtoSegformerForSemanticSegmentation.from_pretrained(folder).eval()
     assert torch.equal(reloaded.prototypes, model.prototypes)
@@ -399,7 +408,7 @@ def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipe
     image.save(image_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(image_path)],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(image_path), str(REPO)],
         capture_output=True,
         text=True,
         env=env,
@@ -411,6 +420,7 @@ def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipe
     assert report["module"].startswith("transformers_modules.")
     assert report["labels"] == ["blue thing", "red thing"]
     assert report["renamed"] == ["navy thing", "red thing"]
+    assert report["without_package"].startswith("model.rename_class needs the proto_segformer package")
     assert report["added"] == {"top strip": 7}
     assert report["num_labels"] == 8 and report["prototypes"] == [8, 4, 32]
 
@@ -577,7 +587,7 @@ def test_add_classes_killed_mid_save_leaves_the_model_intact(tmp_path):
     write_support_folder(tmp_path / "support")
     before = folder_bytes(model_dir)
     killed = run_add_classes(
-        tmp_path, model_dir, model_dir, "--overwrite_model", env={"PROTO_SEGFORMER_TEST_CRASH": "after_weights"}
+        tmp_path, model_dir, model_dir, "--overwrite_model", env={"PROTOSEG_FAULT": "add-classes:after-weights"}
     )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after the new weights were written
     assert folder_bytes(model_dir) == before

@@ -427,8 +427,9 @@ ENOSPC = OSError(28, "No space left on device")
         ("predict.py", "proto_segformer.prediction_files.save_prediction", "Could not write the predictions into"
          " {out}: the disk is full (N free). The outputs written before are complete (each file is written whole); free"
          " some space and run the same command again."),
-        ("push_to_hub.py", "proto_segformer.hub.write_manifest", "Could not write the repository into {out}: the"
-         " disk is full (N free). An earlier assembly there is unchanged; free some space and run it again."),
+        ("push_to_hub.py", "proto_segformer.folder_writer.write_manifest", "Could not write the repository into"
+         " {out}: the disk is full (N free). An earlier assembly there is unchanged; free some space and run it"
+         " again."),
     ],
 )  # fmt: skip
 def test_a_full_disk_is_one_line_naming_the_folder(script, target, message, saved_model, tmp_path, capsys):

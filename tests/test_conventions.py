@@ -1,6 +1,6 @@
 """transformers' model conventions, as stock SegFormer honours them: save/load, batching, determinism, training with
 gradient checkpointing, hidden states (all or selected stages) and attentions, attention back-ends, loading in
-another dtype."""
+another dtype; and what the remote code (the files `auto_map` ships) may hold."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from conftest import tiny_config
 from rounding import assert_argmax_up_to_ties
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.hub import custom_code_files
 
 NO_DROPOUT = {
     "classifier_dropout_prob": 0.0,
@@ -131,3 +133,29 @@ def test_loading_in_bfloat16_keeps_float32_prototypes_and_scores_in_bfloat16(mod
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), reference, atol=0.3, rtol=0)
     assert_argmax_up_to_ties(logits.float().argmax(dim=1), reference, dim=1, atol=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Remote code: what running and training the model need, nothing else, and no network access
+
+SHIPPED = {
+    "configuration_proto_segformer.py",
+    "local_paths.py",
+    "modeling_proto_segformer.py",
+    "prototype_kernels.py",
+    "prototype_math.py",
+    "transformers_changes.py",
+}
+NETWORK_MODULES = {"socket", "urllib", "http", "requests", "httpx", "aiohttp"}
+
+
+def test_remote_code_is_the_model_only_and_never_reaches_the_network():
+    files = custom_code_files()
+    assert {path.name for path in files} == SHIPPED
+    for path in files:
+        # What transformers' remote-code check (`check_imports`) requires: never the package (the class-editing
+        # methods import it inside try/except), never a network library; sibling files by single-dot imports only.
+        required = set(get_imports(path))
+        assert not required & (NETWORK_MODULES | {"proto_segformer"}), (path.name, required)
+        assert {f"{name}.py" for name in get_relative_imports(path)} <= SHIPPED, path.name
+        assert "from .." not in path.read_text(), path.name

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from proto_segformer.prototypes import l2_normalize
+from proto_segformer.prototype_math import l2_normalize
 
 
 def test_two_gloo_processes_hold_the_normalised_mean_of_their_local_updates(tmp_path):

@@ -30,16 +30,9 @@ from proto_segformer.export import (
     EXPORT_MANIFEST,
     ExportError,
     OnnxRuntimeModel,
+    export_onnx,
     export_program,
     write_onnx_folder,
-)
-from proto_segformer.prototypes import (
-    class_scores,
-    l2_normalize,
-    normalize_class_scores,
-    prototype_logits,
-    random_unit_prototypes,
-    traced_prototype_logits,
 )
 from proto_segformer.segmenter import InferenceOptions, Segmenter
 
@@ -119,34 +112,6 @@ def _inputs(shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-# --------------------------------------------------------------------------------------- the traceable fused head
-
-
-@pytest.mark.parametrize(("batch", "height", "width", "num_blocks"), [(1, 16, 16, 64), (2, 7, 9, 5), (3, 5, 3, 64)])
-def test_traced_head_equals_the_plain_composition_and_the_fused_loop(batch, height, width, num_blocks):
-    generator = torch.Generator().manual_seed(batch)
-    embeddings = l2_normalize(torch.randn(batch, 32, height, width, generator=generator), dim=1)
-    prototypes = random_unit_prototypes(19, 10, 32, generator=generator)
-    expected = normalize_class_scores(class_scores(embeddings, prototypes), dim=1)
-    traced = traced_prototype_logits(embeddings, prototypes, num_blocks=num_blocks)
-    assert traced.shape == (batch, 19, height, width) and traced.is_contiguous()
-    torch.testing.assert_close(traced, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(traced, prototype_logits(embeddings, prototypes), atol=1e-5, rtol=0)
-
-
-def test_traced_head_has_the_plain_gradient():
-    generator = torch.Generator().manual_seed(3)
-    embeddings = l2_normalize(torch.randn(2, 16, 5, 6, generator=generator), dim=1)
-    prototypes = random_unit_prototypes(4, 3, 16, generator=generator)
-    weights = torch.randn(2, 4, 5, 6, generator=generator)
-    grads = []
-    for head in (traced_prototype_logits, lambda e, p: normalize_class_scores(class_scores(e, p), dim=1)):
-        leaf = embeddings.clone().requires_grad_(True)
-        (head(leaf, prototypes) * weights).sum().backward()
-        grads.append(leaf.grad)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------------------------------- torch.export
 
 
@@ -180,7 +145,8 @@ def test_eager_input_checks_stay_and_the_exported_graph_has_none(model):
 def test_export_folder_holds_the_model_and_its_configs(onnx_folder):
     names = sorted(p.name for p in onnx_folder.iterdir())
     required = [EXPORT_MANIFEST, "config.json", "model.onnx", "preprocessor_config.json"]
-    assert names == sorted([*required, "configuration_proto_segformer.py", "paths.py"])  # the config's remote code
+    remote_code = ["configuration_proto_segformer.py", "local_paths.py"]  # the config's remote code
+    assert names == sorted([*required, *remote_code])
     assert json.loads((onnx_folder / "config.json").read_text())["id2label"]["6"] == "LABEL_6"
     assert not [p for p in onnx_folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
@@ -430,3 +396,11 @@ def test_only_the_known_exporter_messages_are_silenced():
         registry.removeHandler(logs)
     assert logs.messages == ["an unknown operator", "torchvision is not installed. Skipping torchvision::nms"]
     assert [str(w.message) for w in warned] == ["another deprecation"]
+
+
+def test_onnx_export_refuses_bfloat16_similarities_before_writing(tmp_path):
+    require_extra("onnx", "onnx", "onnxscript")
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3, similarity_dtype="bfloat16")).eval()
+    with pytest.raises(ValueError, match="similarity_dtype = None"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -1,8 +1,8 @@
 """kill -9 during checkpoint saves and the final save of a real `scripts/train.py` process, then resume.
 
 The library's test hook PROTOSEG_FAULT=<point>[@<step>] makes the training process SIGKILL itself at a named point
-of a save (`proto_segformer.training.fault_point`). After each kill: no incomplete folder is taken for a checkpoint,
-a plain rerun is refused with both options named, `--resume_from_checkpoint last` continues from the newest
+of a save (`proto_segformer.folder_writer.fault_point`). After each kill: no incomplete folder is taken for a
+checkpoint, a plain rerun is refused with both options named, `--resume_from_checkpoint last` continues from the newest
 complete checkpoint, and the result is bit-identical to the uninterrupted run.
 """
 

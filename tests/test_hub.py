@@ -41,7 +41,10 @@ EXPECTED_FILES = {
     "model.safetensors",
     "modeling_proto_segformer.py",
     "preprocessor_config.json",
-    "prototypes.py",
+    "prototype_kernels.py",
+    "prototype_math.py",
+    "local_paths.py",
+    "transformers_changes.py",
     "requirements.txt",
 }
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, tiny_config
 from rounding import assert_argmax_up_to_ties
 from safetensors import safe_open
@@ -17,7 +18,13 @@ from transformers import (
 )
 
 from proto_segformer import MIT_PRESETS, ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
-from proto_segformer.prototypes import momentum_update, own_class_similarities, sinkhorn_assignments
+from proto_segformer.modeling_proto_segformer import ProtoSegformerProjection
+from proto_segformer.prototype_math import (
+    l2_normalize,
+    momentum_update,
+    own_class_similarities,
+    sinkhorn_assignments,
+)
 
 
 def make_batch(num_labels=5, batch=2, size=32, seed=0, ignore_rows=4):
@@ -337,7 +344,7 @@ def test_save_load_round_trip_keeps_prototypes_and_logits(tmp_path):
         assert torch.equal(f.get_tensor("prototypes"), model.prototypes)
     assert any(k.startswith("decode_head.linear_c.") for k in keys)  # SegFormer's on-disk layout
     assert not any("classifier" in k for k in keys)
-    for name in ("config.json", "modeling_proto_segformer.py", "configuration_proto_segformer.py", "prototypes.py"):
+    for name in ("config.json", "modeling_proto_segformer.py", "configuration_proto_segformer.py", "prototype_math.py"):
         assert (tmp_path / name).exists(), name
     reloaded = ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert torch.equal(reloaded.prototypes, model.prototypes)  # never re-initialised on load
@@ -394,3 +401,14 @@ def test_in_memory_parametric_weights_load_with_load_state_dict():
     result = model.load_state_dict(parametric.state_dict(), strict=False)
     assert set(result.unexpected_keys) == {"decode_head.classifier.weight", "decode_head.classifier.bias"}
     assert all(k.startswith(("projection.", "prototypes")) for k in result.missing_keys)
+
+
+def test_projection_equals_its_convolution_reference():
+    torch.manual_seed(8)
+    projection = ProtoSegformerProjection(tiny_config(prototype_dim=12)).double()
+    hidden = torch.randn(2, 32, 5, 7, dtype=torch.float64)
+    reference = projection.conv2(F.relu(projection.conv1(hidden)))
+    reference = l2_normalize(projection.layer_norm(reference.permute(0, 2, 3, 1)), dim=-1).permute(0, 3, 1, 2)
+    out = projection(hidden)
+    assert out.shape == (2, 12, 5, 7)
+    torch.testing.assert_close(out, reference)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
-from proto_segformer.prototypes import class_scores, normalize_class_scores
+from proto_segformer.prototype_math import class_scores, normalize_class_scores
 
 
 def model_with(**overrides) -> ProtoSegformerForSemanticSegmentation:

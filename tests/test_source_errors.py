@@ -102,8 +102,8 @@ def test_from_pretrained_of_a_missing_folder_answers_at_once(workspace, time_lim
     print(f"from_pretrained('runs/x'): {seconds:.1f} s (limit {time_limit:.1f} s)")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "proto_segformer.paths.LocalPathNotFoundError: The model path 'runs/x' does not exist (checked locally; it"
-        " was not looked up on the Hub); runs/ holds: param, params_b0."
+        "proto_segformer.local_paths.LocalPathNotFoundError: The model path 'runs/x' does not exist (checked locally;"
+        " it was not looked up on the Hub); runs/ holds: param, params_b0."
     )
     assert seconds < time_limit
 

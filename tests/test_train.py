@@ -38,7 +38,8 @@ def test_output_folder_is_complete(demo_run: Path) -> None:
         "eval_results.json",
         "configuration_proto_segformer.py",
         "modeling_proto_segformer.py",
-        "prototypes.py",
+        "prototype_math.py",
+        "prototype_kernels.py",
     ):
         assert (demo_run / name).is_file(), name
     config = json.loads((demo_run / "config.json").read_text())

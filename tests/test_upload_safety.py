@@ -18,6 +18,7 @@ from PIL import Image
 from test_hub import EXPECTED_FILES, save_checkpoint
 
 from proto_segformer import safe_files
+from proto_segformer.hub import HubError, push_to_hub
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,18 +216,23 @@ def test_a_full_disk_while_assembling_is_one_line_and_changes_nothing(tmp_path, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(safe_files, "copy_contents", full)
-    assert script.main(["--model", str(run), "--local_dir", str(repo), "--overwrite"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # the scripts' one line for a failed write (cli.py), exit code 1
+        script.main(["--model", str(run), "--local_dir", str(repo), "--overwrite"])
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err  # transformers' progress bars, then the error
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert err.strip().splitlines()[-1] == line
-    assert f"No space left on the device while writing {repo}: nothing was changed" in line
+    assert f"Could not write the repository into {repo}: the disk is full" in line
+    assert "An earlier assembly there is unchanged" in line
+    with pytest.raises(HubError) as hub_error:  # the library's own one-line error, from the same failure
+        push_to_hub(run, None, local_dir=repo, overwrite=True)
+    assert f"No space left on the device while writing {repo}: nothing was changed" in str(hub_error.value)
+    assert ("it is as it was" if previous else "it was not created") in str(hub_error.value)
     if previous:
-        assert "it is as it was" in line
         assert snapshot(repo) == before
         assert sorted(p.name for p in repo.parent.iterdir()) == ["repo"]  # no partial copy left beside it
     else:
-        assert "it was not created" in line
         assert not repo.exists() and list(repo.parent.iterdir()) == []
 
 

@@ -1,7 +1,22 @@
-"""Prototype math of ProtoSeg as small pure functions over tensors.
+"""Fast paths of ProtoSeg's head, and the one place that chooses between them and the reference.
 
-Shapes: N pixels, K classes, M prototypes per class, D embedding width. Every function works on all classes at
-once (no Python loop over K); the model in `modeling_proto_segformer.py` wires them together.
+Each fast path computes what a composition of the reference functions in `prototype_math.py` computes (its docstring
+names which; the tests hold each against it), materialising less. Inside them the M*K similarities of a pixel are
+laid out prototype-major (column m*K + k), so the max over the M prototypes of a class is an elementwise max of M
+contiguous K-vectors.
+
+The model calls two functions, at the end of this file, with every switch as an argument:
+
+- `inference_logits` (no labels): the blocked head `prototype_logits` with block shapes measured on this machine, its
+  traced formulation `traced_prototype_logits` (torch.compile, torch.export, ONNX), or the reference;
+- `training_scores` (labels): the fused autograd Function `fused_scores_and_contrast`, its masked formulation
+  `masked_scores_and_contrast` (traced), or the reference `scores_and_contrast`.
+
+Switches: `fast` (the model's `fast_head`), `tracing` (`is_tracing()`), the similarity dtype and chunk size (config
+fields `similarity_dtype`, `inference_chunk_size`), grad mode, and the environment variable PROTOSEG_HEAD_BLOCKS
+(read by `head_block_shape`).
+
+Shapes: N pixels, K classes, M prototypes per class, D embedding width.
 """
 
 from __future__ import annotations
@@ -9,79 +24,45 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
-    """`x / ||x||` along `dim` (zero vectors stay zero)."""
-    return F.normalize(x, p=2.0, dim=dim, eps=eps)
-
-
-def random_unit_prototypes(
-    num_classes: int,
-    num_prototypes: int,
-    dim: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """(K, M, D) prototypes drawn from a standard normal and L2-normalised along D."""
-    values = torch.randn(num_classes, num_prototypes, dim, generator=generator, device=device, dtype=dtype)
-    return l2_normalize(values)
-
-
-def _float32_or_wider(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def prototype_similarities(embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities of unit pixel embeddings (N, D) to unit prototypes (K, M, D): (N, K, M)."""
-    num_classes, num_prototypes, dim = prototypes.shape
-    flat = embeddings @ prototypes.reshape(num_classes * num_prototypes, dim).t()
-    return flat.view(embeddings.shape[0], num_classes, num_prototypes)
-
-
-def class_scores(embeddings: torch.Tensor, prototypes: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """S_k(i) = max_m <e_i, p_{k,m}> for embeddings (B, D, h, w) and prototypes (K, M, D): (B, K, h, w).
-
-    With `chunk_size`, at most about `chunk_size` pixel-by-prototype scores exist at once (the classes are
-    processed in blocks); results are identical.
-    """
-    batch, dim, height, width = embeddings.shape
-    num_classes, num_prototypes, _ = prototypes.shape
-    pixels = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)
-    prototypes = prototypes.to(pixels.dtype)
-    if chunk_size is None:
-        block = num_classes
-    else:
-        block = max(1, min(num_classes, chunk_size // max(1, pixels.shape[0] * num_prototypes)))
-    if block >= num_classes:
-        scores = prototype_similarities(pixels, prototypes).amax(dim=-1)
-    else:
-        scores = torch.cat(
-            [
-                prototype_similarities(pixels, prototypes[start : start + block]).amax(dim=-1)
-                for start in range(0, num_classes, block)
-            ],
-            dim=1,
-        )
-    return scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
-
-
-def normalize_class_scores(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """LayerNorm without affine parameters over the class axis `dim` (keeps the argmax; acts as a temperature)."""
-    moved = scores.movedim(dim, -1)
-    return F.layer_norm(moved, (moved.shape[-1],)).movedim(-1, dim)
-
+from .prototype_math import (
+    class_logits,
+    class_scores,
+    normalize_class_scores,
+    ppc_loss,
+    ppd_loss,
+    prototype_similarities,
+    scores_and_contrast,
+    sinkhorn_assignments,
+)
 
 # ------------------------------------------------------------------------------------------------------------------
-# Fast paths. Each computes exactly what a composition of the plain functions above computes (the tests check both
-# against each other); they differ in how much they materialise. Inside them the M*K similarities of a pixel are laid
-# out prototype-major (column m*K + k), so the max over the M prototypes of a class is an elementwise max of M
-# contiguous K-vectors.
+# Switches and shared helpers
+
+# Dtypes the inference head's similarity may run in (`config.similarity_dtype`).
+SIMILARITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def is_tracing() -> bool:
+    """Whether the code runs under torch.compile / torch.export (dynamo or non-strict) or torch.jit.trace.
+
+    Data-dependent branches (a Python `if` on tensor values) and Python loops over tensor sizes run only outside.
+    """
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _check_similarity_dtype(similarity_dtype: torch.dtype | None) -> None:
+    """A ValueError unless `similarity_dtype` is None or one of SIMILARITY_DTYPES."""
+    if similarity_dtype is not None and similarity_dtype not in SIMILARITY_DTYPES.values():
+        raise ValueError(
+            f"similarity_dtype must be one of {sorted(SIMILARITY_DTYPES)} or None, got {similarity_dtype}."
+        )
+
 
 # Pixels per chunk: enough rows for an efficient matmul, few enough that a chunk's scores stay small (at most
 # FAST_CHUNK_SCORES pixel-by-prototype scores, 16 MiB in float32, unless that leaves fewer than FAST_CHUNK_MIN_ROWS).
@@ -115,18 +96,13 @@ def _rows_per_chunk(num_scores_per_row: int, limit: int | None) -> int:
     return max(1, rows)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Inference: logits = normalize_class_scores(class_scores(embeddings, prototypes), dim=1), without autograd
+
 # Pixel blocks of the traced formulation of `prototype_logits` (torch.export, torch.compile, ONNX): a fixed count,
 # because the number of pixels is symbolic there. A block holds B*h*w / TRACED_PIXEL_BLOCKS pixel-by-prototype scores
 # (a 512x512 image at K = 847, M = 10: 8.5 MiB in float32).
 TRACED_PIXEL_BLOCKS = 64
-
-
-def is_tracing() -> bool:
-    """Whether the code runs under torch.compile / torch.export (dynamo or non-strict) or torch.jit.trace.
-
-    Data-dependent branches (a Python `if` on tensor values) and Python loops over tensor sizes run only outside.
-    """
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def traced_prototype_logits(
@@ -136,7 +112,8 @@ def traced_prototype_logits(
     num_blocks: int = TRACED_PIXEL_BLOCKS,
     similarity_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The fused head as tensor operations over a fixed number of pixel blocks: (B, D, h, w) -> (B, K, h, w).
+    """The traced inference head: `normalize_class_scores(class_scores(embeddings, prototypes), dim=1)` as tensor
+    operations over a fixed number of pixel blocks, (B, D, h, w) -> (B, K, h, w).
 
     Same values as `prototype_logits` (per block: one matmul against the prototype-major prototypes, the max over the
     M prototypes of each class, the class-axis LayerNorm), with no Python loop over the batch or the pixels, so
@@ -171,28 +148,21 @@ def prototype_logits(
     eps: float = 1e-5,
     similarity_dtype: torch.dtype | None = None,
     block_shape: tuple[int, int] | None = None,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fast path of `normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)`: (B, K, h, w).
+    """The eager inference head: `normalize_class_scores(class_scores(embeddings, prototypes), dim=1)`, (B, K, h, w).
 
-    Embeddings (B, D, h, w), prototypes (K, M, D). Without autograd it runs `blocked_prototype_logits`: the similarity
-    matmul, the max over prototypes and the class-axis LayerNorm per block of pixels and classes, with block shapes
-    measured on this machine (`head_block_shape`); `chunk_size` bounds the pixel-by-prototype scores held at once. When
-    a gradient is needed it returns the plain, differentiable composition. Under torch.compile / torch.export it runs
-    `traced_prototype_logits` (the same computation without Python loops over sizes, so shapes stay dynamic; its block
-    count is fixed, so `chunk_size` and `block_shape` do not apply there).
+    Embeddings (B, D, h, w), prototypes (K, M, D). Runs `blocked_prototype_logits` (the similarity matmul, the max
+    over prototypes and the class-axis LayerNorm per block of pixels and classes) with the block shape `block_shape`
+    (pixels, classes), else the one measured on this machine (`head_block_shape`); `chunk_size` bounds the
+    pixel-by-prototype scores held at once. No autograd (the inputs are detached) and no tracing: `inference_logits`
+    chooses the reference or `traced_prototype_logits` there.
 
     `similarity_dtype` (None: the embeddings' dtype, or autocast's): the dtype of the similarity matmul, e.g.
     torch.bfloat16 for CPUs and GPUs with fast bf16 matrix units; the class scores are then normalised in float32
-    (or the embeddings' wider dtype). `block_shape`: (pixels, classes) per block instead of the measured choice.
+    (or the embeddings' wider dtype). `indices`: see `blocked_prototype_logits`.
     """
-    if similarity_dtype is not None and similarity_dtype not in SIMILARITY_DTYPES.values():
-        raise ValueError(
-            f"similarity_dtype must be one of {sorted(SIMILARITY_DTYPES)} or None, got {similarity_dtype}."
-        )
-    if is_tracing():
-        return traced_prototype_logits(embeddings, prototypes, eps=eps, similarity_dtype=similarity_dtype)
-    if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
-        return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
+    _check_similarity_dtype(similarity_dtype)
     matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
     num_classes, num_prototypes, _ = prototypes.shape
     if block_shape is None:
@@ -200,12 +170,8 @@ def prototype_logits(
     rows, classes = _bounded_block_shape(block_shape, num_classes, num_prototypes, chunk_size)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return blocked_prototype_logits(
-            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps
+            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps, indices
         )
-
-
-# Dtypes the inference head's similarity may run in (`config.similarity_dtype`).
-SIMILARITY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _head_dtypes(embeddings: torch.Tensor, similarity_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
@@ -247,6 +213,7 @@ def blocked_prototype_logits(
     matmul_dtype: torch.dtype,
     out_dtype: torch.dtype,
     eps: float = 1e-5,
+    indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The inference head, blocked for the caches: (B, D, h, w), (K, M, D) -> logits (B, K, h, w), contiguous.
 
@@ -256,6 +223,9 @@ def blocked_prototype_logits(
     then the LayerNorm over the class axis (mean and variance over K per pixel, in `out_dtype`) writes the pixels'
     logits, already in the (K, pixels) layout of the result. Computes exactly what `normalize_class_scores(
     class_scores(...))` computes (the same products and max; the LayerNorm up to rounding).
+
+    `indices`, optional (B, K, h*w) int64: filled in the same pass with the index m of each class's nearest prototype
+    (the first of equal maxima), the max itself unchanged, so the logits are the same bits with or without it.
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
@@ -276,11 +246,16 @@ def blocked_prototype_logits(
                 width_k = block.shape[0] // num_prototypes
                 similarities = tile[: block.shape[0] * count].view(block.shape[0], count)
                 torch.mm(block, block_pixels, out=similarities)
-                torch.amax(
-                    similarities.view(num_prototypes, width_k, count),
-                    dim=0,
-                    out=scores[first : first + width_k, :count],
-                )
+                if indices is None:
+                    torch.amax(
+                        similarities.view(num_prototypes, width_k, count),
+                        dim=0,
+                        out=scores[first : first + width_k, :count],
+                    )
+                else:
+                    best, index = similarities.view(num_prototypes, width_k, count).max(dim=0)
+                    scores[first : first + width_k, :count] = best
+                    indices[image, first : first + width_k, start : start + count] = index
             _normalize_columns(scores[:, :count].to(out_dtype), eps, out=logits[image, :, start : start + count])
     return logits.view(batch, num_classes, height, width)
 
@@ -311,6 +286,8 @@ HEAD_TUNING_ROUNDS = 2
 HEAD_TUNING_MARGIN = 0.05
 # Environment variable pinning the block shape, e.g. PROTOSEG_HEAD_BLOCKS=512,128 (pixels, classes).
 HEAD_BLOCKS_ENV = "PROTOSEG_HEAD_BLOCKS"
+# The clock the candidates are timed with, in seconds (a module attribute, so that a test can replace it).
+tuning_clock = time.perf_counter
 _measured_head_blocks: dict[tuple, tuple[int, int]] = {}
 
 
@@ -365,7 +342,8 @@ def head_block_shape(
 
 
 def _measure_head_blocks(embeddings, prototypes, matmul_dtype, out_dtype, eps) -> tuple[int, int]:
-    """Time the candidate block shapes on the first pixels, HEAD_TUNING_ROUNDS rounds in turns (best time of each).
+    """Time the candidate block shapes on the first pixels, HEAD_TUNING_ROUNDS rounds in turns (best time of each, by
+    `tuning_clock`).
 
     Another shape replaces DEFAULT_HEAD_BLOCK only when it is at least HEAD_TUNING_MARGIN faster (a shared machine's
     noise must not pick a slow shape), and only if its logits are bit-identical to the default's.
@@ -387,9 +365,9 @@ def _measure_head_blocks(embeddings, prototypes, matmul_dtype, out_dtype, eps) -
         reference = run(DEFAULT_HEAD_BLOCK)
         for _ in range(HEAD_TUNING_ROUNDS):
             for shape in [shape for shape in candidates if shape in timings]:
-                start = time.perf_counter()
+                start = tuning_clock()
                 result = run(shape)
-                elapsed = time.perf_counter() - start
+                elapsed = tuning_clock() - start
                 if torch.equal(result, reference):  # a shape that changed a bit is never chosen
                     timings[shape] = min(timings[shape], elapsed)
                 else:
@@ -398,35 +376,8 @@ def _measure_head_blocks(embeddings, prototypes, matmul_dtype, out_dtype, eps) -
     return best if timings[best] < (1 - HEAD_TUNING_MARGIN) * timings[DEFAULT_HEAD_BLOCK] else DEFAULT_HEAD_BLOCK
 
 
-def scores_and_contrast(
-    pixels: torch.Tensor,
-    prototypes: torch.Tensor,
-    rows: torch.Tensor,
-    classes: torch.Tensor,
-    assign,
-    temperature: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training head's class scores, PPC loss and prototype assignment: the plain reference composition.
-
-    Args:
-        pixels: (N, D) unit embeddings (may require grad).
-        prototypes: (K, M, D) unit prototypes (used as constants).
-        rows: (V,) indices of the labelled pixels; classes: (V,) their classes.
-        assign: (own (V, M), classes (V,)) -> (V,) prototype index in [0, M), e.g. Sinkhorn assignments.
-
-    Returns:
-        scores (N, K) = max_m s_{k,m}, loss_ppc (), assigned (V,) = s_{k_i, a_i}(i), targets (V,) = k_i * M + a_i.
-    """
-    num_prototypes = prototypes.shape[1]
-    similarities = prototype_similarities(pixels, prototypes.detach().to(pixels.dtype))
-    scores = similarities.amax(dim=-1)
-    labelled = similarities[rows]
-    own = labelled.gather(1, classes[:, None, None].expand(-1, 1, num_prototypes)).squeeze(1)
-    assignments = assign(own.detach(), classes)
-    targets = classes * num_prototypes + assignments
-    loss_ppc = ppc_loss(labelled, targets, temperature)
-    assigned = own.gather(1, assignments[:, None]).squeeze(1)
-    return scores, loss_ppc, assigned, targets
+# ------------------------------------------------------------------------------------------------------------------
+# Training: scores, assignment and PPC loss = `prototype_math.scores_and_contrast`, differentiable w.r.t. the pixels
 
 
 def masked_scores_and_contrast(
@@ -611,301 +562,155 @@ def fused_scores_and_contrast(
     return _FusedScoresAndContrast.apply(pixels, prototypes, rows, classes, assign, temperature, chunk_rows)
 
 
-def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 for sums over many pixels (float32 sums sequentially: 1e5 equal terms drift by 1e-4), where supported."""
-    return tensor.dtype if tensor.device.type == "mps" else torch.float64
+# ------------------------------------------------------------------------------------------------------------------
+# The path choice: every switch of the head is an argument here, and nowhere else is a path chosen.
 
 
-def sinkhorn_knopp(
-    scores: torch.Tensor,
-    classes: torch.Tensor,
-    num_classes: int,
-    epsilon: float = 0.05,
-    iterations: int = 3,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Equipartition transport plans of each class's pixels onto that class's prototypes, all classes at once.
-
-    Args:
-        scores: (N, M) similarity of each pixel to the M prototypes of its own class.
-        classes: (N,) class of each pixel, in [0, num_classes).
-        num_classes: K.
-        epsilon: entropy regularisation; Q = exp(scores / epsilon).
-        iterations: T rounds of (prototype columns sum to 1/M, pixel rows sum to 1/n_k), per class.
-        mask: (N,) bool, optional: the pixels that take part (the others get zero rows and count in no class), so
-            a caller can pass all pixels with a fixed shape instead of selecting rows (torch.compile, torch.export).
-
-    Returns:
-        (N, M) plan Q in float32 (float64 if `scores` is); within each class the rows sum to 1/n_k. The sums over a
-        class's pixels accumulate in float64, so a plan entry is within a few units in the last place of the exact
-        plan of its (rounded) scores, however many pixels a class has. Every shape is static (no `bincount`).
-    """
-    if scores.shape[0] == 0:
-        return _float32_or_wider(scores)
-    device_type = scores.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
-        scores = _float32_or_wider(scores.detach())
-        num_prototypes = scores.shape[1]
-        tiny = torch.finfo(scores.dtype).tiny
-        wide = _accumulation_dtype(scores)
-        # Shift each class by its own maximum before exp: the per-class normalisation cancels the shift.
-        row_max = scores.amax(dim=1)
-        if mask is not None:
-            row_max = torch.where(mask, row_max, float("-inf"))
-        class_max = torch.full((num_classes,), float("-inf"), device=scores.device, dtype=scores.dtype)
-        class_max = class_max.scatter_reduce(0, classes, row_max, reduce="amax", include_self=True)
-        plan = torch.exp((scores - class_max[classes, None]) / epsilon)
-        members = torch.ones_like(classes, dtype=wide) if mask is None else mask.to(wide)
-        if mask is not None:
-            plan = torch.where(mask[:, None], plan, 0.0)
-        class_total = torch.zeros(num_classes, device=scores.device, dtype=wide)
-        class_total.index_add_(0, classes, plan.sum(dim=1, dtype=wide))
-        plan = plan / class_total.to(scores.dtype)[classes, None].clamp_min(tiny)
-        # Pixel counts as float sums (exact integers), not `bincount`, whose output size depends on the values.
-        pixels_per_class = torch.zeros(num_classes, device=scores.device, dtype=wide).index_add_(0, classes, members)
-        pixels_per_class = pixels_per_class.to(scores.dtype)
-        for _ in range(iterations):
-            column_sums = torch.zeros(num_classes, num_prototypes, device=scores.device, dtype=wide)
-            column_sums.index_add_(0, classes, plan.to(wide))
-            plan = plan / (column_sums.to(scores.dtype)[classes] * num_prototypes).clamp_min(tiny)
-            row_sums = plan.sum(dim=1, keepdim=True)
-            plan = plan / (row_sums * pixels_per_class[classes, None]).clamp_min(tiny)
-    return plan
-
-
-# Ties in the assignment. Two similarities (cosines, in [-1, 1]) closer than SIMILARITY_TIE_TOLERANCE are equal. Two
-# code paths or two CPUs computing the same D-term dot products differ by rounding: measured up to 4e-7 in float32
-# (mm vs bmm, AVX-512 vs SSE kernels, D = 16..768). 1e-5 (about 80 float32 ulps near 1) is 25x that, and far below
-# the spread of a pixel's similarities to distinct prototypes (about 1 / sqrt(D), over 0.03 for D <= 1024). float64
-# uses the same tolerance, so a float64 run assigns like a float32 one. In bfloat16 / float16 the matmul accumulates
-# in float32 and rounds once, so two paths differ by one rounding step (2^-8 / 2^-11 near 1): the tolerance is 4 steps.
-# A plan entry ties with its row's maximum when epsilon * log(Q / max Q) (a similarity difference, shifted by the
-# columns' scalings) is within the similarity tolerance, or its relative difference within PLAN_TIE_TOLERANCE, 4x the
-# float32 Sinkhorn's own rounding (measured <= 2.5e-6 against float64 after T = 3 to 10 iterations).
-SIMILARITY_TIE_TOLERANCE = 1e-5
-HALF_PRECISION_TIE_TOLERANCE = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
-PLAN_TIE_TOLERANCE = 1e-5
-
-
-def similarity_tie_tolerance(dtype: torch.dtype) -> float:
-    """Similarities computed in `dtype` closer than this count as equal in the assignment's tie-breaks."""
-    return HALF_PRECISION_TIE_TOLERANCE.get(dtype, SIMILARITY_TIE_TOLERANCE)
-
-
-def argmax_with_ties(
-    plan: torch.Tensor, similarities: torch.Tensor, log_tolerance: float, similarity_tolerance: float
-) -> torch.Tensor:
-    """Row-wise argmax of a transport plan that does not depend on the last bits of rounding: (N, M) -> (N,) long.
-
-    Candidates are the entries of a row with log(plan) within `log_tolerance` of the row's maximum (plan >= max *
-    exp(-log_tolerance)); among them the one with the highest similarity wins, and candidates whose similarity is
-    within `similarity_tolerance` of that highest are equal, the lowest index winning. A row that is uniform up to
-    rounding (a class with fewer pixels than prototypes, or whose pixels are all equal) thus goes to its nearest
-    prototype, and duplicated prototypes to the first of them. Rows without a candidate (NaN) get 0.
-
-    Args:
-        plan: (N, M) non-negative plan (float32 or float64).
-        similarities: (N, M) similarity of each pixel to each prototype (any float dtype).
-    """
-    top = plan.amax(dim=1, keepdim=True)
-    candidates = plan >= top * math.exp(-log_tolerance)
-    values = torch.where(candidates, similarities.to(plan.dtype), float("-inf"))
-    best = values.amax(dim=1, keepdim=True)
-    chosen = candidates & (values >= best - similarity_tolerance)
-    return chosen.to(torch.uint8).argmax(dim=1)  # the first maximum: the lowest chosen index (0 if none)
-
-
-def sinkhorn_assignments(
-    scores: torch.Tensor,
-    classes: torch.Tensor,
-    num_classes: int,
-    epsilon: float = 0.05,
-    iterations: int = 3,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(N,) index in [0, M) of the prototype of its own class each pixel is assigned to: the argmax of the plan.
-
-    Ties in the plan go to the prototype most similar to the pixel, ties in similarity to the lowest index
-    (`argmax_with_ties`), so the assignment is the same on every CPU and in every code path. Plan entries tie when
-    epsilon * log Q (a similarity shifted by the column's scaling) agree within the similarity tolerance of the
-    scores' dtype (`similarity_tie_tolerance`), or their relative difference is within PLAN_TIE_TOLERANCE.
-    With `mask` (see `sinkhorn_knopp`), the pixels outside it get an index in [0, M) that means nothing.
-    """
-    if scores.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    plan = sinkhorn_knopp(scores, classes, num_classes, epsilon, iterations, mask)
-    tolerance = similarity_tie_tolerance(scores.dtype)
-    return argmax_with_ties(plan, scores.detach(), max(tolerance / epsilon, PLAN_TIE_TOLERANCE), tolerance)
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the entries where `mask` is True, 0 if there are none (static shapes, no branch)."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
-
-
-def ppc_loss(
-    similarities: torch.Tensor, targets: torch.Tensor, temperature: float = 0.1, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Pixel-prototype contrast: cross-entropy over all K*M prototypes.
-
-    Args:
-        similarities: (N, K, M) or (N, K*M) cosine similarities of labelled pixels to every prototype.
-        targets: (N,) flat index k_i * M + a_i of each pixel's assigned prototype.
-        mask: (N,) bool, optional: average over these pixels only (the others are ignored pixels whose targets
-            mean nothing); the same loss as passing the masked rows, with shapes that do not depend on the labels.
-    """
-    logits = similarities.flatten(1)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    if mask is not None:
-        per_pixel = F.cross_entropy(_float32_or_wider(logits) / temperature, targets, reduction="none")
-        return _masked_mean(per_pixel, mask)
-    return F.cross_entropy(_float32_or_wider(logits) / temperature, targets)
-
-
-def ppd_loss(assigned_similarities: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixel-prototype distance: mean over pixels (those in the (N,) bool `mask`, if given) of (1 - s_{k_i, a_i}(i))^2
-    for (N,) similarities."""
-    if assigned_similarities.numel() == 0:
-        return assigned_similarities.sum() * 0.0
-    distances = (1.0 - _float32_or_wider(assigned_similarities)).pow(2)
-    return distances.mean() if mask is None else _masked_mean(distances, mask)
-
-
-def momentum_update(
+def inference_logits(
+    embeddings: torch.Tensor,
     prototypes: torch.Tensor,
-    embeddings: torch.Tensor,
-    targets: torch.Tensor,
-    momentum: float = 0.999,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """New prototypes after one momentum step; the input is not modified.
+    *,
+    fast: bool,
+    tracing: bool,
+    normalization: str = "layer_norm",
+    temperature: float = 0.1,
+    chunk_size: int | None = None,
+    similarity_dtype: torch.dtype | None = None,
+    prototype_indices: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The inference head: logits (B, K, h, w) from unit embeddings (B, D, h, w) and prototypes (K, M, D).
 
-    For each (k, m): f = normalise(sum of the embeddings whose target is k*M + m), and
-    p <- normalise(momentum * p + (1 - momentum) * f). Prototypes that no embedding targets stay unchanged.
-    Embeddings with a NaN or inf (a diverging step) are left out, so they never reach the buffer.
+    | path | taken when |
+    |---|---|
+    | `traced_prototype_logits` | `fast`, LayerNorm normalisation, `tracing` (torch.compile / torch.export / jit) |
+    | reference `normalize_class_scores(class_scores(...))` in the embeddings' dtype | `fast`, LayerNorm, and a
+    gradient is needed (grad mode, an input requires grad) |
+    | `prototype_logits` (blocked; block shape measured, or PROTOSEG_HEAD_BLOCKS) | `fast`, LayerNorm, otherwise |
+    | reference `class_logits(class_scores(...))` with the similarity in `similarity_dtype` | not `fast`, or the
+    temperature normalisation |
 
-    Args:
-        prototypes: (K, M, D) unit prototypes.
-        embeddings: (N, D) unit embeddings of the pixels that update (the caller keeps only correct ones).
-        targets: (N,) flat prototype index k*M + m of each embedding (in range also where `mask` is False).
-        mask: (N,) bool, optional: only these embeddings update (the same result as passing only them, with shapes
-            that do not depend on which they are: torch.compile traces it without a graph break).
+    All compute the same logits (up to rounding). `chunk_size` bounds the pixel-by-prototype scores held at once
+    (eager paths); `similarity_dtype` (None: the embeddings' dtype) is the dtype of the similarity matmul, the class
+    scores being normalised in float32 or wider.
+
+    With `prototype_indices`, returns (logits, indices): indices (B, K, h, w) int64, the index m of each class's
+    nearest prototype at each pixel, found in the same pass as the class scores (the path's own max over the M
+    prototypes, so the logits are those of the path without indices; the traced path takes the reference's).
     """
-    num_classes, num_prototypes, dim = prototypes.shape
-    with torch.no_grad(), torch.autocast(device_type=prototypes.device.type, enabled=False):
-        flat = _float32_or_wider(prototypes.reshape(num_classes * num_prototypes, dim))
-        embeddings = embeddings.detach().to(flat.dtype)
-        finite = torch.isfinite(embeddings).all(dim=1)
-        if mask is not None:
-            finite = finite & mask
-        embeddings = torch.where(finite[:, None], embeddings, torch.zeros_like(embeddings))
-        sums = torch.zeros_like(flat).index_add_(0, targets, embeddings)
-        counts = torch.zeros_like(flat[:, 0]).index_add_(0, targets, finite.to(flat.dtype))
-        moved = l2_normalize(momentum * flat + (1.0 - momentum) * l2_normalize(sums))
-        updated = torch.where((counts > 0)[:, None], moved, flat)
-    return updated.view(num_classes, num_prototypes, dim).to(prototypes.dtype)
+    _check_similarity_dtype(similarity_dtype)
+    if prototype_indices:
+        return _logits_and_prototype_indices(
+            embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
+        )
+    if fast and normalization == "layer_norm":
+        if tracing:
+            return traced_prototype_logits(embeddings, prototypes, similarity_dtype=similarity_dtype)
+        if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
+            return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
+        return prototype_logits(embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype)
+    scores = class_scores(embeddings.to(similarity_dtype or embeddings.dtype), prototypes, chunk_size=chunk_size)
+    scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
+    return class_logits(scores, 1, normalization, temperature)
 
 
-def own_class_similarities(
-    embeddings: torch.Tensor, classes: torch.Tensor, prototypes: torch.Tensor, chunk_pixels: int = 4096
-) -> torch.Tensor:
-    """(N, M) similarity of each embedding (N, D) to the M prototypes of its own class, prototypes (K, M, D).
-
-    Gathers only the own class's prototypes, in chunks of pixels, so memory is O(chunk * M * D) whatever K is.
-    """
-    parts = [
-        torch.bmm(
-            prototypes[classes[start : start + chunk_pixels]], embeddings[start : start + chunk_pixels, :, None]
-        ).squeeze(-1)
-        for start in range(0, embeddings.shape[0], chunk_pixels)
-    ]
-    if not parts:
-        return embeddings.new_zeros(0, prototypes.shape[1])
-    return torch.cat(parts)
-
-
-def cluster_prototypes(
-    embeddings: torch.Tensor,
-    classes: torch.Tensor,
-    num_classes: int,
-    num_prototypes: int,
-    epsilon: float = 0.05,
-    sinkhorn_iterations: int = 3,
-    rounds: int = 10,
-    generator: torch.Generator | None = None,
+def _logits_and_prototype_indices(
+    embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spherical k-means of each class's embeddings into M prototypes, with Sinkhorn equipartition assignments.
+    """`inference_logits(..., prototype_indices=True)`: the blocked head fills the indices in its own pass; the other
+    paths take the reference's class scores with their argmax over the M prototypes."""
+    batch, _, height, width = embeddings.shape
+    num_classes = prototypes.shape[0]
+    needs_grad = torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad)
+    if fast and normalization == "layer_norm" and not tracing and not needs_grad:
+        indices = torch.empty(batch, num_classes, height * width, dtype=torch.long, device=embeddings.device)
+        logits = prototype_logits(
+            embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype, indices=indices
+        )
+        return logits, indices.view(batch, num_classes, height, width)
+    dtype = embeddings.dtype if fast else (similarity_dtype or embeddings.dtype)
+    scores, indices = class_scores(embeddings.to(dtype), prototypes, chunk_size, return_indices=True)
+    scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
+    return class_logits(scores, 1, normalization, temperature), indices
 
-    The same clustering the training step uses, run to convergence from M pixels of each class picked at random.
-    All classes at once.
 
-    Args:
-        embeddings: (N, D) unit embeddings.
-        classes: (N,) class of each embedding in [0, num_classes).
+@dataclass
+class TrainingScores:
+    """The training head's results for one labelled batch (docs/method.md, training steps 1 and 2).
 
-    Returns:
-        (K, M, D) unit prototypes (rows of classes without any embedding are zero) and a (K,) bool mask of the
-        classes that had embeddings.
+    `scores` (N, K): class scores S_k(i) of every pixel; `loss_ppc`, `loss_ppd` (): the losses. The rest says which
+    pixels update the prototypes (`update_inputs`): eagerly the labelled ones by index (`rows`, with `classes` and
+    `targets` per labelled pixel), traced all of them with a mask (`labelled`, `classes` and `targets` per pixel).
     """
-    embeddings = _float32_or_wider(embeddings.detach())
-    counts = torch.bincount(classes, minlength=num_classes)
-    present = counts > 0
-    # Random order within each class, classes contiguous: sort by class + uniform noise in [0, 1).
-    noise = torch.rand(classes.shape[0], generator=generator, dtype=torch.float64).to(classes.device)
-    order = torch.argsort(classes.double() + noise)
-    starts = torch.cumsum(counts, 0) - counts
-    picks = (
-        starts[:, None]
-        + (torch.arange(num_prototypes, device=classes.device)[None] * counts[:, None]) // num_prototypes
-    )
-    picks = picks.clamp(max=max(classes.shape[0] - 1, 0))
-    if classes.shape[0] == 0:
-        return embeddings.new_zeros(num_classes, num_prototypes, embeddings.shape[1]), present
-    centers = embeddings[order[picks]] * present[:, None, None]
-    for _ in range(rounds):
-        own = own_class_similarities(embeddings, classes, centers)
-        assignments = sinkhorn_assignments(own, classes, num_classes, epsilon, sinkhorn_iterations)
-        targets = classes * num_prototypes + assignments
-        flat = centers.reshape(num_classes * num_prototypes, -1)
-        sums = torch.zeros_like(flat).index_add_(0, targets, embeddings)
-        hit = torch.bincount(targets, minlength=flat.shape[0]) > 0
-        centers = torch.where(hit[:, None], l2_normalize(sums), flat).view_as(centers)
-    return centers, present
+
+    scores: torch.Tensor
+    loss_ppc: torch.Tensor
+    loss_ppd: torch.Tensor
+    pixels: torch.Tensor
+    classes: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor | None = None
+    labelled: torch.Tensor | None = None
+
+    def update_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(embeddings, targets, mask) for `momentum_update`: the labelled pixels whose class the scores predict
+        (argmax_k S == k_i), each with its assigned prototype k_i * M + a_i (training step 3)."""
+        if self.labelled is not None:
+            updating = self.labelled & (self.scores.detach().argmax(dim=1) == self.classes)
+            return self.pixels, self.targets, updating
+        correct = self.scores.detach()[self.rows].argmax(dim=1) == self.classes
+        return self.pixels[self.rows[correct]], self.targets[correct], None
 
 
-def average_across_processes(prototypes: torch.Tensor) -> torch.Tensor:
-    """All-reduce mean of the prototypes over processes, L2-normalised; identity without torch.distributed.
+def training_scores(
+    pixels: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    fast: bool,
+    tracing: bool,
+    ignore_index: int,
+    epsilon: float,
+    iterations: int,
+    temperature: float,
+) -> TrainingScores:
+    """The training head: class scores, Sinkhorn assignments (`epsilon`, `iterations`), PPC (`temperature`) and PPD
+    of unit pixel embeddings (N, D) (may require grad) with labels (N,) against prototypes (K, M, D) (constants).
 
-    Every process must call it at the same step (it is a collective when a process group exists).
+    | path | taken when |
+    |---|---|
+    | `masked_scores_and_contrast`: all pixels, a mask of the labelled ones | `tracing` (no shape depends on labels) |
+    | `fused_scores_and_contrast`: the labelled pixels by index | `fast` |
+    | reference `scores_and_contrast`: the labelled pixels by index | otherwise |
+
+    All give the same values and gradients (up to rounding); pixels labelled `ignore_index` take no part.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return prototypes
-    averaged = _float32_or_wider(prototypes).clone()
-    dist.all_reduce(averaged, op=dist.ReduceOp.SUM)
-    return l2_normalize(averaged / dist.get_world_size()).to(prototypes.dtype)
+    labelled = labels != ignore_index
+    assign = partial(sinkhorn_assignments, num_classes=prototypes.shape[0], epsilon=epsilon, iterations=iterations)
+    if tracing:
+        classes = torch.where(labelled, labels, 0)
+        scores, loss_ppc, assigned, targets = masked_scores_and_contrast(
+            pixels, prototypes, labelled, classes, assign, temperature
+        )
+        loss_ppd = ppd_loss(assigned, mask=labelled)
+        return TrainingScores(scores, loss_ppc, loss_ppd, pixels, classes, targets, labelled=labelled)
+    rows = labelled.nonzero().squeeze(1)
+    classes = labels[rows]
+    head = fused_scores_and_contrast if fast else scores_and_contrast
+    scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, temperature)
+    return TrainingScores(scores, loss_ppc, ppd_loss(assigned), pixels, classes, targets, rows=rows)
 
 
 __all__ = [
-    "argmax_with_ties",
-    "average_across_processes",
-    "class_scores",
-    "cluster_prototypes",
+    "SIMILARITY_DTYPES",
+    "TrainingScores",
+    "blocked_prototype_logits",
     "fused_scores_and_contrast",
+    "head_block_shape",
+    "inference_logits",
     "is_tracing",
-    "l2_normalize",
     "masked_scores_and_contrast",
-    "momentum_update",
-    "normalize_class_scores",
-    "own_class_similarities",
-    "ppc_loss",
-    "ppd_loss",
+    "measured_head_blocks",
     "prototype_logits",
-    "prototype_similarities",
-    "random_unit_prototypes",
-    "scores_and_contrast",
-    "similarity_tie_tolerance",
-    "sinkhorn_assignments",
-    "sinkhorn_knopp",
     "traced_prototype_logits",
+    "training_scores",
 ]

@@ -1,4 +1,5 @@
-"""Each prototype function against a slow, obviously correct per-class (or per-pixel) reference held here."""
+"""The reference mathematics (`proto_segformer/prototype_math.py`): each function against a slow, obviously correct
+per-class (or per-pixel) reference held here."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from rounding import ulp_noise
 
-from proto_segformer.prototypes import (
+from proto_segformer.prototype_math import (
     PLAN_TIE_TOLERANCE,
     SIMILARITY_TIE_TOLERANCE,
     argmax_with_ties,
     average_across_processes,
+    class_logits,
     class_scores,
     cluster_prototypes,
     l2_normalize,
@@ -325,6 +327,13 @@ def test_normalize_class_scores_is_affine_free_layernorm_and_keeps_argmax():
     var = scores.var(1, unbiased=False, keepdim=True)
     torch.testing.assert_close(out, (scores - mean) / torch.sqrt(var + 1e-5))
     assert torch.equal(out.argmax(1), scores.argmax(1))
+
+
+def test_class_logits_are_the_layer_norm_or_a_temperature_along_the_class_axis():
+    scores = torch.rand(4, 6, 5, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(class_logits(scores, 1), normalize_class_scores(scores, dim=1))
+    assert torch.equal(class_logits(scores, -1, "layer_norm"), normalize_class_scores(scores, dim=-1))
+    assert torch.equal(class_logits(scores, 1, "temperature", temperature=0.5), scores / 0.5)
 
 
 def test_ppc_loss_matches_per_pixel_reference():
