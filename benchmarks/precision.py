@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from proto_segformer.data.builtin import background_photos, build_builtin_dataset
-from proto_segformer.inference import InferenceOptions, Segmenter
 from proto_segformer.metrics.mean_iou import mean_iou
+from proto_segformer.segmenter import InferenceOptions, Segmenter
 from proto_segformer.training_crop import training_crop_size
 
 DTYPES = ("float32", "bfloat16")

@@ -277,7 +277,7 @@ def add_classes_from_folder(
     Checks come first (names, output folder, support files), then the model is loaded and extended in memory, then
     saved in one step: on any error, and after a crash at any moment, `model_dir` and `output_dir` are as they were.
     """
-    from .inference import load_model
+    from .checkpoint import load_model, validate_checkpoint
     from .model_card import TRAINING_ARGS_FILE, write_model_card
 
     settings = settings or AddClassesSettings()
@@ -286,7 +286,7 @@ def add_classes_from_folder(
     check_output_dir(model_dir, output_dir, overwrite_model)
     pairs = support_pairs(support_dir)
     images, masks = read_support(pairs)
-    model = load_model(model_dir)
+    model = load_model(validate_checkpoint(model_dir))  # the folder read and checked once
     processor = load_processor(model_dir)
     new_ids = add_support(model, processor, images, masks, pairs, names, settings)
 

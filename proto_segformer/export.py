@@ -5,7 +5,7 @@
   (B, 3, H, W) float32, output `logits` (B, K, H/4, W/4), with batch, height and width dynamic.
 - `write_onnx_folder`: model.onnx, config.json (id2label) and the image processor's config in an output folder,
   written atomically (`folder_writer.write_folder`); it only replaces a folder it wrote itself.
-- `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`inference.py`) runs like the PyTorch model; it
+- `OnnxRuntimeModel`: an ONNX Runtime session that the `Segmenter` (`segmenter.py`) runs like the PyTorch model; it
   refuses a folder whose config.json names another class count than model.onnx outputs.
 
 Traced and compiled code skips the model's data-dependent input checks (NaN/inf pixels, label values): the
@@ -187,7 +187,7 @@ def _check_destination(output_dir: Path) -> list[str]:
 def write_onnx_folder(model, processor, output_dir: str | Path, training_crop: tuple[int, int] | None = None) -> Path:
     """Write model.onnx, config.json and the image processor's config into `output_dir`, atomically; with
     `training_crop` (height, width) also model_card_inputs.json recording it as "crop_size" (prediction's sliding
-    window, `inference.sliding_window_crop`).
+    window, `segmenter.sliding_window_crop`).
 
     The files are assembled in a staging folder beside `output_dir` and swapped into place
     (`folder_writer.write_folder`); an existing `output_dir` must be empty or an earlier export (its manifest lists

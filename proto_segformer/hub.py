@@ -293,18 +293,18 @@ def assemble_repository(
     is, with the pictures it links to by relative path (and `repo_id` in place of its "<namespace>/..."
     placeholders).
     """
-    from .inference import CheckpointError, find_processor_folder, load_image_processor, load_model, validate_checkpoint
+    from .checkpoint import CheckpointError, load_image_processor, load_model, validate_checkpoint
 
     source, local_dir = Path(source), Path(local_dir)
     check_pictures(pictures)
     card_pictures = prepared_card_pictures(Path(card)) if card is not None else []
     check_model_files(source)
-    validate_checkpoint(source)
+    checkpoint = validate_checkpoint(source)  # read and checked once: the model and processor load from it
     defaults = card_defaults(source)
     dataset_name = dataset_name or defaults.get("dataset_name")
     base_model = base_model or defaults.get("base_model")
     license = license or defaults.get("license")
-    processor_folder = find_processor_folder(source)
+    processor_folder = checkpoint.processor_folder
     if processor_folder is None:
         raise CheckpointError(
             f"{source} (and its parent) has no preprocessor_config.json: save the image processor with the model"
@@ -315,8 +315,8 @@ def assemble_repository(
             f"{source} has no preprocessor_config.json; the one in {processor_folder} lies outside the model folder"
             f" (only a checkpoint-* folder takes it from its training output): copy it into {source}."
         )
-    model = load_model(source)
-    processor = load_image_processor(source)
+    model = load_model(checkpoint)
+    processor = load_image_processor(checkpoint)
 
     def write(staging: Path) -> None:
         write_repository(
@@ -443,7 +443,7 @@ def push_to_hub(
     files = assemble_repository(source, folder, repo_id=repo_id, overwrite=overwrite, **assemble_kwargs)
     result = PushResult(local_dir=folder, files=files, repo_id=repo_id)
     if space_dir is not None or space_repo_id is not None:
-        from .inference import read_config
+        from .checkpoint import read_config
         from .space import write_space
 
         space_folder = space_dir if space_dir is not None else tempfile.mkdtemp(prefix="protoseg_space_")

@@ -23,7 +23,7 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from .checkpoint_folders import TRAINER_STATE_FILE
-from .inference import upsampled_argmax
+from .label_maps import upsampled_argmax
 from .prototype_init import initialize_prototypes_from_dataset
 from .trainer_metrics import segmentation_areas
 from .training import CheckpointSavingTrainer

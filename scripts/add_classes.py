@@ -94,7 +94,7 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     try:
         from proto_segformer.add_classes import AddClassesError
-        from proto_segformer.inference import CheckpointError
+        from proto_segformer.checkpoint import CheckpointError
 
         try:
             main(arguments)

@@ -24,7 +24,7 @@ from benchmarks.arguments import PrecisionArguments  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PrecisionArguments, argv, description=__doc__)
     from benchmarks.precision import run
-    from proto_segformer.inference import CheckpointError
+    from proto_segformer.checkpoint import CheckpointError
 
     try:
         run(args)

@@ -45,17 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     if check_failed(check_paths, args):
         return 2
 
+    from proto_segformer.checkpoint import CheckpointError, load_image_processor, load_model, validate_checkpoint
     from proto_segformer.export import ExportError, write_onnx_folder
-    from proto_segformer.inference import CheckpointError, load_image_processor, load_model
-    from proto_segformer.training_crop import recorded_training_crop
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     started = time.monotonic()
     try:
-        model = load_model(args.model)
+        checkpoint = validate_checkpoint(args.model)  # read and checked once
+        model = load_model(checkpoint)
         print(EXPORTING.format(model=args.model), flush=True)
-        crop = recorded_training_crop(args.model)  # kept: predict's sliding window is the training crop
-        processor = load_image_processor(args.model)
+        crop = checkpoint.training_crop  # kept: predict's sliding window is the training crop
+        processor = load_image_processor(checkpoint)
         folder = write_onnx_folder(model, processor, args.output_dir, training_crop=crop[0] if crop else None)
     except (CheckpointError, ExportError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -56,16 +56,11 @@ def rescale(array, factor: float, nearest: bool):
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(PictureArguments, argv, description=__doc__)
 
+    from proto_segformer.checkpoint import CheckpointError
     from proto_segformer.data import build_builtin_dataset
-    from proto_segformer.inference import (
-        CheckpointError,
-        InferenceOptions,
-        Segmenter,
-        class_colormap,
-        colour_overlay,
-        prototype_overlay,
-    )
     from proto_segformer.model_card import render_model_card
+    from proto_segformer.pictures import class_colormap, colour_overlay, prototype_overlay
+    from proto_segformer.segmenter import InferenceOptions, Segmenter
     from proto_segformer.training_crop import training_crop_size
     from proto_segformer.visualization import DatasetSamples, build_prototype_atlas, prediction_panel
 

@@ -85,15 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from proto_segformer.inference import (
-        CheckpointError,
-        InferenceOptions,
-        OutputError,
-        Segmenter,
-        collect_inputs,
-        predict_files,
-        prepare_outputs,
-    )
+    from proto_segformer.checkpoint import CheckpointError
+    from proto_segformer.prediction_files import collect_inputs, predict_files, prepare_outputs
+    from proto_segformer.segmenter import InferenceOptions, Segmenter
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.num_threads:
@@ -112,16 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             print("error: no input files found.", file=sys.stderr)
             return 2
-        prepare_outputs(paths, args.output_dir, args.prototype_maps)  # before the model loads: fail fast
+        plan = prepare_outputs(paths, args.output_dir, args.prototype_maps)  # once, before the model loads
         segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options, backend=args.backend)
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress)
-    except OutputError as error:  # the folder changed while the model loaded
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress, plan=plan)
     except Exception as error:
         intact = "The outputs written before are complete (each file is written whole); free some space and run the"
         exit_if_write_failure(error, args.output_dir, "the predictions", f"{intact} same command again.")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             space_repo_id=args.space_repo_id,
         )
     except Exception as error:
-        from proto_segformer.inference import CheckpointError  # torch: imported only when needed
+        from proto_segformer.checkpoint import CheckpointError  # torch: imported only when needed
 
         folder = args.local_dir or args.space_dir or "a temporary folder"
         intact = "Nothing was uploaded" if args.local_dir is None else "An earlier assembly there is unchanged"

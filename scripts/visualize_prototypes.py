@@ -64,7 +64,7 @@ def builtin_image_size(args: AtlasArguments) -> int:
 
 def load_samples(args: AtlasArguments):
     """(samples, description) for the atlas."""
-    from proto_segformer.inference import collect_inputs, read_image
+    from proto_segformer.prediction_files import collect_inputs, read_image
     from proto_segformer.visualization import DatasetSamples
 
     if args.images:
@@ -125,19 +125,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from proto_segformer.inference import (
-        CheckpointError,
-        load_image_processor,
-        load_model,
-        resolve_device,
-    )
+    from proto_segformer.checkpoint import CheckpointError, load_image_processor, load_model, validate_checkpoint
     from proto_segformer.safe_files import atomic_write, atomic_write_text
+    from proto_segformer.segmenter import resolve_device
     from proto_segformer.visualization import build_prototype_atlas
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        model = load_model(args.model, device=resolve_device(args.device))
-        processor = load_image_processor(args.model)
+        checkpoint = validate_checkpoint(args.model)  # read and checked once
+        model = load_model(checkpoint, device=resolve_device(args.device))
+        processor = load_image_processor(checkpoint)
         samples, description = load_samples(args)
         num_classes = model.prototypes.shape[0]
         classes = list(range(min(num_classes, args.max_classes))) if args.max_classes else None

@@ -580,7 +580,7 @@ def test_add_classes_into_the_input_model_needs_a_flag(tmp_path):
 
 
 def test_add_classes_killed_mid_save_leaves_the_model_intact(tmp_path):
-    from proto_segformer.inference import load_model
+    from proto_segformer.checkpoint import load_model
 
     model_dir = tmp_path / "model"
     model = saved_model_with_extras(model_dir)

@@ -375,9 +375,10 @@ def run_interrupted(script: str, patch: str, args: list[str], cwd: Path) -> subp
 @pytest.mark.parametrize(
     "script, patch, args, message",
     [
-        ("export_onnx.py", "proto_segformer.inference:load_model", ["--model", "model", "--output_dir", "onnx"],
+        ("export_onnx.py", "proto_segformer.checkpoint:validate_checkpoint",
+         ["--model", "model", "--output_dir", "onnx"],
          "export_onnx.py: interrupted; the output folder is unchanged."),
-        ("predict.py", "proto_segformer.inference:collect_inputs",
+        ("predict.py", "proto_segformer.prediction_files:collect_inputs",
          ["--model", "model", "--inputs", "photo.png", "--output_dir", "out"],
          "predict.py: interrupted; the outputs written so far are complete, each file whole."),
         ("add_classes.py", "proto_segformer.add_classes:add_classes_from_folder",
@@ -423,8 +424,8 @@ ENOSPC = OSError(28, "No space left on device")
     [
         ("export_onnx.py", "proto_segformer.export.export_onnx", "Could not write the ONNX export into {out}: the"
          " disk is full (N free). {out} is unchanged."),
-        ("predict.py", "proto_segformer.inference.save_prediction", "Could not write the predictions into {out}: the"
-         " disk is full (N free). The outputs written before are complete (each file is written whole); free"
+        ("predict.py", "proto_segformer.prediction_files.save_prediction", "Could not write the predictions into"
+         " {out}: the disk is full (N free). The outputs written before are complete (each file is written whole); free"
          " some space and run the same command again."),
         ("push_to_hub.py", "proto_segformer.folder_writer.write_manifest", "Could not write the repository into"
          " {out}: the disk is full (N free). An earlier assembly there is unchanged; free some space and run it"

@@ -34,7 +34,7 @@ from proto_segformer.export import (
     export_program,
     write_onnx_folder,
 )
-from proto_segformer.inference import InferenceOptions, Segmenter
+from proto_segformer.segmenter import InferenceOptions, Segmenter
 
 needs_onnx = requires_extra("onnx")
 

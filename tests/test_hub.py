@@ -18,8 +18,8 @@ from safetensors import safe_open
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.checkpoint import CheckpointError, validate_checkpoint
 from proto_segformer.hub import HubError, assemble_repository, check_repo_id, push_to_hub
-from proto_segformer.inference import CheckpointError, validate_checkpoint
 
 LABELS = {0: "background", 1: "cat", 2: "dog", 3: "person", 4: "car"}
 RESULTS = {

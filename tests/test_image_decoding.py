@@ -27,7 +27,8 @@ from proto_segformer.data.loading import DataError, check_split, load_ade20k_sty
 from proto_segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from proto_segformer.endpoint_handler import decode_image
 from proto_segformer.image_decoding import to_rgb_array
-from proto_segformer.inference import as_rgb_array, read_image
+from proto_segformer.prediction_files import read_image
+from proto_segformer.segmenter import as_rgb_array
 from proto_segformer.visualization import DatasetSamples
 
 HEIGHT, WIDTH = 36, 44  # not square: EXIF orientation 6 swaps them

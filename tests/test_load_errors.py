@@ -23,7 +23,7 @@ from train_helpers import REPO, TINY_ARGS, clean_env
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
-from proto_segformer.inference import CheckpointError, load_model, validate_checkpoint
+from proto_segformer.checkpoint import CheckpointError, load_model, validate_checkpoint
 from proto_segformer.model_building import ModelInputError, build_model
 
 LABELS = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d"}
@@ -118,7 +118,7 @@ def test_add_classes_script_refuses_a_checkpoint_without_prototypes(without_prot
         names=["red", "blue"],
         output_dir=str(tmp_path / "out"),
     )
-    # The script validates the folder first (inference.validate_checkpoint): its message names the tensor too.
+    # The script validates the folder first (checkpoint.validate_checkpoint): its message names the tensor too.
     with pytest.raises(ValueError, match="no 'prototypes' tensor"):
         script.main(arguments)
     assert not (tmp_path / "out").exists()  # nothing saved that would pass validation

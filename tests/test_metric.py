@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from proto_segformer.inference import upsampled_argmax
+from proto_segformer.label_maps import upsampled_argmax
 from proto_segformer.metrics import MEAN_IOU_PATH, ConfusionMatrix, load_mean_iou, mean_iou, metrics_from_areas
 from proto_segformer.trainer_metrics import MeanIoUMetric, segmentation_areas
 

@@ -17,16 +17,10 @@ from rounding import assert_argmax_up_to_ties
 from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
-from proto_segformer.inference import (
-    CheckpointError,
-    InferenceOptions,
-    Segmenter,
-    collect_inputs,
-    label_png,
-    resolve_device,
-    slide_grid,
-    window_starts,
-)
+from proto_segformer.checkpoint import CheckpointError
+from proto_segformer.pictures import label_png
+from proto_segformer.prediction_files import collect_inputs
+from proto_segformer.segmenter import InferenceOptions, Segmenter, resolve_device, slide_grid, window_starts
 
 CROP = 64
 
@@ -264,7 +258,7 @@ def test_segmenter_from_pretrained_rejects_corrupt_weights(checkpoint, tmp_path)
 
 
 def test_blockwise_upsampled_argmax_equals_the_full_one():
-    from proto_segformer.inference import upsampled_argmax
+    from proto_segformer.label_maps import upsampled_argmax
 
     torch.manual_seed(0)
     logits = torch.randn(7, 5, 6)
@@ -291,7 +285,7 @@ def test_processor_without_resizing_runs_whole_images_at_their_resolution(model,
 
 
 def test_prototype_shades_tell_prototypes_of_one_class_apart():
-    from proto_segformer.inference import class_colormap, prototype_shades
+    from proto_segformer.pictures import class_colormap, prototype_shades
 
     label = np.array([[1, 1, 1], [0, 0, 2]])
     prototype = np.array([[0, 2, 4], [0, 4, 2]])
@@ -312,7 +306,7 @@ def test_predict_into_the_input_folder_never_overwrites_an_input(checkpoint, pho
     Image.fromarray(np.zeros((48, 60), np.uint8)).save(folder / "cat_label.png")  # the user's own label
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     argv = ["--model", str(checkpoint), "--inputs", str(folder), "--output_dir", str(folder), "--no_progress"]
-    with mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
+    with mock.patch("proto_segformer.segmenter.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
         assert run_predict_script(argv) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
@@ -361,7 +355,7 @@ def test_predict_output_path_that_is_a_file_fails_before_the_model_loads(checkpo
         (tmp_path / "taken" / "sub", "taken is a file"),
     ]:
         argv = ["--model", str(checkpoint), "--inputs", str(tmp_path / "in"), "--output_dir", str(output_dir)]
-        with mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
+        with mock.patch("proto_segformer.segmenter.Segmenter.from_pretrained", side_effect=AssertionError("loaded")):
             assert run_predict_script(argv) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and len(error.splitlines()) == 1, error
@@ -377,7 +371,7 @@ def test_predict_unwritable_output_folder_fails_before_the_model_loads(checkpoin
     argv = ["--model", str(checkpoint), "--inputs", str(tmp_path / "in"), "--output_dir", str(locked / "out")]
     with (
         mock.patch("tempfile.TemporaryFile", side_effect=denied),
-        mock.patch("proto_segformer.inference.Segmenter.from_pretrained", side_effect=AssertionError("loaded")),
+        mock.patch("proto_segformer.segmenter.Segmenter.from_pretrained", side_effect=AssertionError("loaded")),
     ):
         assert run_predict_script(argv) == 2
     error = capsys.readouterr().err.strip()
@@ -446,7 +440,8 @@ def test_an_image_that_fails_is_skipped_with_its_reason_and_the_run_goes_on(chec
 
 
 def test_a_prediction_of_the_wrong_size_is_never_written(model, processor, photo, tmp_path):
-    from proto_segformer.inference import Prediction, save_prediction
+    from proto_segformer.prediction_files import save_prediction
+    from proto_segformer.segmenter import Prediction
 
     wrong = Prediction(np.zeros((64, 3), np.int64), None)
     with pytest.raises(RuntimeError, match="has size"):
@@ -461,7 +456,7 @@ def test_the_sliding_window_is_the_training_crop(model, trained_checkpoint, tmp_
     # train.py's folder: the crop recorded in training_args.json, not the processor's unused 512.
     segmenter = Segmenter.from_pretrained(trained_checkpoint)
     assert segmenter.crop == (64, 64) and segmenter.stride == (40, 40)
-    from proto_segformer.inference import DEFAULT_CROP, sliding_window_crop
+    from proto_segformer.segmenter import DEFAULT_CROP, sliding_window_crop
 
     assert Segmenter.from_pretrained(trained_checkpoint, options=InferenceOptions(crop_size=(96, 96))).crop == (96, 96)
     # A checkpoint-* folder of that run reads the run's record; model_card_inputs.json (Hub repos) counts too.
@@ -500,7 +495,7 @@ def test_the_onnx_export_keeps_the_training_crop(trained_checkpoint, tmp_path):
 
 
 def test_prototype_maps_with_more_prototypes_than_a_palette_holds(photo, tmp_path):
-    from proto_segformer.inference import save_prediction
+    from proto_segformer.prediction_files import save_prediction
 
     torch.manual_seed(0)
     many = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3, num_prototypes_per_class=300)).eval()
@@ -567,7 +562,7 @@ def test_an_old_manifest_without_checksums_is_treated_conservatively(checkpoint,
 
 
 def test_a_killed_runs_files_are_recognised_from_the_journal(checkpoint, photo, tmp_path):
-    from proto_segformer.inference import PREDICTIONS_JOURNAL, OutputRecords
+    from proto_segformer.prediction_files import PREDICTIONS_JOURNAL, OutputRecords
     from proto_segformer.safe_files import file_sha256
 
     folder, out = tmp_path / "in", tmp_path / "out"

@@ -23,7 +23,8 @@ from PIL import Image
 from test_hub import LABELS, save_checkpoint
 
 from proto_segformer.hub import HubError, assemble_repository, push_to_hub
-from proto_segformer.inference import class_colormap, nearest_prototype_per_class
+from proto_segformer.pictures import class_colormap
+from proto_segformer.segmenter import nearest_prototype_per_class
 from proto_segformer.space import GRADIO_VERSION, example_pictures, write_space
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -171,7 +171,7 @@ def quadrant_scene(size: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
 
 @pytest.mark.parametrize("size", [64, 128, 512])
 def test_the_legend_never_hides_more_than_a_fifth_of_the_image(size):
-    from proto_segformer.inference import class_colormap, colour_overlay
+    from proto_segformer.pictures import class_colormap, colour_overlay
 
     image, label, names = quadrant_scene(size)
     plain = colour_overlay(image, label, names, legend=False)
@@ -253,8 +253,8 @@ def test_class_colours_are_the_same_on_every_machine():
 
 
 def test_label_pngs_and_overlays_use_the_class_colours():
-    from proto_segformer.inference import colour_overlay, label_png
     from proto_segformer.palette import class_colours
+    from proto_segformer.pictures import colour_overlay, label_png
 
     label = np.array([[0, 1], [2, 3]])
     palette = np.asarray(label_png(label, 4).getpalette(), np.uint8).reshape(-1, 3)
@@ -267,8 +267,8 @@ def test_label_pngs_and_overlays_use_the_class_colours():
 
 
 def test_the_prototype_overlay_has_a_legend_of_classes_and_shades():
-    from proto_segformer.inference import prototype_overlay, shade_table
     from proto_segformer.palette import class_colours
+    from proto_segformer.pictures import prototype_overlay, shade_table
 
     image, label, names = quadrant_scene(256)
     prototypes = (np.arange(256)[None, :] // 16 % 4).repeat(256, axis=0)
