@@ -176,18 +176,29 @@ class Prediction:
 
 @torch.no_grad()
 def forward_batches(
-    model, pixel_values: torch.Tensor, batch_size: int, with_embeddings: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (N, K, h, w) and, if asked, unit embeddings (N, D, h, w) of (N, 3, H, W) inputs in chunks."""
+    model, pixel_values: torch.Tensor, batch_size: int, with_embeddings: bool, with_prototype_indices: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Logits (N, K, h, w) and, if asked, unit embeddings (N, D, h, w) of (N, 3, H, W) inputs in chunks; with
+    `with_prototype_indices` also each class's nearest prototype (N, K, h, w), from the model's own head pass."""
     device, dtype = model.device, model.dtype
-    logits, embeddings = [], []
+    logits, embeddings, indices = [], [], []
     for start in range(0, pixel_values.shape[0], batch_size):
         chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
-        output = model(pixel_values=chunk, output_pixel_embeddings=with_embeddings)
+        output = model(
+            pixel_values=chunk,
+            output_pixel_embeddings=with_embeddings,
+            output_prototype_indices=with_prototype_indices,
+        )
         logits.append(output.logits.float())
         if with_embeddings:
             embeddings.append(output.pixel_embeddings.float())
-    return torch.cat(logits), (torch.cat(embeddings) if with_embeddings else None)
+        if with_prototype_indices:
+            indices.append(output.prototype_indices)
+    return (
+        torch.cat(logits),
+        torch.cat(embeddings) if with_embeddings else None,
+        torch.cat(indices) if with_prototype_indices else None,
+    )
 
 
 def pad_to(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -220,7 +231,7 @@ def slide_grid(
         (y, x) for y in window_starts(padded_h, crop[0], stride[0]) for x in window_starts(padded_w, crop[1], stride[1])
     ]
     windows = torch.cat([padded[:, :, y : y + crop[0], x : x + crop[1]] for y, x in origins])
-    logits, embeddings = forward_batches(model, windows, batch_size, with_embeddings)
+    logits, embeddings, _ = forward_batches(model, windows, batch_size, with_embeddings)
     grid_h, grid_w = padded_h // GRID, padded_w // GRID
     win_h, win_w = logits.shape[2], logits.shape[3]
     logit_sum = logits.new_zeros(logits.shape[1], grid_h, grid_w)
@@ -257,19 +268,25 @@ def grid_to_prediction(
     prototypes: torch.Tensor | None,
     scaled_size: tuple[int, int],
     output_size: tuple[int, int],
+    prototype_indices: torch.Tensor | None = None,
 ) -> Prediction:
     """Upsample 1/4-grid logits (K, h, w) to `scaled_size`, crop to `output_size` and take the argmax.
 
     `scaled_size` is the size the grid covers (the resized input for "whole" is the original size; the padded
-    input for "slide"); `output_size` = (H, W) of the original image.
+    input for "slide"); `output_size` = (H, W) of the original image. The prototype map takes each class's nearest
+    prototype from `prototype_indices` (K, h, w) (the model's head found them with the logits: "whole"), else from
+    `embeddings` (D, h, w) and `prototypes` ("slide": the embeddings averaged over the windows belong to no window).
     """
     height, width = output_size
     label_map = upsampled_argmax(logits, scaled_size, (height, width))
     prototype_map = None
-    if embeddings is not None:
+    if prototype_indices is not None or embeddings is not None:
         # Only the classes that are predicted somewhere need their nearest-prototype map.
         present, position = torch.unique(label_map, return_inverse=True)
-        per_class = nearest_prototype_per_class(embeddings, prototypes.to(embeddings.device)[present])
+        if prototype_indices is not None:
+            per_class = prototype_indices.to(present.device)[present]
+        else:
+            per_class = nearest_prototype_per_class(embeddings, prototypes.to(embeddings.device)[present])
         grid_h, grid_w = per_class.shape[1:]
         # torch's "nearest": source index floor(dst * in / out).
         rows = (torch.arange(height, device=per_class.device) * grid_h // scaled_size[0]).clamp_max(grid_h - 1)
@@ -407,9 +424,8 @@ class Segmenter:
         input_h, input_w = pixel_values.shape[2:]
         # Smaller than the encoder accepts (a small image that is not resized): pad, predict, crop back.
         padded = pad_to(pixel_values, max(input_h, self.min_input_size), max(input_w, self.min_input_size))
-        with_embeddings = self.options.prototype_maps
-        logits, embeddings = forward_batches(self.model, padded, self.options.batch_size, with_embeddings)
-        prototypes = self.model.prototypes.float() if with_embeddings else None
+        maps = self.options.prototype_maps
+        logits, _, indices = forward_batches(self.model, padded, self.options.batch_size, False, maps)
         predictions = []
         for i, array in enumerate(arrays):
             height, width = array.shape[:2]
@@ -420,7 +436,7 @@ class Segmenter:
             )
             predictions.append(
                 grid_to_prediction(
-                    logits[i], embeddings[i] if with_embeddings else None, prototypes, scaled, (height, width)
+                    logits[i], None, None, scaled, (height, width), indices[i] if maps else None
                 )
             )
         return predictions

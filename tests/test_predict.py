@@ -104,6 +104,19 @@ def test_prototype_map_is_the_nearest_prototype_of_the_predicted_class(model, pr
     assert interior.mean() > 0.9
 
 
+def test_whole_mode_prototype_maps_come_from_the_heads_own_pass(model, processor, photo):
+    """The prototype map in "whole" mode reuses the nearest-prototype indices the model's head found with the logits
+    (forward(output_prototype_indices=True)): no second similarity product; "slide" averages embeddings over windows,
+    which belong to no single pass, and computes them from the averaged embeddings."""
+    from proto_segformer import segmenter as segmenter_module
+
+    image = photo[:CROP, :CROP]
+    with mock.patch.object(segmenter_module, "nearest_prototype_per_class", side_effect=AssertionError("recomputed")):
+        whole = Segmenter(model, processor, InferenceOptions(mode="whole", prototype_maps=True)).predict([image])[0]
+    recomputed = Segmenter(model, processor, InferenceOptions(mode="slide", prototype_maps=True)).predict([image])[0]
+    np.testing.assert_array_equal(whole.prototype_map, recomputed.prototype_map)  # one window: the same embeddings
+
+
 def test_auto_mode_slides_only_large_images(model, processor, photo):
     segmenter = Segmenter(model, processor, InferenceOptions(batch_size=3))
     assert segmenter.crop == (CROP, CROP) and segmenter.stride == (40, 40)
