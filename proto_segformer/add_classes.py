@@ -306,12 +306,3 @@ def add_classes_from_folder(
 
     save_model_atomically(model, processor, output_dir.resolve(), write_card)  # a link: replace what it points to
     return new_ids
-
-
-__all__ = [
-    "AddClassesError",
-    "AddClassesSettings",
-    "add_classes_from_folder",
-    "save_model_atomically",
-    "support_pairs",
-]

@@ -267,13 +267,3 @@ def load_image_processor(source: str | Path | ModelFolder, crop_size: int | None
         width,
     )
     return SegformerImageProcessorPil(size={"height": height, "width": width})
-
-
-__all__ = [
-    "CheckpointError",
-    "ModelFolder",
-    "load_image_processor",
-    "load_model",
-    "read_config",
-    "validate_checkpoint",
-]

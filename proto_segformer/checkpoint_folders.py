@@ -13,24 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "CHECKPOINT_PATTERN",
-    "CHECKPOINT_PREFIX",
-    "CHECKPOINT_STAGING_PREFIX",
-    "FINAL_STAGING_DIR",
-    "MODEL_CARD_FILE",
-    "TRAINER_STATE_FILE",
-    "ResumeError",
-    "checkpoint_folders",
-    "checkpoint_problem",
-    "find_resume_checkpoint",
-    "interrupted_saves",
-    "is_staging_folder",
-    "listing",
-    "newest_complete_checkpoint",
-    "read_trainer_state",
-]
-
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (checked in training.py)
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")

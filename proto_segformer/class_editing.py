@@ -524,23 +524,3 @@ def rename_class_of_model(model: nn.Module, old: str, new: str) -> int:
     model.config.id2label = id2label
     model.config.label2id = label2id
     return index
-
-
-__all__ = [
-    "DEFAULT_MIN_CELL_FRACTION",
-    "add_classes_to_model",
-    "check_support_coverage",
-    "class_ids",
-    "class_names",
-    "cluster_support_prototypes",
-    "embed_support_pixels",
-    "embedding_grid_size",
-    "label_maps",
-    "normalize_names",
-    "pil_to_pixel_values",
-    "prepare_support",
-    "remove_classes_from_model",
-    "rename_class_of_model",
-    "subsample_per_class",
-    "support_cell_labels",
-]

@@ -26,19 +26,6 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-__all__ = [
-    "INTERRUPTED_EXIT_CODE",
-    "ArgumentParser",
-    "check_flags",
-    "closest_flags",
-    "exit_if_write_failure",
-    "exit_interrupted",
-    "parse",
-    "run_main",
-    "unknown_arguments_message",
-    "usage_error",
-]
-
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 

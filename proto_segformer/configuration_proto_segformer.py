@@ -301,14 +301,4 @@ class ProtoSegformerConfig(SegformerConfig):
 # auto_map in every saved config.json (AutoConfig.from_pretrained(..., trust_remote_code=True)).
 ProtoSegformerConfig.register_for_auto_class()
 
-__all__ = [
-    "MAX_INFERENCE_CHUNK_SIZE",
-    "MAX_MODEL_BYTES",
-    "MAX_PROTOTYPES_PER_CLASS",
-    "MAX_SINKHORN_ITERATIONS",
-    "MIT_PRESETS",
-    "ProtoSegformerConfig",
-    "check_id2label",
-    "class_name_problem",
-    "mit_preset",
-]
+__all__ = ["MIT_PRESETS", "ProtoSegformerConfig", "mit_preset"]

@@ -282,17 +282,3 @@ class OnnxRuntimeModel:
         if logits.ndim != 4 or logits.shape[1] != self.config.num_labels:  # a graph whose class axis is dynamic
             self._class_count_mismatch(f"logits of shape {logits.shape}")
         return SimpleNamespace(logits=torch.from_numpy(logits)[:, :, : (height + 3) // 4, : (width + 3) // 4])
-
-
-__all__ = [
-    "EXPORT_MANIFEST",
-    "EXPORT_MIN_SIZE",
-    "ExportError",
-    "ONNX_NAME",
-    "OnnxRuntimeModel",
-    "dynamic_shapes",
-    "example_inputs",
-    "export_onnx",
-    "export_program",
-    "write_onnx_folder",
-]

@@ -130,6 +130,3 @@ def publish_files(staging: Path, destination: Path, last: str, *, purpose: str =
         if index == 0:
             fault_point(f"{purpose}:during-move")
     staging.rmdir()
-
-
-__all__ = ["FAULT_ENV", "fault_point", "owned_files", "publish_files", "write_folder"]

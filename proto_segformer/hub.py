@@ -529,15 +529,3 @@ def hub_call(function, *args: Any, **kwargs: Any) -> Any:
             f"The Hugging Face Hub at {constants.ENDPOINT} is unreachable ({reason}); check the network (and"
             " HF_ENDPOINT). --local_dir DIR assembles the repository without network."
         ) from error
-
-
-__all__ = [
-    "HANDLER_NAME",
-    "HubError",
-    "PushResult",
-    "assemble_repository",
-    "check_repo_id",
-    "custom_code_files",
-    "push_to_hub",
-    "require_token",
-]

@@ -127,6 +127,3 @@ def disk_full_error(error: BaseException, folder: Path, existed: bool) -> HubErr
         f"No space left on the device while writing {folder}: nothing was changed ({state}; the partial copy"
         " beside it was removed). Free some space and run again."
     )
-
-
-__all__ = ["MANIFEST_NAME", "HubError", "assemble_folder", "check_destination", "check_repo_id"]

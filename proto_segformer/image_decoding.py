@@ -217,14 +217,3 @@ def check_label_orientation(image: Image.Image, label_size: tuple[int, int]) -> 
         " turn the label the same way, or remove the image's EXIF orientation tag (e.g. `exiftool -Orientation="
         " -overwrite_original FILE`) to use it as stored"
     )
-
-
-__all__ = [
-    "check_label_orientation",
-    "displayed_size",
-    "exif_orientation",
-    "has_transparency",
-    "to_rgb_array",
-    "to_rgb_image",
-    "upright",
-]

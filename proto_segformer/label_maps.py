@@ -40,6 +40,3 @@ def upsampled_argmax(
             best_value = torch.where(better, value, best_value)
             best_index = torch.where(better, index + start, best_index)
     return best_index
-
-
-__all__ = ["upsampled_argmax"]

@@ -118,13 +118,3 @@ def check_local_source(
     if looks_local(name):
         raise LocalPathNotFoundError(missing_path_message(name, what))
     return False
-
-
-__all__ = [
-    "LocalPathNotFoundError",
-    "check_local_source",
-    "close_matches",
-    "is_cached",
-    "looks_local",
-    "missing_path_message",
-]

@@ -260,17 +260,3 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_dir: str | Path) 
         raise RuntimeError(f"The checkpoint {checkpoint_dir} does not match the model: {problems}.")
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
-
-
-__all__ = [
-    "PROTOSEG_FIELDS",
-    "ModelInputError",
-    "ModelSource",
-    "build_model",
-    "check_model_source",
-    "load_checkpoint_weights",
-    "model_summary",
-    "quiet_transformers",
-    "read_model_source",
-    "resume_config_problem",
-]

@@ -800,21 +800,3 @@ def write_model_card(
     card.save(path)
     (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str) + "\n")
     return path
-
-
-__all__ = [
-    "CARD_INPUTS_FILE",
-    "CARD_TRAINING_ARGS",
-    "TEMPLATE_PATH",
-    "build_card_data",
-    "looks_secret",
-    "per_class_metrics",
-    "read_eval_results",
-    "read_card_inputs",
-    "redact_tokens",
-    "render_model_card",
-    "scalar_metrics",
-    "widget_for_classes",
-    "without_secrets",
-    "write_model_card",
-]

@@ -22,18 +22,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = [
-    "LOW_FREE_BYTES",
-    "OutputError",
-    "check_output_folder",
-    "folder_weights_bytes",
-    "free_bytes",
-    "is_disk_full",
-    "is_write_failure",
-    "size_text",
-    "write_failure_message",
-]
-
 # A write that failed without an errno (torch.save) counts as a full disk when less than this is left.
 LOW_FREE_BYTES = 64 * 2**20
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

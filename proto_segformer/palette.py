@@ -127,13 +127,3 @@ def minimum_distance(colours: np.ndarray) -> float:
     difference = points[:, None, :] - points[None, :, :]
     distances = np.sqrt((difference * difference).sum(axis=-1))
     return float(distances[np.triu_indices(len(points), k=1)].min())
-
-
-__all__ = [
-    "IGNORE_COLOUR",
-    "IGNORE_INDEX",
-    "class_colours",
-    "class_palette",
-    "minimum_distance",
-    "oklab",
-]

@@ -19,12 +19,7 @@ import socket
 from urllib.parse import urlparse
 
 from .local_paths import (
-    LocalPathNotFoundError,
     check_local_source,
-    close_matches,
-    is_cached,
-    looks_local,
-    missing_path_message,
 )
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -83,15 +78,3 @@ def check_source(
             f"Cannot reach the Hugging Face Hub ({reason}) to download the {kind} {name!r}, and it is not in the"
             " local cache: check the network connection, or give a local folder."
         )
-
-
-__all__ = [
-    "HubUnreachableError",
-    "LocalPathNotFoundError",
-    "check_source",
-    "close_matches",
-    "hub_unreachable_reason",
-    "is_cached",
-    "looks_local",
-    "missing_path_message",
-]

@@ -163,12 +163,3 @@ def prototype_overlay(
     blended[class_boundaries(label_map)] = 255
     key = prototype_legend(label_map, id2label, num_prototypes, legend_font_size(image)) if legend else None
     return blended if key is None else attach_legend(blended, key)
-
-
-__all__ = [
-    "class_colormap",
-    "colour_overlay",
-    "label_png",
-    "prototype_overlay",
-    "prototype_shades",
-]

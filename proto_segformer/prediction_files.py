@@ -452,14 +452,3 @@ def predict_files(
         bar.close()
         log.close()
     return PredictSummary(written, skipped, time.perf_counter() - start, pixels)
-
-
-__all__ = [
-    "OutputError",
-    "PredictSummary",
-    "collect_inputs",
-    "predict_files",
-    "prepare_outputs",
-    "read_image",
-    "save_prediction",
-]

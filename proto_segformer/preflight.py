@@ -27,21 +27,6 @@ from .checkpoint_folders import find_resume_checkpoint
 from .output_folders import check_output_folder
 from .paths import HubUnreachableError, check_source, is_cached, missing_path_message
 
-__all__ = [
-    "BUILTIN_PREFIX",
-    "PathError",
-    "builtin_dataset",
-    "builtin_dataset_names",
-    "check_dataset_folder",
-    "check_dataset_name",
-    "check_existing",
-    "check_input_paths",
-    "check_model_folder",
-    "check_failed",
-    "check_training_command",
-    "command_values",
-]
-
 BUILTIN_PREFIX = "builtin:"
 GLOB_CHARACTERS = set("*?[")
 DEFAULT_TRAINING_OUTPUT_DIR = "trainer_output"  # TrainingArguments' output_dir when none is given

@@ -138,6 +138,3 @@ def initialize_prototypes_from_dataset(
         len(indices),
     )
     return present
-
-
-__all__ = ["collect_class_embeddings", "initialize_prototypes_from_data", "initialize_prototypes_from_dataset"]

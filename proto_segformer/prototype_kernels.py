@@ -698,19 +698,3 @@ def training_scores(
     head = fused_scores_and_contrast if fast else scores_and_contrast
     scores, loss_ppc, assigned, targets = head(pixels, prototypes, rows, classes, assign, temperature)
     return TrainingScores(scores, loss_ppc, ppd_loss(assigned), pixels, classes, targets, rows=rows)
-
-
-__all__ = [
-    "SIMILARITY_DTYPES",
-    "TrainingScores",
-    "blocked_prototype_logits",
-    "fused_scores_and_contrast",
-    "head_block_shape",
-    "inference_logits",
-    "is_tracing",
-    "masked_scores_and_contrast",
-    "measured_head_blocks",
-    "prototype_logits",
-    "traced_prototype_logits",
-    "training_scores",
-]

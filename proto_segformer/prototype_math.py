@@ -428,24 +428,3 @@ def cluster_prototypes(
         hit = torch.bincount(targets, minlength=flat.shape[0]) > 0
         centers = torch.where(hit[:, None], l2_normalize(sums), flat).view_as(centers)
     return centers, present
-
-
-__all__ = [
-    "argmax_with_ties",
-    "average_across_processes",
-    "class_logits",
-    "class_scores",
-    "cluster_prototypes",
-    "l2_normalize",
-    "momentum_update",
-    "normalize_class_scores",
-    "own_class_similarities",
-    "ppc_loss",
-    "ppd_loss",
-    "prototype_similarities",
-    "random_unit_prototypes",
-    "scores_and_contrast",
-    "similarity_tie_tolerance",
-    "sinkhorn_assignments",
-    "sinkhorn_knopp",
-]

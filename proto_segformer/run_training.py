@@ -911,19 +911,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if training_args.process_index == 0:
             print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-__all__ = [
-    "BUILTIN_DEMO_DEFAULTS",
-    "COMMON_DEFAULTS",
-    "DataTrainingArguments",
-    "ModelArguments",
-    "build_parser",
-    "main",
-    "parse_config_overrides",
-    "prepare_data",
-    "prepare_output_dir",
-    "resolve_resume",
-    "run_summary",
-    "run_training",
-]

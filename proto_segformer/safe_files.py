@@ -346,23 +346,3 @@ def read_for_upload(source: str | Path, model_folder: str | Path, *, named_by_us
     """The bytes of `source`, with the checks of `open_for_upload` (for a file whose content enters an upload)."""
     with open_for_upload(source, model_folder, named_by_user=named_by_user) as reader:
         return reader.read()
-
-
-__all__ = [
-    "RefusedFile",
-    "atomic_write",
-    "atomic_write_text",
-    "copy_into_upload",
-    "current_umask",
-    "default_mode",
-    "exchange_folders",
-    "file_sha256",
-    "is_within",
-    "open_for_upload",
-    "read_for_upload",
-    "read_manifest",
-    "read_manifest_hashes",
-    "remove_listed",
-    "staging_folder",
-    "write_manifest",
-]

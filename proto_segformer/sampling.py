@@ -26,6 +26,3 @@ def per_class_sample(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(classes.shape[0], device=classes.device) - starts[classes[order]]
     return order[rank < max_per_class]
-
-
-__all__ = ["per_class_sample"]

@@ -462,14 +462,4 @@ def check_prediction_size(prediction: Prediction, size: tuple[int, int]) -> None
         )
 
 
-__all__ = [
-    "InferenceOptions",
-    "Prediction",
-    "Segmenter",
-    "grid_to_prediction",
-    "nearest_prototype_per_class",
-    "resolve_device",
-    "sliding_window_crop",
-    "slide_grid",
-    "window_starts",
-]
+__all__ = ["InferenceOptions", "Prediction", "Segmenter"]

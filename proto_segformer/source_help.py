@@ -20,19 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "REQUIRED",
-    "SourceField",
-    "dataclass_fields",
-    "dataclass_fields_from_source",
-    "help_from_fields",
-    "option_strings",
-    "training_fields",
-    "training_flags",
-    "training_help",
-    "wants_help",
-]
-
 REQUIRED = object()  # the default of a field without one
 
 

@@ -153,6 +153,3 @@ def write_space(
         purpose="space",
         written_by="space.write_space",
     )
-
-
-__all__ = ["GRADIO_VERSION", "app_source", "example_pictures", "space_readme", "write_space"]

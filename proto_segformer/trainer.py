@@ -278,14 +278,3 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
                 return TrainOutput(state.global_step, float("nan"), {})  # no metrics: nothing was trained
             self.add_callback(ResumeLogCallback(Path(resume_from_checkpoint).name))
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
-
-__all__ = [
-    "EpochCallback",
-    "PrototypeInitCallback",
-    "ProtoSegTrainer",
-    "RankPrototypesCallback",
-    "ResumeLogCallback",
-    "TrainingDivergedError",
-    "divergence_message",
-]

@@ -65,6 +65,3 @@ class MeanIoUMetric:
                 metrics[f"iou_{name}"] = float(result["per_category_iou"][index])
                 metrics[f"accuracy_{name}"] = float(result["per_category_accuracy"][index])
         return metrics
-
-
-__all__ = ["MeanIoUMetric", "segmentation_areas"]

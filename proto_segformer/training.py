@@ -199,10 +199,3 @@ def save_training_outputs(
         raise
     trainer.accelerator.wait_for_everyone()
     return output_dir
-
-
-__all__ = [
-    "CheckpointSavingTrainer",
-    "SaveFailedError",
-    "save_training_outputs",
-]

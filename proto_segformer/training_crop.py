@@ -95,6 +95,3 @@ def training_crop_size(model_folder: str | Path) -> int | None:
     if processor and processor.get("do_resize") is not False:
         return crop_side(processor.get("size"))
     return None
-
-
-__all__ = ["CROP_RECORDS", "crop_pair", "crop_side", "recorded_training_crop", "training_crop_size"]

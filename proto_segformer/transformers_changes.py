@@ -104,11 +104,3 @@ def held_load_report(class_name: str):
     finally:
         report_logger.removeFilter(held)
         held.release()
-
-
-__all__ = [
-    "declare_image_segmentation_support",
-    "held_load_report",
-    "install_output_capturing_hooks",
-    "register_checkpoint_layout",
-]

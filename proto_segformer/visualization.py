@@ -563,23 +563,3 @@ def prediction_panel(
             image = Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST)
             panel.paste(image, (lefts[column], tops[row_index]))
     return panel
-
-
-__all__ = [
-    "LEGEND_MAX_FRACTION",
-    "NEAR_DUPLICATE_COSINE",
-    "ATLAS_KEY",
-    "AtlasResult",
-    "DatasetSamples",
-    "PrototypeMatches",
-    "attach_legend",
-    "build_prototype_atlas",
-    "effective_prototypes",
-    "legend_picture",
-    "match_prototypes",
-    "near_duplicate_pairs",
-    "prediction_panel",
-    "prototype_statistics",
-    "render_atlas",
-    "within_class_cosines",
-]

@@ -385,6 +385,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_extended_model_round_trips_through_safetensors_remote_code_and_the_pipeline(tmp_path):
     from transformers import SegformerImageProcessorPil
 
@@ -579,6 +580,7 @@ def test_add_classes_into_the_input_model_needs_a_flag(tmp_path):
     assert folder_bytes(model_dir) == before
 
 
+@pytest.mark.slow
 def test_add_classes_killed_mid_save_leaves_the_model_intact(tmp_path):
     from proto_segformer.checkpoint import load_model
 

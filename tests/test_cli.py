@@ -219,6 +219,7 @@ def test_parse_fills_the_dataclass_and_refuses_prefixes(capsys):
     assert "--max_steps int Steps. (default: 1)" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_benchmark_precision_names_a_missing_model_in_one_line(tmp_path):
     code, stdout, stderr, _ = run_script("benchmark_precision.py", "--model", "runs/nope", cwd=tmp_path)
     assert code == 2 and stderr.strip().splitlines()[-1] == "error: Checkpoint folder 'runs/nope' does not exist."

@@ -159,3 +159,54 @@ def test_remote_code_is_the_model_only_and_never_reaches_the_network():
         assert not required & (NETWORK_MODULES | {"proto_segformer"}), (path.name, required)
         assert {f"{name}.py" for name in get_relative_imports(path)} <= SHIPPED, path.name
         assert "from .." not in path.read_text(), path.name
+
+
+# The public API (README, "Public API"): what users import. Every other module is internal and declares no `__all__`.
+PUBLIC_API = {
+    "proto_segformer": [
+        "MIT_PRESETS",
+        "ProtoSegformerConfig",
+        "ProtoSegformerForSemanticSegmentation",
+        "ProtoSegformerPreTrainedModel",
+        "ProtoSegformerSemanticSegmenterOutput",
+        "mit_preset",
+    ],
+    "proto_segformer.configuration_proto_segformer": ["MIT_PRESETS", "ProtoSegformerConfig", "mit_preset"],
+    "proto_segformer.modeling_proto_segformer": [
+        "ProtoSegformerDecodeHead",
+        "ProtoSegformerForSemanticSegmentation",
+        "ProtoSegformerPreTrainedModel",
+        "ProtoSegformerProjection",
+        "ProtoSegformerSemanticSegmenterOutput",
+    ],
+    "proto_segformer.data": ["BUILTIN_DATASETS", "IGNORE_INDEX", "build_builtin_dataset", "load_dataset_any"],
+    "proto_segformer.metrics": ["MEAN_IOU_PATH", "ConfusionMatrix", "load_mean_iou", "mean_iou", "metrics_from_areas"],
+    "proto_segformer.segmenter": ["InferenceOptions", "Prediction", "Segmenter"],
+}
+
+
+def test_only_the_public_modules_declare_all_and_their_names_import():
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import proto_segformer
+
+    package = Path(proto_segformer.__file__).resolve().parent
+    declaring = set()
+    for path in package.rglob("*.py"):
+        if "templates" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        if any(
+            isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__" for target in node.targets)
+            for node in tree.body
+        ):
+            parts = path.relative_to(package).with_suffix("").parts
+            declaring.add(".".join(("proto_segformer", *parts)).removesuffix(".__init__"))
+    assert declaring == set(PUBLIC_API)
+    for module_name, names in PUBLIC_API.items():
+        module = importlib.import_module(module_name)
+        assert sorted(module.__all__) == sorted(names), module_name
+        for name in names:
+            assert getattr(module, name) is not None

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from proto_segformer.prototype_math import l2_normalize
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_hold_the_normalised_mean_of_their_local_updates(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -115,6 +115,7 @@ def _inputs(shape, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- torch.export
 
 
+@pytest.mark.slow
 def test_torch_export_with_dynamic_batch_height_width_matches_eager(model, program):
     graph_text = str(program.graph_module.code)
     assert "aten.mm" in graph_text or "aten.matmul" in graph_text
@@ -142,6 +143,7 @@ def test_eager_input_checks_stay_and_the_exported_graph_has_none(model):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_export_folder_holds_the_model_and_its_configs(onnx_folder):
     names = sorted(p.name for p in onnx_folder.iterdir())
     required = [EXPORT_MANIFEST, "config.json", "model.onnx", "preprocessor_config.json"]
@@ -326,6 +328,7 @@ def test_compile_fullgraph_works_on_a_fresh_model_and_a_loaded_one(tmp_path):
             torch.testing.assert_close(logits, model(pixel_values).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_has_no_graph_break_and_matches_eager():
     """The training forward (losses, Sinkhorn, prototype update) is one graph: masks over all pixels, no operator
     whose output size depends on the labels. Compiled (aot_eager: the graph and its AOT backward) = eager (fused).

@@ -87,6 +87,7 @@ def _refused_then_resumed(output: Path, uninterrupted: Path, resumes_from: str, 
     "fault",
     ["checkpoint-save:after-weights@4", "checkpoint-save:before-rename@4", "checkpoint-save:after-rename@4"],
 )
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_save(fault: str, uninterrupted: Path, tmp_path: Path, capsys, caplog) -> None:
     output = _killed(tmp_path, fault)
     renamed = fault.startswith("checkpoint-save:after-rename")
@@ -111,6 +112,7 @@ def test_kill_during_a_checkpoint_save(fault: str, uninterrupted: Path, tmp_path
 
 
 @pytest.mark.parametrize("fault", ["final-save:after-weights", "final-save:during-move"])
+@pytest.mark.slow
 def test_kill_during_the_final_save(fault: str, uninterrupted: Path, tmp_path: Path, capsys) -> None:
     output = _killed(tmp_path, fault)
     assert not (output / "README.md").exists()  # the card is moved last: the run does not look finished

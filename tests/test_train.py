@@ -97,6 +97,7 @@ def test_prototypes_initialised_from_data_differ_from_random(demo_run: Path) -> 
     assert similarity[~torch.eye(3, dtype=torch.bool)].mean() > 0.3
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_a_clean_process_with_auto_classes_and_pipeline(demo_run: Path) -> None:
     code = f"""
 import numpy as np, torch
@@ -193,6 +194,7 @@ def test_the_same_seed_gives_the_same_model(tmp_path: Path) -> None:
     assert weights[0] == weights[1]
 
 
+@pytest.mark.slow
 def test_short_demo_saves_checkpoints_and_the_readme_resume_command_works(tmp_path: Path) -> None:
     # --max_steps 20 equals the demo's warm-up (the polynomial schedule divided by zero at step 19); --save_steps
     # alone means saving every N steps; the README's resume command, short version, runs as written.

@@ -124,6 +124,7 @@ def test_bad_model_arguments(tmp_path: Path, capsys) -> None:
     assert "missing_model' does not exist" in message
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_says_so(tmp_path: Path) -> None:
     # As a user types it: a learning rate of 1000 makes the loss NaN within a few steps.
     output = tmp_path / "out"

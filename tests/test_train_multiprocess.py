@@ -12,6 +12,9 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import REPO, TINY_ARGS, clean_env
 
+# Subprocess runs of whole commands: the slow tier (pytest -m slow).
+pytestmark = pytest.mark.slow
+
 LAUNCH = [
     sys.executable,
     "-m",

@@ -590,17 +590,3 @@ def _build(name: str, arguments: dict, ignore_classes) -> tuple[datasets.Dataset
         item_scale=item_scale,
         long_tail=long_tail,
     )
-
-
-__all__ = [
-    "BUILTIN_DATASETS",
-    "COLOUR_FAMILIES",
-    "HUE_WHEEL",
-    "IGNORE_INDEX",
-    "STRIPE_ORIENTATIONS",
-    "background_photos",
-    "build_builtin_dataset",
-    "compose_scene",
-    "digit_items",
-    "find_fashion_mnist",
-]

@@ -106,6 +106,3 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.train:
             return train_transform(image, label, self.rng(index), self.augmentation, self.image_mean, self.image_std)
         return eval_transform(image, label, self.image_mean, self.image_std)
-
-
-__all__ = ["SegmentationDataset"]

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..image_decoding import check_label_orientation
 from ..paths import check_source
-from .builtin import BUILTIN_DATASETS, build_builtin_dataset
+from .builtin import BUILTIN_DATASETS
 from .transforms import DEFAULT_IGNORE_INDEX, label_to_array, reduce_label_array, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -460,25 +460,3 @@ def infer_num_labels(
     if largest < 0:
         raise DataError("Every label pixel in the first samples is the ignore index: cannot infer the classes.")
     return largest + 1
-
-
-__all__ = [
-    "BUILTIN_PREFIX",
-    "DataError",
-    "build_builtin_dataset",
-    "check_split",
-    "checked_label",
-    "decode_image",
-    "ensure_validation_split",
-    "id2label_from_dataset",
-    "id2label_from_features",
-    "infer_num_labels",
-    "load_ade20k_style_folder",
-    "load_dataset_any",
-    "parse_builtin_name",
-    "prepare_label",
-    "read_id2label_file",
-    "read_pair",
-    "resolve_column",
-    "to_rgb",
-]

@@ -294,19 +294,3 @@ def pad_collate(
         pixel_values[i, :, :h, :w] = feature["pixel_values"]
         labels[i, :h, :w] = feature["labels"]
     return {"pixel_values": pixel_values, "labels": labels}
-
-
-__all__ = [
-    "DEFAULT_IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "AugmentationConfig",
-    "eval_transform",
-    "label_to_array",
-    "normalize",
-    "pad_collate",
-    "photometric_distortion",
-    "reduce_label_array",
-    "to_rgb",
-    "train_transform",
-]
