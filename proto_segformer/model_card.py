@@ -14,6 +14,7 @@ an entry whose name suggests a secret (token, key, password, ...) nor anything t
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -615,6 +616,31 @@ def render_model_card(
     all_results.json / eval_results.json, training arguments from training_args.json, prototype statistics from
     prototype_stats.json (written by scripts/visualize_prototypes.py) or, for near-duplicates only, from the
     prototypes in model.safetensors.
+
+    Args:
+        output_dir: folder with config.json (and normally model.safetensors, preprocessor_config.json and the
+            training output's all_results.json / eval_results.json).
+        dataset_name: the training data (a Hub dataset id, or the name of a built-in data set).
+        eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
+        base_model: the Hub id (or local path) of the checkpoint training started from (e.g. "nvidia/mit-b0").
+        training_args: the training settings (e.g. TrainingArguments.to_dict() plus script settings); the main ones
+            are listed in the card, and all are saved as training_args.json. Default: training_args.json if
+            present.
+        repo_id: "owner/name" used in the usage snippets; a placeholder if None.
+        license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
+        prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
+            else near-duplicate statistics of the stored prototypes.
+        pictures: (relative path, caption) of pictures to show in the card.
+        widget: widget examples [{"src": url, "example_title": title}]; default: `widget_for_classes`.
+        project_url: link to the proto_segformer code, if public.
+        data_note: a sentence on the data shown after it in the Training section (e.g. how the evaluation split
+            relates to the training data).
+        crop_size: the training crop (side, or (height, width)); default: training_args["crop_size"].
+        class_additions: the classes added after training, one dict per `add_classes` run (names, class_ids,
+            shots, min_cell_fraction, max_pixels_per_class, seed, image_size, source_model).
+        space_repo_id: "owner/name" of the Gradio Space that demonstrates the model (`space.write_space`); the card
+            links to it.
+        template_path: the Jinja template of the card body (default: the packaged `templates/model_card.md`).
     """
     output_dir = Path(output_dir)
     config_path = output_dir / "config.json"
@@ -719,51 +745,23 @@ def render_model_card(
     return card if cleaned == content else ModelCard(cleaned)
 
 
-def write_model_card(
-    output_dir: str | Path,
-    *,
-    dataset_name: str | None = None,
-    eval_results: dict[str, Any] | None = None,
-    base_model: str | None = None,
-    training_args: dict[str, Any] | None = None,
-    repo_id: str | None = None,
-    license: str | None = None,
-    prototype_stats: dict[str, Any] | None = None,
-    pictures: Sequence[tuple[str, str]] | None = None,
-    widget: list[dict[str, str]] | None = None,
-    project_url: str | None = None,
-    data_note: str | None = None,
-    crop_size: int | Sequence[int] | None = None,
-    class_additions: Sequence[Mapping[str, Any]] | None = None,
-    space_repo_id: str | None = None,
-    filename: str = "README.md",
-) -> Path:
+# The inputs a card remembers in model_card_inputs.json, so that a later rendering (push_to_hub) keeps them.
+REMEMBERED_CARD_INPUTS = (
+    "dataset_name",
+    "base_model",
+    "license",
+    "data_note",
+    "project_url",
+    "crop_size",
+    "class_additions",
+    "space_repo_id",
+)
+
+
+def write_model_card(output_dir: str | Path, *, filename: str = "README.md", **inputs: Any) -> Path:
     """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
 
-    Args:
-        output_dir: folder with config.json (and normally model.safetensors, preprocessor_config.json and the
-            training output's all_results.json / eval_results.json).
-        dataset_name: the training data (a Hub dataset id, or the name of a built-in data set).
-        eval_results: metrics (with or without the `eval_` prefix); default: read from the folder.
-        base_model: the Hub id (or local path) of the checkpoint training started from (e.g. "nvidia/mit-b0").
-        training_args: the training settings (e.g. TrainingArguments.to_dict() plus script settings); the main ones
-            are listed in the card, and all are saved as training_args.json. Default: training_args.json if
-            present.
-        repo_id: "owner/name" used in the usage snippets; a placeholder if None.
-        license: licence id; default apache-2.0, or NVIDIA's licence for an nvidia/ base model.
-        prototype_stats: `visualization.prototype_statistics` output; default: prototype_stats.json if present,
-            else near-duplicate statistics of the stored prototypes.
-        pictures: (relative path, caption) of pictures to show in the card.
-        widget: widget examples [{"src": url, "example_title": title}]; default: `widget_for_classes`.
-        project_url: link to the proto_segformer code, if public.
-        data_note: a sentence on the data shown after it in the Training section (e.g. how the evaluation split
-            relates to the training data).
-        crop_size: the training crop (side, or (height, width)); default: training_args["crop_size"].
-        class_additions: the classes added after training, one dict per `add_classes` run (names, class_ids,
-            shots, min_cell_fraction, max_pixels_per_class, seed, image_size, source_model).
-        space_repo_id: "owner/name" of the Gradio Space that demonstrates the model (`space.write_space`); the card
-            links to it.
-
+    The keyword arguments are those of `render_model_card` (documented there).
     dataset_name, base_model, license, data_note, project_url, crop_size, class_additions and space_repo_id default
     to those in the folder's model_card_inputs.json, which is (re)written with the card so that a later rendering
     keeps them.
@@ -771,32 +769,17 @@ def write_model_card(
     are the whole truth: files a previous run left in the folder (model_card_inputs.json, training_args.json) are
     not read, and are replaced.
     """
-    given = {
-        "dataset_name": dataset_name,
-        "base_model": base_model,
-        "license": license,
-        "data_note": data_note,
-        "project_url": project_url,
-        "crop_size": crop_size,
-        "class_additions": class_additions,
-        "space_repo_id": space_repo_id,
-    }
+    unknown = sorted(set(inputs) - set(inspect.signature(render_model_card).parameters) - {"output_dir"})
+    if unknown:
+        raise TypeError(f"write_model_card() got unexpected keyword arguments: {', '.join(unknown)}")
+    training_args = inputs.get("training_args")
     if training_args is not None:
         (Path(output_dir) / CARD_INPUTS_FILE).unlink(missing_ok=True)
         # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
         (Path(output_dir) / TRAINING_ARGS_FILE).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
-    inputs = resolve_card_inputs(output_dir, **given)
-    card = render_model_card(
-        output_dir,
-        eval_results=eval_results,
-        training_args=training_args,
-        repo_id=repo_id,
-        prototype_stats=prototype_stats,
-        pictures=pictures,
-        widget=widget,
-        **inputs,
-    )
+    remembered = resolve_card_inputs(output_dir, **{name: inputs.pop(name, None) for name in REMEMBERED_CARD_INPUTS})
+    card = render_model_card(output_dir, **inputs, **remembered)
     path = Path(output_dir) / filename
     card.save(path)
-    (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(inputs, indent=2, default=str) + "\n")
+    (Path(output_dir) / CARD_INPUTS_FILE).write_text(json.dumps(remembered, indent=2, default=str) + "\n")
     return path

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint_folders import find_resume_checkpoint
+from .local_paths import is_cached, missing_path_message
 from .output_folders import check_output_folder
-from .paths import HubUnreachableError, check_source, is_cached, missing_path_message
+from .paths import HubUnreachableError, check_source
 
 BUILTIN_PREFIX = "builtin:"
 GLOB_CHARACTERS = set("*?[")

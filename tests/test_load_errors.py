@@ -327,7 +327,7 @@ def test_remote_code_paths_refuse_mislabelled_and_corrupt_checkpoints_in_a_clean
 
 def test_a_mistyped_local_path_names_the_close_folders_at_once(eleven, tmp_path, monkeypatch) -> None:
     from proto_segformer import ProtoSegformerConfig
-    from proto_segformer.paths import LocalPathNotFoundError
+    from proto_segformer.local_paths import LocalPathNotFoundError
 
     shutil.copytree(eleven, tmp_path / "runs" / "demo")
     monkeypatch.chdir(tmp_path)

@@ -18,13 +18,8 @@ import huggingface_hub.constants
 import pytest
 from train_helpers import REPO, clean_env
 
-from proto_segformer.paths import (
-    HubUnreachableError,
-    LocalPathNotFoundError,
-    check_source,
-    looks_local,
-    missing_path_message,
-)
+from proto_segformer.local_paths import LocalPathNotFoundError, looks_local, missing_path_message
+from proto_segformer.paths import HubUnreachableError, check_source
 
 CLOSED_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
