@@ -745,19 +745,6 @@ def render_model_card(
     return card if cleaned == content else ModelCard(cleaned)
 
 
-# The inputs a card remembers in model_card_inputs.json, so that a later rendering (push_to_hub) keeps them.
-REMEMBERED_CARD_INPUTS = (
-    "dataset_name",
-    "base_model",
-    "license",
-    "data_note",
-    "project_url",
-    "crop_size",
-    "class_additions",
-    "space_repo_id",
-)
-
-
 def write_model_card(output_dir: str | Path, *, filename: str = "README.md", **inputs: Any) -> Path:
     """Write the model card (`README.md`) into `output_dir`, which holds a saved model; return its path.
 
@@ -777,7 +764,7 @@ def write_model_card(output_dir: str | Path, *, filename: str = "README.md", **i
         (Path(output_dir) / CARD_INPUTS_FILE).unlink(missing_ok=True)
         # Kept next to the card so that a later re-render (push_to_hub) lists the same arguments.
         (Path(output_dir) / TRAINING_ARGS_FILE).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
-    remembered = resolve_card_inputs(output_dir, **{name: inputs.pop(name, None) for name in REMEMBERED_CARD_INPUTS})
+    remembered = resolve_card_inputs(output_dir, **{name: inputs.pop(name, None) for name in CARD_INPUTS})
     card = render_model_card(output_dir, **inputs, **remembered)
     path = Path(output_dir) / filename
     card.save(path)
