@@ -39,7 +39,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
-from .hub_folders import HubError, assemble_folder, check_repo_id
+from .hub_folders import HubError, assemble_folder, check_repo_id, copy_image_decoder
 from .model_card import (
     CARD_INPUTS_FILE,
     PROTOTYPE_STATS_FILE,
@@ -57,7 +57,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 HANDLER_SOURCE = PACKAGE_DIR / "endpoint_handler.py"
 HANDLER_NAME = "handler.py"
 # The one image decoder, copied byte-identical beside handler.py (and a Space's app.py), which import it by name.
-IMAGE_DECODING_SOURCE = PACKAGE_DIR / "image_decoding.py"
 # Extra packages an Inference Endpoint installs from the repository (the code needs transformers 5).
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Optional files of a training output copied into the repository when present (the checkpoint folder, else the
@@ -362,8 +361,7 @@ def write_repository(
         copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)
     copy_into_upload(HANDLER_SOURCE, folder / HANDLER_NAME, PACKAGE_DIR)
-    (folder / IMAGE_DECODING_SOURCE.name).unlink(missing_ok=True)  # the handler's decoder: the package's copy
-    copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, PACKAGE_DIR)
+    copy_image_decoder(folder)  # the handler's decoder
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
     root = model_folder(source)
     for name in SIDECAR_FILES:

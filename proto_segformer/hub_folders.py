@@ -20,7 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .folder_writer import owned_files, write_folder
-from .safe_files import RefusedFile, is_within
+from .safe_files import RefusedFile, copy_into_upload, is_within
 
 REPO_ID_FORM = re.compile(r"^[^/\s]+/[^/\s]+$")
 MANIFEST_NAME = ".proto_segformer_assembly.json"  # the files an assembly wrote; only these are ever replaced
@@ -127,3 +127,14 @@ def disk_full_error(error: BaseException, folder: Path, existed: bool) -> HubErr
         f"No space left on the device while writing {folder}: nothing was changed ({state}; the partial copy"
         " beside it was removed). Free some space and run again."
     )
+
+
+# The one image decoder, shipped as a byte-identical copy beside the standalone handler.py and the Space's app.py.
+IMAGE_DECODING_SOURCE = Path(__file__).resolve().parent / "image_decoding.py"
+
+
+def copy_image_decoder(folder: Path) -> None:
+    """Put the package's `image_decoding.py` into `folder` (a repository or Space being assembled), replacing any
+    copy `save_pretrained` left there, so handler.py / app.py decode images as training does."""
+    (folder / IMAGE_DECODING_SOURCE.name).unlink(missing_ok=True)
+    copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, IMAGE_DECODING_SOURCE.parent)

@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .hub_folders import assemble_folder, check_repo_id
-from .safe_files import copy_into_upload, read_for_upload
+from .hub_folders import assemble_folder, check_repo_id, copy_image_decoder
+from .safe_files import read_for_upload
 
 APP_TEMPLATE = Path(__file__).resolve().parent / "templates" / "space" / "app.py"
-# The one image decoder, copied byte-identical beside app.py, which imports it by name.
-IMAGE_DECODING_SOURCE = Path(__file__).resolve().parent / "image_decoding.py"
 MODEL_PLACEHOLDER = 'DEFAULT_MODEL = "<namespace>/<model>"'
 GRADIO_VERSION = "6.31.0"  # the Space's sdk_version: the version the browser test runs
 SPACE_REQUIREMENTS = f"transformers>=5.0,<6\ntorch\ngradio=={GRADIO_VERSION}\nsafetensors>=0.4\npillow\nnumpy\n"
@@ -123,7 +121,7 @@ def example_pictures(id2label: dict[int, str]) -> dict[str, np.ndarray]:
 def write_space_files(folder: Path, model_repo_id: str, id2label: dict[int, str], title: str | None = None) -> None:
     """Write the Space's files into the empty `folder`."""
     (folder / "app.py").write_text(app_source(model_repo_id))
-    copy_into_upload(IMAGE_DECODING_SOURCE, folder / IMAGE_DECODING_SOURCE.name, IMAGE_DECODING_SOURCE.parent)
+    copy_image_decoder(folder)
     (folder / "requirements.txt").write_text(SPACE_REQUIREMENTS)
     (folder / "README.md").write_text(space_readme(model_repo_id, title))
     (folder / "examples").mkdir()
