@@ -42,6 +42,7 @@ from .cli import INTERRUPTED_EXIT_CODE, ArgumentParser, exit_interrupted
 from .configuration_proto_segformer import MIT_PRESETS
 from .data.builtin import build_builtin_dataset
 from .data.dataset import SegmentationDataset
+from .data.layouts import find_folder_layout
 from .data.loading import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
@@ -465,6 +466,9 @@ def prepare_data(
         dataset, id2label = _builtin_data(builtin, data_args, training_args)
         image_column, label_column, dataset_label = "image", "label", f"builtin:{builtin}"
     else:
+        layout = find_folder_layout(data_args.dataset_name)  # Cityscapes, COCO-Stuff: options that contradict it
+        if layout is not None:
+            layout.check_options(data_args.reduce_labels, ignore_index)
         dataset, image_column, label_column = _named_data(model_args, data_args, training_args)
         id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
         dataset_label = data_args.dataset_name

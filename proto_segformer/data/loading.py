@@ -7,7 +7,6 @@ the sample, the file), never as a deep stack trace.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -16,26 +15,18 @@ from typing import Any
 
 import datasets
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..image_decoding import check_label_orientation
 from ..paths import check_source
 from .builtin import BUILTIN_DATASETS
+from .layouts import canonical_split, find_folder_layout, layout_dataset
+from .reading import DataError, decode_image
 from .transforms import DEFAULT_IGNORE_INDEX, label_to_array, reduce_label_array, to_rgb
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images")
 LABEL_COLUMN_CANDIDATES = ("label", "annotation", "semantic_map", "segmentation", "mask", "labels", "seg_map")
-SPLIT_ALIASES = {
-    "train": ("train", "training"),
-    "validation": ("validation", "val", "valid", "dev"),
-    "test": ("test", "testing"),
-}
 BUILTIN_PREFIX = "builtin:"
-
-
-class DataError(ValueError):
-    """A problem with the user's data set (columns, labels, sizes, files), with a message that names it."""
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -45,64 +36,18 @@ def _is_save_to_disk(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _is_ade20k_style(path: Path) -> bool:
-    return (path / "images").is_dir() and (path / "annotations").is_dir()
-
-
-def _canonical_split(name: str) -> str:
-    lowered = name.lower()
-    for canonical, aliases in SPLIT_ALIASES.items():
-        if lowered in aliases:
-            return canonical
-    return name
-
-
-def _image_files(folder: Path) -> dict[str, Path]:
-    """Image files under `folder` by path without extension; two files of one name (x.jpg, x.png) are an error."""
-    files: dict[str, Path] = {}
-    clashes: list[str] = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            key = str(path.relative_to(folder).with_suffix(""))
-            if key in files:
-                clashes.append(f"{files[key].name} and {path.name}")
-            files.setdefault(key, path)
-    if clashes:
-        shown = "; ".join(clashes[:5]) + ("; ..." if len(clashes) > 5 else "")
-        raise DataError(
-            f"{folder} holds files that differ only in their extension ({shown}): images and annotations are paired"
-            " by name without extension, so one of each would be dropped. Remove or rename the extra files."
-        )
-    return files
-
-
 def load_ade20k_style_folder(path: str | Path) -> datasets.DatasetDict:
     """`images/<split>/*.jpg` paired by file stem with `annotations/<split>/*.png` -> DatasetDict with columns
-    "image" and "label" (split folders "training"/"validation" become "train"/"validation")."""
-    root = Path(path)
-    splits: dict[str, datasets.Dataset] = {}
-    split_dirs = sorted(d for d in (root / "images").iterdir() if d.is_dir())
-    if not split_dirs:
-        raise DataError(f"{root / 'images'} has no split folders (expected e.g. images/training, images/validation).")
-    for image_dir in split_dirs:
-        annotation_dir = root / "annotations" / image_dir.name
-        if not annotation_dir.is_dir():
-            raise DataError(f"{image_dir} has no matching annotation folder {annotation_dir}.")
-        images, labels = _image_files(image_dir), _image_files(annotation_dir)
-        missing = sorted(set(images) - set(labels))
-        if missing:
-            shown = ", ".join(str(images[m].name) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise DataError(f"{len(missing)} image(s) in {image_dir} have no annotation in {annotation_dir}: {shown}.")
-        keys = sorted(images)
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
-        splits[_canonical_split(image_dir.name)] = datasets.Dataset.from_dict(
-            {"image": [str(images[k]) for k in keys], "label": [str(labels[k]) for k in keys]}, features=features
-        )
-    return datasets.DatasetDict(splits)
+    "image" and "label" (split folders "training"/"validation" become "train"/"validation"); a folder of another
+    layout (Cityscapes, COCO-Stuff) is read as that layout (`layouts.find_folder_layout`)."""
+    layout = find_folder_layout(path)
+    if layout is None:
+        raise DataError(f"{path} is no data set folder with images/ and annotations/.")
+    return layout_dataset(layout)
 
 
 def _rename_splits(dataset: datasets.DatasetDict) -> datasets.DatasetDict:
-    return datasets.DatasetDict({_canonical_split(name): split for name, split in dataset.items()})
+    return datasets.DatasetDict({canonical_split(name): split for name, split in dataset.items()})
 
 
 def load_dataset_any(
@@ -113,8 +58,10 @@ def load_dataset_any(
     token: str | bool | None = None,
     trust_remote_code: bool = False,
 ) -> datasets.DatasetDict:
-    """Load a data set from a local path (save_to_disk folder, folder of parquet files, ADE20K-style folder, or
-    anything `datasets.load_dataset` reads) or a Hub id; split names are normalised to train/validation/test."""
+    """Load a data set from a local path (save_to_disk folder, folder of parquet files, a folder of a layout
+    `layouts.find_folder_layout` knows: ADE20K-style, Cityscapes, COCO-Stuff-164k or -10k as distributed, whose
+    labels come out converted to train ids; or anything `datasets.load_dataset` reads) or a Hub id; split names are
+    normalised to train/validation/test."""
     path = Path(os.path.expanduser(dataset_name))
     if path.exists():
         if path.is_dir() and _is_save_to_disk(path):
@@ -128,8 +75,9 @@ def load_dataset_any(
             if isinstance(loaded, datasets.Dataset):
                 loaded = datasets.DatasetDict({"train": loaded})
             return _rename_splits(loaded)
-        if path.is_dir() and _is_ade20k_style(path):
-            return load_ade20k_style_folder(path)
+        layout = find_folder_layout(path)  # ADE20K-style, Cityscapes, COCO-Stuff folders as distributed
+        if layout is not None:
+            return layout_dataset(layout)
         if path.is_dir() and any(path.rglob("*.parquet")):
             return _rename_splits(datasets.load_dataset(str(path), cache_dir=cache_dir))
         if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
@@ -265,6 +213,9 @@ def id2label_from_dataset(dataset: datasets.DatasetDict, dataset_name: str, labe
         return from_features
     path = Path(os.path.expanduser(dataset_name))
     if path.is_dir():
+        layout = find_folder_layout(path)
+        if layout is not None and layout.id2label is not None:
+            return dict(layout.id2label)
         for name in ("id2label.json", "label2id.json"):
             if (path / name).is_file():
                 mapping = json.loads((path / name).read_text())
@@ -292,30 +243,6 @@ def undecoded(split: datasets.Dataset, columns: Sequence[str]) -> datasets.Datas
         if isinstance(feature, datasets.Image) and feature.decode:
             split = split.cast_column(column, datasets.Image(decode=False))
     return split
-
-
-def decode_image(value: Any, what: str) -> Image.Image | np.ndarray:
-    """A PIL image (or an array, for array-valued labels) from whatever a data set column holds: PIL image, path,
-    {"bytes", "path"} dict, nested lists / array. Raises `DataError` naming `what` and the file."""
-    if isinstance(value, Image.Image):
-        return value
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    try:
-        if isinstance(value, dict) and value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif path:
-            image = Image.open(path)
-        elif isinstance(value, np.ndarray | list):
-            return np.asarray(value)
-        else:
-            raise DataError(f"{what}: expected an image, got {type(value).__name__}.")
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, DataError):
-            raise
-        where = f" ({path})" if path else ""
-        raise DataError(f"{what}{where}: cannot read the file ({error}).") from error
-    return image
 
 
 def label_size(label: Image.Image | np.ndarray) -> tuple[int, ...]:
