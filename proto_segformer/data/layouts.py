@@ -100,15 +100,18 @@ class LabelTable:
             raise DataError(f"{path}: the label map holds {values.dtype} values; expected integer {self.expected}.")
         low, high = min(self.train_ids), max(self.train_ids)
         unknown = np.iinfo(np.int64).min
-        lookup = np.full(high - low + 1, unknown, dtype=np.int64)
+        small = values.dtype.kind == "u" and values.dtype.itemsize <= 2  # PNG / .mat maps: index a full table
+        start = 0 if small else low
+        lookup = np.full((1 << 8 * values.dtype.itemsize if small else high + 1) - start, unknown, dtype=np.int64)
         for raw, train_id in self.train_ids.items():
-            lookup[raw - low] = ignore_index if train_id is None else train_id
-        values = values.astype(np.int64, copy=False)
-        if values.size and (values.min() < low or values.max() > high):
-            converted = lookup[np.clip(values, low, high) - low]
-            converted[(values < low) | (values > high)] = unknown
+            if 0 <= raw - start < lookup.size:
+                lookup[raw - start] = ignore_index if train_id is None else train_id
+        if small:
+            converted = lookup[values]
         else:
-            converted = lookup[values - low]
+            values = values.astype(np.int64, copy=False)
+            inside = (values >= low) & (values <= high)
+            converted = np.where(inside, lookup[np.clip(values, low, high) - low], unknown)
         bad = converted == unknown
         if bad.any():
             found = np.unique(values[bad])
@@ -206,6 +209,8 @@ class FolderLayout:
         if path.suffix.lower() == ".mat":
             return _read_mat_label(path)
         label = decode_image(str(path), "Label")
+        if isinstance(label, Image.Image) and label.mode in ("L", "P"):
+            return np.asarray(label)  # uint8 as stored: converted through a 256-entry table
         try:
             return label_to_array(label)
         except ValueError as error:
