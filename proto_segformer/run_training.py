@@ -197,10 +197,12 @@ class DataTrainingArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local path: a DatasetDict saved with save_to_disk, a folder of parquet files, or an"
-            " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png). A built-in offline data set by"
-            " its name, or as 'builtin:<name>' when a local folder has that name (scenes, scenes-shape, scenes-large,"
-            " scenes-large-digits, scenes-fashion, voc, arc2017); none: builtin:scenes."
+            "help": "Hub id or local path: a DatasetDict saved with save_to_disk, a folder of parquet files, an"
+            " ADE20K-style folder (images/<split>/*.jpg, annotations/<split>/*.png), or a Cityscapes (leftImg8bit/,"
+            " gtFine/), COCO-Stuff-164k or COCO-Stuff-10k folder as distributed (labels converted to train ids)."
+            " A built-in offline data set by its name, or as 'builtin:<name>' when a local folder has that name"
+            " (scenes, scenes-shape, scenes-large, scenes-large-digits, scenes-fashion, voc, arc2017); none:"
+            " builtin:scenes."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration."})

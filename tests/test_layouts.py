@@ -104,6 +104,9 @@ def test_cityscapes_folder_loads_with_train_ids_names_and_colours(tmp_path) -> N
     assert layout.id2label[18] == "bicycle" and layout.colours.shape == (19, 3)
     assert layout.colours[0].tolist() == [128, 64, 128] and layout.colours[13].tolist() == [0, 0, 142]
     assert np.array_equal(layout.load_label(label), _converted(CITYSCAPES_TRAIN))
+    ignored = [255] * 7
+    expected = [*ignored, 0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255, *range(6, 16), 255, 255, 16, 17, 18]
+    assert layout.convert_label(np.arange(34, dtype=np.uint8)[None], "x").tolist() == [expected]
 
     dataset = load_dataset_any(str(root))  # the test split (no public labels) is not offered
     assert set(dataset) == {"train", "validation"} and len(dataset["validation"]) == 2
@@ -184,6 +187,11 @@ def test_coco_stuff_164k_folder_converts_as_mmsegmentation_and_refuses_unused_id
         "banner",
         "wood",
     )
+    # Every id of mmsegmentation's clsID_to_trID maps as there (k -> its rank among the 171 used ids); 10k is +1.
+    used = [i for i in range(182) if i not in (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)]
+    assert layout.convert_label(np.array([used + [255]]), "x").tolist() == [list(range(171)) + [255]]
+    ten_k = find_folder_layout(coco_stuff_10k(tmp_path / "coco10k"))
+    assert ten_k.convert_label(np.array([[0] + [i + 1 for i in used]]), "x").tolist() == [[255, *range(171)]]
     dataset = load_dataset_any(str(root))
     assert set(dataset) == {"train", "validation"} and len(dataset["train"]) == 3
     assert dataset["train"][0]["image"].size == (W, H)
