@@ -162,7 +162,7 @@ def _coco_stuff_10k_table() -> LabelTable:
 # ---------------------------------------------------------------------------------------------------------- layouts
 
 
-@dataclass
+@dataclass(eq=False)
 class FolderLayout:
     """A data set folder of a known layout.
 
