@@ -75,7 +75,7 @@ def coco_stuff_164k(root: Path, raw: list[int] = COCO_164K_RAW) -> Path:
     return root
 
 
-def coco_stuff_10k(root: Path, raw: list[int] = COCO_10K_RAW) -> Path:
+def coco_stuff_10k(root: Path, raw: list[int] = COCO_10K_RAW, dtype=np.uint16) -> Path:
     lists = {
         "train": ["COCO_train2014_000000000077", "COCO_train2014_000000000078"],
         "test": ["COCO_train2014_000000000081"],
@@ -86,7 +86,7 @@ def coco_stuff_10k(root: Path, raw: list[int] = COCO_10K_RAW) -> Path:
         (root / "imageLists" / f"{split}.txt").write_text("\n".join(names) + "\n")
         for seed, name in enumerate(names):
             _image(root / "images" / f"{name}.jpg", seed)
-            savemat(root / "annotations" / f"{name}.mat", {"S": _label(raw, np.uint16), "names": np.array(["x"])})
+            savemat(root / "annotations" / f"{name}.mat", {"S": _label(raw, dtype), "names": np.array(["x"])})
     return root
 
 
@@ -223,6 +223,12 @@ def test_coco_stuff_10k_folder_reads_mat_files_and_refuses_unused_ids(tmp_path) 
     assert np.array_equal(dataset["train"][1]["label"], _converted(COCO_10K_TRAIN))
     assert np.array_equal(dataset["validation"][0]["label"], _converted(COCO_10K_TRAIN))
 
+    as_double = load_dataset_any(str(coco_stuff_10k(tmp_path / "double", dtype=np.float64)))  # MATLAB's default
+    assert np.array_equal(as_double["train"][0]["label"], _converted(COCO_10K_TRAIN))
+    half = tmp_path / "double" / "annotations" / "COCO_train2014_000000000077.mat"
+    savemat(half, {"S": _label(COCO_10K_RAW, np.float64) + 0.5})
+    with pytest.raises(DataError, match=r"000000000077\.mat: the label map 'S' holds values that are not whole"):
+        as_double["train"][0]
     bad = coco_stuff_10k(tmp_path / "unused", raw=[1, 12, 183, 1])
     with pytest.raises(DataError, match=r"000000000077\.mat: label value\(s\) 12, 183 are not COCO-Stuff-10k ids"):
         load_dataset_any(str(bad))["train"][0]

@@ -260,6 +260,10 @@ def _read_mat_label(path: Path) -> np.ndarray:
     label = np.asarray(content["S"])
     if label.ndim != 2:
         raise DataError(f"{path}: the label map 'S' has shape {label.shape}; expected (height, width).")
+    if label.dtype.kind == "f":  # MATLAB's default double: whole numbers are ids, anything else is no label map
+        if not (np.isfinite(label).all() and np.array_equal(label, np.round(label))):
+            raise DataError(f"{path}: the label map 'S' holds values that are not whole numbers; expected label ids.")
+        label = label.astype(np.int64)
     return label
 
 
