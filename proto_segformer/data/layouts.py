@@ -401,7 +401,7 @@ def _coco_stuff_10k_splits(root: Path) -> dict[str, Samples]:
         list_file = root / "imageLists" / list_name
         if not list_file.is_file():
             continue
-        names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        names = sorted({line.strip() for line in list_file.read_text().splitlines() if line.strip()})
         images = []
         for name in names:
             image = root / "images" / f"{name}.jpg"
