@@ -46,12 +46,12 @@ from .data.loading import (
 )
 from .metrics import ConfusionMatrix
 from .metrics.class_metrics import MEAN_METRICS, PER_CLASS_METRICS, class_metrics
+from .model_card import EVALUATION_FILE
 from .safe_files import atomic_write, atomic_write_text, read_manifest, write_manifest
 from .test_time_augmentation import TestTimeAugmentation, augmented_label_map
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_FILE = "evaluation_results.json"
 PER_CLASS_FILE = "evaluation_per_class.csv"
 CONFUSION_PICTURE = "evaluation_confusion.png"
 IOU_PICTURE = "evaluation_iou.png"
@@ -342,18 +342,6 @@ def write_report(
     atomic_write(folder / CONFUSION_PICTURE, lambda path: picture.save(path, format="PNG"))
     atomic_write_text(folder / EVALUATION_FILE, json.dumps(report, indent=1) + "\n")
     return [folder / name for name in OUTPUT_FILES]
-
-
-def read_evaluation(folder: str | Path) -> dict[str, Any] | None:
-    """The `EVALUATION_FILE` of a model folder as written by `write_report`, or None if absent or unreadable."""
-    path = Path(folder) / EVALUATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("metrics"), dict) else None
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -346,3 +346,36 @@ def test_script_evaluates_with_slide_and_augmentation(model_folder, tmp_path):
     assert report["mode"] == "slide" and report["scales"] == [0.75, 1.0] and report["flip"] is True
     assert report["num_images"] == 6 and report["crop_size"] == [SIZE, SIZE]
     assert all((output / name).is_file() for name in OUTPUT_FILES)
+
+
+def test_the_model_card_carries_an_evaluation_written_into_the_model_folder(model_folder, result, tmp_path):
+    import shutil
+
+    from proto_segformer.hub import assemble_repository
+    from proto_segformer.model_card import render_model_card
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    id2label = {int(k): v for k, v in json.loads((folder / "config.json").read_text())["id2label"].items()}
+    report = evaluation_report(result, id2label)
+    report.update(dataset="builtin:scenes", split="validation", mode="slide", scales=[0.5, 1.0], flip=True)
+    report.update(crop_size=[32, 32], stride=[20, 20])
+    write_report(folder, report, result.matrix, id2label)
+    card = render_model_card(folder, dataset_name="scenes")
+    entries = [r for r in card.data.eval_results if r.metric_type == "mean_iou"]
+    assert len(entries) == 1  # the evaluation replaces the training's validation numbers on the same data
+    assert entries[0].metric_value == pytest.approx(report["metrics"]["mIoU"], abs=1e-6)
+    assert entries[0].metric_args == {"mode": "slide", "scales": [0.5, 1.0], "flip": True}
+    assert entries[0].dataset_name == "builtin:scenes" and entries[0].dataset_split == "validation"
+    text = str(card)
+    assert "Measured with `scripts/evaluate_model.py` on `builtin:scenes` (split `validation`, 6 images)" in text
+    assert "sliding windows of 32x32 pixels, stride 20x20" in text and "scales 0.5, 1 and horizontal flip" in text
+    repository = assemble_repository(folder, tmp_path / "repo")
+    assert EVALUATION_FILE in repository
+    assert "mean_iou" in (tmp_path / "repo" / "README.md").read_text()
+
+    # measured on other classes (renamed since): left off the card
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"]["1"] = "renamed"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "Measured with" not in str(render_model_card(folder, dataset_name="scenes"))
