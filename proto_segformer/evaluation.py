@@ -344,13 +344,18 @@ def write_report(
     return [folder / name for name in OUTPUT_FILES]
 
 
+def augmentation_text(report: dict[str, Any]) -> str:
+    augmentation = report.get("augmentation", "none")
+    return "no test-time augmentation" if augmentation == "none" else f"test-time augmentation: {augmentation}"
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line: what was evaluated, the headline numbers and the speed."""
     metrics = report["metrics"]
     return (
         f"{report.get('dataset', '?')} {report.get('split', '?')}: {report['num_images']} images, mIoU"
         f" {_percent(metrics['mIoU'])}, mAcc {_percent(metrics['mAcc'])}, aAcc {_percent(metrics['aAcc'])}"
-        f" ({report.get('mode', '?')} mode, {report.get('augmentation', 'no augmentation')});"
+        f" ({report.get('mode', '?')} mode, {augmentation_text(report)});"
         f" {report['seconds']:.1f} s, {report['images_per_second']:.2f} images/s on {report.get('device', '?')}"
     )
 
