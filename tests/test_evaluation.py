@@ -4,10 +4,15 @@ report files."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import math
+import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ from transformers import SegformerImageProcessorPil, TrainingArguments
 
 from proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.data import build_builtin_dataset
+from proto_segformer.data.transforms import pad_collate
 from proto_segformer.evaluation import (
     EVALUATION_FILE,
     MANIFEST,
@@ -36,6 +42,8 @@ from proto_segformer.metrics import ConfusionMatrix, load_mean_iou
 from proto_segformer.metrics.class_metrics import class_metrics
 from proto_segformer.segmenter import InferenceOptions, Segmenter
 from proto_segformer.test_time_augmentation import TestTimeAugmentation, augmented_label_map, view_scores
+from proto_segformer.trainer import ProtoSegTrainer
+from proto_segformer.trainer_metrics import MeanIoUMetric
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,9 +98,6 @@ def pixel_tolerance(result) -> float:
 
 
 def test_plain_evaluation_equals_the_training_evaluation(segmenter, data, result, tmp_path):
-    from proto_segformer.trainer import ProtoSegTrainer
-    from proto_segformer.trainer_metrics import MeanIoUMetric
-
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_eval_batch_size=3,
@@ -102,10 +107,6 @@ def test_plain_evaluation_equals_the_training_evaluation(segmenter, data, result
         use_cpu=True,
         disable_tqdm=True,
     )
-    from functools import partial
-
-    from proto_segformer.data.transforms import pad_collate
-
     trainer = ProtoSegTrainer(
         model=segmenter.model,
         args=args,
@@ -149,8 +150,8 @@ def test_evaluation_equals_the_hub_mean_iou_on_the_same_predictions(segmenter, d
 
 
 def test_class_metrics_follow_mmsegmentation_iou_metric():
-    # 3 classes: class 0 labelled 4 (3 right, 1 as class 1); class 1 labelled 2 (both right); class 2 never
-    # labelled, predicted once (a pixel labelled 0? no: labelled 1) -> use the matrix directly.
+    # reference rows, predicted columns: class 0 labelled 4 times (3 right, 1 as class 1); class 1 labelled 3 times
+    # (2 right, 1 as class 2); class 2 never labelled but predicted once; class 3 neither labelled nor predicted.
     matrix = ConfusionMatrix(4, ignore_index=255)
     matrix.matrix[:4, :4] = [[3, 1, 0, 0], [0, 2, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     metrics = class_metrics(matrix)
@@ -280,6 +281,14 @@ def test_table_marks_absent_classes(result, segmenter):
         assert (f"{row['name']}" in table) and (row["absent"] == (row["label_pixels"] == 0))
 
 
+def load_script():
+    spec = importlib.util.spec_from_file_location("script_evaluate_model", REPO / "scripts" / "evaluate_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "evaluate_model.py"), *args],
@@ -300,17 +309,9 @@ def script(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_script_refuses_bad_input_in_one_line(model_folder, tmp_path, extra, message):
-    from importlib import util
-
-    spec = util.spec_from_file_location("script_evaluate_model", REPO / "scripts" / "evaluate_model.py")
-    module = util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = load_script()
     output = tmp_path / "out"
     args = ["--model", str(model_folder), "--dataset_name", "scenes", "--builtin_num_validation", "6", "--no_progress"]
-    import contextlib
-    import io
-
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         code = module.main([*args, "--output_dir", str(output), *extra])
@@ -349,8 +350,6 @@ def test_script_evaluates_with_slide_and_augmentation(model_folder, tmp_path):
 
 
 def test_the_model_card_carries_an_evaluation_written_into_the_model_folder(model_folder, result, tmp_path):
-    import shutil
-
     from proto_segformer.hub import assemble_repository
     from proto_segformer.model_card import render_model_card
 
@@ -379,3 +378,14 @@ def test_the_model_card_carries_an_evaluation_written_into_the_model_folder(mode
     config["id2label"]["1"] = "renamed"
     (folder / "config.json").write_text(json.dumps(config))
     assert "Measured with" not in str(render_model_card(folder, dataset_name="scenes"))
+
+
+def test_an_uncached_hub_id_offline_is_one_line(model_folder):
+    module = load_script()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        code = module.main(["--model", "nobody/no-such-model", "--dataset_name", "scenes", "--no_progress"])
+    assert code == 2
+    lines = stderr.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "nobody/no-such-model" in lines[0] and "HF_HUB_OFFLINE" in lines[0], lines
