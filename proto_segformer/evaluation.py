@@ -42,6 +42,7 @@ from .data.loading import (
     id2label_from_features,
     load_dataset_any,
     parse_builtin_name,
+    read_id2label_file,
     resolve_column,
 )
 from .metrics import ConfusionMatrix
@@ -407,6 +408,7 @@ def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
         reduce_labels=reduce_labels,
         dataset_config_name=args.dataset_config_name,
         image_column=args.image_column_name,
+        id2label=read_id2label_file(args.id2label) if args.id2label else None,
         label_column=args.label_column_name,
         builtin_image_size=args.builtin_image_size or training_crop_size(checkpoint.folder) or 64,
         builtin_num_validation=args.builtin_num_validation,

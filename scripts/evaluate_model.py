@@ -61,6 +61,12 @@ class EvaluateArguments:
         default=None,
         metadata={"help": "ADE20K labels (0 ignored, others - 1). Default: as the model's image processor says."},
     )
+    id2label: str | None = field(
+        default=None,
+        metadata={
+            "help": "json file with the data's class names, when the data set holds none (checked against the model's)."
+        },
+    )
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: found by name)."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: found by name)."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N samples."})
@@ -86,7 +92,7 @@ def check_arguments(args: EvaluateArguments) -> None:
     import os
 
     from proto_segformer.output_folders import check_output_folder
-    from proto_segformer.preflight import check_dataset_name, check_model_folder
+    from proto_segformer.preflight import check_dataset_name, check_existing, check_model_folder
     from proto_segformer.test_time_augmentation import check_scales
 
     check_scales(args.scales)
@@ -95,6 +101,8 @@ def check_arguments(args: EvaluateArguments) -> None:
     if os.path.exists(os.path.expanduser(args.model)) or "/" not in args.model or args.model.startswith("."):
         check_model_folder(args.model)
     check_dataset_name(args.dataset_name)
+    if args.id2label is not None:
+        check_existing(args.id2label, "--id2label", kind="file")
     if args.output_dir is not None:
         from proto_segformer.evaluation import check_output_files
 

@@ -389,3 +389,28 @@ def test_an_uncached_hub_id_offline_is_one_line(model_folder):
     assert code == 2
     lines = stderr.getvalue().strip().splitlines()
     assert len(lines) == 1 and "nobody/no-such-model" in lines[0] and "HF_HUB_OFFLINE" in lines[0], lines
+
+
+def test_an_ade20k_style_folder_with_reduced_labels(segmenter, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    labels = []
+    for index in range(3):
+        image = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+        label = rng.integers(0, len(segmenter.id2label) + 1, (40, 36), dtype=np.uint8)  # 0: "other", 1..K: classes
+        for kind, array in (("images", image), ("annotations", label)):
+            (tmp_path / kind / "validation").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / kind / "validation" / f"sample{index}.png")
+        labels.append(label)
+    options = {"model_id2label": segmenter.id2label, "ignore_index": 255}
+    with pytest.raises(Exception, match="--reduce_labels"):  # 1-based labels without the flag: the fix is named
+        load_evaluation_data(str(tmp_path), "validation", reduce_labels=False, **options)
+    data = load_evaluation_data(str(tmp_path), "val", reduce_labels=True, **options)
+    assert data.split == "validation" and len(data.dataset) == 3
+    result = evaluate_segmenter(segmenter, data, batch_size=2, progress=False)
+    counted = result.matrix.areas()[3]  # labelled pixels per class
+    expected = np.bincount(np.concatenate([label.ravel() for label in labels]), minlength=12)[1:]
+    np.testing.assert_array_equal(counted, expected)  # label v counts for class v - 1; 0 is ignored
+    with pytest.raises(EvaluationError, match=r"no split 'test'; its splits are \['validation'\]"):
+        load_evaluation_data(str(tmp_path), "test", reduce_labels=True, **options)
