@@ -676,14 +676,13 @@ def build_card_data(
             )
             for key, value in evaluation["metrics"].items()
         ]
-        metrics = metrics + [(EVALUATION_METRICS[key][0], "", 0.0) for key in evaluation["metrics"]]
     widget = widget if widget is not None else widget_for_classes(id2label)
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         tags=list(TAGS),
         datasets=[hub_id_or_none(dataset_name)] if hub_id_or_none(dataset_name) else None,
-        metrics=sorted({t for t, _, _ in metrics}) or None,
+        metrics=sorted({result.metric_type for result in results} | {t for t, _, _ in metrics}) or None,
         base_model=hub_id_or_none(base_model),
         model_name=model_name,
         eval_results=results or None,
