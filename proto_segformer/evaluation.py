@@ -388,6 +388,8 @@ def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
     if args.mode not in EVALUATION_MODES:
         raise EvaluationError(f"--mode must be one of {', '.join(EVALUATION_MODES)}, got {args.mode!r}.")
     square = lambda side: (side, side) if side else None  # noqa: E731
+    # Every inference switch is an `InferenceOptions` field read by `Segmenter` (a future --reject_unknown too):
+    # evaluation passes its flags here and counts whatever label maps the segmenter gives.
     options = InferenceOptions(
         mode=args.mode, crop_size=square(args.crop_size), stride=square(args.stride), batch_size=args.batch_size
     )
