@@ -9,7 +9,8 @@ The repository holds everything needed to use the model without the `proto_segfo
 - `README.md`: the model card (`model_card.py`);
 - `handler.py` (+ `requirements.txt`): the Inference Endpoints custom handler (`endpoint_handler.py`), with
   `image_decoding.py`, the package's image decoder it imports;
-- the training output's result files (all_results.json, eval_results.json, train_results.json, ...), the card's
+- the training output's result files (all_results.json, eval_results.json, train_results.json, ...) and the
+  evaluation of scripts/evaluate_model.py (evaluation_results.json, shown on the card), the card's
   inputs (model_card_inputs.json) and pictures.
 
 The folder is assembled beside the destination and put in place in one step (`hub_folders.assemble_folder`).
@@ -42,6 +43,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from .hub_folders import HubError, assemble_folder, check_repo_id, copy_image_decoder
 from .model_card import (
     CARD_INPUTS_FILE,
+    EVALUATION_FILE,
     PROTOTYPE_STATS_FILE,
     RESULT_FILES,
     TRAINING_ARGS_FILE,
@@ -61,7 +63,14 @@ HANDLER_NAME = "handler.py"
 ENDPOINT_REQUIREMENTS = "transformers>=5.0,<6\nsafetensors>=0.4\npillow\n"
 # Optional files of a training output copied into the repository when present (the checkpoint folder, else the
 # training output holding it); one that is refused is left out with a warning.
-SIDECAR_FILES = (*RESULT_FILES, "train_results.json", PROTOTYPE_STATS_FILE, TRAINING_ARGS_FILE, CARD_INPUTS_FILE)
+SIDECAR_FILES = (
+    *RESULT_FILES,
+    "train_results.json",
+    EVALUATION_FILE,
+    PROTOTYPE_STATS_FILE,
+    TRAINING_ARGS_FILE,
+    CARD_INPUTS_FILE,
+)
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 The card's body is the Jinja template `templates/model_card.md` inside the package; its metadata (YAML header)
 holds library_name, pipeline_tag, license, tags, datasets, metrics, base_model, widget examples and a `model-index`
-with the evaluation results read from the training output (`all_results.json` / `eval_results.json`).
+with the evaluation results read from the training output (`all_results.json` / `eval_results.json`) and, when
+`scripts/evaluate_model.py` wrote one into the model folder, from `evaluation_results.json` (`EVALUATION_FILE`: its
+numbers with the test-time setting, mode, scales and flip, in the model-index, and how they were measured in the
+Evaluation section).
 
 What the card states is kept next to it in `model_card_inputs.json` (data set, base model, licence, training crop,
 classes added after training), so that a card rendered again later (`push_to_hub`, `add_classes`) says the same.
@@ -58,6 +61,21 @@ KNOWN_METRICS: dict[str, tuple[str, str]] = {
 }
 BOOKKEEPING = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "step", "model_preparation_time"}
 RESULT_FILES = ("all_results.json", "eval_results.json")
+# Written by scripts/evaluate_model.py (`evaluation.write_report`) into the model folder: the card's model-index then
+# carries its numbers with the test-time setting, and the Evaluation section says how they were measured.
+EVALUATION_FILE = "evaluation_results.json"
+# summary key of EVALUATION_FILE -> (model-index metric type, display name)
+EVALUATION_METRICS: dict[str, tuple[str, str]] = {
+    "mIoU": ("mean_iou", "Mean IoU"),
+    "mAcc": ("mean_accuracy", "Mean Accuracy"),
+    "aAcc": ("accuracy", "Overall Accuracy"),
+    "mDice": ("mean_dice", "Mean Dice"),
+    "mFscore": ("mean_f1", "Mean F-score"),
+    "mPrecision": ("mean_precision", "Mean Precision"),
+    "mRecall": ("mean_recall", "Mean Recall"),
+}
+EVALUATION_CLASS_METRICS = ("iou", "accuracy", "dice", "fscore")
+DATA_NAME = re.compile(r"^[\w.:/\-]{1,100}$")  # a built-in name, a Hub id or a relative local path
 # Run statistics of train_results.json / all_results.json shown in the card (numbers only).
 TRAIN_SUMMARY = ("train_loss", "train_runtime", "epoch")
 # Names of entries that may hold a secret, and what a Hugging Face token looks like: neither is ever shown.
@@ -272,6 +290,101 @@ def mit_size(config: Mapping[str, Any]) -> str | None:
 
 def _format_metric(value: float) -> str:
     return f"{100 * value:.2f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+
+
+def read_evaluation(output_dir: str | Path, id2label: Mapping[int, str]) -> dict[str, Any] | None:
+    """The known, checked fields of the folder's `EVALUATION_FILE`; None (with a warning) when it is unreadable,
+    holds a value a card may not show, or was measured on other classes than the model's (classes added or removed
+    since: evaluate again); None without a word when there is none."""
+    path = Path(output_dir) / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = _read_json(path)
+    except ValueError as error:
+        logger.warning("Left %s off the card: %s", path.name, error)
+        return None
+    rows = [row for row in data.get("per_class") or [] if isinstance(row, dict)]
+    if [row.get("name") for row in rows] != [str(id2label[k]) for k in sorted(id2label)]:
+        logger.warning("Left %s off the card: it was measured on other classes than the model's.", path.name)
+        return None
+    dataset, split, mode = data.get("dataset"), data.get("split"), data.get("mode")
+    scales, flip = data.get("scales"), data.get("flip")
+    checks = (
+        isinstance(dataset, str) and bool(DATA_NAME.match(dataset)) and not HF_TOKEN.search(dataset),
+        isinstance(split, str) and bool(PLAIN_NAME.match(split)) and bool(split),
+        mode in ("whole", "slide"),
+        isinstance(scales, list) and 0 < len(scales) <= 16 and all(_is_number(s) and s > 0 for s in scales),
+        isinstance(flip, bool),
+    )
+    if not all(checks):
+        logger.warning(
+            "Left %s off the card: its data set, split, mode, scales or flip is not a plain value.", path.name
+        )
+        return None
+    metrics = {
+        k: float(data["metrics"][k]) for k in EVALUATION_METRICS if _is_number((data.get("metrics") or {}).get(k))
+    }
+    return {
+        "dataset": dataset,
+        "split": split,
+        "mode": mode,
+        "scales": [float(s) for s in scales],
+        "flip": flip,
+        "num_images": int(data["num_images"]) if _is_number(data.get("num_images")) else None,
+        "crop_size": data.get("crop_size") if card_value(data.get("crop_size")) else None,
+        "stride": data.get("stride") if card_value(data.get("stride")) else None,
+        "metrics": metrics,
+        "per_class": [
+            {
+                "name": str(row["name"]),
+                "absent": row.get("absent") is True,
+                **{m: float(row[m]) if _is_number(row.get(m)) else None for m in EVALUATION_CLASS_METRICS},
+            }
+            for row in rows
+        ],
+    }
+
+
+def evaluation_setting(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The test-time setting recorded in the model-index (`args` of each metric)."""
+    return {"mode": evaluation["mode"], "scales": list(evaluation["scales"]), "flip": evaluation["flip"]}
+
+
+def evaluation_section(evaluation: Mapping[str, Any], per_class_limit: int = 50) -> str:
+    """Markdown: how the evaluation file's numbers were measured, its summary and (up to `per_class_limit` classes)
+    its per-class table."""
+    scales = ", ".join(f"{s:g}" for s in evaluation["scales"])
+    if evaluation["mode"] == "slide" and evaluation.get("crop_size"):
+        mode = "sliding windows of {} pixels".format("x".join(str(v) for v in evaluation["crop_size"]))
+        if evaluation.get("stride"):
+            mode += ", stride {}".format("x".join(str(v) for v in evaluation["stride"]))
+    else:
+        mode = "whole images" if evaluation["mode"] == "whole" else "sliding windows"
+    augmentation = (
+        "no test-time augmentation"
+        if evaluation["scales"] == [1.0] and not evaluation["flip"]
+        else f"test-time augmentation: scales {scales}{' and horizontal flip' if evaluation['flip'] else ''}, softmax"
+        " probabilities averaged over the views (as mmsegmentation's SegTTAModel)"
+    )
+    images = f", {evaluation['num_images']} images" if evaluation.get("num_images") else ""
+    lines = [
+        f"Measured with `scripts/evaluate_model.py` on `{evaluation['dataset']}` (split `{evaluation['split']}`"
+        f"{images}): {mode}, {augmentation}. Metrics as mmsegmentation's `IoUMetric` (means over the classes present;"
+        " percentages):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {EVALUATION_METRICS[k][1]} | {100 * v:.2f} |" for k, v in evaluation["metrics"].items()]
+    rows = evaluation["per_class"]
+    if 0 < len(rows) <= per_class_limit:
+        shown = lambda value: "-" if value is None else f"{100 * value:.2f}"  # noqa: E731
+        lines += ["", "| class | IoU | accuracy | Dice | F-score |", "|---|---|---|---|---|"]
+        for row in rows:
+            values = " | ".join(shown(row[m]) for m in EVALUATION_CLASS_METRICS)
+            lines.append(f"| {row['name']}{' (absent from the split)' if row['absent'] else ''} | {values} |")
+    return "\n".join(lines)
 
 
 def results_section(eval_results: Mapping[str, Any], id2label: Mapping[int, str], dataset_text: str) -> str:
@@ -513,6 +626,7 @@ def build_card_data(
     base_model: str | None,
     license: str | None = None,
     widget: list[dict[str, str]] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> ModelCardData:
     """The card's metadata: library, task, licence, tags, datasets, metrics, base model, widget and model-index.
 
@@ -543,13 +657,32 @@ def build_card_data(
         )
         for metric_type, name, value in (metrics if dataset_name else [])
     ]
+    if evaluation is not None:
+        # The evaluation's numbers replace the training's on the same data set (its validation split).
+        same = (dataset_name or "").removeprefix("builtin:") == evaluation["dataset"].removeprefix("builtin:")
+        if same and evaluation["split"] == "validation":
+            results = []
+        results += [
+            EvalResult(
+                task_type="image-segmentation",
+                task_name="Semantic Segmentation",
+                dataset_type=evaluation["dataset"],
+                dataset_name=evaluation["dataset"],
+                dataset_split=evaluation["split"],
+                metric_type=EVALUATION_METRICS[key][0],
+                metric_name=EVALUATION_METRICS[key][1],
+                metric_value=round(value, 6),
+                metric_args=evaluation_setting(evaluation),
+            )
+            for key, value in evaluation["metrics"].items()
+        ]
     widget = widget if widget is not None else widget_for_classes(id2label)
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         tags=list(TAGS),
         datasets=[hub_id_or_none(dataset_name)] if hub_id_or_none(dataset_name) else None,
-        metrics=sorted({t for t, _, _ in metrics}) or None,
+        metrics=sorted({result.metric_type for result in results} | {t for t, _, _ in metrics}) or None,
         base_model=hub_id_or_none(base_model),
         model_name=model_name,
         eval_results=results or None,
@@ -687,7 +820,9 @@ def render_model_card(
         if repo_id
         else slug(f"protosegformer-{size or 'custom'}" + (f"-{dataset_name.split('/')[-1]}" if dataset_name else ""))
     )
+    evaluation = read_evaluation(output_dir, id2label)
     card_data = build_card_data(
+        evaluation=evaluation,
         model_name=name,
         id2label=id2label,
         eval_results={} if class_additions else results,  # results of the classes before the additions
@@ -736,7 +871,10 @@ def render_model_card(
         if project_url
         else "the `proto_segformer` implementation",
         training_section=training_section(training_args, train_results, dataset_text, inputs.get("data_note")),
-        results_section=results_section(results, id2label, dataset_text),
+        results_section=results_section(results, id2label, dataset_text)
+        if evaluation is None
+        else (results_section(results, id2label, dataset_text) + "\n\n" if scalar_metrics(results) else "")
+        + evaluation_section(evaluation),
         prototype_section=prototype_section(prototype_stats),
         pictures_section=pictures_section(pictures),
     )

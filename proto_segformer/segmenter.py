@@ -333,7 +333,11 @@ class Segmenter:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str = "cpu", options: InferenceOptions | None = None, backend: str = "pytorch"
+        cls,
+        folder: str | Path | ModelFolder,
+        device: str = "cpu",
+        options: InferenceOptions | None = None,
+        backend: str = "pytorch",
     ) -> Segmenter:
         """Load a checkpoint folder, read and checked once (`checkpoint.validate_checkpoint`), onto `device` ("cpu",
         "cuda", "auto").
@@ -358,7 +362,8 @@ class Segmenter:
             model = OnnxRuntimeModel(folder)
             source = folder
         else:
-            source = validate_checkpoint(folder)  # read and checked once: the model and processor load from it
+            # Read and checked once (a `ModelFolder` was already): the model and processor load from it.
+            source = folder if isinstance(folder, ModelFolder) else validate_checkpoint(folder)
             model = load_model(source, device=resolve_device(device))
             if options is not None and options.similarity_dtype is not None:
                 model.config.similarity_dtype = options.similarity_dtype
@@ -435,11 +440,36 @@ class Segmenter:
                 round(padded.shape[3] * width / input_w) if padded.shape[3] != input_w else width,
             )
             predictions.append(
-                grid_to_prediction(
-                    logits[i], None, None, scaled, (height, width), indices[i] if maps else None
-                )
+                grid_to_prediction(logits[i], None, None, scaled, (height, width), indices[i] if maps else None)
             )
         return predictions
+
+    def image_logits(self, array: np.ndarray, input_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Class scores (K, H, W) float32 of one image (H, W, 3) at its own size, under the current mode: the 1/4-grid
+        logits upsampled bilinearly (as for `predict`, whose label map is their argmax). `input_size` (height,
+        width): the image is first resized to it (test-time scales, `test_time_augmentation.py`); None: as `predict`
+        (the processor's resize in "whole" mode, the image's own size in "slide" mode)."""
+        height, width = array.shape[:2]
+        resize = (
+            {} if input_size is None else {"do_resize": True, "size": {"height": input_size[0], "width": input_size[1]}}
+        )
+        if self.uses_slide(array):
+            pixel_values = self._pixel_values(array, **(resize or {"do_resize": False}))
+            logits, _, padded = slide_grid(
+                self.model, pixel_values, self.crop, self.stride, self.options.batch_size, False
+            )
+            logits, covered, scale = logits[None], padded, pixel_values.shape[2:]
+        else:
+            pixel_values = self._pixel_values([array], **resize)
+            scale = pixel_values.shape[2:]
+            covered = (max(scale[0], self.min_input_size), max(scale[1], self.min_input_size))
+            logits, _, _ = forward_batches(self.model, pad_to(pixel_values, *covered), self.options.batch_size, False)
+        # The grid covers `covered` input pixels, of which the first `scale` are the image (resized to `scale`).
+        upsampled = F.interpolate(logits, size=tuple(covered), mode="bilinear", align_corners=False)
+        upsampled = upsampled[:, :, : scale[0], : scale[1]]
+        if tuple(scale) != (height, width):
+            upsampled = F.interpolate(upsampled, size=(height, width), mode="bilinear", align_corners=False)
+        return upsampled[0]
 
     def _predict_slide(self, array: np.ndarray) -> Prediction:
         pixel_values = self._pixel_values(array, do_resize=False)

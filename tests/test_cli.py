@@ -43,6 +43,7 @@ def test_every_script_is_listed():
         "benchmark_metric.py",
         "benchmark_precision.py",
         "benchmark_quality.py",
+        "evaluate_model.py",
         "export_onnx.py",
         "make_card_pictures.py",
         "predict.py",

@@ -34,6 +34,7 @@ SHORT_QUALITY = (
     "--datasets scenes --seeds 0 --workers 1 --output quality_short.json --train_options"
     " max_steps=2,warmup_steps=0,builtin_num_train=32,builtin_num_validation=8"
 )
+SHORT_EVAL = "--builtin_num_validation 8 --max_samples 4 --no_progress"
 SHORT_SPEED = "--presets mit-b0 --num_labels 19 --repeats 1 --inference_size 64 --train_size 64 --measure_memory false"
 
 # README command -> (the flags appended to shorten it, "" for none; files it must write, relative to the folder).
@@ -92,6 +93,17 @@ RUN = {
     " --output runs/demo/prototype_atlas.png --stats_output runs/demo/prototype_stats.json": (
         "--num_images 8",
         ("runs/demo/prototype_atlas.png", "runs/demo/prototype_stats.json"),
+    ),
+    "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --output_dir runs/demo": (
+        SHORT_EVAL,
+        ("runs/demo/evaluation_results.json", "runs/demo/evaluation_confusion.png"),
+    ),
+    "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --scales 0.5 0.75 1.0 1.25 1.5 1.75"
+    " --flip --output_dir runs/demo-tta": (SHORT_EVAL, ("runs/demo-tta/evaluation_results.json",)),
+    "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --mode slide"
+    " --output_dir runs/demo-slide": (
+        SHORT_EVAL,
+        ("runs/demo-slide/evaluation_per_class.csv",),
     ),
     "python scripts/benchmark_quality.py --quick": (SHORT_QUALITY, ("quality_short.json",)),
     "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": (
