@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .data.dataset import SegmentationDataset
+from .data.layouts import canonical_split
 from .data.loading import (
     IMAGE_COLUMN_CANDIDATES,
     LABEL_COLUMN_CANDIDATES,
     DataError,
-    _canonical_split,
     check_split,
     ensure_validation_split,
     id2label_from_dataset,
@@ -101,7 +101,7 @@ def check_class_names(data_id2label: dict[int, str] | None, model_id2label: dict
 def _select_split(dataset, split: str, train_val_split: float | None, seed: int):
     """The split named `split` (aliases such as "val" accepted); "validation" of a data set without one is held out
     of train as train.py holds it out (same `train_val_split` and seed)."""
-    wanted = _canonical_split(split)
+    wanted = canonical_split(split)
     if wanted in dataset:
         return dataset[wanted], wanted
     if wanted == "validation" and "train" in dataset and train_val_split:
@@ -146,7 +146,7 @@ def load_evaluation_data(
             raise EvaluationError("--id2label cannot rename the classes of a built-in data set.")
         from .data.builtin import build_builtin_dataset
 
-        wanted = _canonical_split(split)
+        wanted = canonical_split(split)
         try:
             dataset, data_id2label = build_builtin_dataset(
                 builtin,
