@@ -273,6 +273,27 @@ def crop_patch(image: np.ndarray, centre: tuple[int, int], size: int) -> np.ndar
     return padded[row : row + size, col : col + size]
 
 
+def network_view(image: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+    """`image` (H, W, 3) as the network saw it: resized (bilinear) to `input_size` (height, width) if it differs."""
+    size = (int(input_size[1]), int(input_size[0]))
+    picture = Image.fromarray(image)
+    return np.asarray(picture if picture.size == size else picture.resize(size, Image.BILINEAR))
+
+
+def match_patch(
+    matches: PrototypeMatches, view: np.ndarray, index: int, k: int, m: int, patch_size: int, context: float = 0.25
+) -> Image.Image:
+    """The patch of image `index` (`view`: as the network saw it, `network_view`) around its pixel most similar to
+    prototype m of class k: a square of `context` times the shorter input side, shown at `patch_size` pixels, the
+    pixel ringed (`mark_centre`)."""
+    grid_row, grid_col = matches.positions[index, k, m]
+    (input_h, input_w), (grid_h, grid_w) = matches.input_sizes[index], matches.grid_sizes[index]
+    centre = (int((grid_row + 0.5) * input_h / grid_h), int((grid_col + 0.5) * input_w / grid_w))
+    crop = max(8, int(round(min(input_h, input_w) * context)))
+    patch = Image.fromarray(crop_patch(view, centre, crop)).resize((patch_size, patch_size), Image.BILINEAR)
+    return mark_centre(patch)
+
+
 def mark_centre(
     patch: Image.Image, colour: tuple[int, int, int] = (255, 255, 0), radius: int | None = None
 ) -> Image.Image:
@@ -385,11 +406,8 @@ def render_atlas(
     cache: dict[int, np.ndarray] = {}
 
     def resized(index: int) -> np.ndarray:
-        """The image as the network saw it (its input size)."""
         if index not in cache:
-            size = (int(matches.input_sizes[index][1]), int(matches.input_sizes[index][0]))
-            image = Image.fromarray(samples[index][0])
-            cache[index] = np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR))
+            cache[index] = network_view(samples[index][0], matches.input_sizes[index])
         return cache[index]
 
     for row, k in enumerate(classes):
@@ -411,14 +429,7 @@ def render_atlas(
                     draw.rectangle((x, top, x + patch_size - 1, top + patch_size - 1), fill=(225, 225, 225))
                     continue
                 index = int(best_images[k, m, rank])
-                grid_row, grid_col = matches.positions[index, k, m]
-                (input_h, input_w), (grid_h, grid_w) = matches.input_sizes[index], matches.grid_sizes[index]
-                centre = (int((grid_row + 0.5) * input_h / grid_h), int((grid_col + 0.5) * input_w / grid_w))
-                crop = max(8, int(round(min(input_h, input_w) * context)))
-                patch = Image.fromarray(crop_patch(resized(index), centre, crop)).resize(
-                    (patch_size, patch_size), Image.BILINEAR
-                )
-                atlas.paste(mark_centre(patch), (x, top))
+                atlas.paste(match_patch(matches, resized(index), index, k, m, patch_size, context), (x, top))
             unused = seen and matches.usage[k, m] == 0
             if unused:
                 draw.rectangle(

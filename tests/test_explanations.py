@@ -1,0 +1,166 @@
+"""Case-based explanations: the prototype patches file (written by visualize_prototypes), its fingerprints (stale
+after training, still right after add_classes / remove_classes), and predict's --explain_pixel / --explain_class."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from transformers import SegformerImageProcessorPil
+
+from proto_segformer import ProtoSegformerForSemanticSegmentation
+from proto_segformer.explanations import (
+    PATCHES_FILE,
+    ExplanationError,
+    PatchLookup,
+    collect_prototype_patches,
+    network_fingerprint,
+    prototype_fingerprints,
+    read_prototype_patches,
+    write_prototype_patches,
+)
+from proto_segformer.visualization import DatasetSamples, match_prototypes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def script(name: str):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def striped_samples(count: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(count):
+        image = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+        label = np.zeros((32, 32), dtype=np.int64)
+        label[:, 16:] = 1  # class 2 never appears
+        samples.append((image, label))
+    return samples
+
+
+@pytest.fixture
+def model_and_processor():
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
+    return model, SegformerImageProcessorPil(size={"height": 32, "width": 32})
+
+
+def stored_patches(model, processor, tmp_path, top_n=2) -> Path:
+    samples = DatasetSamples(striped_samples())
+    matches = match_prototypes(model, processor, samples)
+    names = [f"image{i}.png" for i in range(len(samples))]
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    patches = collect_prototype_patches(model, matches, samples, names, id2label, top_n=top_n, patch_size=24)
+    return write_prototype_patches(tmp_path / PATCHES_FILE, patches)
+
+
+def test_patches_round_trip_and_match_the_atlas(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    path = stored_patches(model, processor, tmp_path)
+    patches = read_prototype_patches(path)
+    # classes 0 and 1 appear in all 3 images: 2 of 4 prototypes x 2 classes x top 2 images; class 2 never appears
+    assert len(patches.entries) == 2 * 4 * 2
+    assert {e.class_id for e in patches.entries} == {0, 1}
+    assert patches.network == network_fingerprint(model) and patches.patch_size == 24
+    lookup = PatchLookup.for_model(model, path)
+    best = lookup.entries(1, 3)
+    assert [e.rank for e in best] == [0, 1] and best[0].similarity >= best[1].similarity
+    assert best[0].source.startswith("image") and best[0].picture().size == (24, 24)
+    # the stored similarity is the cosine of the prototype and the best pixel of its class in that image
+    samples = DatasetSamples(striped_samples())
+    matches = match_prototypes(model, processor, samples)
+    images, scores = matches.best(2)
+    assert best[0].similarity == pytest.approx(float(scores[1, 3, 0]), abs=1e-6)
+    assert best[0].source == f"image{int(images[1, 3, 0])}.png"
+    with pytest.raises(ExplanationError, match="no patches of prototype 0 of class 'LABEL_2'"):
+        lookup.entries(2, 0)
+
+
+def test_the_file_is_stale_after_training_and_right_after_class_edits(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    path = stored_patches(model, processor, tmp_path)
+    fingerprints = prototype_fingerprints(model.prototypes)
+    # remove_classes: the remaining prototypes are the same vectors, the file still explains them
+    model.remove_classes(["LABEL_0"])
+    assert prototype_fingerprints(model.prototypes) == fingerprints[4:]
+    lookup = PatchLookup.for_model(model, path)
+    assert lookup.entries(0, 1)[0].class_name == "LABEL_1"  # class 1 is class 0 now
+    # prototypes moved (training further): stale, one line naming the command
+    with torch.no_grad():
+        model.prototypes.add_(1e-3)
+    with pytest.raises(ExplanationError, match="stale: none of its prototypes.*visualize_prototypes.py"):
+        PatchLookup.for_model(model, path)
+    # the network changed: stale too
+    torch.manual_seed(0)
+    other = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=3)).eval()
+    assert prototype_fingerprints(other.prototypes) == fingerprints
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # an encoder weight: the prototypes are the file's
+    with pytest.raises(ExplanationError, match="stale: it was made with another network"):
+        PatchLookup.for_model(other, path)
+
+
+def test_a_broken_or_foreign_file_is_one_line(model_and_processor, tmp_path):
+    model, _ = model_and_processor
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00")
+    with pytest.raises(ExplanationError, match="cannot be read as a prototype patches file"):
+        PatchLookup.for_model(model, truncated)
+    foreign = tmp_path / "model.safetensors"
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(foreign)
+    with pytest.raises(ExplanationError, match="is not a prototype patches file"):
+        PatchLookup.for_model(model, foreign)
+    with pytest.raises(ExplanationError, match="does not exist"):
+        PatchLookup.for_model(model, tmp_path / "missing.safetensors")
+
+
+def test_visualize_prototypes_writes_the_patches_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = ProtoSegformerForSemanticSegmentation(tiny_config(num_labels=11)).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    visualize = script("visualize_prototypes")
+    arguments = ["--model", str(folder), "--dataset", "scenes", "--split", "train", "--num_images", "4"]
+    arguments += ["--output", str(tmp_path / "atlas.png"), "--patches_output", str(folder / PATCHES_FILE)]
+    assert visualize.main(arguments) == 0
+    assert "Patches for explanations" in capsys.readouterr().out
+    patches = read_prototype_patches(folder / PATCHES_FILE)
+    assert "train images" in patches.data and patches.entries[0].source.startswith("built-in scenes train[")
+    assert all(e.rank < 3 for e in patches.entries)
+    assert (folder / PATCHES_FILE).stat().st_size < 200_000  # compact: JPEG crops
+    # a folder as the output: one line, nothing written
+    (tmp_path / "folder").mkdir()
+    assert visualize.main([*arguments[:-1], str(tmp_path / "folder")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def image_file(tmp_path: Path, name: str = "photo.png", size: tuple[int, int] = (40, 48)) -> Path:
+    rng = np.random.default_rng(3)
+    path = tmp_path / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def model_folder(model_and_processor, tmp_path) -> Path:
+    model, processor = model_and_processor
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    stored_patches(model, processor, folder)
+    return folder
