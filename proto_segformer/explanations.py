@@ -318,3 +318,126 @@ def explanation_picture(
         picture.paste(patch, (left, header))
         draw.text((left, header + patch_size + 1), f"sim {entry.similarity:.3f}", fill=(60, 60, 60), font=font)
     return picture
+
+
+# ------------------------------------------------------------------------------------------- explaining a prediction
+
+
+def parse_pixel(text: str) -> tuple[int, int]:
+    """(x, y) from "X,Y" (column, row in image pixels, from the top-left corner); `ValueError` (one line) else."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        x, y = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"--explain_pixel takes X,Y (two whole numbers: column, row), got {text!r}.") from None
+    if x < 0 or y < 0:
+        raise ValueError(f"--explain_pixel {text}: column and row count from 0 (the top-left pixel is 0,0).")
+    return x, y
+
+
+def grid_positions(
+    size: tuple[int, int], grid: tuple[int, int], covered: tuple[int, int], scale: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """For an image of `size` (H, W) whose `scale`-sized input lies in the `covered` input of an embedding grid of
+    `grid` (h, w) cells: the grid row of each image row and the grid column of each image column, as the label and
+    prototype maps take them (`segmenter.grid_to_prediction`, torch's "nearest")."""
+    (height, width), (grid_h, grid_w) = size, grid
+    scaled = (round(covered[0] * height / scale[0]), round(covered[1] * width / scale[1]))
+    rows = np.minimum(np.arange(height) * grid_h // scaled[0], grid_h - 1)
+    cols = np.minimum(np.arange(width) * grid_w // scaled[1], grid_w - 1)
+    return rows, cols
+
+
+class Explainer:
+    """Explains one pixel (`pixel` = (x, y)) or one class (`class_id`) of each predicted image: the prototype that
+    won there, its cosine similarity, and the training patches of that prototype (`PatchLookup`)."""
+
+    def __init__(self, segmenter, lookup: PatchLookup, pixel: tuple[int, int] | None, class_id: int | None) -> None:
+        if (pixel is None) == (class_id is None):
+            raise ValueError("Explain either a pixel (--explain_pixel) or a class (--explain_class), not both.")
+        self.segmenter = segmenter
+        self.lookup = lookup
+        self.pixel = pixel
+        self.class_id = class_id
+
+    @classmethod
+    def for_segmenter(
+        cls, segmenter, patches_path: str | Path, pixel: str | None = None, class_name: str | None = None
+    ) -> Explainer:
+        """Checks the request and the patches file (`PatchLookup.for_model`) before any image is predicted."""
+        from .class_editing import class_ids
+
+        if (pixel is None) == (class_name is None):
+            raise ValueError("Explain either a pixel (--explain_pixel) or a class (--explain_class), not both.")
+        position = parse_pixel(pixel) if pixel is not None else None
+        class_id = None
+        if class_name is not None:
+            names = [segmenter.id2label[k] for k in range(len(segmenter.id2label))]
+            (class_id,) = class_ids(names, [class_name])
+        return cls(segmenter, PatchLookup.for_model(segmenter.model, patches_path), position, class_id)
+
+    def explain(self, image: np.ndarray, label_map: np.ndarray) -> tuple[dict, Image.Image]:
+        """(JSON-ready record, picture) for one image (H, W, 3) and its predicted label map (H, W); an
+        `ExplanationError` (one line) for a pixel outside the image or a prototype the patches file does not know."""
+        import torch.nn.functional as F
+
+        height, width = image.shape[:2]
+        if self.pixel is not None and not (self.pixel[0] < width and self.pixel[1] < height):
+            raise ExplanationError(
+                f"--explain_pixel {self.pixel[0]},{self.pixel[1]} is outside this image of {width}x{height} pixels"
+                f" (x in 0..{width - 1}, y in 0..{height - 1})."
+            )
+        _, embeddings, covered, scale = self.segmenter.image_grid(image, with_embeddings=True)
+        rows, cols = grid_positions((height, width), tuple(embeddings.shape[1:]), covered, scale)
+        prototypes = F.normalize(self.segmenter.model.prototypes.detach().float().to(embeddings.device), dim=-1)
+        if self.pixel is not None:
+            x, y = self.pixel
+            k = int(label_map[y, x])
+            similarities = prototypes[k] @ embeddings[:, rows[y], cols[x]].float()
+            m = int(similarities.argmax())
+            record = {"pixel": {"x": x, "y": y}, "class": self.lookup.id2label.get(k, str(k)), "class_id": k}
+            record.update({"prototype": m, "similarity": round(float(similarities[m]), 4)})
+            title = f"pixel ({x},{y}): {record['class']}, prototype {m}, similarity {record['similarity']:.3f}"
+        else:
+            k = self.class_id
+            grid = torch.einsum("md,dhw->mhw", prototypes[k], embeddings.float())  # (M, h, w)
+            per_pixel = grid[:, torch.as_tensor(rows)][:, :, torch.as_tensor(cols)].cpu().numpy()  # (M, H, W)
+            winners = per_pixel.argmax(axis=0)
+            mask = label_map == k
+            count = int(mask.sum())
+            if count:
+                shares = np.bincount(winners[mask], minlength=per_pixel.shape[0]) / count
+                m = int(shares.argmax())
+                candidates = np.where(mask & (winners == m), per_pixel[m], -np.inf)
+            else:  # not predicted here: the class's prototype closest to any pixel
+                m = int(np.unravel_index(per_pixel.argmax(), per_pixel.shape)[0])
+                candidates = per_pixel[m]
+            y, x = (int(v) for v in np.unravel_index(np.argmax(candidates), candidates.shape))
+            name = self.lookup.id2label.get(k, str(k))
+            record = {"class": name, "class_id": k, "predicted_pixels": count, "prototype": m}
+            record["share_of_class_pixels"] = round(float(shares[m]), 4) if count else None
+            record.update({"pixel": {"x": x, "y": y}, "similarity": round(float(per_pixel[m, y, x]), 4)})
+            won = f"prototype {m} won {100 * shares[m]:.0f}% of {count} pixels" if count else "not predicted"
+            title = f"{name}: {won}; pixel ({x},{y}) similarity {record['similarity']:.3f}"
+        entries = self.lookup.entries(k, m)
+        record["patches"] = [entry.record() for entry in entries]
+        record["patches_file"] = str(self.lookup.path)
+        record["patches_data"] = self.lookup.patches.data
+        return record, self.picture(image, (x, y), entries, title)
+
+    def picture(self, image: np.ndarray, pixel: tuple[int, int], entries, title: str) -> Image.Image:
+        """The explained pixel's neighbourhood (ringed, as the training patches are cut: a quarter of the shorter
+        side of the image as the network saw it) beside the training patches of the prototype that won."""
+        from PIL import ImageDraw
+
+        from .visualization import _font, crop_patch, mark_centre
+
+        size = self.lookup.patches.patch_size
+        crop = max(8, int(round(min(image.shape[:2]) * 0.25)))
+        query = Image.fromarray(crop_patch(image, (pixel[1], pixel[0]), crop)).resize((size, size), Image.BILINEAR)
+        strip = explanation_picture(entries, f"{title}; training patches of the prototype:", size)
+        picture = Image.new("RGB", (strip.width + size + 8, strip.height), "white")
+        picture.paste(mark_centre(query), (4, 18))
+        ImageDraw.Draw(picture).text((4, 18 + size + 1), "this image", fill=(60, 60, 60), font=_font(11))
+        picture.paste(strip, (size + 8, 0))
+        return picture

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +20,9 @@ from .image_decoding import to_rgb_array
 from .output_folders import OutputError, check_output_folder, is_write_failure
 from .pictures import colour_overlay, index_png, label_png, prototype_colormap, prototype_overlay
 from .segmenter import Prediction, Segmenter, check_prediction_size
+
+if TYPE_CHECKING:
+    from .explanations import Explainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
         "overlay": output_dir / f"{stem}_overlay.jpg",
         "prototype": output_dir / f"{stem}_prototype.png",
         "prototype_overlay": output_dir / f"{stem}_prototype_overlay.jpg",
+        "explanation": output_dir / f"{stem}_explanation.png",
+        "explanation_json": output_dir / f"{stem}_explanation.json",
     }
 
 
@@ -238,10 +243,13 @@ def refusal_message(output_dir: str | Path, refused: dict[str, list[str]]) -> st
     )
 
 
-def plan_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:
+def plan_outputs(
+    paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool, explain: bool = False
+) -> dict[Path, dict[str, Path]]:
     """{input: {kind: output path}}: where `predict_files` writes each input's outputs (stems made unique)."""
     used: set[str] = set()
     kinds = ("label", "overlay", "prototype", "prototype_overlay") if prototype_maps else ("label", "overlay")
+    kinds += ("explanation", "explanation_json") if explain else ()
     plan = {}
     for path in paths:
         outputs = output_paths(Path(output_dir), unique_stem(Path(path), used))
@@ -249,7 +257,9 @@ def plan_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: 
     return plan
 
 
-def prepare_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool) -> dict[Path, dict[str, Path]]:
+def prepare_outputs(
+    paths: Sequence[Path], output_dir: str | Path, prototype_maps: bool, explain: bool = False
+) -> dict[Path, dict[str, Path]]:
     """Check the output folder and the planned outputs of `paths` before any work; return the plan.
 
     `OutputError` when the folder is a file or not writable, when an output would replace an input (e.g. the output
@@ -259,7 +269,7 @@ def prepare_outputs(paths: Sequence[Path], output_dir: str | Path, prototype_map
     checksums. Nothing is replaced but files prediction wrote, unchanged.
     """
     check_output_folder(output_dir)
-    plan = plan_outputs(paths, output_dir, prototype_maps)
+    plan = plan_outputs(paths, output_dir, prototype_maps, explain)
     inputs = {Path(path).resolve() for path in paths}
     planned = [target for outputs in plan.values() for target in outputs.values()]
     records = OutputRecords.read(output_dir)
@@ -374,12 +384,40 @@ def predict_batch(segmenter: Segmenter, images: list[np.ndarray]) -> list[Predic
     return results
 
 
+def save_explanation(
+    record: dict[str, Any],
+    picture: Image.Image,
+    paths: dict[str, Path],
+    on_written: Callable[[Path, Path], None] | None = None,
+) -> list[Path]:
+    """Write an explanation's picture and JSON (`explanations.Explainer.explain`) atomically, as `save_prediction`
+    writes its files; return the paths."""
+    import json
+
+    from .safe_files import atomic_write
+
+    def hook(path: Path):
+        return (lambda temporary: on_written(path, temporary)) if on_written is not None else None
+
+    written = [save_image(picture, paths["explanation"], on_written=hook(paths["explanation"]))]
+    text = json.dumps(record, indent=2) + "\n"
+
+    def write(temporary: Path) -> None:
+        temporary.write_text(text)
+        if on_written is not None:
+            on_written(paths["explanation_json"], temporary)
+
+    written.append(atomic_write(paths["explanation_json"], write))
+    return written
+
+
 def predict_files(
     segmenter: Segmenter,
     paths: Sequence[Path],
     output_dir: str | Path,
     progress: bool = True,
     plan: dict[Path, dict[str, Path]] | None = None,
+    explainer: Explainer | None = None,
 ) -> PredictSummary:
     """Predict every image in `paths` in batches and write its outputs (see `save_prediction`) into `output_dir`.
 
@@ -392,6 +430,9 @@ def predict_files(
     `output_folders.is_write_failure`) stops the run, the files written before complete. Every image of at least
     one pixel is predicted (small ones are padded, `Segmenter`). A progress bar (tqdm) runs over the files when
     `progress`.
+    With an `explainer` (`explanations.Explainer`), each image also gets `<stem>_explanation.png` and `.json`: the
+    prototype that won at the pixel (or for the class) and its training patches; an image the explanation does not
+    fit (the pixel outside it) is skipped with the reason, nothing of it written.
     """
     import time
 
@@ -399,7 +440,7 @@ def predict_files(
 
     output_dir = Path(output_dir)
     if plan is None:
-        plan = prepare_outputs(paths, output_dir, segmenter.options.prototype_maps)
+        plan = prepare_outputs(paths, output_dir, segmenter.options.prototype_maps, explainer is not None)
     output_dir.mkdir(parents=True, exist_ok=True)
     log = OutputLog(output_dir, [target.name for outputs in plan.values() for target in outputs.values()])
     written: dict[Path, list[Path]] = {}
@@ -435,10 +476,20 @@ def predict_files(
                     skip(path, f"could not be predicted ({failure_reason(result)})")
                     continue
                 stem = plan[Path(path)]["label"].name[: -len("_label.png")]
+                explanation = None
+                if explainer is not None:
+                    try:
+                        explanation = explainer.explain(image, result.label_map)
+                    except ValueError as error:  # the pixel outside this image, a prototype without patches
+                        skip(path, f"not explained ({error})")
+                        continue
+                    explanation[0]["image"] = Path(path).name
                 try:
                     files = save_prediction(
                         result, image, output_dir, stem, segmenter.id2label, num_prototypes, on_written=on_written
                     )
+                    if explanation is not None:
+                        files += save_explanation(*explanation, plan[Path(path)], on_written=on_written)
                 except (ValueError, RuntimeError, OSError) as error:
                     if is_write_failure(error):  # a full disk fails every image after it too: stop, one line
                         raise

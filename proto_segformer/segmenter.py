@@ -444,26 +444,36 @@ class Segmenter:
             )
         return predictions
 
+    def image_grid(
+        self, array: np.ndarray, input_size: tuple[int, int] | None = None, with_embeddings: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int], tuple[int, int]]:
+        """One image's 1/4-grid outputs under the current mode: logits (1, K, h, w), unit embeddings (D, h, w) when
+        `with_embeddings` (else None), the input size the grid covers (padding included) and the size of the image
+        within it (`image_logits` says how `input_size` resizes it)."""
+        resize = (
+            {} if input_size is None else {"do_resize": True, "size": {"height": input_size[0], "width": input_size[1]}}
+        )
+        if self.uses_slide(array):
+            pixel_values = self._pixel_values(array, **(resize or {"do_resize": False}))
+            logits, embeddings, padded = slide_grid(
+                self.model, pixel_values, self.crop, self.stride, self.options.batch_size, with_embeddings
+            )
+            return logits[None], embeddings, tuple(padded), tuple(pixel_values.shape[2:])
+        pixel_values = self._pixel_values([array], **resize)
+        scale = tuple(pixel_values.shape[2:])
+        covered = (max(scale[0], self.min_input_size), max(scale[1], self.min_input_size))
+        logits, embeddings, _ = forward_batches(
+            self.model, pad_to(pixel_values, *covered), self.options.batch_size, with_embeddings
+        )
+        return logits, embeddings[0] if with_embeddings else None, covered, scale
+
     def image_logits(self, array: np.ndarray, input_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Class scores (K, H, W) float32 of one image (H, W, 3) at its own size, under the current mode: the 1/4-grid
         logits upsampled bilinearly (as for `predict`, whose label map is their argmax). `input_size` (height,
         width): the image is first resized to it (test-time scales, `test_time_augmentation.py`); None: as `predict`
         (the processor's resize in "whole" mode, the image's own size in "slide" mode)."""
         height, width = array.shape[:2]
-        resize = (
-            {} if input_size is None else {"do_resize": True, "size": {"height": input_size[0], "width": input_size[1]}}
-        )
-        if self.uses_slide(array):
-            pixel_values = self._pixel_values(array, **(resize or {"do_resize": False}))
-            logits, _, padded = slide_grid(
-                self.model, pixel_values, self.crop, self.stride, self.options.batch_size, False
-            )
-            logits, covered, scale = logits[None], padded, pixel_values.shape[2:]
-        else:
-            pixel_values = self._pixel_values([array], **resize)
-            scale = pixel_values.shape[2:]
-            covered = (max(scale[0], self.min_input_size), max(scale[1], self.min_input_size))
-            logits, _, _ = forward_batches(self.model, pad_to(pixel_values, *covered), self.options.batch_size, False)
+        logits, _, covered, scale = self.image_grid(array, input_size)
         # The grid covers `covered` input pixels, of which the first `scale` are the image (resized to `scale`).
         upsampled = F.interpolate(logits, size=tuple(covered), mode="bilinear", align_corners=False)
         upsampled = upsampled[:, :, : scale[0], : scale[1]]

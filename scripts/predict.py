@@ -14,6 +14,10 @@ With --backend onnxruntime, --model is a folder written by scripts/export_onnx.p
 the CPU; prototype maps need the PyTorch backend). Outputs never replace an input, a file that an earlier prediction
 did not write, or one changed since (the output folder's .proto_segformer_predictions.json lists what prediction
 wrote there with each file's SHA-256): the run then stops before writing anything and names the files.
+With --explain_pixel X,Y or --explain_class NAME, each image also gets <name>_explanation.png and .json: the class and
+the prototype that won at that pixel (or for that class: the prototype most of its pixels matched), the cosine
+similarity, and the training patches of that prototype from the model's prototype_patches.safetensors (written by
+scripts/visualize_prototypes.py --patches_output; a stale file is refused with the command that writes it again).
 """
 
 from __future__ import annotations
@@ -63,6 +67,21 @@ class PredictArguments:
             "help": "bfloat16: the head's similarity in bf16 (faster on bf16 matrix units; README). Default: float32."
         },
     )
+    explain_pixel: str | None = field(
+        default=None,
+        metadata={
+            "help": "X,Y: explain this pixel (column, row from the top-left) of every image (needs the patches)."
+        },
+    )
+    explain_class: str | None = field(
+        default=None, metadata={"help": "Explain this class of every image: the prototype that won for its pixels."}
+    )
+    patches: str | None = field(
+        default=None,
+        metadata={
+            "help": "The prototype patches file for explanations (default: <model>/prototype_patches.safetensors)."
+        },
+    )
     recursive: bool = field(default=False, metadata={"help": "Descend into sub-folders of input folders."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
@@ -76,6 +95,24 @@ def check_paths(args: PredictArguments) -> None:
     check_model_folder(args.model)
     check_input_paths(args.inputs)
     check_output_folder(args.output_dir, "--output_dir")
+    if args.explain_pixel is not None or args.explain_class is not None:
+        from pathlib import Path
+
+        from proto_segformer.explanations import PATCHES_FILE, REWRITE_HINT, parse_pixel
+        from proto_segformer.preflight import PathError
+
+        if args.explain_pixel is not None and args.explain_class is not None:
+            raise PathError("Give --explain_pixel or --explain_class, not both.")
+        if args.backend != "pytorch":
+            raise PathError("Explanations need the PyTorch backend (the embeddings and prototypes); drop --backend.")
+        try:
+            if args.explain_pixel is not None:
+                parse_pixel(args.explain_pixel)
+        except ValueError as error:
+            raise PathError(str(error)) from None
+        patches = Path(args.patches or Path(args.model) / PATCHES_FILE)
+        if not patches.is_file():
+            raise PathError(f"Explanations need the prototype patches: {patches} is not a file; {REWRITE_HINT}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from proto_segformer.checkpoint import CheckpointError
+    from proto_segformer.explanations import PATCHES_FILE, Explainer
     from proto_segformer.prediction_files import collect_inputs, predict_files, prepare_outputs
     from proto_segformer.segmenter import InferenceOptions, Segmenter
 
@@ -106,13 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             print("error: no input files found.", file=sys.stderr)
             return 2
-        plan = prepare_outputs(paths, args.output_dir, args.prototype_maps)  # once, before the model loads
+        explain = args.explain_pixel is not None or args.explain_class is not None
+        plan = prepare_outputs(paths, args.output_dir, args.prototype_maps, explain)  # once, before the model loads
         segmenter = Segmenter.from_pretrained(args.model, device=args.device, options=options, backend=args.backend)
+        explainer = None
+        if explain:  # the class name and the patches file checked before any image is predicted
+            patches = args.patches or f"{args.model}/{PATCHES_FILE}"
+            explainer = Explainer.for_segmenter(segmenter, patches, args.explain_pixel, args.explain_class)
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        summary = predict_files(segmenter, paths, args.output_dir, progress=not args.no_progress, plan=plan)
+        summary = predict_files(
+            segmenter, paths, args.output_dir, progress=not args.no_progress, plan=plan, explainer=explainer
+        )
     except Exception as error:
         intact = "The outputs written before are complete (each file is written whole); free some space and run the"
         exit_if_write_failure(error, args.output_dir, "the predictions", f"{intact} same command again.")

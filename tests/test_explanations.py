@@ -164,3 +164,73 @@ def model_folder(model_and_processor, tmp_path) -> Path:
     processor.save_pretrained(folder)
     stored_patches(model, processor, folder)
     return folder
+
+
+def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model_and_processor, tmp_path, capsys):
+    model, processor = model_and_processor
+    predict = script("predict")
+    image = image_file(tmp_path)
+    out = tmp_path / "out"
+    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    assert predict.main([*arguments, "--explain_pixel", "20,7", "--prototype_maps", "--mode", "whole"]) == 0
+    record = json.loads((out / "photo_explanation.json").read_text())
+    label = np.asarray(Image.open(out / "photo_label.png"))
+    prototype = np.asarray(Image.open(out / "photo_prototype.png"))
+    # the class and prototype at that pixel are the label and prototype maps' (one truth)
+    assert record["pixel"] == {"x": 20, "y": 7} and record["image"] == "photo.png"
+    assert record["class_id"] == int(label[7, 20]) and record["prototype"] == int(prototype[7, 20])
+    # its similarity is the cosine of the pixel's embedding (on the 1/4 grid) and that prototype
+    pixels = processor(images=np.asarray(Image.open(image)), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeddings = model(pixel_values=pixels, output_pixel_embeddings=True).pixel_embeddings[0]
+    row, col = 7 * 8 // 40, 20 * 8 // 48  # the 32x32 input's 8x8 grid covers the 40x48 image
+    cosine = torch.nn.functional.normalize(model.prototypes[record["class_id"], record["prototype"]], dim=0)
+    assert record["similarity"] == pytest.approx(float(cosine @ embeddings[:, row, col]), abs=1e-3)
+    stored = PatchLookup.for_model(model, model_folder / PATCHES_FILE).entries(record["class_id"], record["prototype"])
+    assert [p["similarity"] for p in record["patches"]] == [round(e.similarity, 4) for e in stored]
+    picture = Image.open(out / "photo_explanation.png")
+    assert picture.width >= (1 + len(stored)) * 24
+
+
+def test_predict_explains_a_class(model_folder, tmp_path):
+    predict = script("predict")
+    image = image_file(tmp_path)
+    out = tmp_path / "out"
+    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    assert predict.main([*arguments, "--explain_class", "LABEL_1", "--prototype_maps"]) == 0
+    record = json.loads((out / "photo_explanation.json").read_text())
+    label = np.asarray(Image.open(out / "photo_label.png"))
+    prototype = np.asarray(Image.open(out / "photo_prototype.png"))
+    assert record["class"] == "LABEL_1" and record["predicted_pixels"] == int((label == 1).sum())
+    if record["predicted_pixels"]:  # the prototype most of the class's pixels matched, as the prototype map says
+        counts = np.bincount(prototype[label == 1], minlength=4)
+        assert record["prototype"] == int(counts.argmax())
+        assert record["share_of_class_pixels"] == pytest.approx(counts.max() / counts.sum(), abs=1e-4)
+        x, y = record["pixel"]["x"], record["pixel"]["y"]
+        assert label[y, x] == 1 and prototype[y, x] == record["prototype"]
+
+
+def test_predict_explanation_errors_are_one_line_and_write_nothing(model_folder, model_and_processor, tmp_path, capsys):
+    model, _ = model_and_processor
+    predict = script("predict")
+    image = image_file(tmp_path)
+    out = tmp_path / "out"
+    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+
+    def fails(extra: list[str], message: str, code: int = 2) -> None:
+        assert predict.main([*arguments, *extra]) == code
+        captured = capsys.readouterr()
+        assert message in captured.err + captured.out, captured.err
+        assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith(".")), "wrote files"
+
+    fails(["--explain_class", "zebra"], "Unknown class names ['zebra']")
+    fails(["--explain_pixel", "3"], "--explain_pixel takes X,Y")
+    fails(["--explain_pixel=-1,2"], "count from 0")
+    fails(["--explain_pixel", "1,2", "--explain_class", "LABEL_0"], "not both")
+    fails(["--explain_pixel", "48,0"], "is outside this image of 48x40 pixels", code=1)
+    fails(["--explain_pixel", "1,1", "--patches", str(tmp_path / "none.safetensors")], "is not a file")
+    # stale: the prototypes were trained further since the patches were stored
+    with torch.no_grad():
+        model.prototypes.mul_(-1)
+    model.save_pretrained(model_folder)
+    fails(["--explain_pixel", "1,1"], "is stale: none of its prototypes is one of this model's")
