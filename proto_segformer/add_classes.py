@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .class_editing import DEFAULT_MIN_CELL_FRACTION, normalize_names
+from .explanations import PATCHES_FILE
 from .folder_writer import fault_point, write_folder
 from .safe_files import is_within
 
@@ -296,12 +297,17 @@ def add_classes_from_folder(
         class_addition_record(model_dir, names, new_ids, len(pairs), settings),
     ]
     training_args = model_dir / TRAINING_ARGS_FILE
+    # The old classes' training patches (case-based explanations) stay right: their prototypes are unchanged, and
+    # the file matches prototypes by fingerprint (`explanations.PatchLookup`); the new classes have none.
+    patches = model_dir / PATCHES_FILE
 
     def write_card(folder: Path) -> None:
-        if training_args.is_file() and not (folder / TRAINING_ARGS_FILE).exists():
-            from .hub import copy_optional  # a link leading out of model_dir is skipped with a warning
+        from .hub import copy_optional  # a link leading out of model_dir is skipped with a warning
 
+        if training_args.is_file() and not (folder / TRAINING_ARGS_FILE).exists():
             copy_optional(training_args, folder / TRAINING_ARGS_FILE, model_dir)  # how the network was trained
+        if patches.is_file() and not (folder / PATCHES_FILE).exists():
+            copy_optional(patches, folder / PATCHES_FILE, model_dir)
         write_model_card(folder, class_additions=additions, **inputs)
 
     save_model_atomically(model, processor, output_dir.resolve(), write_card)  # a link: replace what it points to

@@ -11,7 +11,10 @@ The repository holds everything needed to use the model without the `proto_segfo
   `image_decoding.py`, the package's image decoder it imports;
 - the training output's result files (all_results.json, eval_results.json, train_results.json, ...) and the
   evaluation of scripts/evaluate_model.py (evaluation_results.json, shown on the card), the card's
-  inputs (model_card_inputs.json) and pictures.
+  inputs (model_card_inputs.json) and pictures;
+- `prototype_patches.safetensors` when the model folder has it (scripts/visualize_prototypes.py --patches_output): the
+  training patches behind each prototype, for case-based explanations (predict --explain_pixel, the Space's click);
+  a file stale for this model (other prototypes or network: `explanations.PatchLookup`) is left out with a warning.
 
 The folder is assembled beside the destination and put in place in one step (`hub_folders.assemble_folder`).
 `.proto_segformer_assembly.json` lists the files an assembly wrote: `overwrite` replaces only those and refuses a
@@ -40,6 +43,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
+from .explanations import PATCHES_FILE
 from .hub_folders import HubError, assemble_folder, check_repo_id, copy_image_decoder
 from .model_card import (
     CARD_INPUTS_FILE,
@@ -70,6 +74,7 @@ SIDECAR_FILES = (
     PROTOTYPE_STATS_FILE,
     TRAINING_ARGS_FILE,
     CARD_INPUTS_FILE,
+    PATCHES_FILE,
 )
 
 
@@ -348,6 +353,17 @@ def assemble_repository(
     return assemble_folder(local_dir, source, overwrite, write, purpose="assembling", written_by="assemble_repository")
 
 
+def drop_stale_patches(model, path: Path) -> None:
+    """Remove the copied patches file `path` (with a one-line warning) unless it explains `model`'s prototypes."""
+    from .explanations import ExplanationError, PatchLookup
+
+    try:
+        PatchLookup.for_model(model, path)
+    except ExplanationError as error:
+        path.unlink()
+        logger.warning("Skipped %s: %s Continuing without it.", path.name, error)
+
+
 def write_repository(
     folder: Path,
     source: Path,
@@ -375,8 +391,8 @@ def write_repository(
     root = model_folder(source)
     for name in SIDECAR_FILES:
         found = sidecar_source(source, name)
-        if found is not None:
-            copy_optional(found, folder / name, root)
+        if found is not None and copy_optional(found, folder / name, root) and name == PATCHES_FILE:
+            drop_stale_patches(model, folder / name)
 
     picture_entries = []
     for picture in map(Path, pictures):

@@ -526,6 +526,35 @@ def prototype_section(stats: Mapping[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def explanations_section(folder: Path) -> str:
+    """Markdown on the folder's prototype patches file (case-based explanations), or "" without one. Only its
+    metadata is read (what data, how many patches); every value shown passes `_shown`."""
+    from .explanations import PATCHES_FILE
+
+    path = folder / PATCHES_FILE
+    if not path.is_file():
+        return ""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        entries = json.loads(metadata.get("entries", "[]"))
+    except Exception:  # an unreadable file: the card does not describe it
+        return ""
+    prototypes = len({entry.get("fingerprint") for entry in entries if isinstance(entry, dict)})
+    data = f" from {_shown(metadata.get('data'), 200)}" if metadata.get("data") else ""
+    return (
+        "\n### Case-based explanations\n\n"
+        f"`{PATCHES_FILE}` holds the training patches nearest to each prototype ({len(entries)} patches of"
+        f" {prototypes} prototypes{data}): the cases a decision rests on. `scripts/predict.py --explain_pixel X,Y`"
+        " (or `--explain_class NAME`) of the `proto_segformer` package writes, for a pixel, the class, the prototype"
+        " that won, its cosine similarity and these patches; in the Space a click on a pixel shows them. The file"
+        " holds fingerprints of the prototypes and the network it was made from: after further training it is"
+        " refused as stale (written again by `scripts/visualize_prototypes.py --patches_output`).\n"
+    )
+
+
 def base_model_text(base_model: str | None) -> str:
     """Markdown for the "Base model" row: a Hub link, a local starting point, or none."""
     if not base_model:
@@ -875,7 +904,7 @@ def render_model_card(
         if evaluation is None
         else (results_section(results, id2label, dataset_text) + "\n\n" if scalar_metrics(results) else "")
         + evaluation_section(evaluation),
-        prototype_section=prototype_section(prototype_stats),
+        prototype_section=prototype_section(prototype_stats) + explanations_section(output_dir),
         pictures_section=pictures_section(pictures),
     )
     content = str(card)

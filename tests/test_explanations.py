@@ -234,3 +234,42 @@ def test_predict_explanation_errors_are_one_line_and_write_nothing(model_folder,
         model.prototypes.mul_(-1)
     model.save_pretrained(model_folder)
     fails(["--explain_pixel", "1,1"], "is stale: none of its prototypes is one of this model's")
+
+
+def test_add_classes_keeps_the_patches_right_for_the_old_classes(model_folder, tmp_path):
+    from test_class_editing import load_script, write_support_folder
+
+    script = load_script("add_classes")
+    write_support_folder(tmp_path / "support")
+    arguments = script.AddClassesArguments(
+        model_dir=str(model_folder),
+        support_dir=str(tmp_path / "support"),
+        names=["red", "blue"],
+        output_dir=str(tmp_path / "extended"),
+    )
+    assert script.main(arguments) == {"red": 3, "blue": 4}
+    extended = ProtoSegformerForSemanticSegmentation.from_pretrained(tmp_path / "extended")
+    lookup = PatchLookup.for_model(extended, tmp_path / "extended" / PATCHES_FILE)  # carried over, not stale
+    assert lookup.entries(1, 0)[0].class_name == "LABEL_1"
+    with pytest.raises(ExplanationError, match="no patches of prototype 0 of class 'red' \\(a class added after"):
+        lookup.entries(3, 0)
+
+
+def test_push_to_hub_ships_the_patches_and_the_card_mentions_them(model_folder, tmp_path, caplog):
+    from proto_segformer.hub import push_to_hub
+
+    result = push_to_hub(model_folder, "alice/protoseg-tiny", local_dir=tmp_path / "repo")
+    assert PATCHES_FILE in result.files
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "### Case-based explanations" in card and "16 patches of 8 prototypes" in card
+    # stale (the prototypes changed since): left out with one warning, and the card does not mention it
+    model = ProtoSegformerForSemanticSegmentation.from_pretrained(model_folder)
+    with torch.no_grad():
+        model.prototypes.mul_(-1)
+    model.save_pretrained(model_folder)
+    result = push_to_hub(model_folder, "alice/protoseg-tiny", local_dir=tmp_path / "repo2")
+    assert PATCHES_FILE not in result.files
+    assert "Case-based explanations" not in (tmp_path / "repo2" / "README.md").read_text()
+    assert any(
+        "Skipped prototype_patches.safetensors" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records
+    )
