@@ -32,10 +32,29 @@ MODEL_ID = "alice/protoseg-tiny"
 CHROMIUM, CHROMEDRIVER = BROWSER
 
 
+PATCH_SIZE = 32
+
+
+def store_patches(folder: Path, model) -> Path:
+    """prototype_patches.safetensors of `model` in `folder`, from 3 random images striped with all 5 classes."""
+    from transformers import SegformerImageProcessorPil
+
+    from proto_segformer.explanations import PATCHES_FILE, collect_prototype_patches, write_prototype_patches
+    from proto_segformer.visualization import DatasetSamples, match_prototypes
+
+    rng = np.random.default_rng(0)
+    label = np.repeat(np.arange(5), 13)[None, :64].repeat(64, axis=0)
+    samples = DatasetSamples([(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), label) for _ in range(3)])
+    matches = match_prototypes(model, SegformerImageProcessorPil(size={"height": 64, "width": 64}), samples)
+    names = [f"train_{index}.png" for index in range(3)]
+    patches = collect_prototype_patches(model, matches, samples, names, LABELS, top_n=2, patch_size=PATCH_SIZE)
+    return write_prototype_patches(folder / PATCHES_FILE, patches)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("run")
-    save_checkpoint(folder)
+    store_patches(folder, save_checkpoint(folder))
     return folder
 
 
@@ -79,6 +98,7 @@ def test_the_space_folder_holds_app_requirements_metadata_and_examples(space):
     imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
     allowed = {"__future__", "html", "math", "os", "pathlib", "gradio", "numpy", "torch", "PIL", "transformers"}
+    allowed |= {"base64", "hashlib", "json", "safetensors", "huggingface_hub"}  # the prototype patches file
     allowed.add("image_decoding")  # the package's decoder, a byte-identical copy beside app.py (test_image_decoding)
     assert {name.split(".")[0] for name in imported} <= allowed  # self-contained: no proto_segformer on a Space
     requirements = (space / "requirements.txt").read_text().split()
@@ -207,6 +227,49 @@ def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo
     assert shown.shape[:2] == (86 * 4, 115 * 4) and np.array_equal(shown[::4, ::4], overlay)
 
 
+@requires_extra("demo", "gradio")
+def test_a_click_explains_the_pixel_with_the_patches_of_the_winning_prototype(space, hub_repo, tmp_path):
+    from proto_segformer.explanations import PATCHES_FILE, PatchLookup, network_fingerprint, prototype_fingerprints
+
+    app = load_app(space)
+    segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    model = segmenter.model
+    # the app's copies of the fingerprints are the package's
+    assert app.prototype_fingerprints(model.prototypes) == prototype_fingerprints(model.prototypes)
+    assert app.network_fingerprint(model) == network_fingerprint(model)
+    image = Image.open(voc_jpeg(tmp_path))
+    label_map, prototype_map, similarity = segmenter.maps(image)
+    # the similarity is the cosine of the pixel's embedding and its class's nearest prototype
+    with torch.no_grad():
+        pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
+        embeddings = segmenter.model(pixel_values=pixel_values, output_pixel_embeddings=True).pixel_embeddings[0]
+    y, x = 200, 310
+    row, col = y * embeddings.shape[1] // 375, x * embeddings.shape[2] // 500
+    k, m = int(label_map[y, x]), int(prototype_map[y, x])
+    cosine = torch.nn.functional.normalize(model.prototypes[k, m], dim=0) @ embeddings[:, row, col]
+    assert similarity[y, x] == pytest.approx(float(cosine), abs=1e-4)
+    shown, _, _, maps, _ = segmenter.segment(image)
+    event = mock.Mock(index=[x * maps["factor"], y * maps["factor"]])
+    page = segmenter.explain(maps, event)
+    assert f'data-class="{LABELS[k]}" data-prototype="{m}" data-similarity="{similarity[y, x]:.4f}"' in page
+    assert 'data-state="uncalibrated"' in page and "not calibrated" in page
+    stored = PatchLookup.for_model(model, hub_repo / PATCHES_FILE).entries(k, m)
+    assert page.count('<img src="data:image/jpeg;base64,') == len(stored) == 2
+    assert stored[0].source in page and f"sim {stored[0].similarity:.3f}" in page
+    # calibrated: known / unknown by the recorded threshold
+    model.config.unknown_threshold = float(similarity[y, x]) + 0.01
+    assert 'data-state="unknown"' in segmenter.explain(maps, event)
+    model.config.unknown_threshold = float(similarity[y, x]) - 0.01
+    assert 'data-state="known"' in segmenter.explain(maps, event)
+    del model.config.unknown_threshold
+    # a stale file (the prototypes moved): no patches, and the page says why
+    with torch.no_grad():
+        model.prototypes.mul_(-1)
+    stale = app.PrototypePatches(hub_repo / PATCHES_FILE, model)
+    assert stale.table == {} and "stale: none of its prototypes" in stale.status
+    assert app.PrototypePatches(None, model).status.startswith("this model has no prototype_patches")
+
+
 def test_the_app_uses_the_package_class_colours_for_any_class_count(space):
     from proto_segformer.palette import class_colours, class_palette
 
@@ -333,6 +396,29 @@ def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
         assert "% of the image" in driver.find_element(By.CSS_SELECTOR, "#legend").text
         driver.save_screenshot(str(tmp_path / "space.png"))
         assert Image.open(tmp_path / "space.png").size[0] > 0
+
+        # A real click on the overlay explains that pixel: class, similarity, the winning prototype's patches.
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        overlay_picture = driver.find_element(By.CSS_SELECTOR, "#overlay img")
+        ActionChains(driver).move_to_element(overlay_picture).click().perform()  # its centre
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#explanation .explanation"))
+        shown_explanation = driver.find_element(By.CSS_SELECTOR, "#explanation .explanation")
+        x, y = (int(shown_explanation.get_attribute(f"data-{axis}")) for axis in "xy")
+        assert abs(x - 250) <= 3 and abs(y - 187) <= 3  # the centre of the 500x375 photo
+        app = load_app(space).Segmenter(str(hub_repo), 10**7)
+        label_map, prototype_map, similarity = app.maps(Image.open(photo).convert("RGB"))
+        assert shown_explanation.get_attribute("data-class") == LABELS[int(label_map[y, x])]
+        assert shown_explanation.get_attribute("data-prototype") == str(int(prototype_map[y, x]))
+        assert float(shown_explanation.get_attribute("data-similarity")) == pytest.approx(similarity[y, x], abs=1e-3)
+        patches = driver.find_elements(By.CSS_SELECTOR, "#explanation figure.patch img")
+        assert len(patches) == 2
+        sizes = [
+            driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", p) for p in patches
+        ]
+        assert sizes == [[PATCH_SIZE, PATCH_SIZE]] * 2  # decoded JPEG patches
+        assert "similarity" in shown_explanation.text and "not calibrated" in shown_explanation.text
+        driver.save_screenshot(str(tmp_path / "space_click.png"))
 
         # A small image: its results are shown enlarged to a readable size, and no caption covers them.
         small = tmp_path / "small.png"

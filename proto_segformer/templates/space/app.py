@@ -9,6 +9,12 @@ for prototype 0 and lighter for prototype M-1; class boundaries in white). Small
 neighbour, whole pixels) to at least `MIN_DISPLAY_SIDE` pixels so that they can be read; captions stand above the
 pictures, never on them.
 
+A click on a pixel of either picture explains it: the class, the cosine similarity of the pixel to the prototype that
+won, known / unknown when the model is calibrated, and the training patches nearest to that prototype (from
+`prototype_patches.safetensors` of the model repository, written by the package's `visualize_prototypes.py
+--patches_output`; a file made for other prototypes or another network is refused as stale, checked by fingerprints
+computed as `proto_segformer.explanations` computes them).
+
 Images are decoded by `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` beside this
 file), as in training and `predict`: an uploaded file gives the model the pixels it gave in training.
 
@@ -19,7 +25,10 @@ Space was written for); PROTOSEG_MAX_PIXELS, the largest image segmented at full
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
+import json
 import math
 import os
 from pathlib import Path
@@ -51,6 +60,130 @@ def max_pixels_setting() -> int:
         raise ValueError(f"PROTOSEG_MAX_PIXELS must be a positive number of pixels, got {value}.")
     return value
 
+
+# Case-based explanations: the patches file and its fingerprints, as proto_segformer.explanations writes and checks
+# them (a copy: this file cannot import the package; a test checks that both give the same fingerprints).
+PATCHES_FILE = "prototype_patches.safetensors"
+PATCHES_FORMAT = "proto_segformer.prototype_patches/1"
+
+
+def prototype_fingerprints(prototypes: torch.Tensor) -> list[str]:
+    """Per prototype of (K, M, D), row-major: the first 16 hex digits of the SHA-256 of its float32 values."""
+    values = prototypes.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in values.reshape(-1, values.shape[-1])]
+
+
+def network_fingerprint(model: torch.nn.Module) -> str:
+    """The first 16 hex digits of the SHA-256 of every state-dict entry but the prototypes (names sorted)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name == "prototypes" or name.endswith(".prototypes"):
+            continue
+        floating = tensor.is_floating_point()
+        values = tensor.detach().to("cpu", torch.float32 if floating else torch.int64).contiguous().numpy()
+        digest.update(name.encode())
+        digest.update(values.astype("<f4" if floating else "<i8", copy=False).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def find_patches_file(model_id: str) -> Path | None:
+    """The model's patches file: in a local model folder, or downloaded from its repository; None without one."""
+    if Path(model_id).is_dir():
+        path = Path(model_id) / PATCHES_FILE
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model_id, PATCHES_FILE))
+    except Exception:  # the repository has none (or the Hub cannot be reached): clicks show no patches, and say why
+        return None
+
+
+class PrototypePatches:
+    """The training patches of the model's prototypes, matched by fingerprint; `status` says why there are none."""
+
+    def __init__(self, path: Path | None, model) -> None:
+        self.table: dict[str, list[dict]] = {}
+        self.fingerprints = prototype_fingerprints(model.prototypes)
+        self.num_prototypes = int(model.prototypes.shape[1])
+        self.status = ""
+        if path is None:
+            self.status = f"this model has no {PATCHES_FILE} (the package's visualize_prototypes.py --patches_output)"
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != PATCHES_FORMAT:
+                    raise ValueError(f"format {metadata.get('format')!r}")
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            records = json.loads(metadata["entries"])
+        except Exception as error:
+            self.status = f"{PATCHES_FILE} cannot be read ({type(error).__name__}: {error})"
+            return
+        if metadata.get("network") != network_fingerprint(model):
+            self.status = f"{PATCHES_FILE} is stale: it was made with another network (trained further since?)"
+            return
+        data, offsets = tensors["jpeg_bytes"].tobytes(), tensors["jpeg_offsets"]
+        for i, record in enumerate(records):
+            entry = {
+                "rank": int(tensors["ranks"][i]),
+                "similarity": float(tensors["similarities"][i]),
+                "source": str(record["source"]),
+                "jpeg": data[int(offsets[i]) : int(offsets[i + 1])],
+            }
+            self.table.setdefault(str(record["fingerprint"]), []).append(entry)
+        for entries in self.table.values():
+            entries.sort(key=lambda entry: entry["rank"])
+        if not any(fingerprint in self.table for fingerprint in self.fingerprints):
+            self.table = {}
+            self.status = f"{PATCHES_FILE} is stale: none of its prototypes is one of this model's"
+
+    def entries(self, k: int, m: int) -> list[dict]:
+        return self.table.get(self.fingerprints[k * self.num_prototypes + m], [])
+
+
+def unknown_threshold(config) -> float | None:
+    """The calibrated similarity below which a pixel is unknown, when the model records one."""
+    value = getattr(config, "unknown_threshold", None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def explanation_html(
+    x: int, y: int, name: str, k: int, m: int, similarity: float, threshold: float | None, patches: PrototypePatches
+) -> str:
+    """What a click shows: the pixel's class, its similarity to the prototype that won, known / unknown, and the
+    training patches of that prototype (or why there are none)."""
+    if threshold is None:
+        verdict = "no unknown threshold (the model is not calibrated)"
+        state = "uncalibrated"
+    else:
+        state = "known" if similarity >= threshold else "unknown"
+        verdict = f"<b>{state}</b> (threshold {threshold:.3f})"
+    entries = patches.entries(k, m)
+    if entries:
+        figures = "".join(
+            f'<figure class="patch" style="display:inline-block;margin:0 6px 0 0;text-align:center">'
+            f'<img src="data:image/jpeg;base64,{base64.b64encode(e["jpeg"]).decode()}"'
+            f' title="{html.escape(e["source"])}" style="width:96px;height:96px;image-rendering:pixelated">'
+            f'<figcaption style="font-size:0.8em">sim {e["similarity"]:.3f}<br>{html.escape(e["source"])}'
+            "</figcaption></figure>"
+            for e in entries
+        )
+        shown = f"<div>Training patches nearest to prototype {m} (the ring marks the matched pixel):</div>{figures}"
+    else:
+        reason = patches.status or f"{PATCHES_FILE} holds no patches of this prototype (a class added later?)"
+        shown = f'<div class="no-patches">No training patches: {html.escape(reason)}.</div>'
+    return (
+        f'<div class="explanation" data-x="{x}" data-y="{y}" data-class="{html.escape(name)}" data-prototype="{m}"'
+        f' data-similarity="{similarity:.4f}" data-state="{state}">'
+        f"<p>Pixel ({x}, {y}): <b>{html.escape(name)}</b>, prototype {m}, similarity <b>{similarity:.3f}</b>;"
+        f" {verdict}.</p>{shown}</div>"
+    )
+
+
+CLICK_HINT = "<p><i>Click on a pixel of a result to see why it got its class.</i></p>"
 
 # Class colours: a copy of proto_segformer.palette (this file cannot import the package; a test checks that both
 # give the same colours). Class 0 black, then greedy farthest points in OKLab over a 32-level RGB grid of lightness
@@ -234,10 +367,16 @@ class Segmenter:
         self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
         self.max_pixels = max_pixels
         self.colours = label_colormap(len(self.id2label))
+        self.patches = PrototypePatches(find_patches_file(model_id), self.model)
+
+    def label_and_prototype_maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size."""
+        return self.maps(image)[:2]
 
     @torch.no_grad()
-    def label_and_prototype_maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size.
+    def maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(H, W) class index, (H, W) index of the predicted class's nearest prototype and (H, W) cosine similarity
+        of the pixel's embedding to that prototype (on the 1/4 grid, taken as the prototype map takes it).
 
         An input smaller than the encoder accepts (a small image and a processor that does not resize) is padded
         with the mean colour and the result cropped back."""
@@ -260,30 +399,56 @@ class Segmenter:
         upsampled = F.interpolate(logits, size=scaled, mode="bilinear", align_corners=False)
         label_map = upsampled[0, :, : size[0], : size[1]].argmax(dim=0)
         scores = torch.einsum("kmd,dhw->kmhw", self.model.prototypes.float(), embeddings)
-        nearest = scores.argmax(dim=1)  # (K, h, w): each class's nearest prototype on the 1/4 grid
+        best, nearest = scores.max(dim=1)  # (K, h, w): each class's nearest prototype on the 1/4 grid, its cosine
         rows = torch.arange(size[0]) * nearest.shape[1] // scaled[0]
         columns = torch.arange(size[1]) * nearest.shape[2] // scaled[1]
         prototype_map = nearest[label_map, rows[:, None], columns[None, :]]
-        return label_map.numpy(), prototype_map.numpy()
+        similarity_map = best[label_map, rows[:, None], columns[None, :]]
+        return label_map.numpy(), prototype_map.numpy(), similarity_map.numpy()
 
     def pictures(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str]:
         """(overlay, prototype map, legend HTML) of an image at its (bounded) size."""
+        return self.results(image)[:3]
+
+    def results(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str, dict]:
+        """`pictures` and the maps a click reads (`explain`): label, prototype and similarity maps."""
         image = bounded(image, self.max_pixels)
-        label_map, prototype_map = self.label_and_prototype_maps(image)
+        label_map, prototype_map, similarity_map = self.maps(image)
         array = np.asarray(image)
         num_prototypes = int(self.model.prototypes.shape[1])
         return (
             overlay_picture(array, label_map, self.colours),
             prototype_picture(array, label_map, prototype_map, num_prototypes, self.colours),
             legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes),
+            {"label": label_map, "prototype": prototype_map, "similarity": similarity_map},
         )
 
     def __call__(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str]:
         """What the page shows: the pictures enlarged for display (`for_display`) and the legend."""
+        return self.segment(image)[:3]
+
+    def segment(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str, dict, str]:
+        """`__call__`, the maps a click reads (with the display's enlargement factor) and a cleared explanation."""
         if image is None:
             raise gr.Error("Upload an image (or pick an example) first.")
-        overlay, prototypes, legend = self.pictures(image)
-        return for_display(overlay), for_display(prototypes), legend
+        overlay, prototypes, legend, maps = self.results(image)
+        shown = for_display(overlay)
+        maps["factor"] = shown.shape[0] // overlay.shape[0]
+        return shown, for_display(prototypes), legend, maps, CLICK_HINT
+
+    def explain(self, maps: dict | None, event: gr.SelectData) -> str:
+        """What a click at `event.index` (x, y on the shown, enlarged picture) shows (`explanation_html`)."""
+        if not maps:
+            raise gr.Error("Segment an image first, then click on a pixel of a result.")
+        factor = int(maps.get("factor", 1))
+        height, width = maps["label"].shape
+        x, y = (int(v) // factor for v in event.index[:2])
+        if not (0 <= x < width and 0 <= y < height):
+            raise gr.Error(f"The click at {event.index} is outside the image ({width}x{height} pixels).")
+        k, m = int(maps["label"][y, x]), int(maps["prototype"][y, x])
+        similarity = float(maps["similarity"][y, x])
+        name = self.id2label.get(k, str(k))
+        return explanation_html(x, y, name, k, m, similarity, unknown_threshold(self.model.config), self.patches)
 
 
 def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr.Blocks:
@@ -320,7 +485,11 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
                 prototypes = gr.Image(show_label=False, elem_id="prototype-map", format="png", interactive=False)
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=image, cache_examples=False)
-        button.click(segmenter, inputs=image, outputs=[overlay, prototypes, legend])
+        explanation = gr.HTML(CLICK_HINT, elem_id="explanation")
+        maps = gr.State(None)
+        button.click(segmenter.segment, inputs=image, outputs=[overlay, prototypes, legend, maps, explanation])
+        overlay.select(segmenter.explain, inputs=maps, outputs=explanation)
+        prototypes.select(segmenter.explain, inputs=maps, outputs=explanation)
     return demo
 
 
