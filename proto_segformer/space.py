@@ -4,7 +4,9 @@
 
 - `app.py` (templates/space/app.py with the model id written in): loads the model repository with
   `trust_remote_code=True` through transformers only and shows the segmentation overlay, a class legend and the
-  prototype assignment map of an uploaded image;
+  prototype assignment map of an uploaded image; a click on a pixel shows its class, its similarity to the prototype
+  that won, known / unknown when the model is calibrated, and that prototype's training patches (from the model
+  repository's `prototype_patches.safetensors`, when it has one);
 - `image_decoding.py`: the package's image decoder (a byte-identical copy), which app.py imports, so an uploaded
   file gives the pixels it gave in training and `predict`;
 - `requirements.txt`;
@@ -69,7 +71,9 @@ def space_readme(model_repo_id: str, title: str | None = None) -> str:
         f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n"
         f"Try [`{model_repo_id}`](https://huggingface.co/{model_repo_id}), a SegFormer with a ProtoSeg prototype"
         " classifier: upload an image to see its segmentation with a class legend and the **prototype assignment"
-        " map** (which of the predicted class's prototypes each pixel matched).\n\n"
+        " map** (which of the predicted class's prototypes each pixel matched). Click on a pixel of a result to see"
+        " why it got its class: the similarity to the prototype that won and the training patches nearest to that"
+        " prototype (when the model repository has `prototype_patches.safetensors`).\n\n"
         "The model is loaded with `trust_remote_code=True` from its repository. Run it locally with"
         " `pip install -r requirements.txt && python app.py`; `PROTOSEG_MODEL` (a repository id or a local folder)"
         " and `PROTOSEG_MAX_PIXELS` (images above it are downscaled first) change the defaults.\n"

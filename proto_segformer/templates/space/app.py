@@ -483,9 +483,9 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
                     min_height="3.5em",
                 )
                 prototypes = gr.Image(show_label=False, elem_id="prototype-map", format="png", interactive=False)
+        explanation = gr.HTML(CLICK_HINT, elem_id="explanation")  # what a click on a pixel of a result shows
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=image, cache_examples=False)
-        explanation = gr.HTML(CLICK_HINT, elem_id="explanation")
         maps = gr.State(None)
         button.click(segmenter.segment, inputs=image, outputs=[overlay, prototypes, legend, maps, explanation])
         overlay.select(segmenter.explain, inputs=maps, outputs=explanation)
