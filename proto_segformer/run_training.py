@@ -86,7 +86,13 @@ FINAL_OUTPUT_FILES = (
 )
 # Every other file a run writes at the top of its output folder (--overwrite_output_dir removes these names only, and
 # the custom-code copies of `hub.custom_code_files`).
-OTHER_OUTPUT_FILES = ("trainer_state.json", "training_args.bin", "training_args.json", "prototype_stats.json")
+OTHER_OUTPUT_FILES = (
+    "trainer_state.json",
+    "training_args.bin",
+    "training_args.json",
+    "prototype_stats.json",
+    "prototype_patches.safetensors",  # visualize_prototypes --patches_output (explanations.PATCHES_FILE)
+)
 
 # Defaults that differ from TrainingArguments' for every run (a segmentation run, evaluated with mean IoU).
 COMMON_DEFAULTS: dict[str, Any] = {

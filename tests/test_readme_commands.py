@@ -94,6 +94,15 @@ RUN = {
         "--num_images 8",
         ("runs/demo/prototype_atlas.png", "runs/demo/prototype_stats.json"),
     ),
+    "python scripts/visualize_prototypes.py --model runs/demo --dataset scenes --split train --num_images 64"
+    " --output runs/demo/atlas_train.png --patches_output runs/demo/prototype_patches.safetensors": (
+        "--num_images 8",
+        ("runs/demo/atlas_train.png", "runs/demo/prototype_patches.safetensors"),
+    ),
+    "python scripts/predict.py --model runs/demo --inputs photos/ --output_dir explained --explain_pixel 40,30": (
+        "",
+        ("explained/photo0_explanation.png", "explained/photo1_explanation.json", "explained/photo0_label.png"),
+    ),
     "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --output_dir runs/demo": (
         SHORT_EVAL,
         ("runs/demo/evaluation_results.json", "runs/demo/evaluation_confusion.png"),
