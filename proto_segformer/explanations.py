@@ -419,6 +419,9 @@ class Explainer:
             record.update({"pixel": {"x": x, "y": y}, "similarity": round(float(per_pixel[m, y, x]), 4)})
             won = f"prototype {m} won {100 * shares[m]:.0f}% of {count} pixels" if count else "not predicted"
             title = f"{name}: {won}; pixel ({x},{y}) similarity {record['similarity']:.3f}"
+        threshold = getattr(self.segmenter.model.config, "unknown_threshold", None)  # set by calibration
+        record["unknown_threshold"] = threshold
+        record["known"] = None if threshold is None else bool(record["similarity"] >= threshold)
         entries = self.lookup.entries(k, m)
         record["patches"] = [entry.record() for entry in entries]
         record["patches_file"] = str(self.lookup.path)

@@ -178,6 +178,7 @@ def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model
     prototype = np.asarray(Image.open(out / "photo_prototype.png"))
     # the class and prototype at that pixel are the label and prototype maps' (one truth)
     assert record["pixel"] == {"x": 20, "y": 7} and record["image"] == "photo.png"
+    assert record["known"] is None and record["unknown_threshold"] is None  # not calibrated
     assert record["class_id"] == int(label[7, 20]) and record["prototype"] == int(prototype[7, 20])
     # its similarity is the cosine of the pixel's embedding (on the 1/4 grid) and that prototype
     pixels = processor(images=np.asarray(Image.open(image)), return_tensors="pt")["pixel_values"]

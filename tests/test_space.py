@@ -261,7 +261,7 @@ def test_a_click_explains_the_pixel_with_the_patches_of_the_winning_prototype(sp
     assert 'data-state="unknown"' in segmenter.explain(maps, event)
     model.config.unknown_threshold = float(similarity[y, x]) - 0.01
     assert 'data-state="known"' in segmenter.explain(maps, event)
-    del model.config.unknown_threshold
+    model.config.unknown_threshold = None
     # a stale file (the prototypes moved): no patches, and the page says why
     with torch.no_grad():
         model.prototypes.mul_(-1)
