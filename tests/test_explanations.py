@@ -166,12 +166,16 @@ def model_folder(model_and_processor, tmp_path) -> Path:
     return folder
 
 
+def predict_run(model_folder: Path, tmp_path: Path):
+    """scripts/predict.py, an input image, the output folder and the arguments that predict the one into the other."""
+    image, out = image_file(tmp_path), tmp_path / "out"
+    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    return script("predict"), image, out, arguments
+
+
 def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model_and_processor, tmp_path, capsys):
     model, processor = model_and_processor
-    predict = script("predict")
-    image = image_file(tmp_path)
-    out = tmp_path / "out"
-    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    predict, image, out, arguments = predict_run(model_folder, tmp_path)
     assert predict.main([*arguments, "--explain_pixel", "20,7", "--prototype_maps", "--mode", "whole"]) == 0
     record = json.loads((out / "photo_explanation.json").read_text())
     label = np.asarray(Image.open(out / "photo_label.png"))
@@ -194,10 +198,7 @@ def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model
 
 
 def test_predict_explains_a_class(model_folder, tmp_path):
-    predict = script("predict")
-    image = image_file(tmp_path)
-    out = tmp_path / "out"
-    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    predict, image, out, arguments = predict_run(model_folder, tmp_path)
     assert predict.main([*arguments, "--explain_class", "LABEL_1", "--prototype_maps"]) == 0
     record = json.loads((out / "photo_explanation.json").read_text())
     label = np.asarray(Image.open(out / "photo_label.png"))
@@ -213,10 +214,7 @@ def test_predict_explains_a_class(model_folder, tmp_path):
 
 def test_predict_explanation_errors_are_one_line_and_write_nothing(model_folder, model_and_processor, tmp_path, capsys):
     model, _ = model_and_processor
-    predict = script("predict")
-    image = image_file(tmp_path)
-    out = tmp_path / "out"
-    arguments = ["--model", str(model_folder), "--inputs", str(image), "--output_dir", str(out), "--no_progress"]
+    predict, image, out, arguments = predict_run(model_folder, tmp_path)
 
     def fails(extra: list[str], message: str, code: int = 2) -> None:
         assert predict.main([*arguments, *extra]) == code
