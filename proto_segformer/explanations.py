@@ -30,10 +30,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 PATCHES_FILE = "prototype_patches.safetensors"
 FORMAT = "proto_segformer.prototype_patches/1"
@@ -54,6 +57,8 @@ class ExplanationError(ValueError):
 def prototype_fingerprints(prototypes: torch.Tensor) -> list[str]:
     """(K * M) hex strings: per prototype of (K, M, D), in row-major order, the first 16 hex digits of the SHA-256 of
     its float32 values (little-endian)."""
+    import torch
+
     values = prototypes.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
     rows = values.reshape(-1, values.shape[-1])
     return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows]
@@ -62,6 +67,8 @@ def prototype_fingerprints(prototypes: torch.Tensor) -> list[str]:
 def network_fingerprint(model: torch.nn.Module) -> str:
     """The first 16 hex digits of the SHA-256 of every state-dict entry but `prototypes` (names sorted; floating
     values as float32, others as int64): what training changes and `add_classes` / `remove_classes` do not."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if name == "prototypes" or name.endswith(".prototypes"):
@@ -379,6 +386,7 @@ class Explainer:
     def explain(self, image: np.ndarray, label_map: np.ndarray) -> tuple[dict, Image.Image]:
         """(JSON-ready record, picture) for one image (H, W, 3) and its predicted label map (H, W); an
         `ExplanationError` (one line) for a pixel outside the image or a prototype the patches file does not know."""
+        import torch
         import torch.nn.functional as F
 
         height, width = image.shape[:2]

@@ -272,3 +272,20 @@ def test_push_to_hub_ships_the_patches_and_the_card_mentions_them(model_folder, 
     assert any(
         "Skipped prototype_patches.safetensors" in r.getMessage() and "stale" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_bad_pixel_or_a_missing_patches_file_is_refused_before_torch_loads(tmp_path):
+    from test_cli import run_without_torch
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    base = ["--model", "model", "--inputs", "photo.png", "--output_dir", str(tmp_path / "out")]
+    code, output = run_without_torch("predict.py", *base, "--explain_pixel", "1;2", cwd=tmp_path)
+    assert code == 2 and output.strip().splitlines() == [
+        "error: --explain_pixel takes X,Y (two whole numbers: column, row), got '1;2'."
+    ]
+    code, output = run_without_torch("predict.py", *base, "--explain_pixel", "1,2", cwd=tmp_path)
+    (line,) = output.strip().splitlines()
+    assert code == 2 and "model/prototype_patches.safetensors is not a file" in line and "--patches_output" in line
+    assert not (tmp_path / "out").exists()
