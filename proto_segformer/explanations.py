@@ -304,26 +304,31 @@ class PatchLookup:
 
 
 def explanation_picture(
-    entries: Sequence[PatchEntry], title: str, patch_size: int, caption_height: int = 14
+    entries: Sequence[PatchEntry], title: str, patch_size: int, query: Image.Image | None = None
 ) -> Image.Image:
-    """A strip: a title line, then the patches side by side, each captioned with its similarity."""
+    """The title (wrapped), then side by side: `query` (the explained pixel's neighbourhood, captioned "this image")
+    when given, and the patches, each captioned with its similarity; every tile shown at `patch_size` pixels."""
     from PIL import ImageDraw
 
-    from .visualization import _font, fit_text
+    from .visualization import _font, wrap_text
 
     font = _font(11)
-    gap, header = 4, 18
-    width = max(len(entries) * (patch_size + gap) + gap, 240)
-    picture = Image.new("RGB", (width, header + patch_size + caption_height + gap), "white")
+    gap, line = 4, 14
+    tiles = [(query, "this image")] if query is not None else []
+    tiles += [(entry.picture(), f"sim {entry.similarity:.3f}") for entry in entries]
+    width = max(len(tiles) * (patch_size + gap) + gap, 240)
+    lines = wrap_text(title, font, width - 2 * gap)
+    header = gap + line * len(lines)
+    picture = Image.new("RGB", (width, header + patch_size + line + gap), "white")
     draw = ImageDraw.Draw(picture)
-    draw.text((gap, 3), fit_text(title, font, width - 2 * gap), fill=(0, 0, 0), font=font)
-    for index, entry in enumerate(entries):
+    for index, text in enumerate(lines):
+        draw.text((gap, gap + index * line), text, fill=(0, 0, 0), font=font)
+    for index, (tile, caption) in enumerate(tiles):
         left = gap + index * (patch_size + gap)
-        patch = entry.picture()
-        if patch.size != (patch_size, patch_size):
-            patch = patch.resize((patch_size, patch_size), Image.BILINEAR)
-        picture.paste(patch, (left, header))
-        draw.text((left, header + patch_size + 1), f"sim {entry.similarity:.3f}", fill=(60, 60, 60), font=font)
+        if tile.size != (patch_size, patch_size):
+            tile = tile.resize((patch_size, patch_size), Image.BILINEAR)
+        picture.paste(tile, (left, header))
+        draw.text((left, header + patch_size + 1), caption, fill=(60, 60, 60), font=font)
     return picture
 
 
@@ -437,18 +442,12 @@ class Explainer:
         return record, self.picture(image, (x, y), entries, title)
 
     def picture(self, image: np.ndarray, pixel: tuple[int, int], entries, title: str) -> Image.Image:
-        """The explained pixel's neighbourhood (ringed, as the training patches are cut: a quarter of the shorter
-        side of the image as the network saw it) beside the training patches of the prototype that won."""
-        from PIL import ImageDraw
+        """The explained pixel's neighbourhood (ringed; a quarter of the image's shorter side, as the training
+        patches are cut from the network's view) beside the training patches of the prototype that won, at least 96
+        pixels a tile."""
+        from .visualization import crop_patch, mark_centre
 
-        from .visualization import _font, crop_patch, mark_centre
-
-        size = self.lookup.patches.patch_size
+        size = max(96, self.lookup.patches.patch_size)
         crop = max(8, int(round(min(image.shape[:2]) * 0.25)))
         query = Image.fromarray(crop_patch(image, (pixel[1], pixel[0]), crop)).resize((size, size), Image.BILINEAR)
-        strip = explanation_picture(entries, f"{title}; training patches of the prototype:", size)
-        picture = Image.new("RGB", (strip.width + size + 8, strip.height), "white")
-        picture.paste(mark_centre(query), (4, 18))
-        ImageDraw.Draw(picture).text((4, 18 + size + 1), "this image", fill=(60, 60, 60), font=_font(11))
-        picture.paste(strip, (size + 8, 0))
-        return picture
+        return explanation_picture(entries, f"{title}. Training patches of the prototype:", size, mark_centre(query))
