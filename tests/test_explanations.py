@@ -194,7 +194,7 @@ def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model
     stored = PatchLookup.for_model(model, model_folder / PATCHES_FILE).entries(record["class_id"], record["prototype"])
     assert [p["similarity"] for p in record["patches"]] == [round(e.similarity, 4) for e in stored]
     picture = Image.open(out / "photo_explanation.png")
-    assert picture.width >= (1 + len(stored)) * 24
+    assert picture.width == 4 + (1 + len(stored)) * (96 + 4)  # this image, then the patches, 96 pixels each
 
 
 def test_predict_explains_a_class(model_folder, tmp_path):
