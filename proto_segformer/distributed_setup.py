@@ -208,10 +208,11 @@ def shared_disk_problem(blind: int, sharing: int, save_on_each_node: bool, folde
     machine write the same files."""
     if blind and not save_on_each_node:
         return (
-            f"{blind} of the other machines do not see the output folder {folder} of the main process: the machines"
-            " share no disk, so their checkpoints would stay incomplete and the final model would be on the first"
-            " machine only. Pass --save_on_each_node (every machine keeps complete checkpoints and the final model,"
-            " and --resume_from_checkpoint last resumes on each), or put --output_dir on a disk all machines share."
+            f"The main process's output folder ({folder}) is not visible from {blind} of the other machines: they"
+            " share no disk with it, so their checkpoints would stay incomplete and the final model would be on the"
+            " first machine only. Pass --save_on_each_node (every machine keeps complete checkpoints and the final"
+            " model, and --resume_from_checkpoint last resumes on each), or put --output_dir on a disk all machines"
+            " share."
         )
     if sharing and save_on_each_node:
         return (
@@ -225,7 +226,7 @@ def shared_disk_problem(blind: int, sharing: int, save_on_each_node: bool, folde
 
 
 def _plain_mode(world_size: int) -> str:
-    return "DDP" if world_size > 1 else "a single process"
+    return "DDP" if world_size > 1 else "single process"
 
 
 def _version(package: str) -> str | None:

@@ -84,6 +84,18 @@ class CheckpointSavingTrainer(Trainer):
                 shutil.rmtree(staging, ignore_errors=True)
             raise DistributedSetupError(problem)
 
+    def sync_buffers(self) -> None:
+        """Every process takes the buffers of process 0 (BatchNorm's running statistics; the prototypes are equal
+        already). DDP broadcasts them before each forward, so after the last one they differ: with
+        --save_on_each_node every machine saves the same model."""
+        import torch.distributed as dist
+
+        if self.args.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
     @contextlib.contextmanager
     def _writes_on_this_machine(self) -> Iterator[None]:
         """transformers' `save_pretrained` writes on global rank 0 only, whatever its `is_main_process` says: with
@@ -123,6 +135,7 @@ class CheckpointSavingTrainer(Trainer):
             shutil.rmtree(staging)  # left by an interrupted save of this library
         self.accelerator.wait_for_everyone()
         self.check_shared_disk(staging)
+        self.sync_buffers()
         self._checkpoint_staging = staging
         try:
             super()._save_checkpoint(model, trial)
@@ -218,6 +231,7 @@ def save_training_outputs(
     trainer.accelerator.wait_for_everyone()
     if isinstance(trainer, CheckpointSavingTrainer):
         trainer.check_shared_disk(staging)  # when no checkpoint was saved before
+        trainer.sync_buffers()
     try:
         trainer.save_model(str(staging))
         if should_save:
