@@ -9,7 +9,8 @@ DeepSpeed under `--use_cpu` become plain DDP; on a machine without GPU and witho
 - `accelerate_single_launch_problem`: accelerate's one-process launcher with --num_processes / --num_machines > 1;
 - `world_problem`: a launcher's WORLD_SIZE / RANK / LOCAL_RANK / node count that the process's world disagrees with;
 - `precision_problem`: --bf16 / --fp16 without a GPU and without --use_cpu (transformers answers with a traceback);
-- `sharding_cpu_problem`: FSDP or DeepSpeed asked for with --use_cpu (accelerate runs neither on CPU);
+- `sharding_cpu_problem`: FSDP or DeepSpeed asked for on CPU (accelerate runs FSDP on GPUs only, DeepSpeed in one
+  process on CPU; with --use_cpu neither);
 - `inactive_sharding_problem`: FSDP or DeepSpeed asked for but not active in the Trainer's accelerator.
 
 `setup_record(trainer)` is the setup that runs (processes, machines, DDP / FSDP / DeepSpeed with version and
@@ -145,21 +146,32 @@ def requested_sharding(env: Mapping[str, str], training_args) -> str | None:
     return None
 
 
-def sharding_cpu_problem(requested: str | None, use_cpu: bool) -> str | None:
-    """FSDP or DeepSpeed with --use_cpu: accelerate runs plain DDP instead, silently."""
-    if requested is None or not use_cpu:
+def sharding_cpu_problem(requested: str | None, use_cpu: bool, on_cpu: bool, processes: int) -> str | None:
+    """FSDP or DeepSpeed where accelerate cannot run it: with --use_cpu it runs plain DDP instead, silently; on a
+    machine without GPU it gives each of `processes` processes a world of its own."""
+    if requested is None or not (use_cpu or on_cpu):
         return None
     if requested == "FSDP":
+        instead = "plain DDP, unsharded" if use_cpu else "every process alone as rank 0, writing the same folder"
         return (
-            "FSDP was asked for (accelerate --use_fsdp or --fsdp) with --use_cpu, but accelerate runs FSDP on GPUs"
-            " only: on CPU it would run plain DDP, unsharded. On CPU use DDP (accelerate launch --multi_gpu"
-            " --num_processes N scripts/train.py --use_cpu ...); on GPUs drop --use_cpu."
+            f"FSDP was asked for (accelerate --use_fsdp or --fsdp) on CPU, but accelerate runs FSDP on GPUs only: here"
+            f" it would run {instead}. On CPU use DDP (accelerate launch --multi_gpu --num_processes N"
+            " scripts/train.py --use_cpu ...); on GPUs drop --use_cpu."
         )
-    return (
-        "DeepSpeed was asked for (accelerate --use_deepspeed or --deepspeed) with --use_cpu, but accelerate turns"
-        " DeepSpeed off under --use_cpu: it would run plain DDP. Drop --use_cpu (DeepSpeed picks its CPU accelerator"
-        " on a machine without GPU), or drop DeepSpeed and use DDP (accelerate launch --multi_gpu ... --use_cpu)."
-    )
+    if use_cpu:
+        return (
+            "DeepSpeed was asked for (accelerate --use_deepspeed or --deepspeed) with --use_cpu, but accelerate turns"
+            " DeepSpeed off under --use_cpu: it would run plain DDP. Drop --use_cpu, or drop DeepSpeed and use DDP"
+            " (accelerate launch --multi_gpu ... --use_cpu)."
+        )
+    if processes > 1:
+        return (
+            f"DeepSpeed was asked for with {processes} processes on a machine without GPU, but accelerate sets up"
+            " DeepSpeed's processes on GPUs only: on CPU each would train alone on all the data as rank 0 and write"
+            " the same folder. On CPU run DeepSpeed as one process, or use DDP (accelerate launch --multi_gpu"
+            " --num_processes N scripts/train.py --use_cpu ...); on GPUs it runs as asked."
+        )
+    return None
 
 
 def inactive_sharding_problem(requested: str | None, trainer) -> str | None:
@@ -182,14 +194,18 @@ def inactive_sharding_problem(requested: str | None, trainer) -> str | None:
 
 def check_launch(env: Mapping[str, str], training_args) -> None:
     """The checks that need no Trainer, run before the output folder is touched: `DistributedSetupError`."""
-    problem = accelerate_single_launch_problem(env) or world_problem(
+    on_cpu = getattr(getattr(training_args, "device", None), "type", "cpu") == "cpu"
+    processes = max(_int(env, "WORLD_SIZE") or 1, training_args.world_size)
+    requested = requested_sharding(env, training_args)
+    problem = accelerate_single_launch_problem(env)
+    problem = problem or sharding_cpu_problem(requested, bool(training_args.use_cpu), on_cpu, processes)
+    problem = problem or world_problem(
         env,
         world_size=training_args.world_size,
         rank=training_args.process_index,
         local_rank=training_args.local_process_index,
         use_cpu=bool(training_args.use_cpu),
     )
-    problem = problem or sharding_cpu_problem(requested_sharding(env, training_args), bool(training_args.use_cpu))
     if problem is not None:
         raise DistributedSetupError(problem)
 

@@ -78,11 +78,29 @@ def test_fsdp_or_deepspeed_with_use_cpu_is_an_error_saying_what_would_run() -> N
     assert ds.requested_sharding({"ACCELERATE_USE_DEEPSPEED": "true"}, plain) == "DeepSpeed"
     assert ds.requested_sharding({}, SimpleNamespace(fsdp=[], deepspeed="ds.json")) == "DeepSpeed"
     assert ds.requested_sharding({"ACCELERATE_USE_FSDP": "false"}, plain) is None
-    fsdp = ds.sharding_cpu_problem("FSDP", use_cpu=True)
+    fsdp = ds.sharding_cpu_problem("FSDP", use_cpu=True, on_cpu=True, processes=2)
     assert "GPUs only" in fsdp and "plain DDP" in fsdp and "--multi_gpu" in fsdp
-    assert "Drop --use_cpu" in ds.sharding_cpu_problem("DeepSpeed", use_cpu=True)
-    assert ds.sharding_cpu_problem("FSDP", use_cpu=False) is None
-    assert ds.sharding_cpu_problem(None, use_cpu=True) is None
+    fsdp = ds.sharding_cpu_problem("FSDP", use_cpu=False, on_cpu=True, processes=2)
+    assert "GPUs only" in fsdp and "alone as rank 0" in fsdp
+    assert "Drop --use_cpu" in ds.sharding_cpu_problem("DeepSpeed", use_cpu=True, on_cpu=True, processes=1)
+    deepspeed = ds.sharding_cpu_problem("DeepSpeed", use_cpu=False, on_cpu=True, processes=2)
+    assert "2 processes on a machine without GPU" in deepspeed and "as one process" in deepspeed
+    assert ds.sharding_cpu_problem("DeepSpeed", use_cpu=False, on_cpu=True, processes=1) is None  # runs (tested)
+    assert ds.sharding_cpu_problem("FSDP", use_cpu=False, on_cpu=False, processes=2) is None  # on GPUs
+    assert ds.sharding_cpu_problem(None, use_cpu=True, on_cpu=True, processes=2) is None
+
+
+def test_deepspeed_zero_optimizers_get_a_schedule_through_the_torch_optimizer_they_wrap() -> None:
+    import torch
+
+    from proto_segformer.trainer import schedulable_optimizer
+
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    zero = SimpleNamespace(optimizer=adamw)  # DeepSpeedZeroOptimizer: no `defaults`, the torch optimizer inside
+    wrapped = SimpleNamespace(optimizer=zero)  # accelerate's DeepSpeedOptimizerWrapper around it
+    assert schedulable_optimizer(wrapped) is adamw
+    assert schedulable_optimizer(adamw) is adamw
+    assert schedulable_optimizer(SimpleNamespace()) is not None  # nothing to unwrap: left as given
 
 
 def _trainer(world_size=2, fsdp=False, deepspeed=False, **args):
@@ -111,12 +129,17 @@ def test_fsdp_asked_for_but_not_active_in_the_trainer_is_an_error() -> None:
 
 
 def test_check_launch_reads_the_world_from_the_training_arguments() -> None:
-    args = SimpleNamespace(world_size=1, process_index=0, local_process_index=0, use_cpu=False, fsdp=[], deepspeed=None)
+    cpu = SimpleNamespace(type="cpu")
+    args = SimpleNamespace(
+        world_size=1, process_index=0, local_process_index=0, use_cpu=False, fsdp=[], deepspeed=None, device=cpu
+    )
     ds.check_launch({}, args)
     with pytest.raises(ds.DistributedSetupError, match="runs alone"):
         ds.check_launch(TORCHRUN_RANK1, args)
     with pytest.raises(ds.DistributedSetupError, match="GPUs only"):
         ds.check_launch({"ACCELERATE_USE_FSDP": "true"}, SimpleNamespace(**{**vars(args), "use_cpu": True}))
+    with pytest.raises(ds.DistributedSetupError, match="DeepSpeed was asked for with 2 processes"):
+        ds.check_launch({**TORCHRUN_RANK1, "ACCELERATE_USE_DEEPSPEED": "true"}, args)
 
 
 def test_nodes_without_a_shared_disk_need_save_on_each_node_and_a_shared_disk_must_not_have_it() -> None:
