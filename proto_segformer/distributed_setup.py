@@ -11,7 +11,8 @@ DeepSpeed under `--use_cpu` become plain DDP; on a machine without GPU and witho
 - `precision_problem`: --bf16 / --fp16 without a GPU and without --use_cpu (transformers answers with a traceback);
 - `sharding_cpu_problem`: FSDP or DeepSpeed asked for on CPU (accelerate runs FSDP on GPUs only, DeepSpeed in one
   process on CPU; with --use_cpu neither);
-- `inactive_sharding_problem`: FSDP or DeepSpeed asked for but not active in the Trainer's accelerator.
+- `inactive_sharding_problem`: FSDP or DeepSpeed asked for but not active in the Trainer's accelerator, or FSDP
+  with a sharded state dict (no model.safetensors would be saved).
 
 `setup_record(trainer)` is the setup that runs (processes, machines, DDP / FSDP / DeepSpeed with version and
 sharding, precision, backend, device, library versions), written into the run's results and its model card;
@@ -183,6 +184,14 @@ def inactive_sharding_problem(requested: str | None, trainer) -> str | None:
             " several GPU processes (accelerate launch --use_fsdp --num_processes N on GPUs). Drop --use_fsdp /"
             " --fsdp to run DDP."
         )
+    if trainer.is_fsdp_enabled:
+        state_dict_type = str(getattr(trainer.accelerator.state.fsdp_plugin, "state_dict_type", ""))
+        if "FULL_STATE_DICT" not in state_dict_type:
+            return (
+                f"FSDP with state_dict_type {state_dict_type.rsplit('.', 1)[-1] or '?'} (accelerate's default for"
+                " FSDP2): the Trainer would save no model.safetensors, so neither the checkpoints nor the final model"
+                " would load with from_pretrained. Pass --fsdp_state_dict_type FULL_STATE_DICT to accelerate launch."
+            )
     if requested == "DeepSpeed" and not trainer.is_deepspeed_enabled:
         return (
             f"DeepSpeed was asked for but the Trainer's accelerator runs {_plain_mode(trainer.args.world_size)}:"

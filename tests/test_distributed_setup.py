@@ -110,7 +110,7 @@ def _trainer(world_size=2, fsdp=False, deepspeed=False, **args):
     for key, value in args.items():
         setattr(arguments, key, value)
     state = SimpleNamespace(
-        fsdp_plugin=SimpleNamespace(fsdp_version=2, reshard_after_forward=True),
+        fsdp_plugin=SimpleNamespace(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT"),
         deepspeed_plugin=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}}),
     )
     return SimpleNamespace(
@@ -123,6 +123,9 @@ def test_fsdp_asked_for_but_not_active_in_the_trainer_is_an_error() -> None:
     assert "runs DDP" in problem and "--use_fsdp" in problem
     assert "DeepSpeed was asked for" in ds.inactive_sharding_problem("DeepSpeed", _trainer(world_size=1))
     assert ds.inactive_sharding_problem("FSDP", _trainer(fsdp=True)) is None
+    sharded = _trainer(fsdp=True)
+    sharded.accelerator.state.fsdp_plugin.state_dict_type = "StateDictType.SHARDED_STATE_DICT"
+    assert "--fsdp_state_dict_type FULL_STATE_DICT" in ds.inactive_sharding_problem("FSDP", sharded)
     assert ds.inactive_sharding_problem(None, _trainer()) is None
     with pytest.raises(ds.DistributedSetupError, match="FSDP was asked for"):
         ds.check_trainer({"ACCELERATE_USE_FSDP": "true"}, _trainer())
