@@ -12,7 +12,7 @@ DeepSpeed under `--use_cpu` become plain DDP; on a machine without GPU and witho
 - `sharding_cpu_problem`: FSDP or DeepSpeed asked for on CPU (accelerate runs FSDP on GPUs only, DeepSpeed in one
   process on CPU; with --use_cpu neither);
 - `inactive_sharding_problem`: FSDP or DeepSpeed asked for but not active in the Trainer's accelerator, or FSDP
-  with a sharded state dict (no model.safetensors would be saved).
+  with a sharded state dict or ZeRO-3 without gathering the weights (no model.safetensors would be saved).
 
 `setup_record(trainer)` is the setup that runs (processes, machines, DDP / FSDP / DeepSpeed with version and
 sharding, precision, backend, device, library versions), written into the run's results and its model card;
@@ -191,6 +191,15 @@ def inactive_sharding_problem(requested: str | None, trainer) -> str | None:
                 f"FSDP with state_dict_type {state_dict_type.rsplit('.', 1)[-1] or '?'} (accelerate's default for"
                 " FSDP2): the Trainer would save no model.safetensors, so neither the checkpoints nor the final model"
                 " would load with from_pretrained. Pass --fsdp_state_dict_type FULL_STATE_DICT to accelerate launch."
+            )
+    if trainer.is_deepspeed_enabled:
+        zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+        if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            return (
+                "DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the Trainer would save DeepSpeed's"
+                " partitioned checkpoint instead of model.safetensors, which from_pretrained cannot load. Set"
+                ' "stage3_gather_16bit_weights_on_model_save": true under "zero_optimization" in the DeepSpeed config'
+                " (accelerate launch --zero3_save_16bit_model true)."
             )
     if requested == "DeepSpeed" and not trainer.is_deepspeed_enabled:
         return (

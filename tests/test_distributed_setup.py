@@ -126,6 +126,13 @@ def test_fsdp_asked_for_but_not_active_in_the_trainer_is_an_error() -> None:
     sharded = _trainer(fsdp=True)
     sharded.accelerator.state.fsdp_plugin.state_dict_type = "StateDictType.SHARDED_STATE_DICT"
     assert "--fsdp_state_dict_type FULL_STATE_DICT" in ds.inactive_sharding_problem("FSDP", sharded)
+    zero3 = _trainer(deepspeed=True)
+    zero3.accelerator.state.deepspeed_plugin.deepspeed_config = {"zero_optimization": {"stage": 3}}
+    assert "stage3_gather_16bit_weights_on_model_save" in ds.inactive_sharding_problem("DeepSpeed", zero3)
+    zero3.accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].update(
+        stage3_gather_16bit_weights_on_model_save=True
+    )
+    assert ds.inactive_sharding_problem("DeepSpeed", zero3) is None
     assert ds.inactive_sharding_problem(None, _trainer()) is None
     with pytest.raises(ds.DistributedSetupError, match="FSDP was asked for"):
         ds.check_trainer({"ACCELERATE_USE_FSDP": "true"}, _trainer())
