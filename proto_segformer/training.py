@@ -4,7 +4,9 @@
   `checkpoint-N/` once every process has written its part, so a `checkpoint-N` folder is always complete
   (`checkpoint_problem` checks one; `newest_complete_checkpoint` finds the one to resume from); a checkpoint's
   weights load through `from_pretrained` (`model_building.load_checkpoint_weights`). `trainer.ProtoSegTrainer`
-  builds on it.
+  builds on it. On several machines, the first save checks the disk against --save_on_each_node
+  (`check_shared_disk`); with it, the first process of every machine writes complete checkpoints and the final model
+  (transformers' `save_pretrained` writes on global rank 0 only), buffers taken from process 0 (`sync_buffers`).
 - `save_training_outputs`: the output folder (weights, config with auto_map and id2label, custom code, image
   processor, model card, results json files), written into a staging folder and moved into place, card last.
 
