@@ -52,10 +52,13 @@ def requested_machines(env: Mapping[str, str]) -> int | None:
     return max(counts) if counts else None
 
 
-def accelerate_single_launch_problem(env: Mapping[str, str]) -> str | None:
+def accelerate_single_launch_problem(env: Mapping[str, str], world_size: int = 1) -> str | None:
     """accelerate's one-process launcher (no --multi_gpu / --use_fsdp / --use_deepspeed) with --num_processes or
-    --num_machines above 1: it sets MASTER_ADDR but starts a single process, so every machine trains alone."""
-    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+    --num_machines above 1: it sets MASTER_ADDR but starts a single process (a world of one), so every machine
+    trains alone. (Its mpirun launch sets MPI's variables and forms a larger world: not this.)"""
+    if world_size > 1 or "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or "WORLD_SIZE" in env:
+        return None
+    if any(name in env for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
         return None
     return (
         "accelerate launch started this script as a single process, although --num_processes or --num_machines asks"
@@ -122,6 +125,16 @@ def _bool_value(argv: Sequence[str], name: str) -> bool | None:
             value = following if following.lower() in (*TRUE_VALUES, "false", "no", "0", "n", "off") else "true"
         found = value.strip().lower() in TRUE_VALUES
     return found
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA, ROCm, MPS, XPU...)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def precision_problem(argv: Sequence[str], accelerator_available: bool) -> str | None:
@@ -215,7 +228,7 @@ def check_launch(env: Mapping[str, str], training_args) -> None:
     on_cpu = getattr(getattr(training_args, "device", None), "type", "cpu") == "cpu"
     processes = max(_int(env, "WORLD_SIZE") or 1, training_args.world_size)
     requested = requested_sharding(env, training_args)
-    problem = accelerate_single_launch_problem(env)
+    problem = accelerate_single_launch_problem(env, training_args.world_size)
     problem = problem or sharding_cpu_problem(requested, bool(training_args.use_cpu), on_cpu, processes)
     problem = problem or world_problem(
         env,

@@ -57,7 +57,14 @@ from .data.loading import (
     resolve_column,
 )
 from .data.transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
-from .distributed_setup import SETUP_KEY, DistributedSetupError, check_launch, check_trainer, precision_problem
+from .distributed_setup import (
+    SETUP_KEY,
+    DistributedSetupError,
+    accelerator_available,
+    check_launch,
+    check_trainer,
+    precision_problem,
+)
 from .distributed_setup import setup_record as distributed_setup_record
 from .model_building import (
     PROTOSEG_FIELDS,
@@ -889,7 +896,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if check_failed(check_training_command, argv):  # scripts/train.py did it before torch loaded, main() may not
         raise SystemExit(2)
-    problem = precision_problem(argv, torch.cuda.is_available())  # transformers would answer with a traceback
+    problem = precision_problem(argv, accelerator_available())  # transformers would answer with a traceback
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)

@@ -24,6 +24,8 @@ def test_accelerate_without_multi_gpu_but_several_processes_is_an_error_naming_m
     assert ds.accelerate_single_launch_problem({**ACCELERATE_SINGLE, **TORCHRUN_RANK1}) is None  # torchrun started it
     assert ds.accelerate_single_launch_problem({"ACCELERATE_USE_CPU": "False"}) is None  # one process asked for
     assert ds.accelerate_single_launch_problem({"MASTER_ADDR": "10.0.0.1"}) is None  # not accelerate's launcher
+    assert ds.accelerate_single_launch_problem({**ACCELERATE_SINGLE, "OMPI_COMM_WORLD_SIZE": "2"}) is None  # mpirun
+    assert ds.accelerate_single_launch_problem(ACCELERATE_SINGLE, world_size=2) is None  # a world formed anyway
 
 
 def test_a_world_of_one_where_the_launcher_asked_for_two_is_an_error_naming_use_cpu() -> None:

@@ -171,7 +171,7 @@ def test_deepspeed_zero2_trains_on_cpu_in_one_process_with_the_default_schedule(
 
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_mixed_precision_without_gpu_is_one_line(tmp_path, capsys, monkeypatch, flag) -> None:
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("proto_segformer.run_training.accelerator_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         main(["--output_dir", str(tmp_path / "out"), flag, *TINY_ARGS])
     assert exit_info.value.code == 2
