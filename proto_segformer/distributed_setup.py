@@ -95,7 +95,7 @@ def world_problem(env: Mapping[str, str], world_size: int, rank: int, local_rank
             f"This process was started as RANK={env_rank} but runs as process {rank}: two processes would believe"
             " they are the same rank (and write the same files). Start every process with the same launcher command."
         )
-    if env_local_rank is not None and env_local_rank != local_rank:
+    if env_local_rank is not None and env_local_rank >= 0 and env_local_rank != local_rank:  # -1: none
         return (
             f"This process was started as LOCAL_RANK={env_local_rank} but runs as local process {local_rank}: start"
             " every process with the same launcher command."

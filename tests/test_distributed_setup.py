@@ -42,6 +42,7 @@ def test_processes_that_disagree_on_rank_or_world_size_are_an_error() -> None:
     assert "LOCAL_RANK=1" in ds.world_problem(TORCHRUN_RANK1, 2, 1, 0, True)
     assert "WORLD_SIZE=2 but this process's world has 4" in ds.world_problem(TORCHRUN_RANK1, 4, 1, 1, True)
     assert ds.world_problem({}, world_size=1, rank=0, local_rank=0, use_cpu=False) is None  # plain python
+    assert ds.world_problem({"LOCAL_RANK": "-1"}, world_size=1, rank=0, local_rank=0, use_cpu=False) is None
 
 
 @pytest.mark.parametrize(
