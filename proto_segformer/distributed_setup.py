@@ -337,4 +337,5 @@ def describe_setup(record: Mapping[str, Any]) -> str:
     elif mode == "DeepSpeed":
         mode += f" {record.get('sharding')}"
     backend = f" ({record['backend']})" if record.get("backend") else ""
-    return f"{where}, {mode}{backend}, {record.get('precision', '?')}, {record.get('device', '?')}"
+    mode = "" if mode == "single process" and not backend else f"{mode}{backend}, "
+    return f"{where}, {mode}{record.get('precision', '?')}, {record.get('device', '?')}"

@@ -174,7 +174,7 @@ def test_the_record_names_processes_machines_mode_and_sharding() -> None:
     assert (zero["mode"], zero["zero_stage"], zero["sharding"]) == ("DeepSpeed", 2, "ZeRO-2")
     assert "DeepSpeed ZeRO-2" in ds.describe_setup(zero)
     single = ds.setup_record(_trainer(world_size=1), {})
-    assert ds.describe_setup(single) == "1 process on 1 machine, single process, fp32, cpu"
+    assert ds.describe_setup(single) == "1 process on 1 machine, fp32, cpu"
     assert ds.machine_count({"NNODES": "3"}, 3) == 3
 
 
