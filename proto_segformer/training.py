@@ -44,6 +44,26 @@ logger = logging.getLogger(__name__)
 assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
 
 
+SHARED_DISK_WAIT_S = 5.0  # how long another machine looks for the main process's new folder (network disks lag)
+
+
+def visible(folder: Path, wait_s: float = SHARED_DISK_WAIT_S) -> bool:
+    """Whether `folder`, just created by another machine's process, shows up here within `wait_s` seconds (listing
+    its parent refreshes a network file system's view)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if folder.name in os.listdir(folder.parent) and folder.is_dir():
+                return True
+        except OSError:  # no parent folder on this machine
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
 class SaveFailedError(OSError):
     """Writing `what` (a checkpoint, the final model) into `folder` failed (a full disk, most often); raised from
     the write error. Its staging folder was removed; the checkpoints written before are intact."""
@@ -77,7 +97,7 @@ class CheckpointSavingTrainer(Trainer):
             staging.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         node_main = self.args.local_process_index == 0 and self.args.process_index != 0
-        sees = staging.is_dir()
+        sees = visible(staging) if node_main else True
         flags = torch.tensor([[int(node_main and not sees), int(node_main and sees)]], device=self.args.device)
         blind, sharing = (int(value) for value in self.accelerator.gather(flags).sum(0).tolist())
         problem = shared_disk_problem(blind, sharing, bool(self.args.save_on_each_node), staging.parent)
