@@ -184,3 +184,12 @@ def test_the_model_card_shows_the_recorded_setup(tmp_path, tiny_model) -> None:
     (tmp_path / "all_results.json").write_text(json.dumps({"eval_mean_iou": 0.5, ds.SETUP_KEY: record}))
     card = write_model_card(tmp_path).read_text()
     assert "Setup: 4 processes on 2 machines, DDP (nccl), bf16, cuda." in card
+
+
+def test_another_machine_sees_a_new_folder_or_says_no_after_its_wait(tmp_path) -> None:
+    from proto_segformer.training import visible
+
+    (tmp_path / "tmp-checkpoint-2").mkdir()
+    assert visible(tmp_path / "tmp-checkpoint-2", wait_s=0)
+    assert not visible(tmp_path / "tmp-checkpoint-4", wait_s=0)
+    assert not visible(tmp_path / "no" / "such" / "tmp-checkpoint-2", wait_s=0)  # no output folder on this machine
