@@ -145,7 +145,7 @@ def non_finite_weights(files: Iterable[Path]) -> list[str]:
     """Names of the tensors in the safetensors `files` that hold NaN or inf (reads every tensor)."""
     from safetensors import safe_open
 
-    from .modeling_proto_segformer import non_finite_tensor_names
+    from .prototype_head import non_finite_tensor_names
 
     bad: list[str] = []
     for path in files:
@@ -181,7 +181,7 @@ def validate_checkpoint(folder: str | Path) -> ModelFolder:
         )
     bad = non_finite_weights(files)
     if bad:
-        from .modeling_proto_segformer import non_finite_message
+        from .prototype_head import non_finite_message
 
         raise CheckpointError(non_finite_message(bad, where=f"The checkpoint {str(folder)!r}"))
     return ModelFolder(
@@ -224,7 +224,7 @@ def load_model(source: str | Path | ModelFolder, device: str | torch.device = "c
         )
     bad = model.non_finite_tensors() if dtype is not None else []
     if bad:
-        from .modeling_proto_segformer import non_finite_message
+        from .prototype_head import non_finite_message
 
         where = f"The model loaded from {str(checkpoint.folder)!r} as {dtype}"
         raise CheckpointError(non_finite_message(bad, where=where))

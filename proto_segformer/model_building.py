@@ -20,8 +20,9 @@ import torch
 from transformers import PretrainedConfig
 
 from .configuration_proto_segformer import ProtoSegformerConfig
-from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation, conversion_summary
+from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
 from .paths import check_source
+from .prototype_head import conversion_summary
 
 logger = logging.getLogger(__name__)
 

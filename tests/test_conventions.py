@@ -143,6 +143,7 @@ SHIPPED = {
     "local_paths.py",
     "modeling_proto_segformer.py",
     "prototype_kernels.py",
+    "prototype_head.py",
     "prototype_math.py",
     "transformers_changes.py",
 }
