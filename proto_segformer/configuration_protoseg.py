@@ -69,6 +69,21 @@ def _timm(name: str) -> dict[str, Any]:
     }
 
 
+# The backbone presets' names, a literal (the scripts' --help reads it from this source without importing anything).
+BACKBONE_PRESET_NAMES = (
+    "resnet-18",
+    "resnet-50",
+    "resnet-101",
+    "swin-tiny",
+    "swin-small",
+    "swin-base",
+    "convnext-tiny",
+    "convnext-small",
+    "dinov2-small",
+    "dinov2-base",
+    "hrnet-w18",
+    "hrnet-w48",
+)
 # Backbone sizes for random initialisation offline (the published architectures' sizes; `model_type` picks the
 # transformers config class). Hierarchical backbones give stages 1-4 (strides 4-32); ViTs (DINOv2) give the tokens of
 # layers 3, 6, 9, 12 as stages, all at the patch stride (14). HRNet is timm's (the `timm` extra).
@@ -86,6 +101,7 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     "hrnet-w18": _timm("hrnet_w18"),
     "hrnet-w48": _timm("hrnet_w48"),
 }
+assert tuple(BACKBONE_PRESETS) == BACKBONE_PRESET_NAMES
 for _fields in BACKBONE_PRESETS.values():
     if "out_indices" not in _fields:
         _fields["out_features"] = list(_FOUR_STAGES)

@@ -40,6 +40,7 @@ from .checkpoint_folders import (
 )
 from .cli import INTERRUPTED_EXIT_CODE, ArgumentParser, exit_interrupted
 from .configuration_proto_segformer import MIT_PRESETS
+from .configuration_protoseg import BACKBONE_PRESET_NAMES
 from .data.builtin import build_builtin_dataset
 from .data.dataset import SegmentationDataset
 from .data.layouts import find_folder_layout
@@ -132,18 +133,34 @@ BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
 
 @dataclass
 class ModelArguments:
-    """Which model to train: a checkpoint (ours, a parametric SegFormer, or a MiT backbone) or a MiT preset."""
+    """Which model to train: a checkpoint (ours, a parametric SegFormer or UperNet, a MiT or other backbone) or a
+    preset (a MiT size or a backbone)."""
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Local folder or Hub id of a ProtoSegformer checkpoint, a parametric SegFormer checkpoint"
-            " (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or a MiT backbone (e.g. nvidia/mit-b0)."
+            "help": "Local folder or Hub id of a ProtoSegformer or ProtoSeg checkpoint, a parametric SegFormer"
+            " checkpoint (e.g. nvidia/segformer-b0-finetuned-ade-512-512), a MiT backbone (e.g. nvidia/mit-b0), a"
+            " parametric UperNet checkpoint (e.g. openmmlab/upernet-convnext-tiny) or a backbone AutoBackbone builds"
+            " (e.g. microsoft/resnet-50, facebook/dinov2-small)."
             " Without it, --model_preset builds a model from scratch."
         },
     )
     model_preset: str = field(
-        default="mit-b0", metadata={"help": f"MiT size when training from scratch: one of {sorted(MIT_PRESETS)}."}
+        default="mit-b0",
+        metadata={
+            "help": "The model when training from scratch (random init, offline): a MiT size for ProtoSegformer, one"
+            f" of {sorted(MIT_PRESETS)}, or a backbone for ProtoSeg with a UperNet decoder, one of"
+            f" {list(BACKBONE_PRESET_NAMES)} (hrnet-*: the timm extra)."
+        },
+    )
+    decoder_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "The decoder of a backbone preset or checkpoint (ProtoSeg): upernet (PPM + FPN, the default) or"
+            " mlp (SegFormer's all-MLP decoder).",
+            "choices": ["upernet", "mlp"],
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -183,7 +200,13 @@ class ModelArguments:
         """The config overrides given on the command line."""
         fields = {
             name: getattr(self, name)
-            for name in ("decoder_hidden_size", "classifier_dropout_prob", "drop_path_rate", *PROTOSEG_FIELDS)
+            for name in (
+                "decoder_hidden_size",
+                "decoder_type",
+                "classifier_dropout_prob",
+                "drop_path_rate",
+                *PROTOSEG_FIELDS,
+            )
             if getattr(self, name) is not None
         }
         fields.update(parse_config_overrides(self.config_overrides))
