@@ -243,11 +243,6 @@ def model_for(config: PretrainedConfig) -> torch.nn.Module:
         raise ModelInputError(str(error)) from error
 
 
-def model_class_for(model_type: str | None) -> type:
-    """The class of our checkpoints of `model_type` ("protoseg": ProtoSeg, otherwise ProtoSegformer)."""
-    return ProtoSegForSemanticSegmentation if model_type == "protoseg" else ProtoSegformerForSemanticSegmentation
-
-
 def parametric_upernet_config(model_preset: str, **fields: Any) -> PretrainedConfig:
     """transformers' `UperNetConfig` with the backbone and decoder width of a backbone preset: the parametric
     counterpart of `ProtoSegConfig.from_preset(model_preset)` for same-budget comparisons (no auxiliary head unless
@@ -259,8 +254,9 @@ def parametric_upernet_config(model_preset: str, **fields: Any) -> PretrainedCon
 
 
 def _load_backbone_weights(model: ProtoSegForSemanticSegmentation, source: ModelSource) -> str:
-    """Load a backbone-only checkpoint's weights into `model.backbone` (through AutoBackbone, so transformers'
-    renamings apply, e.g. SwinModel's names to SwinBackbone's); the one-line summary of what was loaded and what is new."""
+    """Load a backbone-only checkpoint's weights into `model.backbone` (through the backbone class, so transformers'
+    renamings apply, e.g. SwinModel's names to SwinBackbone's); the one-line summary of what was loaded and what is
+    new."""
     # The backbone's own class (AutoBackbone.from_pretrained asks the Hub about local folders).
     with quiet_transformers():
         loaded, info = type(model.backbone).from_pretrained(

@@ -593,8 +593,10 @@ def library_files(output_dir: Path) -> list[Path]:
     """The files and folders of `output_dir` that a run of this library writes (and nothing else): the final output
     files, the custom-code copies, checkpoint-N and staging folders, rank_prototypes/prototypes_rank*.pt."""
     from .hub import custom_code_files
+    from .model_types import MODEL_TYPES
 
-    names = set(FINAL_OUTPUT_FILES) | set(OTHER_OUTPUT_FILES) | {path.name for path in custom_code_files()}
+    code = {path.name for model_type in MODEL_TYPES for path in custom_code_files(model_type)}
+    names = set(FINAL_OUTPUT_FILES) | set(OTHER_OUTPUT_FILES) | code
     found = [output_dir / name for name in sorted(names) if (output_dir / name).is_file()]
     found += checkpoint_folders(output_dir) + interrupted_saves(output_dir)
     ranks = output_dir / "rank_prototypes"
