@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from protoseg_helpers import tiny_protoseg_config
 from test_hf_integration import run_clean
-from train_helpers import REPO, clean_env
+from train_helpers import REPO, TINY_DATA_ARGS, clean_env
 from transformers import SegformerImageProcessorPil
 
 from proto_segformer import ProtoSegForSemanticSegmentation
@@ -151,22 +151,7 @@ TINY_PROTOSEG_ARGS = [
     "8",
     "--num_prototypes_per_class",
     "3",
-    "--builtin_num_train",
-    "24",
-    "--builtin_num_validation",
-    "6",
-    "--builtin_image_size",
-    "32",
-    "--per_device_train_batch_size",
-    "4",
-    "--per_device_eval_batch_size",
-    "3",
-    "--logging_steps",
-    "2",
-    "--dataloader_num_workers",
-    "0",
-    "--disable_tqdm",
-    "true",
+    *TINY_DATA_ARGS,
 ]
 
 
