@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import requires_extra
 from PIL import Image
 from protoseg_helpers import tiny_protoseg_config
 from test_hf_integration import run_clean
@@ -249,3 +250,22 @@ def test_onnx_export_of_the_mlp_decoder_runs_other_sizes(tmp_path):
     with torch.no_grad():
         expected = model(pixel_values).logits
     torch.testing.assert_close(runtime(pixel_values=pixel_values).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@requires_extra("demo", "gradio")
+def test_the_space_app_runs_a_protoseg_repository(repo, tmp_path):
+    from test_space import load_app
+
+    from proto_segformer.hub import assemble_repository
+    from proto_segformer.space import write_space
+
+    folder, _ = repo
+    hub_repo, space = tmp_path / "repo", tmp_path / "space"
+    assemble_repository(folder, hub_repo, repo_id="alice/protoseg-resnet")
+    assert (hub_repo / "modeling_protoseg.py").is_file() and not (hub_repo / "modeling_proto_segformer.py").exists()
+    write_space(space, "alice/protoseg-resnet", NAMES, source=folder)
+    app = load_app(space)
+    segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    label_map, prototype_map = segmenter.label_and_prototype_maps(photo())
+    assert label_map.shape == prototype_map.shape == (40, 48)
+    assert set(np.unique(label_map)) <= set(NAMES)
