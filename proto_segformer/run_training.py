@@ -771,7 +771,7 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
             results["train"] = train_metrics
         eval_metrics = None
         if training_args.do_eval:
-            eval_metrics = trainer.evaluate()
+            eval_metrics = trainer.final_evaluation()
             results["eval"] = eval_metrics
         save_training_outputs(
             trainer,
