@@ -229,10 +229,11 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation samples."})
     check_samples: int | None = field(
-        default=2000,
+        default=100,
         metadata={
-            "help": "Before training, read this many samples per split and check them (files, sizes, label values);"
-            " -1 checks every sample. Every sample is checked again when it is loaded."
+            "help": "Before training, read the first N samples of each split and check them (files, sizes, label"
+            " values), shared between the processes; -1 checks every sample. Every sample is checked again when it"
+            " is read, and a bad one stops training with an error naming its file."
         },
     )
     crop_size: int | None = field(
@@ -478,6 +479,8 @@ def prepare_data(
         raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
     # 2. The samples used, checked before training (files, sizes, label values).
     dataset = _first_samples(dataset, data_args)
+    #    The first --check_samples of each split, shared between the processes (each checks its share: no process
+    #    waits, none repeats another's work); every sample is checked again as it is read, naming its file.
     limit = None if data_args.check_samples is None or data_args.check_samples < 0 else data_args.check_samples
     for split_name in ("train", "validation"):
         check_split(
@@ -489,6 +492,9 @@ def prepare_data(
             ignore_index=ignore_index,
             reduce_labels=data_args.reduce_labels,
             max_samples=limit,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
+            progress=training_args.process_index == 0 and not training_args.disable_tqdm,
         )
     # 3. The training augmentation and the two data sets the Trainer reads.
     crop_size = _crop_size(builtin, data_args)
@@ -876,6 +882,16 @@ def save_failed_message(error: SaveFailedError, argv: list[str]) -> str:
     return write_failure_message(cause, error.folder, error.what, intact, disk_full=error.disk_full, free=error.free)
 
 
+def error_line(error: Exception) -> str:
+    """The message of `error`; for one a dataloader worker raised (torch re-raises it with the worker's traceback
+    as its message), the original message alone."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of scripts/train.py. User errors (data, arguments) exit with a one-paragraph message; Ctrl-C
     with one line saying how to resume (exit code 130); a failed save (a full disk) with one line (exit code 1)."""
@@ -898,7 +914,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return run_training(model_args, data_args, training_args)
     except (DataError, ModelInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunFinished as finished:
         if first:

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from .loading import DataError, checked_label, label_values_message, read_pair, undecoded
+from .loading import checked_sample, undecoded
 from .transforms import (
     DEFAULT_IGNORE_INDEX,
     IMAGENET_MEAN,
@@ -80,25 +80,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
     def load(self, index: int) -> tuple:
-        """(PIL image, (H, W) int64 label) of sample `index`, checked."""
-        image, label = read_pair(self._undecoded, index, self.image_column, self.label_column, self.split_name)
-        array = checked_label(
-            self._undecoded, index, label, self.label_column, self.reduce_labels, self.ignore_index, self.split_name
+        """(PIL image, (H, W) int64 label) of sample `index`, checked (`loading.checked_sample`: an error names the
+        sample and its file)."""
+        image, array, _ = checked_sample(
+            self._undecoded,
+            index,
+            self.image_column,
+            self.label_column,
+            self.num_labels,
+            self.ignore_index,
+            self.reduce_labels,
+            self.split_name,
         )
-        if array.shape != (image.size[1], image.size[0]):
-            raise DataError(
-                f"Split {self.split_name!r}, sample {index}: the image is {image.size[1]}x{image.size[0]} (height x"
-                f" width) but its label is {array.shape[0]}x{array.shape[1]}."
-            )
-        bad = (array < 0) | (array >= self.num_labels)
-        bad &= array != self.ignore_index
-        if bad.any():
-            values = {int(v): index for v in np.unique(array[bad])}
-            raise DataError(
-                label_values_message(
-                    values, self.split_name, self.num_labels, self.ignore_index, self.reduce_labels, set()
-                )
-            )
         return image, array
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
