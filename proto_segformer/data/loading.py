@@ -257,12 +257,18 @@ def read_pair(
     split: datasets.Dataset, index: int, image_column: str, label_column: str, split_name: str = "train"
 ) -> tuple[Image.Image, Image.Image | np.ndarray]:
     """Sample `index` as (RGB image as shown, label); `split` should come from `undecoded` so unreadable files are
-    named.
+    named (`read_row`)."""
+    return read_row(split[index], index, image_column, label_column, split_name)
+
+
+def read_row(
+    row: dict[str, Any], index: int, image_column: str, label_column: str, split_name: str = "train"
+) -> tuple[Image.Image, Image.Image | np.ndarray]:
+    """A sample's row (sample `index` of its split) as (RGB image as shown, label).
 
     The image goes through `image_decoding.to_rgb_array`, the decoder `predict`, the endpoint and the Space use
     (EXIF orientation applied, transparency on white, 16-bit and float samples scaled by their range); a label that
     fits the image only as stored, not as shown, is a `DataError` (`image_decoding.check_label_orientation`)."""
-    row = split[index]
     name = f"Split {split_name!r}, sample {index}"
     image = decode_image(row[image_column], f"{name}, image")
     label = decode_image(row[label_column], f"{name}, label")
@@ -271,7 +277,7 @@ def read_pair(
             check_label_orientation(image, label_size(label))
         rgb = to_rgb(image)  # to_rgb_array's pixels (an RGB image without EXIF orientation is used as it is)
     except ValueError as error:
-        raise DataError(f"{name}, image{_file_of(split, index, image_column)}: {error}.") from error
+        raise DataError(f"{name}, image{_file_in(row, image_column)}: {error}.") from error
     return rgb, label
 
 
@@ -279,8 +285,8 @@ def _path_of(value: Any) -> str | None:
     return value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
-def _file_of(split: datasets.Dataset, index: int, column: str) -> str:
-    path = _path_of(split[index][column])
+def _file_in(row: dict[str, Any], column: str) -> str:
+    path = _path_of(row[column])
     return f" ({path})" if path else ""
 
 
@@ -300,11 +306,14 @@ def checked_label(
     split_name: str = "train",
 ) -> np.ndarray:
     """`prepare_label` of sample `index`; a label it cannot use is a `DataError` naming the sample and its file."""
+    return _checked_label(split[index], index, label, label_column, reduce_labels, ignore_index, split_name)
+
+
+def _checked_label(row, index, label, label_column, reduce_labels, ignore_index, split_name) -> np.ndarray:
     try:
         return prepare_label(label, reduce_labels, ignore_index)
     except ValueError as error:
-        where = f"Split {split_name!r}, sample {index}{_file_of(split, index, label_column)}"
-        raise DataError(f"{where}: {error}") from error
+        raise DataError(f"Split {split_name!r}, sample {index}{_file_in(row, label_column)}: {error}") from error
 
 
 def label_values(array: np.ndarray) -> np.ndarray:
@@ -329,16 +338,32 @@ def checked_sample(
     reduce_labels: bool = False,
     split_name: str = "train",
 ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
-    """(RGB image, (H, W) int64 label, its distinct values) of sample `index` of `split` (from `undecoded`), checked:
+    """`checked_row` of sample `index` of `split` (from `undecoded`)."""
+    row = split[index]
+    return checked_row(row, index, image_column, label_column, num_labels, ignore_index, reduce_labels, split_name)
+
+
+def checked_row(
+    row: dict[str, Any],
+    index: int,
+    image_column: str,
+    label_column: str,
+    num_labels: int,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    reduce_labels: bool = False,
+    split_name: str = "train",
+) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """(RGB image, (H, W) int64 label, its distinct values) of a sample's row (sample `index` of its split), checked:
     a file it cannot read, image and label of different sizes, a label that is not a class map, label values neither
     in [0, num_labels) nor `ignore_index` are a `DataError` naming the sample and its file. The one check of a
-    sample: before training (`check_split`) and as each sample is read (`dataset.SegmentationDataset`)."""
-    image, label = read_pair(split, index, image_column, label_column, split_name)
-    array = checked_label(split, index, label, label_column, reduce_labels, ignore_index, split_name)
+    sample: before training (`check_split`) and as each sample is read (`dataset.SegmentationDataset`,
+    `streaming.StreamingSegmentationDataset`)."""
+    image, label = read_row(row, index, image_column, label_column, split_name)
+    array = _checked_label(row, index, label, label_column, reduce_labels, ignore_index, split_name)
     image_size = (image.size[1], image.size[0])
     if array.shape != image_size:
         raise DataError(
-            f"Split {split_name!r}, sample {index}{_file_of(split, index, image_column)}: the image is"
+            f"Split {split_name!r}, sample {index}{_file_in(row, image_column)}: the image is"
             f" {image_size[0]}x{image_size[1]} (height x width) but its label is {array.shape[0]}x{array.shape[1]}."
             " Images and labels must have the same size."
         )
@@ -348,7 +373,7 @@ def checked_sample(
         message = label_values_message(
             {int(value): index for value in bad}, split_name, num_labels, ignore_index, reduce_labels, set()
         )
-        path = _path_of(split[index][label_column])
+        path = _path_of(row[label_column])
         raise DataError(f"{message} Sample {index}'s label file: {path}." if path else message)
     return image, array, values
 
