@@ -56,6 +56,7 @@ from .data.loading import (
     read_id2label_file,
     resolve_column,
 )
+from .data.streaming import StreamingSegmentationDataset, load_streaming
 from .data.transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
 from .model_building import (
     PROTOSEG_FIELDS,
@@ -128,6 +129,10 @@ BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
     # One intra-op thread: with two, a 2-core machine shared with other jobs ran 17x slower (60 steps: 229 s vs 14 s).
     "torch_threads": 1,
 }
+
+
+# With --streaming: the Trainer sees no epochs (the stream repeats without end), so nothing is done "each epoch".
+STREAMING_DEFAULTS: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "steps"}
 
 
 @dataclass
@@ -228,6 +233,14 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation samples."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training split as a stream (a datasets IterableDataset) from a Hub id, a parquet folder"
+            " or a data set folder: nothing is copied into the datasets cache. Needs --max_steps; evaluation and"
+            " saving go by steps. A parquet or Hub validation split is read into memory (see --max_eval_samples)."
+        },
+    )
     check_samples: int | None = field(
         default=100,
         metadata={
@@ -324,6 +337,8 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator (and warns without one)
     if not _given(argv, "dataset_name"):
         defaults.update(BUILTIN_DEMO_DEFAULTS)
+    if _given(argv, "streaming"):  # a stream has no epochs: the final evaluation, a checkpoint every --save_steps
+        defaults.update(STREAMING_DEFAULTS)
     if _given(argv, "save_steps") and not _given(argv, "save_strategy"):
         defaults["save_strategy"] = "steps"
     parser.set_defaults(**defaults)
@@ -337,7 +352,7 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
 class PreparedData:
     """The data of a run: the two data sets the Trainer reads, the class names, a name for the card, the crop."""
 
-    train: SegmentationDataset
+    train: SegmentationDataset | StreamingSegmentationDataset
     validation: SegmentationDataset
     id2label: dict[int, str]
     dataset_label: str
@@ -472,15 +487,28 @@ def prepare_data(
         layout = find_folder_layout(data_args.dataset_name)  # Cityscapes, COCO-Stuff: options that contradict it
         if layout is not None:
             layout.check_options(data_args.reduce_labels, ignore_index)
+        if data_args.streaming:
+            return _streamed_data(model_args, data_args, training_args, ignore_index, checkpoint_id2label)
         dataset, image_column, label_column = _named_data(model_args, data_args, training_args)
         id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
         dataset_label = data_args.dataset_name
-    if len(id2label) < 2:
-        raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
     # 2. The samples used, checked before training (files, sizes, label values).
     dataset = _first_samples(dataset, data_args)
-    #    The first --check_samples of each split, shared between the processes (each checks its share: no process
-    #    waits, none repeats another's work); every sample is checked again as it is read, naming its file.
+    _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index)
+    # 3. The training augmentation and the two data sets the Trainer reads.
+    crop_size = _crop_size(builtin, data_args)
+    common = _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index)
+    augmentation = _augmentation(builtin, crop_size, data_args, ignore_index)
+    train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
+    validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
+    return PreparedData(train, validation, id2label, dataset_label, crop_size)
+
+
+def _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index) -> None:
+    """The first --check_samples of each split checked (`check_split`), shared between the processes (each checks
+    its share: no process waits, none repeats another's work); every sample is checked again as it is read."""
+    if len(id2label) < 2:
+        raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
     limit = None if data_args.check_samples is None or data_args.check_samples < 0 else data_args.check_samples
     for split_name in ("train", "validation"):
         check_split(
@@ -496,9 +524,11 @@ def prepare_data(
             world_size=training_args.world_size,
             progress=training_args.process_index == 0 and not training_args.disable_tqdm,
         )
-    # 3. The training augmentation and the two data sets the Trainer reads.
-    crop_size = _crop_size(builtin, data_args)
-    common = {
+
+
+def _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index) -> dict[str, Any]:
+    """The options the training and the validation data set share."""
+    return {
         "image_column": image_column,
         "label_column": label_column,
         "num_labels": len(id2label),
@@ -506,10 +536,72 @@ def prepare_data(
         "ignore_index": ignore_index,
         "seed": training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     }
-    augmentation = _augmentation(builtin, crop_size, data_args, ignore_index)
-    train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
+
+
+def check_streaming_options(data_args: DataTrainingArguments, training_args: TrainingArguments) -> None:
+    """--streaming with options it cannot honour is a `DataError` naming the fix."""
+    if parse_builtin_name(data_args.dataset_name) is not None:
+        raise DataError(
+            "--streaming reads --dataset_name (a Hub id, a parquet folder or a data set folder); the built-in data"
+            " sets are made in memory: leave --streaming out."
+        )
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise DataError(
+            "--streaming reads a stream of unknown length, whose epochs cannot be counted: give the length of"
+            " training with --max_steps N."
+        )
+    for name, steps in (("eval_strategy", "eval_steps"), ("save_strategy", "save_steps")):
+        if getattr(training_args, name) == "epoch":
+            raise DataError(
+                f"--{name} epoch: with --streaming the Trainer sees no epochs (the stream repeats without end); use"
+                f" --{name} steps --{steps} N."
+            )
+
+
+def _streamed_data(model_args, data_args, training_args, ignore_index, checkpoint_id2label) -> PreparedData:
+    """`prepare_data` with --streaming: the training split as a `StreamingSegmentationDataset` (see
+    `data.streaming`), the validation split as a `SegmentationDataset`."""
+    check_streaming_options(data_args, training_args)
+    with training_args.main_process_first():
+        streamed = load_streaming(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+            max_eval_samples=data_args.max_eval_samples,
+            head_size=max(200, data_args.check_samples or 0),
+        )
+    if streamed.validation is None:
+        raise DataError(
+            "The data set has no validation split, and a stream cannot be split by --train_val_split: give a data set"
+            " with a validation split (or train without --streaming)."
+        )
+    dataset = datasets.DatasetDict({"train": streamed.train_rows, "validation": streamed.validation})
+    columns = dataset["train"].column_names
+    image_column = resolve_column(
+        columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
+    )
+    label_column = resolve_column(
+        columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", "--label_column_name"
+    )
+    id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
+    dataset = _first_samples(dataset, data_args)
+    _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index)
+    crop_size = _crop_size(None, data_args)
+    common = _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index)
+    stream = streamed.train
+    if data_args.max_train_samples is not None:
+        stream = stream.take(data_args.max_train_samples)
+    train = StreamingSegmentationDataset(
+        stream,
+        augmentation=_augmentation(None, crop_size, data_args, ignore_index),
+        batch_size=training_args.per_device_train_batch_size,
+        label_conversion=streamed.label_conversion,
+        **common,
+    )
+    training_args.ignore_data_skip = True  # the stream skips to the step resumed from (`resume_at`), undecoded
     validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
-    return PreparedData(train, validation, id2label, dataset_label, crop_size)
+    return PreparedData(train, validation, id2label, data_args.dataset_name, crop_size)
 
 
 # --------------------------------------------------------------------------------------------------- output folder
@@ -714,6 +806,8 @@ def run_training(
     data = prepare_data(
         model_args, data_args, training_args, ignore_index=ignore_index, checkpoint_id2label=checkpoint_id2label
     )
+    if resume is not None and isinstance(data.train, StreamingSegmentationDataset):
+        data.train.resume_at(streamed_samples(resume, training_args))
     image_processor = image_processor_for(model_args, data_args.reduce_labels)
     data.train.image_mean, data.train.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     data.validation.image_mean, data.validation.image_std = data.train.image_mean, data.train.image_std
@@ -747,6 +841,14 @@ def run_training(
 
     # 5. Train, evaluate, save.
     return _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start)
+
+
+def streamed_samples(checkpoint: str | Path, training_args: TrainingArguments) -> int:
+    """The samples of the training stream the run had read at `checkpoint`: its step x the batch of one step (per
+    process, gradient accumulation included) x the processes (accelerate's dispatching reads one stream for all)."""
+    state = read_trainer_state(Path(checkpoint)) or {}
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    return int(state.get("global_step", 0)) * per_step * training_args.world_size
 
 
 def _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start):
