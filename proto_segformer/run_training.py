@@ -476,6 +476,8 @@ def prepare_data(
     `ignore_index`: the model's `config.semantic_loss_ignore_index` (label value left out; crops are padded with
     it). `checkpoint_id2label`: the class names of the checkpoint trained from, used when the data name none."""
     # 1. The data set, its columns and its classes.
+    if data_args.streaming:
+        check_streaming_options(data_args, training_args)
     builtin = parse_builtin_name(data_args.dataset_name)
     if builtin is not None:
         if data_args.dataset_name == builtin:
@@ -561,7 +563,6 @@ def check_streaming_options(data_args: DataTrainingArguments, training_args: Tra
 def _streamed_data(model_args, data_args, training_args, ignore_index, checkpoint_id2label) -> PreparedData:
     """`prepare_data` with --streaming: the training split as a `StreamingSegmentationDataset` (see
     `data.streaming`), the validation split as a `SegmentationDataset`."""
-    check_streaming_options(data_args, training_args)
     with training_args.main_process_first():
         streamed = load_streaming(
             data_args.dataset_name,
