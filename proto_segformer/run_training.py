@@ -600,7 +600,6 @@ def _streamed_data(model_args, data_args, training_args, ignore_index, checkpoin
         label_conversion=streamed.label_conversion,
         **common,
     )
-    training_args.ignore_data_skip = True  # the stream skips to the step resumed from (`resume_at`), undecoded
     validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
     return PreparedData(train, validation, id2label, data_args.dataset_name, crop_size)
 
@@ -807,8 +806,6 @@ def run_training(
     data = prepare_data(
         model_args, data_args, training_args, ignore_index=ignore_index, checkpoint_id2label=checkpoint_id2label
     )
-    if resume is not None and isinstance(data.train, StreamingSegmentationDataset):
-        data.train.resume_at(streamed_samples(resume, training_args))
     image_processor = image_processor_for(model_args, data_args.reduce_labels)
     data.train.image_mean, data.train.image_std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     data.validation.image_mean, data.validation.image_std = data.train.image_mean, data.train.image_std
@@ -842,14 +839,6 @@ def run_training(
 
     # 5. Train, evaluate, save.
     return _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start)
-
-
-def streamed_samples(checkpoint: str | Path, training_args: TrainingArguments) -> int:
-    """The samples of the training stream the run had read at `checkpoint`: its step x the batch of one step (per
-    process, gradient accumulation included) x the processes (accelerate's dispatching reads one stream for all)."""
-    state = read_trainer_state(Path(checkpoint)) or {}
-    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    return int(state.get("global_step", 0)) * per_step * training_args.world_size
 
 
 def _train_and_save(model_args, data_args, training_args, model, data, image_processor, resume, start):

@@ -281,6 +281,16 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
         # The areas carry everything the metric needs; a per-sample placeholder stands in for the labels.
         return loss, areas, torch.zeros(labels.shape[0], device=labels.device)
 
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A stream (`data.streaming.StreamingSegmentationDataset`, --streaming) starts at the sample the checkpoint
+        reached, skipping the rows before it undecoded; other data skip the batches as the Trainer does. Process 0
+        reads the stream for all processes (accelerate's dispatching): `num_batches` batches of each process."""
+        dataset = self.train_dataset
+        if not hasattr(dataset, "resume_at"):
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        dataset.resume_at(num_batches * self.args.per_device_train_batch_size * self.args.world_size)
+        return dataloader
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if isinstance(resume_from_checkpoint, str | Path):
             state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_FILE))

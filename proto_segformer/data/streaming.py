@@ -14,8 +14,8 @@ copied into the `datasets` cache.
   always the same number of batches (no process waits at the end of a pass for one that has none left). Process 0
   decodes for all of them: raise `--dataloader_num_workers` (each worker decodes whole batches in turn).
 - Resuming: the stream restarts at the sample the checkpoint's step reached (global step x batch size x gradient
-  accumulation x processes), skipping the earlier rows without decoding them (the Trainer's own skipping, which
-  decodes every skipped batch, is turned off).
+  accumulation x processes), skipping the earlier rows without decoding them (`ProtoSegTrainer.
+  get_resumed_dataloader`, instead of the Trainer's skipping, which decodes every batch it skips).
 - Validation: a folder's validation split is read as without --streaming (in place); a parquet folder's or Hub
   data set's validation split is read once into memory (undecoded: its files' bytes), nothing in the cache; keep it
   small with `--max_eval_samples`.
