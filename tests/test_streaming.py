@@ -153,3 +153,23 @@ def test_two_processes_see_each_sample_once_per_pass(tmp_path: Path) -> None:
     assert sorted(in_order[:11]) == list(range(11))  # the first pass: each sample once, on one process or the other
     assert sorted(in_order[11:22]) == list(range(11))  # the second pass too
     assert seen[0][:2] != seen[1][:2]
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_a_stream_and_resume(tmp_path: Path) -> None:
+    from test_train_multiprocess import launch
+
+    folder = cityscapes(tmp_path / "cityscapes")
+    argv = ["--dataset_name", str(folder), "--streaming", "--max_steps", "4", "--save_steps", "2", "--seed", "0"]
+    argv += ["--crop_size", "32", "--save_rank_prototypes", *TINY_ARGS, "--per_device_train_batch_size", "1"]
+    whole = launch([*argv, "--output_dir", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch([*argv, "--output_dir", "resumed", "--resume_from_checkpoint", "last"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for output in (tmp_path / "whole", resumed):
+        ranks = [torch.load(output / "rank_prototypes" / f"prototypes_rank{r}.pt") for r in range(2)]
+        assert torch.equal(ranks[0], ranks[1])
+    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
