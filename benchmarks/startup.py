@@ -1,7 +1,7 @@
 """Seconds from the command to the first training step, on an ADE20K-style folder of 3,000 image/label pairs.
 
-    python -m benchmarks.startup                        # makes /tmp/proto_segformer_startup/ade3000 on first use
-    python -m benchmarks.startup --folder DIR --images 3000 --runs 2
+    python scripts/benchmark_startup.py           # makes <tmp>/proto_segformer_startup/ade3000 on first use
+    python scripts/benchmark_startup.py --folder DIR --images 3000 --runs 2
 
 The folder: `images/training/*.jpg` and `annotations/training/*.png` (512x384, label values 0..10, read with
 --reduce_labels), 100 validation pairs and an `id2label.json`. Each run is `python scripts/train.py --dataset_name
@@ -65,14 +65,14 @@ def make_ade_folder(folder: Path, num_train: int, num_validation: int = 100, siz
     return folder
 
 
-def time_to_first_step(folder: Path, extra: list[str]) -> dict[str, float]:
-    """One run of scripts/train.py: seconds to the "Running training" line and to the end of the process."""
+def time_to_first_step(folder: Path, extra: list[str], repo: Path = REPO) -> dict[str, float]:
+    """One run of `repo`'s scripts/train.py: seconds to the "Running training" line and to the end of the process."""
     with tempfile.TemporaryDirectory() as output:
-        command = [sys.executable, str(REPO / "scripts" / "train.py"), "--dataset_name", str(folder)]
+        command = [sys.executable, str(repo / "scripts" / "train.py"), "--dataset_name", str(folder)]
         command += ["--output_dir", output, "--max_steps", "1", "--reduce_labels", "--crop_size", "64"]
         command += ["--per_device_train_batch_size", "2", "--eval_strategy", "no", "--do_eval", "false"]
         command += ["--save_strategy", "no", "--dataloader_num_workers", "0", *TINY_MODEL, *extra]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(repo)}
         start = time.monotonic()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         first_step = None
@@ -93,13 +93,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "proto_segformer_startup")
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout (e.g. a worktree of main): its runs alternate with this one's"
+    )
     parser.add_argument("extra", nargs="*", help="more scripts/train.py options (after --)")
     args = parser.parse_args(argv)
     folder = make_ade_folder(args.folder / f"ade{args.images}", args.images)
+    versions = {"this": REPO} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": REPO}
     for run in range(args.runs):
-        result = time_to_first_step(folder, args.extra)
-        load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-        print(json.dumps({"run": run, "images": args.images, **result, "load_average": load}))
+        seconds = {}
+        for name, repo in versions.items():
+            result = time_to_first_step(folder, args.extra, repo)
+            seconds[name] = result["seconds_to_first_step"]
+            load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+            print(json.dumps({"run": run, "version": name, "images": args.images, **result, "load_average": load}))
+        if len(seconds) == 2:
+            print(
+                json.dumps(
+                    {"run": run, "first_step_this_over_baseline": round(seconds["this"] / seconds["baseline"], 3)}
+                )
+            )
 
 
 if __name__ == "__main__":
