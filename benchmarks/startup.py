@@ -1,7 +1,7 @@
 """Seconds from the command to the first training step, on an ADE20K-style folder of 3,000 image/label pairs.
 
     python scripts/benchmark_startup.py           # makes <tmp>/proto_segformer_startup/ade3000 on first use
-    python scripts/benchmark_startup.py --folder DIR --images 3000 --runs 2
+    python scripts/benchmark_startup.py --folder DIR --images 3000 --runs 2 --baseline ../main_checkout
 
 The folder: `images/training/*.jpg` and `annotations/training/*.png` (512x384, label values 0..10, read with
 --reduce_labels), 100 validation pairs and an `id2label.json`. Each run is `python scripts/train.py --dataset_name
@@ -12,7 +12,6 @@ Every line printed carries the load average (`os.getloadavg`), as the project's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .arguments import StartupArguments
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -88,32 +89,19 @@ def time_to_first_step(folder: Path, extra: list[str], repo: Path = REPO) -> dic
     return {"seconds_to_first_step": round(first_step, 2), "seconds_total": round(total, 2)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "proto_segformer_startup")
-    parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument(
-        "--baseline", type=Path, help="another checkout (e.g. a worktree of main): its runs alternate with this one's"
-    )
-    parser.add_argument("extra", nargs="*", help="more scripts/train.py options (after --)")
-    args = parser.parse_args(argv)
-    folder = make_ade_folder(args.folder / f"ade{args.images}", args.images)
-    versions = {"this": REPO} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": REPO}
-    for run in range(args.runs):
+def run(args: StartupArguments) -> None:
+    """Time the runs (`time_to_first_step`), this checkout's and `args.baseline`'s in turns; one JSON line each."""
+    root = Path(args.folder) if args.folder else Path(tempfile.gettempdir()) / "proto_segformer_startup"
+    folder = make_ade_folder(root / f"ade{args.images}", args.images)
+    extra = [] if args.check_samples is None else ["--check_samples", str(args.check_samples)]
+    versions = {"this": REPO} if args.baseline is None else {"baseline": Path(args.baseline).resolve(), "this": REPO}
+    for index in range(args.runs):
         seconds = {}
         for name, repo in versions.items():
-            result = time_to_first_step(folder, args.extra, repo)
+            result = time_to_first_step(folder, extra, repo)
             seconds[name] = result["seconds_to_first_step"]
             load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-            print(json.dumps({"run": run, "version": name, "images": args.images, **result, "load_average": load}))
+            print(json.dumps({"run": index, "version": name, "images": args.images, **result, "load_average": load}))
         if len(seconds) == 2:
-            print(
-                json.dumps(
-                    {"run": run, "first_step_this_over_baseline": round(seconds["this"] / seconds["baseline"], 3)}
-                )
-            )
-
-
-if __name__ == "__main__":
-    main()
+            ratio = round(seconds["this"] / seconds["baseline"], 3)
+            print(json.dumps({"run": index, "first_step_this_over_baseline": ratio}))
