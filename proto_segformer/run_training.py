@@ -387,6 +387,11 @@ def _named_data(model_args: ModelArguments, data_args: DataTrainingArguments, tr
             token=model_args.token,
         )
     dataset = ensure_validation_split(dataset, data_args.train_val_split, training_args.seed)
+    return (dataset, *_columns(dataset, data_args))
+
+
+def _columns(dataset: datasets.DatasetDict, data_args: DataTrainingArguments) -> tuple[str, str]:
+    """(image column, label column) of the training split, which the validation split must have too."""
     columns = dataset["train"].column_names
     image_column = resolve_column(
         columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
@@ -400,7 +405,7 @@ def _named_data(model_args: ModelArguments, data_args: DataTrainingArguments, tr
             f"The 'validation' split has no column {missing[0]!r}; its columns are"
             f" {dataset['validation'].column_names}."
         )
-    return dataset, image_column, label_column
+    return image_column, label_column
 
 
 def _class_names(
@@ -578,13 +583,7 @@ def _streamed_data(model_args, data_args, training_args, ignore_index, checkpoin
             " with a validation split (or train without --streaming)."
         )
     dataset = datasets.DatasetDict({"train": streamed.train_rows, "validation": streamed.validation})
-    columns = dataset["train"].column_names
-    image_column = resolve_column(
-        columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
-    )
-    label_column = resolve_column(
-        columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "label", "--label_column_name"
-    )
+    image_column, label_column = _columns(dataset, data_args)
     id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
     dataset = _first_samples(dataset, data_args)
     _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index)

@@ -7,9 +7,11 @@ the sample, the file), never as a deep stack trace.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -328,19 +330,19 @@ def label_values(array: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.bincount(flat - low if low else flat)) + low
 
 
-def checked_sample(
-    split: datasets.Dataset,
-    index: int,
-    image_column: str,
-    label_column: str,
-    num_labels: int,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    reduce_labels: bool = False,
-    split_name: str = "train",
-) -> tuple[Image.Image, np.ndarray, np.ndarray]:
-    """`checked_row` of sample `index` of `split` (from `undecoded`)."""
-    row = split[index]
-    return checked_row(row, index, image_column, label_column, num_labels, ignore_index, reduce_labels, split_name)
+@dataclass(frozen=True)
+class SampleCheck:
+    """`checked_row` with a split's options: `SampleCheck(...)(row, index)`."""
+
+    image_column: str
+    label_column: str
+    num_labels: int
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    reduce_labels: bool = False
+    split_name: str = "train"
+
+    def __call__(self, row: dict[str, Any], index: int) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+        return checked_row(row, index, **dataclasses.asdict(self))
 
 
 def checked_row(
@@ -394,7 +396,7 @@ def check_split(
 ) -> dict[str, Any]:
     """Read the samples of a split (all, or the first `max_samples`) and raise `DataError` on the first problem:
     empty split, unreadable file, image and label of different sizes, a label that is not a class map, label values
-    that are neither in [0, num_labels) nor `ignore_index` (`checked_sample`). Returns {"checked": n,
+    that are neither in [0, num_labels) nor `ignore_index` (`checked_row`). Returns {"checked": n,
     "label_values": sorted values}.
 
     With several processes each checks its share (process `rank` of `world_size`: samples rank, rank + world_size,
@@ -405,11 +407,10 @@ def check_split(
     split = undecoded(split, (image_column, label_column))
     seen: set[int] = set()
     indices = range(rank, count, max(world_size, 1))
+    check = SampleCheck(image_column, label_column, num_labels, ignore_index, reduce_labels, split_name)
     description = f"Checking {count} of the {len(split)} {split_name!r} samples"
     for index in tqdm(indices, desc=description, unit=" samples", disable=not progress, leave=False):
-        _, _, values = checked_sample(
-            split, index, image_column, label_column, num_labels, ignore_index, reduce_labels, split_name
-        )
+        _, _, values = check(split[index], index)
         seen.update(int(v) for v in values)
     return {"checked": len(indices), "label_values": sorted(seen)}
 

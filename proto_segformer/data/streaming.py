@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .layouts import ConvertedLabels, canonical_split, find_folder_layout
-from .loading import _is_save_to_disk, checked_row, load_dataset_any
+from .loading import SampleCheck, _is_save_to_disk, load_dataset_any
 from .reading import DataError
 from .transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, train_transform
 
@@ -174,6 +174,7 @@ class StreamingSegmentationDataset(torch.utils.data.IterableDataset):
         self.label_conversion = label_conversion
         self.split_name = split_name
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.check = SampleCheck(image_column, label_column, self.num_labels, ignore_index, reduce_labels, split_name)
         self.start = 0
 
     def resume_at(self, samples: int) -> None:
@@ -197,16 +198,7 @@ class StreamingSegmentationDataset(torch.utils.data.IterableDataset):
         """The training sample of `row`, the `index`-th of pass `epoch`."""
         if self.label_conversion is not None:
             row = {key: value[0] for key, value in self.label_conversion({k: [v] for k, v in row.items()}).items()}
-        image, label, _ = checked_row(
-            row,
-            index,
-            self.image_column,
-            self.label_column,
-            self.num_labels,
-            self.ignore_index,
-            self.reduce_labels,
-            self.split_name,
-        )
+        image, label, _ = self.check(row, index)
         rng = np.random.default_rng([self.seed, epoch, index])
         return train_transform(image, label, rng, self.augmentation, self.image_mean, self.image_std)
 
