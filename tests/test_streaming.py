@@ -120,6 +120,20 @@ def test_a_streamed_parquet_folder_trains_and_copies_nothing_into_the_cache(tmp_
     # Without --streaming the folder is copied into the cache, as `datasets` does (the test would see a copy).
     load_dataset_any(str(folder), cache_dir=str(tmp_path / "cache2"))
     assert any(path.suffix == ".arrow" for path in _files(tmp_path / "cache2"))
+    # A save_to_disk folder streams from its own Arrow files.
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": numbered_split(6), "validation": numbered_split(3)}).save_to_disk(str(saved))
+    argv[1] = str(saved)
+    results = main(
+        [*argv, "--output_dir", str(tmp_path / "run2"), "--save_strategy", "no", "--crop_size", "32", *TINY_ARGS]
+    )
+    assert results["train"]["train_loss"] > 0 and sum(path.stat().st_size for path in _files(cache)) == 0
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(tmp_path: Path, capsys) -> None:
+    argv = ["--dataset_name", "someone/no-such-data", "--streaming", "--max_steps", "2", "--output_dir"]
+    message = _fails([*argv, str(tmp_path / "out"), *TINY_ARGS], capsys)
+    assert message.startswith("error: ") and "someone/no-such-data" in message and "Traceback" not in message
 
 
 def test_a_resumed_streaming_run_ends_with_the_model_of_the_run_never_stopped(tmp_path: Path) -> None:

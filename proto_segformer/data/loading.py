@@ -86,10 +86,7 @@ def load_dataset_any(
         if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
             raise DataError(f"The data set folder {path} is empty.")
     else:
-        try:  # a mistyped local path, or a Hub id while the Hub is unreachable: one line, at once
-            check_source(dataset_name, what="data set", repo_type="dataset", cache_dir=cache_dir)
-        except OSError as error:
-            raise DataError(str(error)) from error
+        check_hub_source(dataset_name, cache_dir)
     try:
         loaded = datasets.load_dataset(
             dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, trust_remote_code=trust_remote_code
@@ -105,6 +102,14 @@ def load_dataset_any(
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     return _rename_splits(loaded)
+
+
+def check_hub_source(dataset_name: str, cache_dir: str | None = None) -> None:
+    """A `DataError` at once for a mistyped local path, or a Hub id while the Hub is unreachable (one line)."""
+    try:
+        check_source(dataset_name, what="data set", repo_type="dataset", cache_dir=cache_dir)
+    except OSError as error:
+        raise DataError(str(error)) from error
 
 
 def parse_builtin_name(dataset_name: str | None) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .layouts import ConvertedLabels, canonical_split, find_folder_layout
-from .loading import SampleCheck, _is_save_to_disk, load_dataset_any
+from .loading import SampleCheck, _is_save_to_disk, check_hub_source, load_dataset_any
 from .reading import DataError
 from .transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, train_transform
 
@@ -100,6 +100,8 @@ def load_streaming(
         conversion = ConvertedLabels(layout) if layout is not None and layout.table is not None else None
         train = splits["train"].with_format(None).to_iterable_dataset()
         return StreamedData(train, splits["train"], splits.get("validation"), conversion)
+    if not path.exists():
+        check_hub_source(dataset_name, cache_dir)
     try:
         streams = datasets.load_dataset(
             str(path) if path.is_dir() else dataset_name,
