@@ -400,15 +400,22 @@ class Explainer:
                 f"--explain_pixel {self.pixel[0]},{self.pixel[1]} is outside this image of {width}x{height} pixels"
                 f" (x in 0..{width - 1}, y in 0..{height - 1})."
             )
-        _, embeddings, covered, scale = self.segmenter.image_grid(image, with_embeddings=True)
+        logits, embeddings, covered, scale = self.segmenter.image_grid(image, with_embeddings=True)
         rows, cols = grid_positions((height, width), tuple(embeddings.shape[1:]), covered, scale)
         prototypes = F.normalize(self.segmenter.model.prototypes.detach().float().to(embeddings.device), dim=-1)
         if self.pixel is not None:
             x, y = self.pixel
             k = int(label_map[y, x])
+            rejected = not 0 <= k < prototypes.shape[0]  # rejected as unknown (the ignore value): its class before
+            if rejected:
+                from .label_maps import upsampled_argmax
+
+                scaled = (round(covered[0] * height / scale[0]), round(covered[1] * width / scale[1]))
+                k = int(upsampled_argmax(logits[0], scaled, (height, width))[y, x])
             similarities = prototypes[k] @ embeddings[:, rows[y], cols[x]].float()
             m = int(similarities.argmax())
             record = {"pixel": {"x": x, "y": y}, "class": self.lookup.id2label.get(k, str(k)), "class_id": k}
+            record["rejected_as_unknown"] = rejected
             record.update({"prototype": m, "similarity": round(float(similarities[m]), 4)})
             title = f"pixel ({x},{y}): {record['class']}, prototype {m}, similarity {record['similarity']:.3f}"
         else:
@@ -435,6 +442,8 @@ class Explainer:
         threshold = getattr(self.segmenter.model.config, "unknown_threshold", None)  # set by calibration
         record["unknown_threshold"] = threshold
         record["known"] = None if threshold is None else bool(record["similarity"] >= threshold)
+        if record.get("rejected_as_unknown"):  # the prediction's rejection decided (its score, upsampled)
+            record["known"] = False
         entries = self.lookup.entries(k, m)
         record["patches"] = [entry.record() for entry in entries]
         record["patches_file"] = str(self.lookup.path)

@@ -183,6 +183,7 @@ def test_predict_explains_a_pixel_with_the_winning_prototype(model_folder, model
     # the class and prototype at that pixel are the label and prototype maps' (one truth)
     assert record["pixel"] == {"x": 20, "y": 7} and record["image"] == "photo.png"
     assert record["known"] is None and record["unknown_threshold"] is None  # not calibrated
+    assert record["rejected_as_unknown"] is False
     assert record["class_id"] == int(label[7, 20]) and record["prototype"] == int(prototype[7, 20])
     # its similarity is the cosine of the pixel's embedding (on the 1/4 grid) and that prototype
     pixels = processor(images=np.asarray(Image.open(image)), return_tensors="pt")["pixel_values"]
@@ -289,3 +290,26 @@ def test_a_bad_pixel_or_a_missing_patches_file_is_refused_before_torch_loads(tmp
     (line,) = output.strip().splitlines()
     assert code == 2 and "model/prototype_patches.safetensors is not a file" in line and "--patches_output" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pixel_rejected_as_unknown_is_explained_by_the_class_it_had(model_and_processor, tmp_path):
+    from proto_segformer.explanations import Explainer
+    from proto_segformer.segmenter import InferenceOptions, Segmenter
+
+    model, processor = model_and_processor
+    path = stored_patches(model, processor, tmp_path)
+    segmenter = Segmenter(model, processor, InferenceOptions(mode="whole"))
+    image = np.asarray(Image.open(image_file(tmp_path)))
+    label_map = segmenter.predict([image])[0].label_map
+    explainer = Explainer(segmenter, PatchLookup.for_model(model, path), (20, 7), None)
+    record, _ = explainer.explain(image, label_map)
+    rejected = label_map.copy()
+    rejected[7, 20] = 255  # the ignore value rejection gives
+    again, _ = explainer.explain(image, rejected)
+    assert again["rejected_as_unknown"] is True and record["rejected_as_unknown"] is False
+    assert again["known"] is False and record["known"] is None
+    assert (again["class_id"], again["prototype"], again["similarity"]) == (
+        record["class_id"],
+        record["prototype"],
+        record["similarity"],
+    )
