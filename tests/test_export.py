@@ -70,8 +70,8 @@ def _export_script():
 
 @pytest.fixture(scope="module")
 def program(model) -> torch.export.ExportedProgram:
-    """The module's one torch.export of `model` (dynamic batch, height, width)."""
-    return export_program(model)
+    """The module's one torch.export of `model` (dynamic batch, height, width), logits and unknown score."""
+    return export_program(model, with_max_similarity=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def onnx_folder(checkpoint, program, tmp_path_factory) -> Path:
     try:
         with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            patch.setattr(export_module, "export_program", lambda model: program)
+            patch.setattr(export_module, "export_program", lambda model, **_: program)
             with contextlib.redirect_stdout(io.StringIO()) as printed:
                 assert script.main(["--model", str(checkpoint), "--output_dir", str(output)]) == 0
     finally:
@@ -122,10 +122,13 @@ def test_torch_export_with_dynamic_batch_height_width_matches_eager(model, progr
     for seed, shape in enumerate(OTHER_SHAPES):
         pixel_values = _inputs(shape, seed)
         with torch.no_grad():
-            eager = model(pixel_values).logits
-        exported = program.module()(pixel_values)
+            output = model(pixel_values, output_max_similarity=True)
+        eager = output.logits
+        exported, exported_scores = program.module()(pixel_values)
         assert exported.shape == eager.shape == (shape[0], 7, (shape[2] + 3) // 4, (shape[3] + 3) // 4)
         torch.testing.assert_close(exported, eager, atol=1e-4, rtol=0)
+        assert exported_scores.shape == output.max_similarity.shape == (shape[0], *eager.shape[2:])
+        torch.testing.assert_close(exported_scores, output.max_similarity, atol=1e-5, rtol=0)
     assert not model.training
 
 
@@ -159,10 +162,13 @@ def test_onnx_runtime_matches_pytorch_at_other_batch_sizes_and_image_sizes(model
     for seed, shape in enumerate(OTHER_SHAPES):
         pixel_values = _inputs(shape, 10 + seed)
         with torch.no_grad():
-            eager = model(pixel_values).logits
-        logits = session(pixel_values=pixel_values).logits
+            output = model(pixel_values, output_max_similarity=True)
+        eager = output.logits
+        result = session(pixel_values=pixel_values, output_max_similarity=True)
+        logits = result.logits
         assert logits.shape == eager.shape
         torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
+        torch.testing.assert_close(result.max_similarity, output.max_similarity, atol=1e-5, rtol=0)
         assert_argmax_up_to_ties(logits.argmax(dim=1), eager, dim=1, atol=1e-4)
 
 
