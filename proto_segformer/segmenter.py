@@ -142,6 +142,8 @@ class InferenceOptions:
         `Prediction.unknown_map`: the one switch of predict, evaluate, the endpoint handler and the Space. Off by
         default; needs a calibrated model (`config.unknown_threshold`, proto_segformer/unknown.py).
     unknown_threshold: the threshold to use instead of the model's calibrated one, in [-1, 1] (`None`: the model's).
+    unknown_scores: also return each pixel's unknown score (`Prediction.max_similarity`) without rejecting anything
+        (what calibration reads: `unknown.calibrate_segmenter`).
     """
 
     mode: str = "auto"
@@ -152,6 +154,7 @@ class InferenceOptions:
     similarity_dtype: str | None = None
     reject_unknown: bool = False
     unknown_threshold: float | None = None
+    unknown_scores: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -334,10 +337,10 @@ def grid_to_prediction(
         cols = (torch.arange(width, device=per_class.device) * grid_w // scaled_size[1]).clamp_max(grid_w - 1)
         prototype_map = per_class[position, rows[:, None], cols[None, :]].cpu().numpy()
     label_map = label_map.cpu().numpy()
-    if rejection is None:
+    if max_similarity is None:
         return Prediction(label_map, prototype_map)
     scores = upsample_scores(max_similarity[None], scaled_size)[0, :height, :width].cpu().numpy()
-    unknown = rejection.apply(label_map, scores)
+    unknown = rejection.apply(label_map, scores) if rejection is not None else None
     return Prediction(label_map, prototype_map, unknown, scores)
 
 
@@ -380,6 +383,8 @@ class Segmenter:
         self.processor = processor
         self.options = options or InferenceOptions()
         self.rejection = UnknownRejection.for_model(model, self.options)
+        # The unknown score is computed for rejection or when asked for (calibration).
+        self.scores = self.rejection is not None or self.options.unknown_scores
         if training_crop is None:
             training_crop = sliding_window_crop(None, processor)[0]
         self.crop = tuple(self.options.crop_size or self._aligned(training_crop))
@@ -499,7 +504,7 @@ class Segmenter:
         input_h, input_w = pixel_values.shape[2:]
         # Smaller than the encoder accepts (a small image that is not resized): pad, predict, crop back.
         padded = pad_to(pixel_values, max(input_h, self.min_input_size), max(input_w, self.min_input_size))
-        maps, reject = self.options.prototype_maps, self.rejection is not None
+        maps, reject = self.options.prototype_maps, self.scores
         logits, _, indices, nearest = forward_batches(self.model, padded, self.options.batch_size, False, maps, reject)
         predictions = []
         for i, array in enumerate(arrays):
@@ -554,7 +559,7 @@ class Segmenter:
 
     def _predict_slide(self, array: np.ndarray) -> Prediction:
         pixel_values = self._pixel_values(array, do_resize=False)
-        reject = self.rejection is not None
+        reject = self.scores
         logits, embeddings, padded, *nearest = slide_grid(
             self.model,
             pixel_values,

@@ -14,7 +14,7 @@ Space), the end of training (`run_training`), `scripts/calibrate_unknown.py`, `c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -117,6 +117,47 @@ def calibrate(
     with its record in `model.config` (nothing is changed on an error). Returns the record."""
     fraction = check_accepted_fraction(fraction)
     histogram = score_histogram(model, batches, model.config.semantic_loss_ignore_index)
+    return store_calibration(model.config, histogram, fraction, split=split, source=source)
+
+
+def calibrate_segmenter(
+    segmenter,
+    samples: Iterable[tuple[Any, Any]],
+    known_mask: Callable[[Any], np.ndarray],
+    *,
+    split: str,
+    source: str,
+    fraction: float = DEFAULT_ACCEPTED_FRACTION,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """`calibrate` through a `Segmenter` (built with `InferenceOptions(unknown_scores=True)`): the scores exactly as
+    predict thresholds them (same resizing, sliding windows and upsampling). `samples`: (image, label) pairs;
+    `known_mask(label)`: the labelled pixels to count (e.g. `ConfusionMatrix.known_mask`). Sets the threshold in
+    `segmenter.model.config` (nothing on an error) and returns its record."""
+    fraction = check_accepted_fraction(fraction)
+    if not segmenter.scores:
+        raise ValueError("calibrate_segmenter needs a Segmenter built with InferenceOptions(unknown_scores=True).")
+    histogram = ScoreHistogram()
+
+    def count(batch: list[tuple[Any, Any]]) -> None:
+        for prediction, (_, label) in zip(segmenter.predict([image for image, _ in batch]), batch):
+            histogram.update(prediction.max_similarity[known_mask(label)])
+
+    batch: list[tuple[Any, Any]] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            count(batch)
+            batch = []
+    if batch:
+        count(batch)
+    return store_calibration(segmenter.model.config, histogram, fraction, split=split, source=source)
+
+
+def store_calibration(config, histogram: ScoreHistogram, fraction: float, *, split: str, source: str) -> dict:
+    """Set `config.unknown_threshold` to the histogram's threshold for `fraction` and `config.unknown_calibration` to
+    its record (returned); a histogram of no pixels is a CalibrationError and changes nothing."""
+    model_config = config
     threshold = histogram.threshold(fraction)
     record = {
         "score": "max_similarity",
@@ -125,11 +166,11 @@ def calibrate(
         "accepted_fraction": fraction,
         "measured_accepted_fraction": round(histogram.accepted_fraction(threshold), 6),
         "known_pixels": histogram.total,
-        "num_labels": int(model.config.num_labels),
+        "num_labels": int(model_config.num_labels),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    model.config.unknown_threshold = check_unknown_threshold(threshold)
-    model.config.unknown_calibration = record
+    model_config.unknown_threshold = check_unknown_threshold(threshold)
+    model_config.unknown_calibration = record
     return record
 
 
@@ -172,6 +213,8 @@ __all__ = [
     "CalibrationError",
     "ScoreHistogram",
     "calibrate",
+    "calibrate_segmenter",
+    "store_calibration",
     "describe_calibration",
     "required_threshold",
     "score_histogram",
