@@ -71,6 +71,7 @@ from .preflight import check_failed, check_training_command
 from .trainer import ProtoSegTrainer, RankPrototypesCallback, TrainingDivergedError
 from .trainer_metrics import MeanIoUMetric
 from .training import SaveFailedError, save_training_outputs
+from .unknown import calibrate_after_training
 
 logger = logging.getLogger(__name__)
 
@@ -773,6 +774,14 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
         if training_args.do_eval:
             eval_metrics = trainer.evaluate()
             results["eval"] = eval_metrics
+            if training_args.process_index == 0:  # the main process saves the config it writes the threshold in
+                calibrate_after_training(
+                    model,
+                    image_processor,
+                    data.validation,
+                    data.crop_size,
+                    batch_size=training_args.per_device_eval_batch_size,
+                )
         save_training_outputs(
             trainer,
             training_args.output_dir,
