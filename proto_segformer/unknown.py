@@ -296,7 +296,7 @@ def describe_calibration(config) -> str:
     parts = [f"max_similarity >= {threshold:.4f}"]
     if record:
         parts.append(
-            f"accepts {100 * float(record.get('accepted_fraction', 0)):.0f} % of {record.get('known_pixels', '?')}"
+            f"accepts {100 * float(record.get('accepted_fraction', 0)):.0f} % of {record.get('known_pixels', 0):,}"
             f" known pixels of {record.get('source', '?')} ({record.get('split', '?')}), {record.get('date', '?')}"
         )
     if record.get("classes_added_since"):
