@@ -207,6 +207,35 @@ def test_the_app_shows_the_overlay_legend_and_nearest_prototypes(space, hub_repo
     assert shown.shape[:2] == (86 * 4, 115 * 4) and np.array_equal(shown[::4, ::4], overlay)
 
 
+def test_the_app_marks_unknown_pixels_when_the_toggle_is_on(space, hub_repo, tmp_path):
+    """The toggle: pixels below the calibrated threshold (the package's rejection rule) in the neutral colour and
+    listed as "unknown"; off, the page is as before; an uncalibrated model says how to calibrate it."""
+    import gradio as gr
+
+    from proto_segformer.segmenter import InferenceOptions, Segmenter
+
+    app = load_app(space)
+    segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    image = Image.open(voc_jpeg(tmp_path))
+    with pytest.raises(gr.Error, match="calibrate_unknown.py"):
+        segmenter(image, True)
+    array = np.asarray(image.convert("RGB"))
+    with torch.no_grad():
+        pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
+        scores = segmenter.model(pixel_values=pixel_values, output_max_similarity=True).max_similarity
+    segmenter.model.config.unknown_threshold = float(scores.median())
+    label_map, _, unknown = segmenter.maps(image, True)
+    package = Segmenter(segmenter.model, segmenter.processor, InferenceOptions(mode="whole", reject_unknown=True))
+    (expected,) = package.predict([array])
+    assert unknown.shape == label_map.shape and 0.3 < unknown.mean() < 0.7
+    assert (unknown != expected.unknown_map).mean() < 0.01  # the same rule (the app upsamples without cropping)
+    overlay, _, legend = segmenter.pictures(image, True)
+    plain, _, plain_legend = segmenter.pictures(image)
+    neutral = np.round(0.5 * np.asarray(app.IGNORE_COLOUR) + 0.5 * array.astype(np.float32)).astype(np.uint8)
+    assert np.array_equal(overlay[unknown], neutral[unknown]) and not np.array_equal(overlay, plain)
+    assert 'data-class="unknown"' in legend and 'data-class="unknown"' not in plain_legend
+
+
 def test_the_app_uses_the_package_class_colours_for_any_class_count(space):
     from proto_segformer.palette import class_colours, class_palette
 

@@ -12,6 +12,10 @@ pictures, never on them.
 Images are decoded by `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` beside this
 file), as in training and `predict`: an uploaded file gives the model the pixels it gave in training.
 
+"Mark unknown pixels" (a toggle, off by default) paints the pixels whose largest similarity to any prototype is
+below the model's calibrated `unknown_threshold` in the neutral ignore colour and lists them as "unknown" in the
+legend: the rule of proto_segformer's `--reject_unknown`. A model without a calibrated threshold says so.
+
 Settings (environment variables): PROTOSEG_MODEL, the model repository id or a local folder (default: the model this
 Space was written for); PROTOSEG_MAX_PIXELS, the largest image segmented at full size (default 1,048,576 =
 1024 x 1024): larger images are downscaled to it first, so the work per request is bounded.
@@ -235,9 +239,27 @@ class Segmenter:
         self.max_pixels = max_pixels
         self.colours = label_colormap(len(self.id2label))
 
-    @torch.no_grad()
+    def unknown_threshold(self) -> float:
+        """The model's calibrated threshold on max_similarity; a gr.Error naming the calibration command if none."""
+        threshold = getattr(self.model.config, "unknown_threshold", None)
+        if threshold is None:
+            raise gr.Error(
+                "This model has no calibrated unknown_threshold: calibrate it with python scripts/calibrate_unknown.py"
+                " --model MODEL_FOLDER --dataset_name DATA and upload it again."
+            )
+        return float(threshold)
+
     def label_and_prototype_maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size.
+        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size."""
+        label_map, prototype_map, _ = self.maps(image)
+        return label_map, prototype_map
+
+    @torch.no_grad()
+    def maps(
+        self, image: Image.Image, reject_unknown: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size, and
+        with `reject_unknown` the (H, W) mask of the pixels below the model's unknown threshold (else None).
 
         An input smaller than the encoder accepts (a small image and a processor that does not resize) is padded
         with the mean colour and the result cropped back."""
@@ -250,7 +272,9 @@ class Segmenter:
         minimum = int(getattr(self.model, "min_input_size", 1))
         padded_h, padded_w = max(input_h, minimum), max(input_w, minimum)
         pixel_values = F.pad(pixel_values, (0, padded_w - input_w, 0, padded_h - input_h))
-        outputs = self.model(pixel_values=pixel_values, output_pixel_embeddings=True)
+        threshold = self.unknown_threshold() if reject_unknown else None
+        extra = {"output_max_similarity": True} if reject_unknown else {}
+        outputs = self.model(pixel_values=pixel_values, output_pixel_embeddings=True, **extra)
         logits, embeddings = outputs.logits.float(), outputs.pixel_embeddings[0].float()  # (1, K, h, w), (D, h, w)
         if not torch.isfinite(logits).all():
             raise gr.Error("The model produced NaN or inf scores for this image; its weights may be broken.")
@@ -264,25 +288,40 @@ class Segmenter:
         rows = torch.arange(size[0]) * nearest.shape[1] // scaled[0]
         columns = torch.arange(size[1]) * nearest.shape[2] // scaled[1]
         prototype_map = nearest[label_map, rows[:, None], columns[None, :]]
-        return label_map.numpy(), prototype_map.numpy()
+        unknown = None
+        if reject_unknown:
+            scores = F.interpolate(outputs.max_similarity[:, None].float(), size=scaled, mode="bilinear")
+            unknown = (scores[0, 0, : size[0], : size[1]] < threshold).numpy()
+        return label_map.numpy(), prototype_map.numpy(), unknown
 
-    def pictures(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str]:
-        """(overlay, prototype map, legend HTML) of an image at its (bounded) size."""
+    def pictures(self, image: Image.Image, reject_unknown: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+        """(overlay, prototype map, legend HTML) of an image at its (bounded) size; with `reject_unknown` the
+        unknown pixels are in the neutral ignore colour in the overlay and listed as "unknown" in the legend."""
         image = bounded(image, self.max_pixels)
-        label_map, prototype_map = self.label_and_prototype_maps(image)
+        label_map, prototype_map, unknown = self.maps(image, reject_unknown)
         array = np.asarray(image)
         num_prototypes = int(self.model.prototypes.shape[1])
+        overlay = overlay_picture(array, label_map, self.colours)
+        legend = legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes)
+        if unknown is not None and unknown.any():
+            overlay[unknown] = overlay_picture(array, np.full_like(label_map, 255), self.colours)[unknown]
+            legend = legend.replace(
+                "</ul>",
+                f'<li class="legend-entry" data-class="unknown">{swatch(IGNORE_COLOUR, "unknown")}'
+                f' <b class="legend-name">unknown</b>: {100 * unknown.mean():.1f}% of the image, below the'
+                " calibrated similarity threshold</li></ul>",
+            )
         return (
-            overlay_picture(array, label_map, self.colours),
+            overlay,
             prototype_picture(array, label_map, prototype_map, num_prototypes, self.colours),
-            legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes),
+            legend,
         )
 
-    def __call__(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str]:
+    def __call__(self, image: Image.Image | None, reject_unknown: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
         """What the page shows: the pictures enlarged for display (`for_display`) and the legend."""
         if image is None:
             raise gr.Error("Upload an image (or pick an example) first.")
-        overlay, prototypes, legend = self.pictures(image)
+        overlay, prototypes, legend = self.pictures(image, reject_unknown)
         return for_display(overlay), for_display(prototypes), legend
 
 
@@ -301,6 +340,11 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
         with gr.Row():
             image = gr.Image(type="pil", image_mode=INPUT_IMAGE_MODE, label="Image", elem_id="input-image")
             legend = gr.HTML(label="Classes", elem_id="legend")
+        reject = gr.Checkbox(
+            value=False,
+            label="Mark unknown pixels (far from every prototype: below the model's calibrated threshold)",
+            elem_id="reject-unknown",
+        )
         button = gr.Button("Segment", variant="primary", elem_id="segment")
         # Captions stand above the pictures (gr.Image's own label is drawn over the picture's top-left corner), with
         # the same height, so that both pictures start on one line; the legend above explains the shades.
@@ -320,7 +364,7 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
                 prototypes = gr.Image(show_label=False, elem_id="prototype-map", format="png", interactive=False)
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=image, cache_examples=False)
-        button.click(segmenter, inputs=image, outputs=[overlay, prototypes, legend])
+        button.click(segmenter, inputs=[image, reject], outputs=[overlay, prototypes, legend])
     return demo
 
 
