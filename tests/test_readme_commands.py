@@ -105,6 +105,16 @@ RUN = {
         SHORT_EVAL,
         ("runs/demo-slide/evaluation_per_class.csv",),
     ),
+    "python scripts/calibrate_unknown.py --model runs/demo --dataset_name scenes": (
+        "--builtin_num_validation 8 --max_samples 4",
+        ("runs/demo/config.json",),
+    ),
+    "python scripts/predict.py --model runs/demo --inputs photos/ --output_dir predictions-unknown --reject_unknown": (
+        "",
+        ("predictions-unknown/photo0_label.png", "predictions-unknown/photo0_overlay.jpg"),
+    ),
+    "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --reject_unknown": (SHORT_EVAL, ()),
+    "python scripts/benchmark_unknown.py --quick": ("--output unknown_short.json", ("unknown_short.json",)),
     "python scripts/benchmark_quality.py --quick": (SHORT_QUALITY, ("quality_short.json",)),
     "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": (
         "",
@@ -144,6 +154,7 @@ SKIP = {
     "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo"
     " --space_repo_id you/protosegformer-demo-space": "needs the Hub and a token (tests/test_space.py mocks it)",
     "python scripts/benchmark_quality.py": "41 min; the same code as --quick (run above, short)",
+    "python scripts/benchmark_unknown.py": "about 20 min; the same code as --quick (run above)",
     "python scripts/benchmark_quality.py --quick --ablate --datasets scenes": "11 min of ablations (--quick is run)",
     "python scripts/benchmark_quality.py --ablations D-decoder-width --datasets scenes-large"
     " --reuse benchmarks/quality_full.json": "a 2000-step scenes-large run (tests/test_quality.py covers --reuse)",
