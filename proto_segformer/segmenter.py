@@ -587,4 +587,4 @@ def check_prediction_size(prediction: Prediction, size: tuple[int, int]) -> None
         )
 
 
-__all__ = ["InferenceOptions", "Prediction", "Segmenter", "UnknownRejection"]
+__all__ = ["InferenceOptions", "Prediction", "Segmenter"]

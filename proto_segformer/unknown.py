@@ -302,21 +302,3 @@ def describe_calibration(config) -> str:
     if record.get("classes_added_since"):
         parts.append(f"classes added since: {', '.join(record['classes_added_since'])}")
     return "; ".join(parts)
-
-
-__all__ = [
-    "CALIBRATION_COMMAND",
-    "DEFAULT_ACCEPTED_FRACTION",
-    "UNKNOWN_NAME",
-    "CalibrationError",
-    "ScoreHistogram",
-    "calibrate",
-    "calibrate_model_folder",
-    "recalibrated_for_added_classes",
-    "calibrate_segmenter",
-    "store_calibration",
-    "describe_calibration",
-    "required_threshold",
-    "score_histogram",
-    "upsample_scores",
-]
