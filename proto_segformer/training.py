@@ -39,7 +39,6 @@ from .output_folders import free_bytes, is_disk_full, is_write_failure
 logger = logging.getLogger(__name__)
 assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
 
-
 class SaveFailedError(OSError):
     """Writing `what` (a checkpoint, the final model) into `folder` failed (a full disk, most often); raised from
     the write error. Its staging folder was removed; the checkpoints written before are intact."""
