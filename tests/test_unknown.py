@@ -408,3 +408,61 @@ def test_recalibration_never_raises_the_threshold():
     config = tiny_config(unknown_threshold=-0.5, unknown_calibration={"accepted_fraction": 0.95})
     threshold, record = recalibrated_for_added_classes(config, torch.full((100,), 0.8), ["x"])
     assert threshold == -0.5 and record["classes_added_since"] == ["x"]
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_open_set_metrics_on_known_cases():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.unknown import open_set_metrics
+    finally:
+        sys.path.remove(str(REPO))
+    unknown = np.array([1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
+    perfect = open_set_metrics(np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.0, 0.2]), unknown)
+    assert perfect == {"auroc": 1.0, "ap": 1.0, "fpr95": 0.0}
+    # One unknown pixel scored below two known ones: the 95 % TPR threshold accepts those two as unknown too.
+    mixed = open_set_metrics(np.array([0.9, 0.25, 0.1, 0.3, 0.4, 0.1, 0.0, 0.2]), unknown)
+    assert mixed["fpr95"] == pytest.approx(2 / 6) and mixed["auroc"] == pytest.approx(10 / 12)
+    with pytest.raises(ValueError, match="both unknown and known"):
+        open_set_metrics(np.zeros(3), np.zeros(3, dtype=bool))
+
+
+def test_benchmark_results_of_several_seeds_merge_into_one_summary(tmp_path):
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.unknown import format_table, merge_results
+    finally:
+        sys.path.remove(str(REPO))
+
+    def run(head, seed, ap):
+        names = (
+            ("max_similarity", "margin", "spread", "knn", "msp")
+            if head == "protoseg"
+            else ("msp", "max_logit", "energy")
+        )
+        return {
+            "head": head,
+            "seed": seed,
+            "mean_iou": 0.5,
+            "scores": {n: {"auroc": 0.9, "ap": ap, "fpr95": 0.2} for n in names},
+        }
+
+    settings = {"mode": "default", "num_unknown": 2, "known_classes": 9, "train_images": 600, "train_options": {}}
+    paths = []
+    for seed, ap in ((0, 0.4), (1, 0.6)):
+        result = {**settings, "machine": {}, "load_average": [1, 2, 3], "wall_seconds": 10.0 + seed}
+        result["runs"] = [run("protoseg", seed, ap), run("parametric", seed, ap / 2)]
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(result))
+    merged = merge_results([str(p) for p in paths])
+    assert merged["seeds"] == [0, 1] and merged["wall_seconds"] == 11.0
+    row = next(r for r in merged["summary"] if r["head"] == "protoseg" and r["score"] == "max_similarity")
+    assert row["ap"][0] == pytest.approx(0.5) and row["ap"][1] == pytest.approx(0.1414, abs=1e-4)
+    assert (
+        "| ProtoSeg | **max_similarity** (default) | 90.0 ± 0.0 | 50.0 ± 14.1 | 20.0 ± 0.0 | 50.0 ± 0.0 |"
+        in format_table(merged["summary"])
+    )
+    with pytest.raises(ValueError, match="repeat seeds"):
+        merge_results([str(paths[0]), str(paths[0])])
