@@ -28,6 +28,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .distributed_setup import SETUP_KEY, describe_setup
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -448,8 +450,10 @@ def training_section(
     train_results: Mapping[str, Any],
     dataset_text: str,
     data_note: str | None = None,
+    distributed_setup: Mapping[str, Any] | None = None,
 ) -> str:
-    """Markdown: the data (and a note on it), the main training arguments and run statistics."""
+    """Markdown: the data (and a note on it), the main training arguments, run statistics and the distributed
+    setup that ran (`distributed_setup.setup_record`)."""
     lines = [f"Data: {dataset_text}." + (f" {data_note}" if data_note else "")]
     summary = {k: v for k, v in train_results.items() if k in TRAIN_SUMMARY and _is_number(v)}
     shown = selected_training_args(training_args) if training_args else {}
@@ -462,6 +466,8 @@ def training_section(
             "",
             "Run: " + ", ".join(f"{k} = {v:.4g}" for k, v in summary.items()),
         ]
+    if isinstance(distributed_setup, Mapping) and distributed_setup:
+        lines += ["", f"Setup: {describe_setup(distributed_setup)}."]
     return "\n".join(lines)
 
 
@@ -741,6 +747,7 @@ def render_model_card(
     class_additions: Sequence[Mapping[str, Any]] | None = None,
     space_repo_id: str | None = None,
     template_path: str | Path | None = None,
+    distributed_setup: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
 
@@ -774,6 +781,9 @@ def render_model_card(
         space_repo_id: "owner/name" of the Gradio Space that demonstrates the model (`space.write_space`); the card
             links to it.
         template_path: the Jinja template of the card body (default: the packaged `templates/model_card.md`).
+        distributed_setup: the setup training ran with (`distributed_setup.setup_record`: processes, machines,
+            DDP / FSDP / DeepSpeed, precision); default: the "distributed_setup" entry of all_results.json or
+            train_results.json.
     """
     output_dir = Path(output_dir)
     config_path = output_dir / "config.json"
@@ -809,9 +819,10 @@ def render_model_card(
     train_results = {}
     for name in ("train_results.json", "all_results.json"):
         if (output_dir / name).is_file():
-            train_results.update(
-                {k: v for k, v in _read_json(output_dir / name).items() if k.startswith(("train_", "epoch"))}
-            )
+            recorded = _read_json(output_dir / name)
+            train_results.update({k: v for k, v in recorded.items() if k.startswith(("train_", "epoch"))})
+            if distributed_setup is None and isinstance(recorded.get(SETUP_KEY), Mapping):
+                distributed_setup = recorded[SETUP_KEY]
 
     size = mit_size(config)
     dataset_text = f"`{dataset_name}`" if dataset_name else "data that was not recorded with this checkpoint"
@@ -870,7 +881,9 @@ def render_model_card(
         project_text=f"the [`proto_segformer`]({project_url}) implementation"
         if project_url
         else "the `proto_segformer` implementation",
-        training_section=training_section(training_args, train_results, dataset_text, inputs.get("data_note")),
+        training_section=training_section(
+            training_args, train_results, dataset_text, inputs.get("data_note"), distributed_setup
+        ),
         results_section=results_section(results, id2label, dataset_text)
         if evaluation is None
         else (results_section(results, id2label, dataset_text) + "\n\n" if scalar_metrics(results) else "")

@@ -163,6 +163,23 @@ SKIP = {
         "six 2000-step scenes-large runs (tests/test_quality.py covers --reuse)"
     ),
     "python scripts/benchmark_quality.py --large --device cuda": "needs a GPU",
+    "accelerate launch --multi_gpu --num_machines 2 --num_processes 8 --machine_rank 0 --main_process_ip 10.0.0.1"
+    " --main_process_port 29500 scripts/train.py --dataset_name path/to/ade_like_folder --reduce_labels"
+    " --model_preset mit-b2 --bf16 --output_dir runs/ade_2x4": (
+        "needs two machines with GPUs; tests/test_train_distributed_modes.py runs the same launch as two machines on"
+        " 127.0.0.1 with --use_cpu"
+    ),
+    "accelerate launch --config_file two_machines.yaml scripts/train.py --bf16 --output_dir runs/ade_2x4": (
+        "needs two machines with GPUs (the config file's command above, as flags)"
+    ),
+    "accelerate launch --use_fsdp --fsdp_version 2 --fsdp_state_dict_type FULL_STATE_DICT --num_processes 4"
+    " scripts/train.py --output_dir runs/fsdp": (
+        "needs GPUs: accelerate runs FSDP on GPUs only (tests/test_train_distributed_modes.py checks the one-line"
+        " refusal on CPU; tests/test_distributed.py runs FSDP2 on the model with gloo)"
+    ),
+    "accelerate launch --use_deepspeed --zero_stage 2 --num_processes 4 scripts/train.py --output_dir runs/zero2": (
+        "needs GPUs and deepspeed (tests/test_train_distributed_modes.py runs ZeRO-2 in one CPU process)"
+    ),
     'pip install ".[onnx]"': "installs into the environment (.ci/run installs the [onnx] extra from the wheel)",
     "python scripts/benchmark.py --quick --onnxruntime --threads 1 --measure_memory false": (
         "three mit-b0 ONNX exports at 512x512 (minutes); tests/test_export.py covers export and ONNX Runtime"
