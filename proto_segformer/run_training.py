@@ -787,14 +787,11 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
         if training_args.do_eval:
             eval_metrics = trainer.evaluate()
             results["eval"] = eval_metrics
-            if training_args.process_index == 0:  # the main process saves the config it writes the threshold in
-                calibrate_after_training(
-                    model,
-                    image_processor,
-                    data.validation,
-                    data.crop_size,
-                    batch_size=training_args.per_device_eval_batch_size,
-                )
+            # Every process runs the same forwards over the whole split (a sharded model gathers its weights in
+            # each), so each holds the same threshold; the main process saves it with the config.
+            calibrate_after_training(
+                model, image_processor, data.validation, data.crop_size, training_args.per_device_eval_batch_size
+            )
         save_training_outputs(
             trainer,
             training_args.output_dir,
