@@ -325,12 +325,20 @@ def evaluate_run(model, head: str, data, raw_labels, num_unknown: int, seed: int
     # add_classes: the held-out classes from a few validation images each, then unrelated photos.
     names = [f"new {i}" for i in range(num_unknown)]
     images, masks = support_set(data.validation, raw_labels, num_known, num_unknown, 5)
+    calibrated = model.config.unknown_threshold
     model.add_classes(images, masks, names)
     added = list(range(num_known, num_known + num_unknown))
     size = int(data.crop_size)
-    record["add_classes"] = added_class_fractions(
-        model, unrelated_photos(size), added, data.validation.image_mean, data.validation.image_std
-    )
+    photos, mean, std = unrelated_photos(size), data.validation.image_mean, data.validation.image_std
+    record["add_classes"] = added_class_fractions(model, photos, added, mean, std)
+    record["add_classes"]["threshold_calibrated"] = calibrated
+    record["add_classes"]["threshold_after_add_classes"] = model.config.unknown_threshold
+    # The same photos at the threshold calibrated before add_classes (without its recalibration on the support).
+    model.config.unknown_threshold = calibrated
+    before = added_class_fractions(model, photos, added, mean, std)
+    record["add_classes"]["added_classes_fraction_with_calibrated_threshold"] = before[
+        "added_classes_fraction_with_rejection"
+    ]
     return record
 
 
@@ -409,8 +417,13 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             key: quality.mean_and_std([r[key] for r in protoseg])
             for key in ("known_rejected_fraction", "unknown_rejected_fraction")
         }
-        for key in ("added_classes_fraction", "added_classes_fraction_with_rejection", "rejected_fraction"):
-            extra[key] = quality.mean_and_std([r["add_classes"][key] for r in protoseg])
+        for key in (
+            "added_classes_fraction",
+            "added_classes_fraction_with_rejection",
+            "added_classes_fraction_with_calibrated_threshold",
+            "rejected_fraction",
+        ):
+            extra[key] = quality.mean_and_std([r["add_classes"].get(key, float("nan")) for r in protoseg])
         rows.append({"head": "protoseg", "score": "rejection", **extra})
     return rows
 
@@ -450,8 +463,16 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
             "| unrelated photos: pixels taken by classes added with add_classes | "
             + _pm(rejection["added_classes_fraction"])
             + " |",
-            "| the same with rejection | " + _pm(rejection["added_classes_fraction_with_rejection"]) + " |",
+            "| the same with rejection (threshold after add_classes' recalibration) | "
+            + _pm(rejection["added_classes_fraction_with_rejection"])
+            + " |",
         ]
+        if not math.isnan(rejection.get("added_classes_fraction_with_calibrated_threshold", (math.nan, 0))[0]):
+            lines.append(
+                "| the same with rejection at the threshold calibrated before add_classes | "
+                + _pm(rejection["added_classes_fraction_with_calibrated_threshold"])
+                + " |"
+            )
     return "\n".join(lines)
 
 
