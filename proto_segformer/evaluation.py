@@ -390,7 +390,7 @@ def _rejection_text(report: dict[str, Any]) -> str:
         return ""
     return (
         f"; unknown rejection (max_similarity < {rejection['threshold']:.4f}) took"
-        f" {_percent(rejection['rejected_known_fraction'])} of the {rejection['known_pixels']:,} labelled pixels"
+        f" {_percent(rejection['rejected_known_fraction'])} % of the {rejection['known_pixels']:,} labelled pixels"
     )
 
 
