@@ -148,4 +148,3 @@ def main(args: QualityArguments) -> dict:
     output.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print_result(result, output)
     return result
-

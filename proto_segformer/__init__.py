@@ -1,4 +1,4 @@
-"""proto_segformer: ProtoSeg (non-learnable prototype classifier) on SegFormer, Hugging Face native.
+"""proto_segformer: ProtoSeg (non-learnable prototype classifier) on SegFormer and any transformers backbone, HF native.
 
 The public names load on first use (PEP 562), so that `import proto_segformer.cli` (every script's argument parsing
 and `--help`) does not import torch.
@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY_NAMES = {
+    "BACKBONE_PRESETS": "configuration_protoseg",
+    "ProtoSegConfig": "configuration_protoseg",
+    "ProtoSegForSemanticSegmentation": "modeling_protoseg",
+    "ProtoSegPreTrainedModel": "modeling_protoseg",
     "MIT_PRESETS": "configuration_proto_segformer",
     "ProtoSegformerConfig": "configuration_proto_segformer",
     "mit_preset": "configuration_proto_segformer",
@@ -21,7 +25,11 @@ _LAZY_NAMES = {
 }
 
 __all__ = [
+    "BACKBONE_PRESETS",
     "MIT_PRESETS",
+    "ProtoSegConfig",
+    "ProtoSegForSemanticSegmentation",
+    "ProtoSegPreTrainedModel",
     "ProtoSegformerConfig",
     "ProtoSegformerForSemanticSegmentation",
     "ProtoSegformerPreTrainedModel",
@@ -31,11 +39,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .configuration_proto_segformer import MIT_PRESETS, ProtoSegformerConfig, mit_preset
+    from .configuration_protoseg import BACKBONE_PRESETS, ProtoSegConfig
     from .modeling_proto_segformer import (
         ProtoSegformerForSemanticSegmentation,
         ProtoSegformerPreTrainedModel,
         ProtoSegformerSemanticSegmenterOutput,
     )
+    from .modeling_protoseg import ProtoSegForSemanticSegmentation, ProtoSegPreTrainedModel
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
-"""A ProtoSegformer model folder, read and checked once.
+"""A ProtoSeg model folder (either model of `model_types.py`), read and checked once.
 
 `validate_checkpoint(folder)` reads a checkpoint folder (a training output or one of its `checkpoint-*` folders) and
-checks everything that loading it relies on, each once: `config.json` parsed and checked by `ProtoSegformerConfig`,
+checks everything that loading it relies on, each once: `config.json` parsed and checked by its config class,
 the weight files found (one file or the shards of an index), the tensor shapes read from the safetensors headers
 (the `prototypes` tensor agreeing with the config), every tensor scanned for NaN and inf, the image processor's
 folder found and the recorded training crop read (`training_crop.py`). The result, a `ModelFolder`, is what
@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from .configuration_proto_segformer import ProtoSegformerConfig
 from .local_paths import close_matches
+from .model_types import MODEL_TYPES, config_class, model_class
 from .training_crop import recorded_training_crop
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPE = "proto_segformer"
+MODEL_TYPE = "proto_segformer"  # the SegFormer model's; MODEL_TYPES lists every model type a checkpoint may have
 WEIGHTS_NAME = "model.safetensors"
 SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -92,13 +92,14 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
     model_type = config.get("model_type")
-    if model_type != MODEL_TYPE:
+    if model_type not in MODEL_TYPES:
+        expected = " or ".join(repr(name) for name in MODEL_TYPES)
         raise CheckpointError(
             f"{str(folder)!r} is not a ProtoSegformer checkpoint: config.json has model_type {model_type!r},"
-            f" expected {MODEL_TYPE!r}."
+            f" expected {expected}."
         )
     try:  # the config's own checks: class ids 0..K-1 and names, field ranges and resource bounds
-        ProtoSegformerConfig.from_dict(dict(config))
+        config_class(model_type).from_dict(dict(config))
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{config_path}: {error}") from error
     return config
@@ -145,7 +146,7 @@ def non_finite_weights(files: Iterable[Path]) -> list[str]:
     """Names of the tensors in the safetensors `files` that hold NaN or inf (reads every tensor)."""
     from safetensors import safe_open
 
-    from .modeling_proto_segformer import non_finite_tensor_names
+    from .prototype_head import non_finite_tensor_names
 
     bad: list[str] = []
     for path in files:
@@ -181,7 +182,7 @@ def validate_checkpoint(folder: str | Path) -> ModelFolder:
         )
     bad = non_finite_weights(files)
     if bad:
-        from .modeling_proto_segformer import non_finite_message
+        from .prototype_head import non_finite_message
 
         raise CheckpointError(non_finite_message(bad, where=f"The checkpoint {str(folder)!r}"))
     return ModelFolder(
@@ -206,11 +207,9 @@ def load_model(source: str | Path | ModelFolder, device: str | torch.device = "c
     `CheckpointError` for anything `validate_checkpoint` rejects, a tensor missing from the weights, or (with a
     `dtype`) a weight that a cast makes non-finite (e.g. float16 overflowing to inf): the saved values were scanned
     once already, so without a cast they are not scanned again."""
-    from .modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
-
     checkpoint = _checked(source)
     try:
-        model, loading_info = ProtoSegformerForSemanticSegmentation.from_pretrained(
+        model, loading_info = model_class(checkpoint.config.get("model_type")).from_pretrained(
             str(checkpoint.folder), output_loading_info=True, dtype=dtype
         )
     except Exception as error:
@@ -224,7 +223,7 @@ def load_model(source: str | Path | ModelFolder, device: str | torch.device = "c
         )
     bad = model.non_finite_tensors() if dtype is not None else []
     if bad:
-        from .modeling_proto_segformer import non_finite_message
+        from .prototype_head import non_finite_message
 
         where = f"The model loaded from {str(checkpoint.folder)!r} as {dtype}"
         raise CheckpointError(non_finite_message(bad, where=where))

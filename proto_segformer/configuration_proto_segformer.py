@@ -7,7 +7,7 @@ import os
 import unicodedata
 from typing import Any
 
-from transformers import SegformerConfig
+from transformers import PretrainedConfig, SegformerConfig
 
 from .local_paths import check_local_source
 
@@ -165,10 +165,11 @@ def model_size_terms(config: ProtoSegformerConfig) -> list[tuple[str, int]]:
     return terms
 
 
-def check_model_size(config: ProtoSegformerConfig) -> None:
+def check_model_size(config: PretrainedConfig, terms: list[tuple[str, int]] | None = None) -> None:
     """A ValueError naming the largest product when the model's float32 weights and prototypes would exceed
-    MAX_MODEL_BYTES (a decoder_hidden_size or prototype count far beyond any machine), before anything is allocated."""
-    terms = model_size_terms(config)
+    MAX_MODEL_BYTES (a decoder_hidden_size or prototype count far beyond any machine), before anything is allocated.
+    `terms`: (description, float32 values) of the model's tensors; default `model_size_terms(config)` (SegFormer)."""
+    terms = model_size_terms(config) if terms is None else terms
     total = 4 * sum(values for _, values in terms)
     if total > MAX_MODEL_BYTES:
         name, values = max(terms, key=lambda term: term[1])
@@ -218,7 +219,7 @@ class ProtoSegformerConfig(SegformerConfig):
             any prototype) is below it are unknown when rejection is asked for (`--reject_unknown`); in [-1, 1].
             `None` (a model never calibrated): rejection is an error naming scripts/calibrate_unknown.py.
         unknown_calibration (`dict`, *optional*): how `unknown_threshold` was obtained (split, accepted fraction of
-            known pixels, pixel count, date, ...), written with it by `proto_segformer.unknown.calibrate`.
+            known pixels, pixel count, date, ...), written with it by `proto_segformer.unknown`.
 
     Checked when the config is built or loaded (`check_protoseg_fields`, one line per problem): `id2label` must number
     the classes 0..K-1 with non-empty one-line names; num_prototypes_per_class <= MAX_PROTOTYPES_PER_CLASS (1000),
@@ -294,34 +295,41 @@ class ProtoSegformerConfig(SegformerConfig):
     def check_protoseg_fields(self) -> None:
         """A ValueError (one line) for the first field out of its range: the class names, the ProtoSeg fields and
         the resource bounds (see the class docstring). The model checks its config again when it is built."""
-        check_id2label(self.id2label)
-        _integer("num_prototypes_per_class", self.num_prototypes_per_class, 1, MAX_PROTOTYPES_PER_CLASS)
-        if self.prototype_dim is not None:
-            _integer("prototype_dim", self.prototype_dim, 1)
-        _integer("decoder_hidden_size", self.decoder_hidden_size, 1)
-        if not 0.0 <= float(self.prototype_momentum) <= 1.0:
-            raise ValueError(f"prototype_momentum must lie in [0, 1], got {self.prototype_momentum}.")
-        if float(self.sinkhorn_epsilon) <= 0:
-            raise ValueError(f"sinkhorn_epsilon must be > 0, got {self.sinkhorn_epsilon}.")
-        _integer("sinkhorn_iterations", self.sinkhorn_iterations, 0, MAX_SINKHORN_ITERATIONS)
-        _integer("inference_chunk_size", self.inference_chunk_size, 1, MAX_INFERENCE_CHUNK_SIZE)
-        if float(self.ppc_temperature) <= 0:
-            raise ValueError(f"ppc_temperature must be > 0, got {self.ppc_temperature}.")
-        if self.class_score_normalization not in CLASS_SCORE_NORMALIZATIONS:
-            raise ValueError(
-                f"class_score_normalization must be one of {CLASS_SCORE_NORMALIZATIONS},"
-                f" got {self.class_score_normalization!r}."
-            )
-        check_similarity_dtype(self.similarity_dtype)
-        if float(self.class_score_temperature) <= 0:
-            raise ValueError(f"class_score_temperature must be > 0, got {self.class_score_temperature}.")
-        check_unknown_threshold(getattr(self, "unknown_threshold", None))
+        check_prototype_fields(self)
         check_model_size(self)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> ProtoSegformerConfig:
         """Build the config of a named MiT size (`"mit-b0"` .. `"mit-b5"`) offline; `kwargs` override any field."""
         return cls(**{**mit_preset(name), **kwargs})
+
+
+def check_prototype_fields(config: PretrainedConfig) -> None:
+    """A ValueError (one line) for the first ProtoSeg field of a config (either model's) out of its range: the class
+    names, num_prototypes_per_class, prototype_dim, decoder_hidden_size, the momentum, Sinkhorn, loss and inference
+    fields."""
+    check_id2label(config.id2label)
+    _integer("num_prototypes_per_class", config.num_prototypes_per_class, 1, MAX_PROTOTYPES_PER_CLASS)
+    if config.prototype_dim is not None:
+        _integer("prototype_dim", config.prototype_dim, 1)
+    _integer("decoder_hidden_size", config.decoder_hidden_size, 1)
+    if not 0.0 <= float(config.prototype_momentum) <= 1.0:
+        raise ValueError(f"prototype_momentum must lie in [0, 1], got {config.prototype_momentum}.")
+    if float(config.sinkhorn_epsilon) <= 0:
+        raise ValueError(f"sinkhorn_epsilon must be > 0, got {config.sinkhorn_epsilon}.")
+    _integer("sinkhorn_iterations", config.sinkhorn_iterations, 0, MAX_SINKHORN_ITERATIONS)
+    _integer("inference_chunk_size", config.inference_chunk_size, 1, MAX_INFERENCE_CHUNK_SIZE)
+    if float(config.ppc_temperature) <= 0:
+        raise ValueError(f"ppc_temperature must be > 0, got {config.ppc_temperature}.")
+    if config.class_score_normalization not in CLASS_SCORE_NORMALIZATIONS:
+        raise ValueError(
+            f"class_score_normalization must be one of {CLASS_SCORE_NORMALIZATIONS},"
+            f" got {config.class_score_normalization!r}."
+        )
+    check_similarity_dtype(config.similarity_dtype)
+    check_unknown_threshold(getattr(config, "unknown_threshold", None))
+    if float(config.class_score_temperature) <= 0:
+        raise ValueError(f"class_score_temperature must be > 0, got {config.class_score_temperature}.")
 
 
 # auto_map in every saved config.json (AutoConfig.from_pretrained(..., trust_remote_code=True)).

@@ -98,11 +98,14 @@ def require_token(token: str | None = None) -> str:
     return token
 
 
-def custom_code_files() -> list[Path]:
-    """The package's source files the remote code needs: the modelling file and everything it imports locally."""
+def custom_code_files(model_type: str = "proto_segformer") -> list[Path]:
+    """The package's source files the remote code of `model_type` needs: its modelling file and everything it imports
+    locally (`model_types.modeling_file`)."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    modeling = Path(__file__).resolve().parent / "modeling_proto_segformer.py"
+    from .model_types import modeling_file
+
+    modeling = modeling_file(model_type)
     return [modeling, *sorted(Path(p) for p in get_relative_import_files(str(modeling)))]
 
 
@@ -365,7 +368,7 @@ def write_repository(
     Files enter only through `copy_into_upload` (code and handler from the package, optional files from the model
     folder, pictures and a prepared card the user named); the weights, config and processor are saved afresh."""
     model.save_pretrained(folder)  # model.safetensors with `prototypes`, config.json with auto_map, code files
-    for code_file in custom_code_files():
+    for code_file in custom_code_files(model.config.model_type):
         (folder / code_file.name).unlink(missing_ok=True)  # save_pretrained may have copied it: copy it our way
         copy_into_upload(code_file, folder / code_file.name, code_file.parent)
     processor.save_pretrained(folder)

@@ -143,6 +143,7 @@ SHIPPED = {
     "local_paths.py",
     "modeling_proto_segformer.py",
     "prototype_kernels.py",
+    "prototype_head.py",
     "prototype_math.py",
     "transformers_changes.py",
 }
@@ -164,7 +165,11 @@ def test_remote_code_is_the_model_only_and_never_reaches_the_network():
 # The public API (README, "Public API"): what users import. Every other module is internal and declares no `__all__`.
 PUBLIC_API = {
     "proto_segformer": [
+        "BACKBONE_PRESETS",
         "MIT_PRESETS",
+        "ProtoSegConfig",
+        "ProtoSegForSemanticSegmentation",
+        "ProtoSegPreTrainedModel",
         "ProtoSegformerConfig",
         "ProtoSegformerForSemanticSegmentation",
         "ProtoSegformerPreTrainedModel",
@@ -172,6 +177,17 @@ PUBLIC_API = {
         "mit_preset",
     ],
     "proto_segformer.configuration_proto_segformer": ["MIT_PRESETS", "ProtoSegformerConfig", "mit_preset"],
+    "proto_segformer.configuration_protoseg": [
+        "BACKBONE_PRESETS",
+        "DECODER_TYPES",
+        "ProtoSegConfig",
+        "backbone_preset",
+    ],
+    "proto_segformer.modeling_protoseg": [
+        "ProtoSegForSemanticSegmentation",
+        "ProtoSegPreTrainedModel",
+        "ProtoSegUperNetDecoder",
+    ],
     "proto_segformer.modeling_proto_segformer": [
         "ProtoSegformerDecodeHead",
         "ProtoSegformerForSemanticSegmentation",

@@ -42,6 +42,7 @@ EXPECTED_FILES = {
     "modeling_proto_segformer.py",
     "preprocessor_config.json",
     "prototype_kernels.py",
+    "prototype_head.py",
     "prototype_math.py",
     "local_paths.py",
     "transformers_changes.py",

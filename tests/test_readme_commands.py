@@ -49,9 +49,23 @@ RUN = {
         " --decoder_hidden_size 16",
         ("runs/ade/model.safetensors", "runs/ade/config.json"),
     ),
+    "python scripts/train.py --model_preset resnet-18 --output_dir runs/resnet18": (
+        f"{SHORT_TRAIN} --per_device_train_batch_size 2 --decoder_hidden_size 16 --prototype_dim 8",
+        ("runs/resnet18/model.safetensors", "runs/resnet18/modeling_protoseg.py"),
+    ),
     "accelerate launch --multi_gpu --num_processes 2 scripts/train.py --use_cpu --output_dir runs/ddp": (
         f"{SHORT_TRAIN} --dataloader_num_workers 0",
         ("runs/ddp/model.safetensors",),
+    ),
+    "python scripts/train.py --dataset_name path/to/ade_like_folder --reduce_labels --streaming --max_steps 20000"
+    " --save_steps 2000 --output_dir runs/ade_stream": (
+        f"--max_steps 2 --warmup_steps 0 --per_device_train_batch_size 2 --crop_size 32 {TINY_MIT}"
+        " --decoder_hidden_size 16",
+        ("runs/ade_stream/model.safetensors", "runs/ade_stream/eval_results.json"),
+    ),
+    "python scripts/benchmark_startup.py --runs 2": (
+        "--runs 1 --images 6 --folder startup_data",
+        ("startup_data/ade6/made.json",),
     ),
     "python scripts/benchmark.py --presets mit-b0 mit-b2 --num_labels 19 150 847 --output_json benchmarks/cpu.json": (
         SHORT_SPEED,
@@ -141,6 +155,14 @@ SKIP = {
         "installs into the environment (.ci/run installs the same from a wheel); the training command is run above"
     ),
     "python -P -m pytest -q": "the test suite itself (.ci/run runs it)",
+    "python scripts/train.py --model_preset dinov2-small --decoder_type mlp --output_dir runs/dinov2-mlp": (
+        "the same command as the resnet-18 preset's above with another preset (tests/test_modeling_protoseg.py runs"
+        " DINOv2 with the MLP decoder)"
+    ),
+    "python scripts/train.py --model_name_or_path openmmlab/upernet-convnext-tiny --dataset_name path/to/cityscapes"
+    " --output_dir runs/upernet": "needs the Hugging Face Hub (tests/test_build_protoseg.py loads a local UperNet)",
+    "python scripts/train.py --model_name_or_path facebook/dinov2-small --dataset_name path/to/cityscapes"
+    " --output_dir runs/dinov2": "needs the Hugging Face Hub (tests/test_build_protoseg.py loads a local Dinov2Model)",
     "python scripts/train.py --dataset_name user/dataset --model_name_or_path nvidia/mit-b0 --output_dir runs/x": (
         "needs the Hugging Face Hub"
     ),
