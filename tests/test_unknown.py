@@ -466,3 +466,18 @@ def test_benchmark_results_of_several_seeds_merge_into_one_summary(tmp_path):
     )
     with pytest.raises(ValueError, match="repeat seeds"):
         merge_results([str(paths[0]), str(paths[0])])
+
+
+def test_the_second_model_class_returns_the_same_unknown_score():
+    """ProtoSegForSemanticSegmentation (any backbone) shares the head: max_similarity from its embeddings."""
+    from protoseg_helpers import tiny_protoseg_config
+
+    from proto_segformer.modeling_protoseg import ProtoSegForSemanticSegmentation
+
+    torch.manual_seed(0)
+    model = ProtoSegForSemanticSegmentation(tiny_protoseg_config("resnet")).eval()
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 64, 64), output_max_similarity=True, output_pixel_embeddings=True)
+    expected = max_similarity(class_scores(output.pixel_embeddings, model.prototypes), dim=1)
+    assert output.max_similarity.shape == expected.shape == output.logits.shape[:1] + output.logits.shape[2:]
+    torch.testing.assert_close(output.max_similarity, expected, atol=1e-5, rtol=0)
