@@ -82,7 +82,7 @@ from .preflight import check_failed, check_training_command
 from .trainer import ProtoSegTrainer, RankPrototypesCallback, TrainingDivergedError
 from .trainer_metrics import MeanIoUMetric
 from .training import SaveFailedError, save_training_outputs
-from .unknown import calibrate_after_training
+from .unknown_calibration import calibrate_after_training
 
 logger = logging.getLogger(__name__)
 

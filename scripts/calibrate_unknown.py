@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from proto_segformer.checkpoint import CheckpointError
-    from proto_segformer.unknown import calibrate_model_folder, describe_calibration
+    from proto_segformer.unknown import describe_calibration
+    from proto_segformer.unknown_calibration import calibrate_model_folder
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if args.num_threads:
