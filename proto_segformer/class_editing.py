@@ -265,6 +265,15 @@ def embedding_grid_size(height: int, width: int, patch_size: int, stride: int) -
     return (height + 2 * padding - patch_size) // stride + 1, (width + 2 * padding - patch_size) // stride + 1
 
 
+def support_grid_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of the model's embedding map for a (height, width) input: SegFormer's arithmetic
+    (`embedding_grid_size`), or the model's own `embedding_grid_size` (a backbone's, found by running it)."""
+    config = model.config
+    if getattr(config, "patch_sizes", None) and getattr(config, "strides", None):
+        return embedding_grid_size(height, width, config.patch_sizes[0], config.strides[0])
+    return tuple(model.embedding_grid_size(height, width))
+
+
 def support_cell_labels(mask: torch.Tensor, grid_size: tuple[int, int], num_names: int, min_fraction: float):
     """(h, w) int64 class of each embedding cell in [0, num_names), or -1 for cells that do not count.
 
@@ -458,7 +467,7 @@ def add_classes_to_model(
     cells = [
         support_cell_labels(
             mask,
-            embedding_grid_size(*mask.shape, config.patch_sizes[0], config.strides[0]),
+            support_grid_size(model, *mask.shape),
             len(names),
             float(min_cell_fraction),
         )

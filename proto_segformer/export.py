@@ -96,6 +96,9 @@ def export_onnx(
     """Write the model's inference graph to `path` as ONNX (`torch.onnx.export(..., dynamo=True)` of
     `export_program(model)`, or of `program` when given), dynamic batch, height and width."""
     _require_onnx()
+    problem = model.onnx_export_problem() if hasattr(model, "onnx_export_problem") else None
+    if problem is not None:
+        raise ExportError(problem)
     if getattr(model.config, "similarity_dtype", None) == "bfloat16":
         raise ValueError(
             "similarity_dtype='bfloat16' cannot go to ONNX: ONNX Runtime's CPU kernels have no bfloat16 MatMul. "
@@ -217,7 +220,7 @@ class OnnxRuntimeModel:
     dtype = torch.float32
 
     def __init__(self, folder: str | Path, num_threads: int | None = None) -> None:
-        from .configuration_proto_segformer import ProtoSegformerConfig
+        from .model_types import config_class
 
         folder = Path(folder)
         if not (folder / ONNX_NAME).is_file():
@@ -239,7 +242,12 @@ class OnnxRuntimeModel:
             str(folder / ONNX_NAME), options, providers=["CPUExecutionProvider"]
         )
         self.folder = folder
-        self.config = ProtoSegformerConfig.from_pretrained(folder)  # checks id2label: ids 0..K-1, one-line names
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = "proto_segformer"  # from_pretrained reports the problem
+        # The config of either model (model_types.py); checks id2label: ids 0..K-1, one-line names.
+        self.config = config_class(model_type).from_pretrained(folder)
         shapes = {output.name: output.shape for output in self.session.get_outputs()}
         if "logits" not in shapes:
             self._class_count_mismatch("no 'logits' output")

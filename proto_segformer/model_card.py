@@ -28,6 +28,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .distributed_setup import SETUP_KEY, describe_setup
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -274,6 +276,55 @@ def learnable_parameter_count(output_dir: Path) -> int | None:
     return total
 
 
+SEGFORMER_CITATION = """@inproceedings{xie2021segformer,
+  title     = {SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers},
+  author    = {Xie, Enze and Wang, Wenhai and Yu, Zhiding and Anandkumar, Anima and Alvarez, Jose M. and Luo, Ping},
+  booktitle = {NeurIPS},
+  year      = {2021}
+}"""
+UPERNET_CITATION = """@inproceedings{xiao2018unified,
+  title     = {Unified Perceptual Parsing for Scene Understanding},
+  author    = {Xiao, Tete and Liu, Yingcheng and Zhou, Bolei and Jiang, Yuning and Sun, Jian},
+  booktitle = {ECCV},
+  year      = {2018}
+}"""
+
+
+def architecture_texts(config: Mapping[str, Any]) -> dict[str, str]:
+    """The card's words for the model's architecture, from its config.json: `name` (for the repository name),
+    `summary` (the summary's subject), `intro`, `row` (the table's Architecture row), `logits_size` and
+    `citation` (of the encoder-decoder's paper)."""
+    if config.get("model_type") != "protoseg":
+        size = mit_size(config)
+        return {
+            "name": f"protosegformer-{size or 'custom'}",
+            "summary": f"A SegFormer ({size or 'custom MiT size'}) semantic segmentation model",
+            "intro": "[SegFormer](https://arxiv.org/abs/2105.15203) (Mix Transformer encoder, all-MLP decoder)",
+            "row": f"SegFormer (Mix Transformer, hidden sizes {config.get('hidden_sizes')}, depths"
+            f" {config.get('depths')}) + ProtoSeg head",
+            "logits_size": "H/4, W/4",
+            "citation": SEGFORMER_CITATION,
+            "tags": [],  # TAGS are this model's
+        }
+    backbone = config.get("backbone_config") or {}
+    kind = backbone.get("backbone") or backbone.get("model_type") or "custom"
+    upernet = config.get("decoder_type", "upernet") == "upernet"
+    decoder = "UperNet decoder (pyramid pooling + FPN)" if upernet else "SegFormer's all-MLP decoder"
+    stages = backbone.get("out_features") or backbone.get("out_indices")
+    # The decoder's output stride: the first stage's, the patch size of a ViT (no `depths`), 4 otherwise.
+    stride = backbone.get("patch_size") if backbone.get("depths") is None and backbone.get("patch_size") else 4
+    return {
+        "name": f"protoseg-{kind}".replace("_", "-"),
+        "summary": f"A{' UperNet' if upernet else 'n all-MLP decoder'} semantic segmentation model on a {kind}"
+        " backbone",
+        "tags": ["upernet" if upernet else "segformer-decoder", str(backbone.get("model_type") or kind)],
+        "intro": f"a {kind} backbone (transformers' AutoBackbone, stages {stages}) with a {decoder}",
+        "row": f"{kind} backbone (stages {stages}) + {decoder} + ProtoSeg head",
+        "logits_size": f"H/{stride}, W/{stride}",
+        "citation": UPERNET_CITATION if upernet else SEGFORMER_CITATION,
+    }
+
+
 def mit_size(config: Mapping[str, Any]) -> str | None:
     """The MiT encoder size ("mit-b0" ..) matching the config's hidden_sizes and depths, else None (the decoder
     width is reported separately)."""
@@ -448,8 +499,10 @@ def training_section(
     train_results: Mapping[str, Any],
     dataset_text: str,
     data_note: str | None = None,
+    distributed_setup: Mapping[str, Any] | None = None,
 ) -> str:
-    """Markdown: the data (and a note on it), the main training arguments and run statistics."""
+    """Markdown: the data (and a note on it), the main training arguments, run statistics and the distributed
+    setup that ran (`distributed_setup.setup_record`)."""
     lines = [f"Data: {dataset_text}." + (f" {data_note}" if data_note else "")]
     summary = {k: v for k, v in train_results.items() if k in TRAIN_SUMMARY and _is_number(v)}
     shown = selected_training_args(training_args) if training_args else {}
@@ -462,6 +515,8 @@ def training_section(
             "",
             "Run: " + ", ".join(f"{k} = {v:.4g}" for k, v in summary.items()),
         ]
+    if isinstance(distributed_setup, Mapping) and distributed_setup:
+        lines += ["", f"Setup: {describe_setup(distributed_setup)}."]
     return "\n".join(lines)
 
 
@@ -741,6 +796,7 @@ def render_model_card(
     class_additions: Sequence[Mapping[str, Any]] | None = None,
     space_repo_id: str | None = None,
     template_path: str | Path | None = None,
+    distributed_setup: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of the saved model in `output_dir` (needs its config.json) as a `ModelCard`.
 
@@ -774,6 +830,9 @@ def render_model_card(
         space_repo_id: "owner/name" of the Gradio Space that demonstrates the model (`space.write_space`); the card
             links to it.
         template_path: the Jinja template of the card body (default: the packaged `templates/model_card.md`).
+        distributed_setup: the setup training ran with (`distributed_setup.setup_record`: processes, machines,
+            DDP / FSDP / DeepSpeed, precision); default: the "distributed_setup" entry of all_results.json or
+            train_results.json.
     """
     output_dir = Path(output_dir)
     config_path = output_dir / "config.json"
@@ -809,16 +868,17 @@ def render_model_card(
     train_results = {}
     for name in ("train_results.json", "all_results.json"):
         if (output_dir / name).is_file():
-            train_results.update(
-                {k: v for k, v in _read_json(output_dir / name).items() if k.startswith(("train_", "epoch"))}
-            )
+            recorded = _read_json(output_dir / name)
+            train_results.update({k: v for k, v in recorded.items() if k.startswith(("train_", "epoch"))})
+            if distributed_setup is None and isinstance(recorded.get(SETUP_KEY), Mapping):
+                distributed_setup = recorded[SETUP_KEY]
 
-    size = mit_size(config)
+    architecture = architecture_texts(config)
     dataset_text = f"`{dataset_name}`" if dataset_name else "data that was not recorded with this checkpoint"
     name = (
         repo_id.split("/")[-1]
         if repo_id
-        else slug(f"protosegformer-{size or 'custom'}" + (f"-{dataset_name.split('/')[-1]}" if dataset_name else ""))
+        else slug(architecture["name"] + (f"-{dataset_name.split('/')[-1]}" if dataset_name else ""))
     )
     evaluation = read_evaluation(output_dir, id2label)
     card_data = build_card_data(
@@ -831,6 +891,9 @@ def render_model_card(
         license=inputs.get("license"),
         widget=widget,
     )
+    # The architecture's tags in place of SegFormer's (TAGS lists the SegFormer model's).
+    if architecture["tags"]:
+        card_data.tags = [tag for tag in card_data.tags if tag != "segformer"] + architecture["tags"]
     processor_path = output_dir / "preprocessor_config.json"
     processor_config = _read_json(processor_path) if processor_path.is_file() else None
     num_parameters = learnable_parameter_count(output_dir)
@@ -842,7 +905,7 @@ def render_model_card(
         )
     embedding_dim = config.get("prototype_dim") or config.get("decoder_hidden_size")
     summary = (
-        f"A SegFormer ({size or 'custom MiT size'}) semantic segmentation model with a ProtoSeg prototype classifier"
+        f"{architecture['summary']} with a ProtoSeg prototype classifier"
         f" ({num_labels} classes x {config.get('num_prototypes_per_class')} prototypes), trained on {dataset_text}."
     )
     card = ModelCard.from_template(
@@ -852,6 +915,10 @@ def render_model_card(
         summary=summary,
         repo_id=repo_id or f"<namespace>/{name}",
         num_labels=num_labels,
+        architecture_intro=architecture["intro"],
+        architecture_row=architecture["row"],
+        architecture_citation=architecture["citation"],
+        logits_size=architecture["logits_size"],
         num_prototypes=config.get("num_prototypes_per_class"),
         embedding_dim=embedding_dim,
         config=config,
@@ -870,7 +937,9 @@ def render_model_card(
         project_text=f"the [`proto_segformer`]({project_url}) implementation"
         if project_url
         else "the `proto_segformer` implementation",
-        training_section=training_section(training_args, train_results, dataset_text, inputs.get("data_note")),
+        training_section=training_section(
+            training_args, train_results, dataset_text, inputs.get("data_note"), distributed_setup
+        ),
         results_section=results_section(results, id2label, dataset_text)
         if evaluation is None
         else (results_section(results, id2label, dataset_text) + "\n\n" if scalar_metrics(results) else "")

@@ -116,6 +116,18 @@ class ProtoSegForSemanticSegmentation(ProtoSegPreTrainedModel):
     def input_channels(self) -> int:
         return self.config.num_channels
 
+    def onnx_export_problem(self) -> str | None:
+        """Why the model cannot go to ONNX with dynamic height and width, or None: the UperNet decoder's pyramid
+        pooling (adaptive average pooling to 1, 2, 3, 6 cells) converts to ONNX with indices fixed at the traced size
+        (ONNX Runtime then fails at any other size). torch.export handles it at every size."""
+        if self.config.decoder_type == "upernet":
+            return (
+                "The UperNet decoder's pyramid pooling converts to ONNX only at the traced input size: export a model"
+                " trained with --decoder_type mlp, or use torch.export (proto_segformer.export.export_program), which"
+                " runs the UperNet decoder at any size."
+            )
+        return None
+
     def embed_pixels(self, pixel_values: torch.Tensor, **encoder_kwargs) -> tuple[torch.Tensor, BaseModelOutput]:
         """Unit pixel embeddings (B, D, h, w) at the first feature map's resolution, and the backbone's outputs
         (`hidden_states`: its feature maps; `attentions` where it returns them)."""

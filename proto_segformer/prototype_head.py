@@ -535,6 +535,20 @@ class PrototypeHeadMixin:
         """The number of image channels the encoder takes."""
         return self.config.num_channels
 
+    def embedding_grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the pixel embeddings of a (height, width) image, found by embedding a blank one (eval mode, no
+        gradient; the model's mode is restored)."""
+        parameter = next(self.parameters())
+        probe = torch.zeros(1, self.input_channels(), height, width, dtype=parameter.dtype, device=parameter.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                embeddings, _ = self.embed_pixels(probe)
+        finally:
+            self.train(was_training)
+        return int(embeddings.shape[-2]), int(embeddings.shape[-1])
+
     def forward(
         self,
         pixel_values: torch.Tensor,

@@ -58,6 +58,15 @@ from .data.loading import (
     resolve_column,
 )
 from .data.transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
+from .distributed_setup import (
+    SETUP_KEY,
+    DistributedSetupError,
+    accelerator_available,
+    check_launch,
+    check_trainer,
+    precision_problem,
+)
+from .distributed_setup import setup_record as distributed_setup_record
 from .model_building import (
     PROTOSEG_FIELDS,
     ModelInputError,
@@ -714,6 +723,8 @@ def run_training(
     """Train and evaluate; returns {"train": metrics, "eval": metrics, "output_dir": path}. The steps, in order."""
     start = time.monotonic()
     _set_up_process(data_args, training_args)
+    # The distributed mode asked for is the one that runs (one line otherwise), checked before any folder is touched.
+    check_launch(os.environ, training_args)
 
     # 1. The checkpoint to start from: a mistyped path fails at once, before the data are read; config.json is read
     #    here, once (its classes, its ignore index, then the model's config).
@@ -786,7 +797,9 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
         prototype_init_batches=model_args.prototype_init_batches,
         prototype_init_max_pixels=model_args.prototype_init_max_pixels,
     )
-    results: dict[str, Any] = {"output_dir": training_args.output_dir}
+    check_trainer(os.environ, trainer)  # FSDP / DeepSpeed asked for and active
+    setup = distributed_setup_record(trainer)
+    results: dict[str, Any] = {"output_dir": training_args.output_dir, SETUP_KEY: setup}
     train_metrics = None
     try:
         if training_args.do_train:
@@ -807,6 +820,7 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
             dataset_name=data.dataset_label,
             base_model=model_args.model_name_or_path,
             extra_card_args={"crop_size": data.crop_size},
+            distributed_setup=setup,
         )
     except KeyboardInterrupt:
         raise TrainingInterrupted(trainer.state.global_step) from None
@@ -907,6 +921,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if check_failed(check_training_command, argv):  # scripts/train.py did it before torch loaded, main() may not
         raise SystemExit(2)
+    problem = precision_problem(argv, accelerator_available())  # transformers would answer with a traceback
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     parser = build_parser(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -922,7 +940,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = training_args.process_index == 0
     try:
         return run_training(model_args, data_args, training_args)
-    except (DataError, ModelInputError) as error:
+    except (DataError, ModelInputError, DistributedSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunFinished as finished:

@@ -2,12 +2,13 @@
 
 What it changes in the Trainer, each where no callback can: a larger learning rate for the decoder and projection
 (`create_optimizer`), CE / PPC / PPD logged next to the loss (`compute_loss`, `log`), training stopped on every
-process at a non-finite loss (`training_step`: `TrainingDivergedError`), warm-up clipped to the run's length
-(`create_scheduler`), evaluation reduced to per-class areas inside the step (`prediction_step`, with
-`trainer_metrics.MeanIoUMetric` as `compute_metrics`), a finished checkpoint not trained again (`train`). The
-callbacks: the data set's epoch (its augmentation), the prototypes initialised from data before step one of a fresh
-run, a line on the step a resumed run continues from, each process's final prototypes (a check). The crash-safe
-checkpoint folders come from `training.CheckpointSavingTrainer`.
+process at a non-finite loss (`training_step`: `TrainingDivergedError`), warm-up clipped to the run's length and
+DeepSpeed's ZeRO optimizers scheduled through the torch optimizer they wrap (`create_scheduler`), evaluation reduced
+to per-class areas inside the step (`prediction_step`, with `trainer_metrics.MeanIoUMetric` as `compute_metrics`), a
+finished checkpoint not trained again (`train`). The callbacks: the data set's epoch (its augmentation), the
+prototypes initialised from data before step one of a fresh run, a line on the step a resumed run continues from,
+each process's final prototypes (a check). The crash-safe checkpoint folders come from
+`training.CheckpointSavingTrainer`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def divergence_message(step: int, values: torch.Tensor, learning_rate: float) ->
         f" {learning_rate:g}: try --learning_rate {learning_rate / 10:g}) or add warm-up (--warmup_steps), then start"
         " again or resume from an earlier checkpoint."
     )
+
+
+def _has_defaults(optimizer) -> bool:
+    try:
+        return isinstance(optimizer.defaults, dict)
+    except AttributeError:
+        return False
+
+
+def schedulable_optimizer(optimizer):
+    """The optimizer a learning-rate schedule can drive: `optimizer`, or for DeepSpeed's ZeRO optimizers (which
+    have no `defaults`, read by transformers' polynomial and cosine schedules: "'DeepSpeedZeroOptimizer' object has
+    no attribute 'defaults'") the torch optimizer they wrap, whose `param_groups` they share and step."""
+    inner = optimizer
+    while inner is not None and not _has_defaults(inner):
+        inner = getattr(inner, "optimizer", None)
+    return optimizer if inner is None else inner
 
 
 class EpochCallback(TrainerCallback):
@@ -219,6 +237,8 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
 
     # ------------------------------------------------------------------ schedule
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = schedulable_optimizer(self.optimizer if optimizer is None else optimizer)
         warmup = self.args.get_warmup_steps(num_training_steps)
         if self.lr_scheduler is None and 0 < num_training_steps <= warmup:
             clipped = num_training_steps - 1

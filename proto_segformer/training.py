@@ -4,7 +4,9 @@
   `checkpoint-N/` once every process has written its part, so a `checkpoint-N` folder is always complete
   (`checkpoint_problem` checks one; `newest_complete_checkpoint` finds the one to resume from); a checkpoint's
   weights load through `from_pretrained` (`model_building.load_checkpoint_weights`). `trainer.ProtoSegTrainer`
-  builds on it.
+  builds on it. On several machines, the first save checks the disk against --save_on_each_node
+  (`check_shared_disk`); with it, the first process of every machine writes complete checkpoints and the final model
+  (transformers' `save_pretrained` writes on global rank 0 only), buffers taken from process 0 (`sync_buffers`).
 - `save_training_outputs`: the output folder (weights, config with auto_map and id2label, custom code, image
   processor, model card, results json files), written into a staging folder and moved into place, card last.
 
@@ -14,11 +16,12 @@ A failed write (a full disk) is `SaveFailedError`. `PROTOSEG_FAULT=<point>[@<ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,34 @@ from .checkpoint_folders import (
     MODEL_CARD_FILE,
     TRAINER_STATE_FILE,
 )
+from .distributed_setup import SETUP_KEY, DistributedSetupError, machine_count, shared_disk_problem
 from .folder_writer import fault_point, publish_files
 from .model_building import load_checkpoint_weights
 from .output_folders import free_bytes, is_disk_full, is_write_failure
 
 logger = logging.getLogger(__name__)
 assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR, "checkpoint_folders.CHECKPOINT_PREFIX differs from transformers'"
+
+
+SHARED_DISK_WAIT_S = 5.0  # how long another machine looks for the main process's new folder (network disks lag)
+
+
+def visible(folder: Path, wait_s: float = SHARED_DISK_WAIT_S) -> bool:
+    """Whether `folder`, just created by another machine's process, shows up here within `wait_s` seconds (listing
+    its parent refreshes a network file system's view)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if folder.name in os.listdir(folder.parent) and folder.is_dir():
+                return True
+        except OSError:  # no parent folder on this machine
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
 
 class SaveFailedError(OSError):
     """Writing `what` (a checkpoint, the final model) into `folder` failed (a full disk, most often); raised from
@@ -55,6 +80,62 @@ class CheckpointSavingTrainer(Trainer):
     best-model loads go through `from_pretrained` (checkpoint names, not in-memory names)."""
 
     _checkpoint_staging: Path | None = None  # set while _save_checkpoint runs
+    _disk_checked = False  # whether the machines' view of the output folder was checked (at the first save)
+
+    def check_shared_disk(self, staging: Path) -> None:
+        """At the first save of a run on several machines: whether every machine sees the folder the main process
+        creates (a shared disk), against --save_on_each_node (`distributed_setup.shared_disk_problem`). Every
+        process takes part; `DistributedSetupError` on every process when they do not match."""
+        if self._disk_checked:
+            return
+        self._disk_checked = True
+        if self.args.world_size == 1 or machine_count(os.environ, self.args.world_size) == 1:
+            return
+        import torch
+
+        if self.args.process_index == 0:
+            staging.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        node_main = self.args.local_process_index == 0 and self.args.process_index != 0
+        sees = visible(staging) if node_main else True
+        flags = torch.tensor([[int(node_main and not sees), int(node_main and sees)]], device=self.args.device)
+        blind, sharing = (int(value) for value in self.accelerator.gather(flags).sum(0).tolist())
+        problem = shared_disk_problem(blind, sharing, bool(self.args.save_on_each_node), staging.parent)
+        if problem is not None:
+            if self.args.process_index == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise DistributedSetupError(problem)
+
+    def sync_buffers(self) -> None:
+        """Every process takes the buffers of process 0 (BatchNorm's running statistics; the prototypes are equal
+        already). DDP broadcasts them before each forward, so after the last one they differ: with
+        --save_on_each_node every machine saves the same model."""
+        import torch.distributed as dist
+
+        if self.args.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    @contextlib.contextmanager
+    def _writes_on_this_machine(self) -> Iterator[None]:
+        """transformers' `save_pretrained` writes on global rank 0 only, whatever its `is_main_process` says: with
+        --save_on_each_node the first process of every machine writes its machine's copy (weights, config)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        other_machine = self.args.save_on_each_node and self.args.should_save and self.args.process_index != 0
+        if not other_machine or not hasattr(model, "should_save_on_this_rank"):
+            yield
+            return
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            yield
+        finally:
+            del model.should_save_on_this_rank
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        with self._writes_on_this_machine():
+            super()._save(output_dir, state_dict=state_dict)
 
     def _get_output_dir(self, trial) -> str:
         if self._checkpoint_staging is not None:  # inside _save_checkpoint: the Trainer writes into the staging folder
@@ -75,6 +156,8 @@ class CheckpointSavingTrainer(Trainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)  # left by an interrupted save of this library
         self.accelerator.wait_for_everyone()
+        self.check_shared_disk(staging)
+        self.sync_buffers()
         self._checkpoint_staging = staging
         try:
             super()._save_checkpoint(model, trial)
@@ -149,9 +232,12 @@ def save_training_outputs(
     dataset_name: str | None = None,
     base_model: str | None = None,
     extra_card_args: Mapping[str, Any] | None = None,
+    distributed_setup: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the output folder: model.safetensors, config.json (auto_map, id2label), the custom-code files,
     preprocessor_config.json, trainer_state.json, train/eval/all results json files and the model card README.md.
+    `distributed_setup` (`distributed_setup.setup_record`) goes into train_results.json and all_results.json under
+    "distributed_setup", and into the card.
 
     Everything is written into `<output_dir>/tmp-final-save/` first and then moved into `output_dir`, the model card
     last: a kill at any moment leaves either no card (an unfinished run, resumable from its checkpoints) or the whole
@@ -165,6 +251,9 @@ def save_training_outputs(
     if should_save and staging.exists():
         shutil.rmtree(staging)  # left by an interrupted final save of this library
     trainer.accelerator.wait_for_everyone()
+    if isinstance(trainer, CheckpointSavingTrainer):
+        trainer.check_shared_disk(staging)  # when no checkpoint was saved before
+        trainer.sync_buffers()
     try:
         trainer.save_model(str(staging))
         if should_save:
@@ -172,10 +261,13 @@ def save_training_outputs(
             if image_processor is not None:
                 image_processor.save_pretrained(str(staging))
             results: dict[str, Any] = {}
+            setup = {SETUP_KEY: dict(distributed_setup)} if distributed_setup is not None else {}
             for split, metrics in (("train", train_metrics), ("eval", eval_metrics)):
                 if metrics is not None:
+                    metrics = {**metrics, **setup} if split == "train" else metrics
                     _write_json(staging / f"{split}_results.json", metrics)
                     results.update(metrics)
+            results.update(setup)
             if results:
                 _write_json(staging / "all_results.json", results)
             trainer.state.save_to_json(str(staging / TRAINER_STATE_FILE))
@@ -188,6 +280,7 @@ def save_training_outputs(
                 eval_results=dict(eval_metrics) if eval_metrics is not None else None,
                 base_model=base_model,
                 training_args=json.loads(json.dumps(args, default=str)),
+                distributed_setup=distributed_setup,
             )
             publish_files(staging, output_dir, last=MODEL_CARD_FILE)
     except Exception as error:  # a full disk: the checkpoints stay, resuming writes the final save again

@@ -145,12 +145,38 @@ def test_unsupported_checkpoint_type_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_preset_without_feature_maps_is_one_line():
-    with pytest.raises(ModelInputError, match="names no feature maps") as error:
+@pytest.mark.parametrize(
+    "backbone,match",
+    [
+        ({"model_type": "resnet", "out_features": []}, "names no feature maps"),
+        ({"model_type": "resnet", "out_indices": [7]}, r"backbone_config \(resnet\): out_indices must be valid"),
+        ({"model_type": "bert"}, r"backbone_config \(bert\) is not the config of a model AutoBackbone builds"),
+    ],
+)
+def test_bad_backbone_configs_are_one_line(backbone, match):
+    with pytest.raises(ModelInputError, match=match) as error:
         build_model(
             model_name_or_path=None,
             model_preset="resnet-18",
             id2label=ID2LABEL,
-            overrides={"backbone_config": {"model_type": "resnet", "out_features": []}},
+            overrides={"backbone_config": backbone},
         )
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_bad_model_input_stops_train_py_before_anything_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import REPO, clean_env
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--model_preset", "resnet-18", "--config_overrides",
+         'backbone_config={"model_type":"resnet","out_indices":[7]}', "--output_dir", str(out)],
+        cwd=str(tmp_path), env=clean_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode != 0 and not out.exists()
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "out_indices must be valid indices" in errors[0]

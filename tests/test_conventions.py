@@ -195,7 +195,14 @@ PUBLIC_API = {
         "ProtoSegformerProjection",
         "ProtoSegformerSemanticSegmenterOutput",
     ],
-    "proto_segformer.data": ["BUILTIN_DATASETS", "IGNORE_INDEX", "build_builtin_dataset", "load_dataset_any"],
+    "proto_segformer.data": [
+        "BUILTIN_DATASETS",
+        "FolderLayout",
+        "IGNORE_INDEX",
+        "build_builtin_dataset",
+        "find_folder_layout",
+        "load_dataset_any",
+    ],
     "proto_segformer.metrics": ["MEAN_IOU_PATH", "ConfusionMatrix", "load_mean_iou", "mean_iou", "metrics_from_areas"],
     "proto_segformer.segmenter": ["InferenceOptions", "Prediction", "Segmenter"],
 }

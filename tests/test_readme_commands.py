@@ -49,6 +49,10 @@ RUN = {
         " --decoder_hidden_size 16",
         ("runs/ade/model.safetensors", "runs/ade/config.json"),
     ),
+    "python scripts/train.py --model_preset resnet-18 --output_dir runs/resnet18": (
+        f"{SHORT_TRAIN} --per_device_train_batch_size 2 --decoder_hidden_size 16 --prototype_dim 8",
+        ("runs/resnet18/model.safetensors", "runs/resnet18/modeling_protoseg.py"),
+    ),
     "accelerate launch --multi_gpu --num_processes 2 scripts/train.py --use_cpu --output_dir runs/ddp": (
         f"{SHORT_TRAIN} --dataloader_num_workers 0",
         ("runs/ddp/model.safetensors",),
@@ -139,6 +143,14 @@ SKIP = {
         "installs into the environment (.ci/run installs the same from a wheel); the training command is run above"
     ),
     "python -P -m pytest -q": "the test suite itself (.ci/run runs it)",
+    "python scripts/train.py --model_preset dinov2-small --decoder_type mlp --output_dir runs/dinov2-mlp": (
+        "the same command as the resnet-18 preset's above with another preset (tests/test_modeling_protoseg.py runs"
+        " DINOv2 with the MLP decoder)"
+    ),
+    "python scripts/train.py --model_name_or_path openmmlab/upernet-convnext-tiny --dataset_name path/to/cityscapes"
+    " --output_dir runs/upernet": "needs the Hugging Face Hub (tests/test_build_protoseg.py loads a local UperNet)",
+    "python scripts/train.py --model_name_or_path facebook/dinov2-small --dataset_name path/to/cityscapes"
+    " --output_dir runs/dinov2": "needs the Hugging Face Hub (tests/test_build_protoseg.py loads a local Dinov2Model)",
     "python scripts/train.py --dataset_name user/dataset --model_name_or_path nvidia/mit-b0 --output_dir runs/x": (
         "needs the Hugging Face Hub"
     ),
@@ -163,6 +175,23 @@ SKIP = {
     "python scripts/benchmark_quality.py --quick --datasets scenes --model_preset swin-tiny --workers 3"
     " --train_options per_device_train_batch_size=8": (
         "the resnet-18 command's code with another preset (run above, short); tests/test_twins.py builds Swin twins"
+    ),
+    "accelerate launch --multi_gpu --num_machines 2 --num_processes 8 --machine_rank 0 --main_process_ip 10.0.0.1"
+    " --main_process_port 29500 scripts/train.py --dataset_name path/to/ade_like_folder --reduce_labels"
+    " --model_preset mit-b2 --bf16 --output_dir runs/ade_2x4": (
+        "needs two machines with GPUs; tests/test_train_distributed_modes.py runs the same launch as two machines on"
+        " 127.0.0.1 with --use_cpu"
+    ),
+    "accelerate launch --config_file two_machines.yaml scripts/train.py --bf16 --output_dir runs/ade_2x4": (
+        "needs two machines with GPUs (the config file's command above, as flags)"
+    ),
+    "accelerate launch --use_fsdp --fsdp_version 2 --fsdp_state_dict_type FULL_STATE_DICT --num_processes 4"
+    " scripts/train.py --output_dir runs/fsdp": (
+        "needs GPUs: accelerate runs FSDP on GPUs only (tests/test_train_distributed_modes.py checks the one-line"
+        " refusal on CPU; tests/test_distributed.py runs FSDP2 on the model with gloo)"
+    ),
+    "accelerate launch --use_deepspeed --zero_stage 2 --num_processes 4 scripts/train.py --output_dir runs/zero2": (
+        "needs GPUs and deepspeed (tests/test_train_distributed_modes.py runs ZeRO-2 in one CPU process)"
     ),
     'pip install ".[onnx]"': "installs into the environment (.ci/run installs the [onnx] extra from the wheel)",
     "python scripts/benchmark.py --quick --onnxruntime --threads 1 --measure_memory false": (

@@ -6,15 +6,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARGS = [
-    "--config_overrides",
-    "hidden_sizes=[8,16,24,32],depths=[1,1,1,1],num_attention_heads=[1,1,1,1]",
-    "--decoder_hidden_size",
-    "32",
-    "--prototype_dim",
-    "16",
-    "--num_prototypes_per_class",
-    "3",
+# The built-in data and batches of the tiny runs (any model).
+TINY_DATA_ARGS = [
     "--builtin_num_train",
     "24",
     "--builtin_num_validation",
@@ -31,6 +24,17 @@ TINY_ARGS = [
     "0",
     "--disable_tqdm",
     "true",
+]
+TINY_ARGS = [
+    "--config_overrides",
+    "hidden_sizes=[8,16,24,32],depths=[1,1,1,1],num_attention_heads=[1,1,1,1]",
+    "--decoder_hidden_size",
+    "32",
+    "--prototype_dim",
+    "16",
+    "--num_prototypes_per_class",
+    "3",
+    *TINY_DATA_ARGS,
 ]
 
 
