@@ -163,7 +163,7 @@ def describe_budget(result: Mapping[str, Any]) -> list[str]:
             f"{dataset}: {model_args.model_preset} preset (decoder width {model_args.decoder_hidden_size}, ProtoSeg"
             f" D {dim}, M {model_args.num_prototypes_per_class}); both heads: {training_args.max_steps} steps x batch"
             f" {training_args.per_device_train_batch_size}, AdamW lr {training_args.learning_rate:g}"
-            f" ({schedule}, {training_args.warmup_steps} warm-up steps, decoder lr x"
+            f" ({schedule}, {training_args.warmup_steps:g} warm-up steps, decoder lr x"
             f" {model_args.head_learning_rate_multiplier:g}), {data_args.crop_size}x{data_args.crop_size} crops,"
             f" {data_args.builtin_num_train} training / {data_args.builtin_num_validation} validation images,"
             f" scripts/train.py's augmentation"
