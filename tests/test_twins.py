@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from protoseg_helpers import tiny_protoseg_config
 from transformers import SegformerForSemanticSegmentation, UperNetForSemanticSegmentation
 
 from benchmarks import speed, twins
 from benchmarks.arguments import QualityArguments, SpeedArguments
 from benchmarks.run_quality import QualityInputError, build_settings, default_output
-from proto_segformer import (
-    ProtoSegformerConfig,
-    ProtoSegformerForSemanticSegmentation,
-    ProtoSegForSemanticSegmentation,
-)
+from proto_segformer import ProtoSegformerForSemanticSegmentation, ProtoSegForSemanticSegmentation
 
 PROTOSEG_ONLY = [
     "projection.conv1.bias",
@@ -78,15 +75,7 @@ def test_twin_pair_depends_on_the_seed_and_builds_the_same_for_the_same_seed():
 
 
 def test_segformer_twin_of_a_mit_model():
-    config = ProtoSegformerConfig(
-        hidden_sizes=[8, 16, 24, 32],
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[1, 1, 1, 1],
-        decoder_hidden_size=16,
-        prototype_dim=8,
-        num_prototypes_per_class=3,
-        num_labels=4,
-    )
+    config = tiny_config(num_labels=4, decoder_hidden_size=16, prototype_dim=8, num_prototypes_per_class=3)
     protoseg = ProtoSegformerForSemanticSegmentation(config)
     parametric = twins.twin_pair(protoseg, seed=0)
     assert isinstance(parametric, SegformerForSemanticSegmentation)
