@@ -438,4 +438,3 @@ def main(args: AddClassesBenchmarkArguments) -> dict:
     if not math.isfinite(args.min_cell_fraction):
         raise ValueError("min_cell_fraction must be finite.")
     return run(args)
-

@@ -211,6 +211,22 @@ class MetricArguments:
 
 
 @dataclass
+class StartupArguments:
+    """scripts/benchmark_startup.py: seconds from scripts/train.py to its first step on a folder of 3,000 pairs."""
+
+    images: int = field(default=3000, metadata={"help": "Training image pairs of the generated folder."})
+    runs: int = field(default=2, metadata={"help": "Runs (of each version, interleaved)."})
+    folder: str | None = field(
+        default=None, metadata={"help": "Where the folder is made (default: <tmp>/proto_segformer_startup)."}
+    )
+    baseline: str | None = field(
+        default=None,
+        metadata={"help": "Another checkout of the repository (e.g. of main): its runs alternate with this one's."},
+    )
+    check_samples: int | None = field(default=None, metadata={"help": "--check_samples of the runs (default: theirs)."})
+
+
+@dataclass
 class PrecisionArguments:
     """scripts/benchmark_precision.py: agreement of the bfloat16 similarity option with float32."""
 

@@ -120,4 +120,3 @@ def run(args: MetricArguments) -> None:
     for name, seconds in rows:
         print(f"{name:48s} {seconds:9.2f} {1000 * seconds / args.images:9.1f} {plain_seconds / seconds:8.1f}x")
     print(f"mean IoU: {plain['mean_iou']:.6f} (all implementations agree)")
-

@@ -8,6 +8,7 @@ processes, cluster, broadcast rank 0's result).
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -124,11 +125,16 @@ def initialize_prototypes_from_dataset(
 ) -> torch.Tensor:
     """Cluster the embeddings of the first `batches` batches per process of `dataset` into the prototypes (the
     samples are dealt to the processes in turn); returns the (K,) mask of the classes initialised."""
-    count = min(len(dataset), batches * batch_size * world_size)
-    indices = list(range(rank, count, world_size))
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # a stream (--streaming): its first samples
+        first = itertools.islice(iter(dataset), batches * batch_size * world_size)
+        subset = [sample for position, sample in enumerate(first) if position % world_size == rank]
+        indices = range(len(subset))
+    else:
+        count = min(len(dataset), batches * batch_size * world_size)
+        indices = range(rank, count, world_size)
+        subset = torch.utils.data.Subset(dataset, list(indices))
     if not indices:
         raise ValueError("The training data set is empty: cannot initialise the prototypes from data.")
-    subset = torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_fn)
     present = initialize_prototypes_from_data(model, loader, max_pixels_per_class=max_pixels_per_class, seed=seed)
     logger.info(

@@ -57,6 +57,7 @@ from .data.loading import (
     read_id2label_file,
     resolve_column,
 )
+from .data.streaming import StreamingSegmentationDataset, load_streaming
 from .data.transforms import DEFAULT_IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, AugmentationConfig, pad_collate
 from .distributed_setup import (
     SETUP_KEY,
@@ -138,6 +139,10 @@ BUILTIN_DEMO_DEFAULTS: dict[str, Any] = {
     # One intra-op thread: with two, a 2-core machine shared with other jobs ran 17x slower (60 steps: 229 s vs 14 s).
     "torch_threads": 1,
 }
+
+
+# With --streaming: the Trainer sees no epochs (the stream repeats without end), so nothing is done "each epoch".
+STREAMING_DEFAULTS: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "steps"}
 
 
 @dataclass
@@ -260,11 +265,20 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation samples."})
-    check_samples: int | None = field(
-        default=2000,
+    streaming: bool = field(
+        default=False,
         metadata={
-            "help": "Before training, read this many samples per split and check them (files, sizes, label values);"
-            " -1 checks every sample. Every sample is checked again when it is loaded."
+            "help": "Read the training split as a stream (a datasets IterableDataset) from a Hub id, a parquet folder"
+            " or a data set folder: nothing is copied into the datasets cache. Needs --max_steps; evaluation and"
+            " saving go by steps. A parquet or Hub validation split is read into memory (see --max_eval_samples)."
+        },
+    )
+    check_samples: int | None = field(
+        default=100,
+        metadata={
+            "help": "Before training, read the first N samples of each split and check them (files, sizes, label"
+            " values), shared between the processes; -1 checks every sample. Every sample is checked again when it"
+            " is read, and a bad one stops training with an error naming its file."
         },
     )
     crop_size: int | None = field(
@@ -355,6 +369,8 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator (and warns without one)
     if not _given(argv, "dataset_name"):
         defaults.update(BUILTIN_DEMO_DEFAULTS)
+    if _given(argv, "streaming"):  # a stream has no epochs: the final evaluation, a checkpoint every --save_steps
+        defaults.update(STREAMING_DEFAULTS)
     if _given(argv, "save_steps") and not _given(argv, "save_strategy"):
         defaults["save_strategy"] = "steps"
     parser.set_defaults(**defaults)
@@ -368,7 +384,7 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
 class PreparedData:
     """The data of a run: the two data sets the Trainer reads, the class names, a name for the card, the crop."""
 
-    train: SegmentationDataset
+    train: SegmentationDataset | StreamingSegmentationDataset
     validation: SegmentationDataset
     id2label: dict[int, str]
     dataset_label: str
@@ -403,6 +419,11 @@ def _named_data(model_args: ModelArguments, data_args: DataTrainingArguments, tr
             token=model_args.token,
         )
     dataset = ensure_validation_split(dataset, data_args.train_val_split, training_args.seed)
+    return (dataset, *_columns(dataset, data_args))
+
+
+def _columns(dataset: datasets.DatasetDict, data_args: DataTrainingArguments) -> tuple[str, str]:
+    """(image column, label column) of the training split, which the validation split must have too."""
     columns = dataset["train"].column_names
     image_column = resolve_column(
         columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "image", "--image_column_name"
@@ -416,7 +437,7 @@ def _named_data(model_args: ModelArguments, data_args: DataTrainingArguments, tr
             f"The 'validation' split has no column {missing[0]!r}; its columns are"
             f" {dataset['validation'].column_names}."
         )
-    return dataset, image_column, label_column
+    return image_column, label_column
 
 
 def _class_names(
@@ -492,6 +513,8 @@ def prepare_data(
     `ignore_index`: the model's `config.semantic_loss_ignore_index` (label value left out; crops are padded with
     it). `checkpoint_id2label`: the class names of the checkpoint trained from, used when the data name none."""
     # 1. The data set, its columns and its classes.
+    if data_args.streaming:
+        check_streaming_options(data_args, training_args)
     builtin = parse_builtin_name(data_args.dataset_name)
     if builtin is not None:
         if data_args.dataset_name == builtin:
@@ -503,13 +526,28 @@ def prepare_data(
         layout = find_folder_layout(data_args.dataset_name)  # Cityscapes, COCO-Stuff: options that contradict it
         if layout is not None:
             layout.check_options(data_args.reduce_labels, ignore_index)
+        if data_args.streaming:
+            return _streamed_data(model_args, data_args, training_args, ignore_index, checkpoint_id2label)
         dataset, image_column, label_column = _named_data(model_args, data_args, training_args)
         id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
         dataset_label = data_args.dataset_name
-    if len(id2label) < 2:
-        raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
     # 2. The samples used, checked before training (files, sizes, label values).
     dataset = _first_samples(dataset, data_args)
+    _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index)
+    # 3. The training augmentation and the two data sets the Trainer reads.
+    crop_size = _crop_size(builtin, data_args)
+    common = _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index)
+    augmentation = _augmentation(builtin, crop_size, data_args, ignore_index)
+    train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
+    validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
+    return PreparedData(train, validation, id2label, dataset_label, crop_size)
+
+
+def _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index) -> None:
+    """The first --check_samples of each split checked (`check_split`), shared between the processes (each checks
+    its share: no process waits, none repeats another's work); every sample is checked again as it is read."""
+    if len(id2label) < 2:
+        raise DataError(f"ProtoSeg needs at least 2 classes; id2label has {len(id2label)}: {id2label}.")
     limit = None if data_args.check_samples is None or data_args.check_samples < 0 else data_args.check_samples
     for split_name in ("train", "validation"):
         check_split(
@@ -521,10 +559,15 @@ def prepare_data(
             ignore_index=ignore_index,
             reduce_labels=data_args.reduce_labels,
             max_samples=limit,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
+            progress=training_args.process_index == 0 and not training_args.disable_tqdm,
         )
-    # 3. The training augmentation and the two data sets the Trainer reads.
-    crop_size = _crop_size(builtin, data_args)
-    common = {
+
+
+def _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index) -> dict[str, Any]:
+    """The options the training and the validation data set share."""
+    return {
         "image_column": image_column,
         "label_column": label_column,
         "num_labels": len(id2label),
@@ -532,10 +575,64 @@ def prepare_data(
         "ignore_index": ignore_index,
         "seed": training_args.data_seed if training_args.data_seed is not None else training_args.seed,
     }
-    augmentation = _augmentation(builtin, crop_size, data_args, ignore_index)
-    train = SegmentationDataset(dataset["train"], train=True, augmentation=augmentation, split_name="train", **common)
+
+
+def check_streaming_options(data_args: DataTrainingArguments, training_args: TrainingArguments) -> None:
+    """--streaming with options it cannot honour is a `DataError` naming the fix."""
+    if parse_builtin_name(data_args.dataset_name) is not None:
+        raise DataError(
+            "--streaming reads --dataset_name (a Hub id, a parquet folder or a data set folder); the built-in data"
+            " sets are made in memory: leave --streaming out."
+        )
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise DataError(
+            "--streaming reads a stream of unknown length, whose epochs cannot be counted: give the length of"
+            " training with --max_steps N."
+        )
+    for name, steps in (("eval_strategy", "eval_steps"), ("save_strategy", "save_steps")):
+        if getattr(training_args, name) == "epoch":
+            raise DataError(
+                f"--{name} epoch: with --streaming the Trainer sees no epochs (the stream repeats without end); use"
+                f" --{name} steps --{steps} N."
+            )
+
+
+def _streamed_data(model_args, data_args, training_args, ignore_index, checkpoint_id2label) -> PreparedData:
+    """`prepare_data` with --streaming: the training split as a `StreamingSegmentationDataset` (see
+    `data.streaming`), the validation split as a `SegmentationDataset`."""
+    with training_args.main_process_first():
+        streamed = load_streaming(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+            max_eval_samples=data_args.max_eval_samples,
+            head_size=max(200, data_args.check_samples or 0),
+        )
+    if streamed.validation is None:
+        raise DataError(
+            "The data set has no validation split, and a stream cannot be split by --train_val_split: give a data set"
+            " with a validation split (or train without --streaming)."
+        )
+    dataset = datasets.DatasetDict({"train": streamed.train_rows, "validation": streamed.validation})
+    image_column, label_column = _columns(dataset, data_args)
+    id2label = _class_names(dataset, label_column, image_column, data_args, checkpoint_id2label, ignore_index)
+    dataset = _first_samples(dataset, data_args)
+    _check_data(dataset, image_column, label_column, id2label, data_args, training_args, ignore_index)
+    crop_size = _crop_size(None, data_args)
+    common = _dataset_options(image_column, label_column, id2label, data_args, training_args, ignore_index)
+    stream = streamed.train
+    if data_args.max_train_samples is not None:
+        stream = stream.take(data_args.max_train_samples)
+    train = StreamingSegmentationDataset(
+        stream,
+        augmentation=_augmentation(None, crop_size, data_args, ignore_index),
+        batch_size=training_args.per_device_train_batch_size,
+        label_conversion=streamed.label_conversion,
+        **common,
+    )
     validation = SegmentationDataset(dataset["validation"], train=False, split_name="validation", **common)
-    return PreparedData(train, validation, id2label, dataset_label, crop_size)
+    return PreparedData(train, validation, id2label, data_args.dataset_name, crop_size)
 
 
 # --------------------------------------------------------------------------------------------------- output folder
@@ -809,7 +906,7 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
             results["train"] = train_metrics
         eval_metrics = None
         if training_args.do_eval:
-            eval_metrics = trainer.evaluate()
+            eval_metrics = trainer.final_evaluation()
             results["eval"] = eval_metrics
         save_training_outputs(
             trainer,
@@ -915,6 +1012,16 @@ def save_failed_message(error: SaveFailedError, argv: list[str]) -> str:
     return write_failure_message(cause, error.folder, error.what, intact, disk_full=error.disk_full, free=error.free)
 
 
+def error_line(error: Exception) -> str:
+    """The message of `error`; for one a dataloader worker raised (torch re-raises it with the worker's traceback
+    as its message), the original message alone."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of scripts/train.py. User errors (data, arguments) exit with a one-paragraph message; Ctrl-C
     with one line saying how to resume (exit code 130); a failed save (a full disk) with one line (exit code 1)."""
@@ -941,7 +1048,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return run_training(model_args, data_args, training_args)
     except (DataError, ModelInputError, DistributedSetupError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunFinished as finished:
         if first:

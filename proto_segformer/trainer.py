@@ -170,6 +170,7 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
         self._loss_parts_count = 0
         self._step_loss_parts: torch.Tensor | None = None
         self._evaluating_areas = False
+        self._last_evaluation: tuple[int, dict[str, float]] | None = None
         if self.args.world_size > 1:
             # DDP compares the strides of a depthwise convolution's weight gradient (C, 1, 3, 3) with its bucket's
             # including the dimension of size 1, where strides carry no meaning: the layouts are the same (autograd's
@@ -264,12 +265,25 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._evaluating_areas = True
         try:
-            return super().evaluate(*args, **kwargs)
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating_areas = False
+        if eval_dataset is None and metric_key_prefix == "eval":
+            self._last_evaluation = (self.state.global_step, dict(metrics))
+        return metrics
+
+    def final_evaluation(self) -> dict[str, float]:
+        """The evaluation of the model as trained: the one the run just made at its last step (the epoch-end or
+        step evaluation of the final step), else a new one. With --max_steps the last step also ends an epoch; the
+        Trainer evaluated there, and evaluating again would give the same numbers at twice the cost."""
+        last = self._last_evaluation
+        if last is not None and last[0] == self.state.global_step and not self.args.load_best_model_at_end:
+            logger.info("Final evaluation: the evaluation of step %d.", self.state.global_step)
+            return dict(self._last_evaluation[1])
+        return self.evaluate()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self._evaluating_areas or "labels" not in inputs:
@@ -286,6 +300,16 @@ class ProtoSegTrainer(CheckpointSavingTrainer):
         areas = segmentation_areas(predictions, labels, config.num_labels, config.semantic_loss_ignore_index)
         # The areas carry everything the metric needs; a per-sample placeholder stands in for the labels.
         return loss, areas, torch.zeros(labels.shape[0], device=labels.device)
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """A stream (`data.streaming.StreamingSegmentationDataset`, --streaming) starts at the sample the checkpoint
+        reached, skipping the rows before it undecoded; other data skip the batches as the Trainer does. Process 0
+        reads the stream for all processes (accelerate's dispatching): `num_batches` batches of each process."""
+        dataset = self.train_dataset
+        if not hasattr(dataset, "resume_at"):
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        dataset.resume_at(num_batches * self.args.per_device_train_batch_size * self.args.world_size)
+        return dataloader
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if isinstance(resume_from_checkpoint, str | Path):

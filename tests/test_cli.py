@@ -43,6 +43,7 @@ def test_every_script_is_listed():
         "benchmark_metric.py",
         "benchmark_precision.py",
         "benchmark_quality.py",
+        "benchmark_startup.py",
         "evaluate_model.py",
         "export_onnx.py",
         "make_card_pictures.py",
@@ -86,6 +87,7 @@ def test_train_misspelled_flag_is_a_one_line_error(tmp_path, args, message):
         ("benchmark.py", ["--quick", "--repeat", "1"], "--repeats"),
         ("benchmark_add_classes.py", ["--quik"], "--quick"),
         ("benchmark_metric.py", ["--image", "3"], "--images"),
+        ("benchmark_startup.py", ["--run", "1"], "--runs"),
         ("benchmark_quality.py", ["--quick", "--ablatoins", "M-1"], "--ablations"),
         ("benchmark_precision.py", ["--model", "m", "--num_valdation", "3"], "--num_validation"),
         (

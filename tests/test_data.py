@@ -443,3 +443,17 @@ def test_fashion_scenes_explain_a_missing_debian_package() -> None:
     else:
         with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
             build_builtin_dataset("scenes-fashion", num_train=4, num_validation=2, image_size=32, cache_dir=False)
+
+
+def test_check_split_shares_the_checked_samples_between_processes() -> None:
+    # Each of n processes checks samples r, r + n, ... of the first max_samples: together each once, none twice.
+    image = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    labels = [Image.fromarray(np.full((4, 4), value, np.uint8)) for value in (0, 1, 2, 3, 4, 9)]
+    split = _split([image] * 6, labels)
+    shares = [check_split(split, "train", "image", "label", 10, max_samples=5, rank=r, world_size=2) for r in (0, 1)]
+    assert [share["checked"] for share in shares] == [3, 2]
+    assert [share["label_values"] for share in shares] == [[0, 2, 4], [1, 3]]
+    bad = _split([image] * 3, [labels[0], labels[1], Image.fromarray(np.full((4, 4), 7, np.uint8))])
+    check_split(bad, "train", "image", "label", 5, rank=1, world_size=2)  # sample 2 is process 0's
+    with pytest.raises(DataError, match=r"label values 7 \(sample 2\)"):
+        check_split(bad, "train", "image", "label", 5, rank=0, world_size=2)

@@ -66,8 +66,8 @@ def test_training_step_eval_and_reload_on_each_backbone(kind, decoder, stride, t
     assert torch.equal(reloaded.prototypes, model.prototypes)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
-    with torch.no_grad():
-        assert torch.equal(reloaded(pixel_values).logits, logits.logits)
+    with torch.no_grad():  # the same values (a ViT may reload with another attention kernel: rounding only)
+        torch.testing.assert_close(reloaded(pixel_values).logits, logits.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_hrnet_through_timm(tmp_path):

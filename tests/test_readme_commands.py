@@ -57,6 +57,16 @@ RUN = {
         f"{SHORT_TRAIN} --dataloader_num_workers 0",
         ("runs/ddp/model.safetensors",),
     ),
+    "python scripts/train.py --dataset_name path/to/ade_like_folder --reduce_labels --streaming --max_steps 20000"
+    " --save_steps 2000 --output_dir runs/ade_stream": (
+        f"--max_steps 2 --warmup_steps 0 --per_device_train_batch_size 2 --crop_size 32 {TINY_MIT}"
+        " --decoder_hidden_size 16",
+        ("runs/ade_stream/model.safetensors", "runs/ade_stream/eval_results.json"),
+    ),
+    "python scripts/benchmark_startup.py --runs 2": (
+        "--runs 1 --images 6 --folder startup_data",
+        ("startup_data/ade6/made.json",),
+    ),
     "python scripts/benchmark.py --presets mit-b0 mit-b2 --num_labels 19 150 847 --output_json benchmarks/cpu.json": (
         SHORT_SPEED,
         ("benchmarks/cpu.json",),

@@ -283,3 +283,17 @@ def test_a_model_ignoring_254_trains_and_evaluates_on_crops_padded_with_254(tmp_
     data = prepare_data(model_args, data_args, training_args, ignore_index=254)
     crop = data.train[0]["labels"]
     assert crop.shape == (32, 32) and (crop == 254).any() and not (crop == 255).any()
+
+
+def test_max_steps_evaluates_the_final_model_once(tmp_path: Path) -> None:
+    # The last step of a --max_steps run also ends an epoch: the Trainer evaluated there (--eval_strategy epoch) and
+    # the final evaluation evaluated the same model again (2 x 40 s in the issue). Now: once, the same numbers.
+    output = tmp_path / "run"
+    argv = ["--output_dir", str(output), "--max_steps", "2", "--eval_strategy", "epoch", "--save_strategy", "no"]
+    results = main([*argv, *TINY_ARGS])
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2]
+    assert results["eval"]["eval_loss"] == evaluations[0]["eval_loss"]
+    saved = json.loads((output / "eval_results.json").read_text())
+    assert saved["eval_mean_iou"] == evaluations[0]["eval_mean_iou"]

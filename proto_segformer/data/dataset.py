@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import torch
 
-from .loading import DataError, checked_label, label_values_message, read_pair, undecoded
+from .loading import SampleCheck, undecoded
 from .transforms import (
     DEFAULT_IGNORE_INDEX,
     IMAGENET_MEAN,
@@ -67,6 +67,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.split_name = split_name or ("train" if train else "validation")
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
+        self.check = SampleCheck(
+            image_column, label_column, self.num_labels, ignore_index, reduce_labels, self.split_name
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of this epoch."""
@@ -80,25 +83,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
     def load(self, index: int) -> tuple:
-        """(PIL image, (H, W) int64 label) of sample `index`, checked."""
-        image, label = read_pair(self._undecoded, index, self.image_column, self.label_column, self.split_name)
-        array = checked_label(
-            self._undecoded, index, label, self.label_column, self.reduce_labels, self.ignore_index, self.split_name
-        )
-        if array.shape != (image.size[1], image.size[0]):
-            raise DataError(
-                f"Split {self.split_name!r}, sample {index}: the image is {image.size[1]}x{image.size[0]} (height x"
-                f" width) but its label is {array.shape[0]}x{array.shape[1]}."
-            )
-        bad = (array < 0) | (array >= self.num_labels)
-        bad &= array != self.ignore_index
-        if bad.any():
-            values = {int(v): index for v in np.unique(array[bad])}
-            raise DataError(
-                label_values_message(
-                    values, self.split_name, self.num_labels, self.ignore_index, self.reduce_labels, set()
-                )
-            )
+        """(PIL image, (H, W) int64 label) of sample `index`, checked (`loading.checked_row`: an error names the
+        sample and its file)."""
+        image, array, _ = self.check(self._undecoded[index], index)
         return image, array
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
