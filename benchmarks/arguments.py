@@ -12,7 +12,11 @@ class SpeedArguments:
     """scripts/benchmark.py: speed and memory of ProtoSeg against the parametric head."""
 
     presets: list[str] = field(
-        default_factory=lambda: ["mit-b0", "mit-b2"], metadata={"help": "MiT presets (mit-b0 .. mit-b5)."}
+        default_factory=lambda: ["mit-b0", "mit-b2"],
+        metadata={
+            "help": "MiT presets (mit-b0 .. mit-b5: against SegformerForSemanticSegmentation) or backbone presets"
+            " (resnet-18, swin-tiny, ...: scripts/train.py --model_preset; against UperNetForSemanticSegmentation)."
+        },
     )
     num_labels: list[int] = field(default_factory=lambda: [19, 150, 847], metadata={"help": "Class counts K."})
     device: list[str] = field(
@@ -45,6 +49,7 @@ class SpeedArguments:
         import torch
 
         from proto_segformer.configuration_proto_segformer import mit_preset
+        from proto_segformer.configuration_protoseg import BACKBONE_PRESETS
 
         if self.onnxruntime and any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnxscript")):
             raise ValueError("--onnxruntime needs the [onnx] extra: pip install onnx onnxscript onnxruntime.")
@@ -52,7 +57,14 @@ class SpeedArguments:
         if self.quick:
             self.presets = ["mit-b0"]
         for preset in self.presets:
-            mit_preset(preset)  # a clear error for an unknown name
+            if preset.lower().replace("_", "-") not in BACKBONE_PRESETS:
+                try:
+                    mit_preset(preset)
+                except ValueError:
+                    raise ValueError(
+                        f"Unknown preset {preset!r}; choose a MiT size (mit-b0 .. mit-b5) or a backbone preset"
+                        f" ({', '.join(BACKBONE_PRESETS)})."
+                    ) from None
         if any(k < 2 for k in self.num_labels):
             raise ValueError(f"--num_labels must all be >= 2, got {self.num_labels}.")
         if self.repeats < 1 or self.threads < 1:
@@ -148,6 +160,14 @@ class QualityArguments:
     )
     seeds: str | None = field(default=None, metadata={"help": "Seeds, comma-separated (default: the mode's)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
+    model_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "scripts/train.py's --model_preset for both heads (default: the built-in demo's, mit-b0): a MiT"
+            " size (against SegformerForSemanticSegmentation) or a backbone preset such as resnet-18 or swin-tiny"
+            " (ProtoSeg with the UperNet decoder, against UperNetForSemanticSegmentation)."
+        },
+    )
     ablate: bool = field(
         default=False, metadata={"help": "Also run every ProtoSeg ablation (ABLATIONS in benchmarks/quality.py)."}
     )
@@ -173,7 +193,8 @@ class QualityArguments:
         metadata={"help": "Recompute the summary and comparison of an existing JSON file from its runs (no training)."},
     )
     output: str | None = field(
-        default=None, metadata={"help": "JSON file (default: benchmarks/quality[_ablations]_<mode>.json)."}
+        default=None,
+        metadata={"help": "JSON file (default: benchmarks/quality[_ablations]_<mode>[_<model_preset>].json)."},
     )
 
 

@@ -1,9 +1,11 @@
-"""Quality comparison: ProtoSeg against the parametric SegFormer head, with everything else held equal.
+"""Quality comparison: ProtoSeg against its parametric twin, with everything else held equal.
 
-For each data set and seed, transformers' `SegformerForSemanticSegmentation` (parametric) and
-`ProtoSegformerForSemanticSegmentation` are built from the same config and the same initial encoder and decoder
-weights (the parametric model's state_dict is copied into the ProtoSeg model; only the classifier is dropped and the
-projection and prototypes stay fresh), and trained through the same code as `scripts/train.py`: its argument
+For each data set and seed, the ProtoSeg model (`ProtoSegformerForSemanticSegmentation` for a MiT preset,
+`ProtoSegForSemanticSegmentation` for a backbone preset such as resnet-18 or swin-tiny) and its parametric twin
+(transformers' `SegformerForSemanticSegmentation` or `UperNetForSemanticSegmentation`: benchmarks/twins.py) are built
+from the same config and the same initial encoder / backbone and decoder weights (the parametric model's state_dict is
+copied into the ProtoSeg model; only the classifier is dropped and the projection and prototypes stay fresh), and
+trained through the same code as `scripts/train.py`: its argument
 parser and defaults, `run_training.prepare_data` (data, augmentation), `ProtoSegTrainer` (optimiser, schedule,
 loss logging, evaluation) and `MeanIoUMetric` (the project's mean IoU). Every run records a fingerprint of its
 initial shared weights and of every training batch, so a comparison can show that both heads saw the same weights,
@@ -31,17 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from transformers.trainer_callback import PrinterCallback
 
-from proto_segformer.modeling_proto_segformer import ProtoSegformerForSemanticSegmentation
 from proto_segformer.prototype_math import l2_normalize, random_unit_prototypes
 
-HEADS = ("parametric", "protoseg")
+from .twins import (
+    HEADS,
+    copy_shared_weights,
+    parametric_config,
+    shared_parameter_names,
+    shared_weights_fingerprint,
+    twin_pair,
+)
+
 DATASETS = ("scenes", "scenes-large")
-# Parameters that exist only in one head: the parametric classifier, the ProtoSeg projection.
-PARAMETRIC_ONLY_PREFIXES = ("decode_head.classifier.",)
-PROTOSEG_ONLY_PREFIXES = ("projection.", "prototypes")
 
 # scripts/train.py options of every comparison run: evaluate once at the end, save nothing, quiet.
 COMMON_TRAIN_OPTIONS: dict[str, Any] = {
@@ -142,60 +147,39 @@ def parse_train_arguments(dataset: str, options: Mapping[str, Any]):
     return model_args, data_args, training_args
 
 
+def describe_budget(result: Mapping[str, Any]) -> list[str]:
+    """One line per data set of a comparison result: the model and the training budget both heads had, as
+    scripts/train.py parses the result's options (its built-in demo defaults, then the comparison's options)."""
+    if "train_options" not in result:
+        return []
+    datasets = result.get("datasets") or sorted({run["dataset"] for run in result.get("runs", [])})
+    lines = []
+    for dataset in datasets:
+        options = {**result["train_options"], **result.get("dataset_options", {}).get(dataset, {})}
+        model_args, data_args, training_args = parse_train_arguments(dataset, {**options, "output_dir": "unused"})
+        dim = model_args.prototype_dim or model_args.decoder_hidden_size
+        schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+        lines.append(
+            f"{dataset}: {model_args.model_preset} preset (decoder width {model_args.decoder_hidden_size}, ProtoSeg"
+            f" D {dim}, M {model_args.num_prototypes_per_class}); both heads: {training_args.max_steps} steps x batch"
+            f" {training_args.per_device_train_batch_size}, AdamW lr {training_args.learning_rate:g}"
+            f" ({schedule}, {training_args.warmup_steps:g} warm-up steps, decoder lr x"
+            f" {model_args.head_learning_rate_multiplier:g}), {data_args.crop_size}x{data_args.crop_size} crops,"
+            f" {data_args.builtin_num_train} training / {data_args.builtin_num_validation} validation images,"
+            f" scripts/train.py's augmentation"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def parametric_config(proto_config) -> SegformerConfig:
-    """The `SegformerConfig` of the parametric twin of a `ProtoSegformerConfig` (every SegFormer field equal)."""
-    segformer_fields = set(SegformerConfig().to_dict())
-    values = {k: v for k, v in proto_config.to_dict().items() if k in segformer_fields}
-    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
-        values.pop(key, None)
-    values["id2label"] = dict(proto_config.id2label)
-    values["label2id"] = dict(proto_config.label2id)
-    return SegformerConfig(**values)
-
-
-def shared_parameter_names(state_dict: Mapping[str, torch.Tensor], head: str) -> list[str]:
-    """Names of the encoder and decoder tensors (those both heads have) in a state_dict of the given head."""
-    own = PARAMETRIC_ONLY_PREFIXES if head == "parametric" else PROTOSEG_ONLY_PREFIXES
-    return sorted(name for name in state_dict if not name.startswith(own))
-
-
-def shared_weights_fingerprint(model: torch.nn.Module, head: str) -> str:
-    """sha256 over the names and values of the encoder and decoder tensors (parameters and buffers)."""
-    state = model.state_dict()
-    digest = hashlib.sha256()
-    for name in shared_parameter_names(state, head):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def copy_shared_weights(
-    parametric: SegformerForSemanticSegmentation, protoseg: ProtoSegformerForSemanticSegmentation
-) -> None:
-    """Load the parametric model's encoder and decoder weights into the ProtoSeg model (in place).
-
-    The in-memory names match (`segformer.*`, `decode_head.linear_projections.*`, ...); the parametric classifier
-    is dropped and the ProtoSeg projection and prototypes keep their values. Raises if anything else differs.
-    """
-    report = protoseg.load_state_dict(parametric.state_dict(), strict=False)
-    unexpected = [k for k in report.unexpected_keys if not k.startswith(PARAMETRIC_ONLY_PREFIXES)]
-    missing = [k for k in report.missing_keys if not k.startswith(PROTOSEG_ONLY_PREFIXES)]
-    if unexpected or missing:
-        raise RuntimeError(
-            "The parametric and ProtoSeg models do not share their encoder and decoder:"
-            f" unexpected {unexpected[:5]}, missing {missing[:5]}."
-        )
-
-
-def build_model_pair(
-    model_args, id2label: Mapping[int, str], seed: int
-) -> tuple[SegformerForSemanticSegmentation, ProtoSegformerForSemanticSegmentation]:
-    """Both heads for one seed: the ProtoSeg model as `scripts/train.py` builds it (`model_building.build_model`), its
-    parametric twin (same SegFormer config), the parametric encoder + decoder initialisation copied into the ProtoSeg
-    model, and prototypes drawn from a generator seeded with `seed` (so they depend on the seed only)."""
+def build_model_pair(model_args, id2label: Mapping[int, str], seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Both heads for one seed: the ProtoSeg model as `scripts/train.py` builds it (`model_building.build_model`: a
+    ProtoSegformer for a MiT preset, a ProtoSeg model for a backbone preset such as resnet-18 or swin-tiny), its
+    parametric twin (`twins.twin_pair`: `SegformerForSemanticSegmentation` or `UperNetForSemanticSegmentation` of the
+    same config) whose encoder / backbone + decoder initialisation is copied into the ProtoSeg model, and prototypes
+    drawn from a generator seeded with `seed` (so they depend on the seed only)."""
     from proto_segformer.model_building import build_model
 
     torch.manual_seed(seed)
@@ -205,9 +189,7 @@ def build_model_pair(
         id2label=id2label,
         overrides=model_args.config_fields(),
     )
-    torch.manual_seed(seed)
-    parametric = SegformerForSemanticSegmentation(parametric_config(protoseg.config))
-    copy_shared_weights(parametric, protoseg)
+    parametric = twin_pair(protoseg, seed)
     generator = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad():
         protoseg.prototypes.copy_(random_unit_prototypes(*protoseg.prototypes.shape, generator=generator))
@@ -261,7 +243,7 @@ def fingerprinting_trainer_class():
 
 @torch.no_grad()
 def prototype_usage(
-    model: ProtoSegformerForSemanticSegmentation, batches: Iterable[Mapping[str, torch.Tensor]], min_share: float = 0.01
+    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], min_share: float = 0.01
 ) -> dict[str, float]:
     """How many of each class's M prototypes the labelled pixels of `batches` use (the nearest of its own class's).
 
@@ -832,6 +814,7 @@ __all__ = [
     "class_pixel_counts",
     "compare",
     "copy_shared_weights",
+    "describe_budget",
     "format_comparison",
     "fingerprinting_trainer_class",
     "format_table",
@@ -845,6 +828,7 @@ __all__ = [
     "reusable_runs",
     "run_comparison",
     "run_job",
+    "shared_parameter_names",
     "shared_weights_fingerprint",
     "summarize",
     "train_and_evaluate",

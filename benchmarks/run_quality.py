@@ -6,6 +6,8 @@ accuracy, training time and learnable parameters, and writes JSON.
     python scripts/benchmark_quality.py                        # 2 CPU cores, < 60 min
     python scripts/benchmark_quality.py --large --device cuda  # a GPU: larger images and model, 5 seeds
     python scripts/benchmark_quality.py --quick --ablate       # + every ProtoSeg ablation (quality.ABLATIONS)
+    python scripts/benchmark_quality.py --quick --datasets scenes --model_preset resnet-18 \
+        --train_options per_device_train_batch_size=8          # ProtoSeg vs UperNetForSemanticSegmentation
     python scripts/benchmark_quality.py --quick --ablations M-1,init-from-data --datasets scenes-large
     python scripts/benchmark_quality.py --resummarize benchmarks/quality_quick.json   # statistics again, no training
     python scripts/benchmark_quality.py --ablations M-1 --datasets scenes-large --seeds 0 \
@@ -30,6 +32,7 @@ from .quality import (
     ComparisonSettings,
     QualityInputError,
     compare,
+    describe_budget,
     format_comparison,
     format_table,
     reusable_runs,
@@ -57,6 +60,11 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
     try:
         requested = parse_config_overrides(args.train_options)
         train_options.update(requested)
+        if args.model_preset is not None:
+            if "model_preset" in requested:
+                raise QualityInputError("--model_preset and --train_options model_preset=... exclude each other.")
+            check_model_preset(args.model_preset, train_options.get("decoder_type"))
+            train_options["model_preset"] = args.model_preset
         seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else tuple(MODES[mode]["seeds"])
     except ValueError as error:
         raise QualityInputError(f"Bad --seeds or --train_options: {error}") from error
@@ -77,9 +85,26 @@ def build_settings(args: QualityArguments) -> tuple[ComparisonSettings, str]:
     return ComparisonSettings(datasets, seeds, train_options, variants, mode, dataset_options), device
 
 
+def check_model_preset(name: str, decoder_type: str | None) -> None:
+    """A clear error for a preset scripts/train.py does not know, or a ProtoSeg model without a parametric twin."""
+    from proto_segformer.configuration_protoseg import BACKBONE_PRESETS
+    from proto_segformer.model_building import preset_names
+
+    key = name.lower().replace("_", "-")
+    if key not in preset_names() and "mit-" + key not in preset_names():
+        raise QualityInputError(f"Unknown --model_preset {name!r}; choose one of {', '.join(preset_names())}.")
+    if key in BACKBONE_PRESETS and decoder_type not in (None, "upernet"):
+        raise QualityInputError(
+            f"decoder_type={decoder_type} has no parametric twin in transformers (UperNetForSemanticSegmentation has"
+            " the UperNet decoder): leave decoder_type at upernet."
+        )
+
+
 def default_output(settings: ComparisonSettings) -> Path:
     ablated = "_ablations" if len(settings.variants) > 1 else ""
-    return Path(__file__).resolve().parent / f"quality{ablated}_{settings.mode}.json"
+    preset = settings.train_options.get("model_preset")
+    suffix = f"_{preset}" if preset else ""
+    return Path(__file__).resolve().parent / f"quality{ablated}_{settings.mode}{suffix}.json"
 
 
 def read_result(path: str) -> dict:
@@ -106,6 +131,9 @@ def resummarize(path: str, output: str | None) -> dict:
 
 
 def print_result(result: dict, output: Path) -> None:
+    print()
+    for line in describe_budget(result):
+        print(line)
     print()
     print(format_table(result["summary"]))
     print()

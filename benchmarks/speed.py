@@ -1,8 +1,12 @@
-"""ProtoSeg head versus the parametric SegFormer head: latency, training-step time, peak memory and FLOPs.
+"""ProtoSeg head versus the parametric head: latency, training-step time, peak memory and FLOPs.
 
-For each MiT preset and class count K, the same encoder and decoder are built twice, with the same seed: as
-transformers' `SegformerForSemanticSegmentation` (parametric: a 1x1 classifier) and as
-`ProtoSegformerForSemanticSegmentation` (M prototypes per class, projection to D). Measured:
+For each preset and class count K, the same encoder / backbone and decoder are built twice, from the same config and
+the same initial weights (benchmarks/twins.py): a MiT preset as transformers' `SegformerForSemanticSegmentation`
+(parametric: a 1x1 classifier) and as `ProtoSegformerForSemanticSegmentation` (M prototypes per class, projection to
+D); a backbone preset (resnet-18, swin-tiny, ...: UperNet's PPM + FPN decoder) as transformers'
+`UperNetForSemanticSegmentation` (no auxiliary head) and as `ProtoSegForSemanticSegmentation`. transformers' UperNet
+upsamples its logits to the input size inside `forward` (SegFormer and ProtoSeg return them at stride 4), so its
+inference call includes that (B, K, H, W) upsampling and ProtoSeg's does not. Measured:
 
 - inference latency: batch 1, 512x512, eval mode, `torch.inference_mode()`;
 - training step: batch 2, 256x256, random labels, forward + backward + AdamW step;
@@ -22,6 +26,7 @@ medians. On a shared machine they are noisy; the JSON records the load average b
     python scripts/benchmark.py --quick                                            # mit-b0, K = 19, 150, 847
     python scripts/benchmark.py --presets mit-b0 mit-b2 --num_labels 19 150 847 --output_json benchmarks/cpu.json
     python scripts/benchmark.py --quick --prototype_dim 64                        # a smaller D, for speed
+    python scripts/benchmark.py --presets resnet-18 swin-tiny --num_labels 19 150 847   # ProtoSeg vs UperNet
 """
 
 from __future__ import annotations
@@ -43,19 +48,19 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers import PretrainedConfig
 
-from proto_segformer import ProtoSegformerConfig, ProtoSegformerForSemanticSegmentation
-from proto_segformer.configuration_proto_segformer import mit_preset
+from proto_segformer.model_building import model_for, preset_config
 from proto_segformer.prototype_kernels import SIMILARITY_DTYPES, measured_head_blocks, prototype_logits
 from proto_segformer.prototype_math import l2_normalize
 
 from .arguments import SpeedArguments
+from .twins import HEADS, parametric_model, twin_pair
 
 # Each memory probe runs the entry point again in a fresh subprocess (--memory_probe).
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
-MODEL_KINDS = ("parametric", "protoseg")
+MODEL_KINDS = HEADS
 # Targets of issue 5 (CPU, 2 threads, mit-b0, M = 10, D = decoder width): ratio ProtoSeg / parametric.
 TARGETS = {
     "inference_ms": {19: 1.30, 150: 1.30, 847: 2.50},
@@ -83,22 +88,30 @@ class Setting:
 # Models and calls
 
 
+def protoseg_config(setting: Setting) -> PretrainedConfig:
+    """The ProtoSeg config of a setting: `ProtoSegformerConfig` for a MiT preset, `ProtoSegConfig` (UperNet decoder)
+    for a backbone preset, as `scripts/train.py --model_preset` builds them."""
+    overrides = {
+        "num_prototypes_per_class": setting.num_prototypes_per_class,
+        "prototype_dim": setting.prototype_dim,
+        "similarity_dtype": setting.similarity_dtype,
+    }
+    return preset_config(setting.preset, overrides, {"num_labels": setting.num_labels})
+
+
 def build_model(kind: str, setting: Setting) -> torch.nn.Module:
-    """The parametric SegFormer or ProtoSeg with the same MiT preset, seeded identically."""
+    """The parametric twin or the ProtoSeg model of the setting's preset, seeded identically (one of them: a memory
+    probe's process holds one model)."""
+    config = protoseg_config(setting)
     torch.manual_seed(0)
-    if kind == "parametric":
-        config = SegformerConfig(**mit_preset(setting.preset), num_labels=setting.num_labels)
-        model = SegformerForSemanticSegmentation(config)
-    else:
-        config = ProtoSegformerConfig.from_preset(
-            setting.preset,
-            num_labels=setting.num_labels,
-            num_prototypes_per_class=setting.num_prototypes_per_class,
-            prototype_dim=setting.prototype_dim,
-            similarity_dtype=setting.similarity_dtype,
-        )
-        model = ProtoSegformerForSemanticSegmentation(config)
+    model = parametric_model(config) if kind == "parametric" else model_for(config)
     return model.to(setting.device)
+
+
+def build_models(setting: Setting) -> dict[str, torch.nn.Module]:
+    """Both models of a setting, with the same encoder / backbone and decoder weights (`twins.twin_pair`)."""
+    protoseg = build_model("protoseg", setting)
+    return {"parametric": twin_pair(protoseg, seed=0), "protoseg": protoseg}
 
 
 def inference_input(setting: Setting) -> torch.Tensor:
@@ -261,7 +274,7 @@ def peak_memory_in_subprocess(kind: str, setting: Setting, threads: int) -> dict
 
 def measure_setting(setting: Setting, args: SpeedArguments) -> dict:
     """Every figure of one configuration for both models."""
-    models = {kind: build_model(kind, setting) for kind in MODEL_KINDS}
+    models = build_models(setting)
     record: dict = {"setting": dataclasses.asdict(setting), "flops": {}, "time_ms": {}, "peak_memory": {}}
     for mode, make in MAKERS.items():
         calls = {kind: make(model, setting) for kind, model in models.items()}
@@ -357,9 +370,7 @@ def head_efficiency(setting: Setting, repeats: int) -> dict:
     on a batch-1 embedding map of the inference size) as a fraction of the best `torch.mm` rate of the same dtype and
     D on cache-sized products (MATMUL_PROBE_SHAPES, the best shape). The head and the products are timed in turns
     (at least 5 rounds, the best time of each), so a machine whose speed drifts affects both alike."""
-    config = ProtoSegformerConfig.from_preset(
-        setting.preset, num_labels=setting.num_labels, prototype_dim=setting.prototype_dim
-    )
+    config = protoseg_config(setting)
     dim, classes, count = config.embedding_dim, setting.num_labels, setting.num_prototypes_per_class
     side = setting.inference_size // 4
     generator = torch.Generator().manual_seed(4)
@@ -420,10 +431,9 @@ def format_efficiency_table(records: list[dict]) -> str:
 
 
 def head_flops(setting: Setting) -> dict[str, int]:
-    """Analytic multiply-adds of the heads at inference (per image batch 1): classifier vs projection + similarity."""
-    config = ProtoSegformerConfig.from_preset(
-        setting.preset, num_labels=setting.num_labels, prototype_dim=setting.prototype_dim
-    )
+    """Analytic multiply-adds of the heads at inference (per image batch 1): classifier vs projection + similarity
+    (at stride 4, the decoder's output stride for MiT, ResNet, Swin and ConvNeXt)."""
+    config = protoseg_config(setting)
     pixels = (setting.inference_size // 4) ** 2
     width, dim, classes = config.decoder_hidden_size, config.embedding_dim, setting.num_labels
     return {

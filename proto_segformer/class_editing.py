@@ -495,7 +495,15 @@ def add_classes_to_model(
         generator,
     )
     extended = torch.cat([prototypes.detach(), new_prototypes.to(device=prototypes.device, dtype=prototypes.dtype)])
+    calibration = None
+    if getattr(config, "unknown_threshold", None) is not None:
+        from .unknown import recalibrated_for_added_classes
+
+        support = embeddings[keep].to(extended.dtype) @ extended.reshape(-1, extended.shape[-1]).t()
+        calibration = recalibrated_for_added_classes(config, support.amax(dim=1), names)
     _replace_classes(model, extended, existing + names)
+    if calibration is not None:  # after the classes: nothing changed on an error
+        config.unknown_threshold, config.unknown_calibration = calibration
     return {name: num_classes + index for index, name in enumerate(names)}
 
 

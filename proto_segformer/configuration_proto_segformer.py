@@ -47,6 +47,22 @@ CLASS_SCORE_NORMALIZATIONS = ("layer_norm", "temperature")
 SIMILARITY_DTYPE_NAMES = (None, "float32", "bfloat16")
 
 
+def check_unknown_threshold(threshold: Any) -> float | None:
+    """`unknown_threshold` as a float in [-1, 1] (the range of a cosine similarity), or None; else one ValueError."""
+    if threshold is None:
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(threshold, bool) or not -1.0 <= value <= 1.0:
+        raise ValueError(
+            f"unknown_threshold must be a number in [-1, 1] (the range of max_similarity, a cosine similarity),"
+            f" got {threshold!r}."
+        )
+    return value
+
+
 def check_similarity_dtype(name: str | None) -> str | None:
     """`name` if it is one of SIMILARITY_DTYPE_NAMES, else a ValueError listing them."""
     if name not in SIMILARITY_DTYPE_NAMES:
@@ -199,6 +215,11 @@ class ProtoSegformerConfig(SegformerConfig):
             option for CPUs and GPUs with fast bf16 matrix units (the class scores are then normalised in float32).
             Inference only (no labels); training always computes the similarities in the model's precision. Off by
             default; its agreement with float32 is in the README's performance section.
+        unknown_threshold (`float`, *optional*): pixels whose `max_similarity` (the largest cosine similarity to
+            any prototype) is below it are unknown when rejection is asked for (`--reject_unknown`); in [-1, 1].
+            `None` (a model never calibrated): rejection is an error naming scripts/calibrate_unknown.py.
+        unknown_calibration (`dict`, *optional*): how `unknown_threshold` was obtained (split, accepted fraction of
+            known pixels, pixel count, date, ...), written with it by `proto_segformer.unknown`.
 
     Checked when the config is built or loaded (`check_protoseg_fields`, one line per problem): `id2label` must number
     the classes 0..K-1 with non-empty one-line names; num_prototypes_per_class <= MAX_PROTOTYPES_PER_CLASS (1000),
@@ -222,6 +243,8 @@ class ProtoSegformerConfig(SegformerConfig):
         class_score_normalization: str = "layer_norm",
         class_score_temperature: float = 0.1,
         similarity_dtype: str | None = None,
+        unknown_threshold: float | None = None,
+        unknown_calibration: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # A parametric SegFormer config.json says "segformer"; this config is always a proto_segformer one.
@@ -241,6 +264,8 @@ class ProtoSegformerConfig(SegformerConfig):
         self.class_score_normalization = class_score_normalization
         self.class_score_temperature = class_score_temperature
         self.similarity_dtype = similarity_dtype
+        self.unknown_threshold = unknown_threshold
+        self.unknown_calibration = unknown_calibration
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
         self.check_protoseg_fields()
@@ -302,6 +327,7 @@ def check_prototype_fields(config: PretrainedConfig) -> None:
             f" got {config.class_score_normalization!r}."
         )
     check_similarity_dtype(config.similarity_dtype)
+    check_unknown_threshold(getattr(config, "unknown_threshold", None))
     if float(config.class_score_temperature) <= 0:
         raise ValueError(f"class_score_temperature must be > 0, got {config.class_score_temperature}.")
 

@@ -36,6 +36,8 @@ PROTOTYPE_FIELD_DEFAULTS: dict[str, Any] = {
     "class_score_normalization": "layer_norm",
     "class_score_temperature": 0.1,
     "similarity_dtype": None,
+    "unknown_threshold": None,
+    "unknown_calibration": None,
 }
 
 _FOUR_STAGES = ["stage1", "stage2", "stage3", "stage4"]

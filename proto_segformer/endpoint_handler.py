@@ -12,6 +12,13 @@ Response: the image-segmentation pipeline format, one entry per class present:
 size (as shown: EXIF orientation applied), 255 on the class's pixels and 0 elsewhere, and the score is the mean
 softmax probability of the class over those pixels.
 
+Unknown pixels, off by default: `{"inputs": ..., "parameters": {"reject_unknown": true}}` (or the constructor's
+`reject_unknown=True`, or the environment variable PROTOSEG_REJECT_UNKNOWN=1 for every request) gives the pixels whose
+`max_similarity` (the largest similarity to any prototype) is below the model's calibrated `unknown_threshold` one
+segment labelled "unknown", last (its score: the mean max_similarity of its pixels), taken out of the class segments:
+the same rule as the package's `segmenter.UnknownRejection`. A model without a calibrated threshold answers such a
+request with a ValueError naming scripts/calibrate_unknown.py.
+
 Pixels come from `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` is stored beside
 `handler.py`), the decoder training and `predict` use: an image file gives the endpoint the pixels it gave training.
 
@@ -46,6 +53,8 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 # Raster formats PIL decodes by itself; others (EPS through Ghostscript, for one) are refused before any decoding.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 MAX_PIXELS_VARIABLE = "PROTOSEG_MAX_PIXELS"
+REJECT_UNKNOWN_VARIABLE = "PROTOSEG_REJECT_UNKNOWN"
+UNKNOWN_LABEL = "unknown"
 OBJECT_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")  # e.g. PIL's "<_io.BytesIO object at 0x...>"
 
 
@@ -141,31 +150,71 @@ class EndpointHandler:
     `max_pixels`: the largest image accepted (see the module docstring); None = $PROTOSEG_MAX_PIXELS or 2048 x 2048.
     """
 
-    def __init__(self, path: str = "", max_pixels: int | None = None) -> None:
+    def __init__(self, path: str = "", max_pixels: int | None = None, reject_unknown: bool | None = None) -> None:
         self.max_pixels = max_pixels_setting(max_pixels)
+        if reject_unknown is None:
+            reject_unknown = os.environ.get(REJECT_UNKNOWN_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+        self.reject_unknown = bool(reject_unknown)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForSemanticSegmentation.from_pretrained(path, trust_remote_code=True)
         self.model.check_finite()  # NaN or inf in the prototypes or any weight: an error naming the tensors
         self.model.to(self.device).eval()
         self.processor = AutoImageProcessor.from_pretrained(path)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        if self.reject_unknown:
+            self.unknown_threshold()  # a model without a threshold fails at start, not at the first request
+
+    def unknown_threshold(self) -> float:
+        """The model's calibrated `unknown_threshold`; a ValueError naming the calibration command if it has none."""
+        threshold = getattr(self.model.config, "unknown_threshold", None)
+        if threshold is None:
+            raise ValueError(
+                "reject_unknown needs a calibrated threshold and this model has none (no unknown_threshold in its"
+                " config.json). Calibrate it: python scripts/calibrate_unknown.py --model_name_or_path MODEL"
+                " --dataset_name DATA, then upload the model again."
+            )
+        return float(threshold)
+
+    def _reject(self, data: dict[str, Any]) -> bool:
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ValueError("'parameters' must be a JSON object, e.g. {\"reject_unknown\": true}.")
+        value = parameters.get("reject_unknown", self.reject_unknown)
+        if not isinstance(value, bool):
+            raise ValueError(f"'parameters.reject_unknown' must be true or false, got {value!r}.")
+        return value
 
     @torch.no_grad()
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError("The request must be a JSON object with the image under 'inputs'.")
+        reject = self._reject(data)
+        threshold = self.unknown_threshold() if reject else None
         image = decode_image(data["inputs"], self.max_pixels)
         pixel_values = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
-        logits = self.model(pixel_values=pixel_values).logits.float()
+        extra = {"output_max_similarity": True} if reject else {}
+        outputs = self.model(pixel_values=pixel_values, **extra)
+        logits = outputs.logits.float()
         if not torch.isfinite(logits).all():
             raise RuntimeError("The model produced NaN or inf scores for this image; its weights may be broken.")
         size = (image.height, image.width)
         probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].softmax(dim=0)
         confidence, label_map = probabilities.max(dim=0)
         label_map, confidence = label_map.cpu().numpy(), confidence.cpu().numpy()
-        results = []
-        for class_index in np.unique(label_map):
-            mask = label_map == class_index
+        results, unknown_segment = [], None
+        unknown = np.zeros(label_map.shape, dtype=bool)
+        if reject:
+            nearest = outputs.max_similarity[:, None].float()
+            nearest = F.interpolate(nearest, size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+            unknown = nearest < threshold
+            if unknown.any():
+                unknown_segment = {
+                    "label": UNKNOWN_LABEL,
+                    "score": round(float(nearest[unknown].mean()), 4),
+                    "mask": mask_to_base64_png(unknown),
+                }
+        for class_index in np.unique(label_map[~unknown]):
+            mask = (label_map == class_index) & ~unknown
             results.append(
                 {
                     "label": self.id2label.get(int(class_index), str(int(class_index))),
@@ -173,4 +222,5 @@ class EndpointHandler:
                     "mask": mask_to_base64_png(mask),
                 }
             )
-        return sorted(results, key=lambda entry: -entry["score"])
+        results = sorted(results, key=lambda entry: -entry["score"])
+        return results + [unknown_segment] if unknown_segment is not None else results

@@ -199,6 +199,15 @@ class EvaluationResult:
     num_images: int
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    # With rejection of unknown pixels: the labelled (known) pixels counted and those rejected as unknown.
+    known_pixels: int = 0
+    rejected_known_pixels: int | None = None
+
+    @property
+    def rejected_known_fraction(self) -> float | None:
+        if self.rejected_known_pixels is None:
+            return None
+        return self.rejected_known_pixels / self.known_pixels if self.known_pixels else float("nan")
 
     @property
     def images_per_second(self) -> float:
@@ -214,12 +223,18 @@ def evaluate_segmenter(
     progress: bool = True,
 ) -> EvaluationResult:
     """Run `segmenter` (a `Segmenter`) over every sample of `data` and count its label maps into a confusion matrix,
-    batch by batch. `augmentation`: test-time views (None or plain: `Segmenter.predict`)."""
+    batch by batch. `augmentation`: test-time views (None or plain: `Segmenter.predict`). With the segmenter's
+    rejection of unknown pixels (`InferenceOptions.reject_unknown`), a rejected labelled pixel counts as missed (its
+    prediction is the ignore value, no class), and the result counts the labelled pixels rejected."""
     from tqdm.auto import tqdm
 
     from .segmenter import as_rgb_array
 
     augmentation = augmentation or TestTimeAugmentation()
+    rejecting = getattr(segmenter, "rejection", None) is not None
+    if rejecting and not augmentation.plain:
+        raise EvaluationError("--reject_unknown works without test-time augmentation: drop --scales/--flip.")
+    known_pixels = rejected = 0
     model_config = segmenter.model.config
     matrix = ConfusionMatrix(len(segmenter.id2label), int(model_config.semantic_loss_ignore_index))
     count = len(data.dataset)
@@ -231,14 +246,21 @@ def evaluate_segmenter(
             samples = [data.dataset.load(index) for index in range(first, min(first + batch_size, count))]
             images = [image for image, _ in samples]
             if augmentation.plain:
-                maps = [prediction.label_map for prediction in segmenter.predict(images)]
+                predictions = segmenter.predict(images)
+                maps = [prediction.label_map for prediction in predictions]
             else:
                 maps = [augmented_label_map(segmenter, as_rgb_array(image), augmentation) for image in images]
-            for label_map, (_, label) in zip(maps, samples):
+            for index, (label_map, (_, label)) in enumerate(zip(maps, samples)):
                 matrix.update(label_map, label)
+                if rejecting:
+                    known = matrix.known_mask(label)
+                    known_pixels += int(known.sum())
+                    rejected += int((predictions[index].unknown_map & known).sum())
             bar.update(len(samples))
     seconds = time.perf_counter() - start
-    return EvaluationResult(matrix, count, seconds)
+    return EvaluationResult(
+        matrix, count, seconds, known_pixels=known_pixels, rejected_known_pixels=rejected if rejecting else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -358,6 +380,17 @@ def summary_line(report: dict[str, Any]) -> str:
         f" {_percent(metrics['mIoU'])}, mAcc {_percent(metrics['mAcc'])}, aAcc {_percent(metrics['aAcc'])}"
         f" ({report.get('mode', '?')} mode, {augmentation_text(report)});"
         f" {report['seconds']:.1f} s, {report['images_per_second']:.2f} images/s on {report.get('device', '?')}"
+    ) + _rejection_text(report)
+
+
+def _rejection_text(report: dict[str, Any]) -> str:
+    """ "; unknown rejection (max_similarity < t) took X % of the labelled pixels", or "" without rejection."""
+    rejection = report.get("unknown_rejection")
+    if not rejection:
+        return ""
+    return (
+        f"; unknown rejection (max_similarity < {rejection['threshold']:.4f}) took"
+        f" {_percent(rejection['rejected_known_fraction'])} % of the {rejection['known_pixels']:,} labelled pixels"
     )
 
 
@@ -377,22 +410,14 @@ def resolve_model_folder(name: str) -> str:
     return snapshot_download(name)
 
 
-def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
-    """What `scripts/evaluate_model.py` runs, from its arguments (`EvaluateArguments`): the model's classes and
-    ignore index read first, the data loaded and checked against them, then the model loaded and run."""
+def prepare_evaluation(args: Any, options) -> tuple[Any, EvaluationData, Any, bool, int]:
+    """(checkpoint, data, segmenter, reduce_labels, ignore_index) for `args` (`EvaluateArguments`, or any arguments
+    with its data and model fields, as scripts/calibrate_unknown.py's): the model's classes and ignore index read
+    first, the data loaded and checked against them, then the model loaded into a `Segmenter` with `options`."""
     from .checkpoint import load_image_processor, validate_checkpoint
-    from .segmenter import InferenceOptions, Segmenter
+    from .segmenter import Segmenter
     from .training_crop import training_crop_size
 
-    augmentation = TestTimeAugmentation(tuple(args.scales), args.flip)
-    if args.mode not in EVALUATION_MODES:
-        raise EvaluationError(f"--mode must be one of {', '.join(EVALUATION_MODES)}, got {args.mode!r}.")
-    square = lambda side: (side, side) if side else None  # noqa: E731
-    # Every inference switch is an `InferenceOptions` field read by `Segmenter` (a future --reject_unknown too):
-    # evaluation passes its flags here and counts whatever label maps the segmenter gives.
-    options = InferenceOptions(
-        mode=args.mode, crop_size=square(args.crop_size), stride=square(args.stride), batch_size=args.batch_size
-    )
     checkpoint = validate_checkpoint(resolve_model_folder(args.model))
     id2label = checkpoint.id2label
     ignore_index = checkpoint.config.get("semantic_loss_ignore_index")
@@ -421,9 +446,36 @@ def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
         check_samples=args.check_samples,
     )
     segmenter = Segmenter.from_pretrained(checkpoint, device=args.device, options=options)
+    return checkpoint, data, segmenter, reduce_labels, int(ignore_index)
+
+
+def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
+    """What `scripts/evaluate_model.py` runs, from its arguments (`EvaluateArguments`): the model's classes and
+    ignore index read first, the data loaded and checked against them, then the model loaded and run."""
+    from .segmenter import InferenceOptions
+
+    augmentation = TestTimeAugmentation(tuple(args.scales), args.flip)
+    if args.mode not in EVALUATION_MODES:
+        raise EvaluationError(f"--mode must be one of {', '.join(EVALUATION_MODES)}, got {args.mode!r}.")
+    square = lambda side: (side, side) if side else None  # noqa: E731
+    # Every inference switch is an `InferenceOptions` field read by `Segmenter` (--reject_unknown too): evaluation
+    # passes its flags here and counts whatever label maps the segmenter gives.
+    reject = bool(getattr(args, "reject_unknown", False))
+    options = InferenceOptions(
+        mode=args.mode,
+        crop_size=square(args.crop_size),
+        stride=square(args.stride),
+        batch_size=args.batch_size,
+        reject_unknown=reject,
+        unknown_threshold=getattr(args, "unknown_threshold", None),
+    )
+    if reject and not augmentation.plain:
+        raise EvaluationError("--reject_unknown works without test-time augmentation: drop --scales/--flip.")
+    checkpoint, data, segmenter, reduce_labels, ignore_index = prepare_evaluation(args, options)
     result = evaluate_segmenter(
         segmenter, data, augmentation, batch_size=args.batch_size, progress=not args.no_progress
     )
+    id2label = checkpoint.id2label
     result.settings = {
         "evaluated_with": "scripts/evaluate_model.py",
         "model": str(args.model),
@@ -439,4 +491,12 @@ def evaluate_model_folder(args: Any) -> tuple[EvaluationResult, dict[int, str]]:
         "ignore_index": int(ignore_index),
         "device": str(segmenter.model.device),
     }
+    if segmenter.rejection is not None:
+        result.settings["unknown_rejection"] = {
+            "threshold": segmenter.rejection.threshold,
+            "calibration": getattr(segmenter.model.config, "unknown_calibration", None),
+            "known_pixels": result.known_pixels,
+            "rejected_known_pixels": result.rejected_known_pixels,
+            "rejected_known_fraction": _number(result.rejected_known_fraction),
+        }
     return result, id2label

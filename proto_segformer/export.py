@@ -46,6 +46,14 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(pixel_values=pixel_values, return_dict=True).logits
 
 
+class _LogitsAndUnknownScore(_LogitsOnly):
+    """pixel_values -> (logits, max_similarity): the unknown score (B, H/4, W/4) from the same head pass."""
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(pixel_values=pixel_values, output_max_similarity=True, return_dict=True)
+        return output.logits, output.max_similarity
+
+
 def example_inputs(model, batch: int = 2, size: int = 96) -> torch.Tensor:
     """Random pixel values (batch, C, size, size) in the model's dtype and device, to trace with."""
     generator = torch.Generator().manual_seed(0)
@@ -65,14 +73,17 @@ def dynamic_shapes(model) -> dict:
     }
 
 
-def export_program(model, example: torch.Tensor | None = None) -> torch.export.ExportedProgram:
+def export_program(
+    model, example: torch.Tensor | None = None, with_max_similarity: bool = False
+) -> torch.export.ExportedProgram:
     """`torch.export.export` of the model's inference forward (eval mode): pixel_values -> logits, with dynamic
     batch, height and width. The model is left in the mode it was in.
 
     Called as `export_program(model)` or `export_program(model, example)`, `example` (positional or by name) being
     the pixel values to trace with: (B, C, H, W) with B >= 2 and H, W >= 64, in the model's dtype and device
     (default: `example_inputs(model)`, random 2 x C x 96 x 96). The program runs any batch (1 included) and any
-    H, W >= 61 (`EXPORT_MIN_SIZE`): `program.module()(pixel_values)` returns the logits (B, K, H/4, W/4).
+    H, W >= 61 (`EXPORT_MIN_SIZE`): `program.module()(pixel_values)` returns the logits (B, K, H/4, W/4), or with
+    `with_max_similarity` (logits, max_similarity), the unknown score (B, H/4, W/4) of the same pass.
     """
     example = example_inputs(model) if example is None else example
     if example.shape[0] < 2 or min(example.shape[2:]) < 64:
@@ -85,7 +96,8 @@ def export_program(model, example: torch.Tensor | None = None) -> torch.export.E
     model.eval()
     try:
         with torch.no_grad():
-            return torch.export.export(_LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes(model))
+            wrapper = _LogitsAndUnknownScore(model) if with_max_similarity else _LogitsOnly(model)
+            return torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes(model))
     finally:
         model.train(was_training)
 
@@ -94,7 +106,8 @@ def export_onnx(
     model, path: str | Path, program: torch.export.ExportedProgram | None = None, opset: int = ONNX_OPSET
 ) -> Path:
     """Write the model's inference graph to `path` as ONNX (`torch.onnx.export(..., dynamo=True)` of
-    `export_program(model)`, or of `program` when given), dynamic batch, height and width."""
+    `export_program(model, with_max_similarity=True)`, or of `program` when given), dynamic batch, height and width.
+    Outputs `logits` and, unless `program` returns the logits only, `max_similarity` (the unknown score)."""
     _require_onnx()
     problem = model.onnx_export_problem() if hasattr(model, "onnx_export_problem") else None
     if problem is not None:
@@ -105,12 +118,13 @@ def export_onnx(
             "Export the float32 head: set model.config.similarity_dtype = None first (in Python, or in the model"
             " folder's config.json)."
         )
-    program = export_program(model) if program is None else program
+    program = export_program(model, with_max_similarity=True) if program is None else program
+    outputs = ["logits", "max_similarity"][: len(program.graph_signature.user_outputs)]
     with known_exporter_warnings_silenced():
         onnx_program = torch.onnx.export(
             program,
             input_names=["pixel_values"],
-            output_names=["logits"],
+            output_names=outputs,
             dynamo=True,
             opset_version=opset,
             verbose=False,
@@ -251,6 +265,7 @@ class OnnxRuntimeModel:
         shapes = {output.name: output.shape for output in self.session.get_outputs()}
         if "logits" not in shapes:
             self._class_count_mismatch("no 'logits' output")
+        self.has_max_similarity = "max_similarity" in shapes
         classes = shapes["logits"][1] if len(shapes["logits"]) == 4 else None
         if isinstance(classes, int) and classes != self.config.num_labels:  # else checked on the logits, in __call__
             self._class_count_mismatch(f"logits for {classes} classes")
@@ -266,10 +281,17 @@ class OnnxRuntimeModel:
     def eval(self) -> OnnxRuntimeModel:
         return self
 
-    def __call__(self, pixel_values: torch.Tensor, output_pixel_embeddings: bool = False, **_) -> SimpleNamespace:
+    def __call__(
+        self, pixel_values: torch.Tensor, output_pixel_embeddings: bool = False, output_max_similarity=False, **_
+    ) -> SimpleNamespace:
         if output_pixel_embeddings:
             raise ValueError(
                 "The ONNX model outputs logits only: prototype maps need the PyTorch backend (--backend pytorch)."
+            )
+        if output_max_similarity and not self.has_max_similarity:
+            raise ValueError(
+                f"{self.folder / ONNX_NAME} has no max_similarity output (exported before unknown scores existed):"
+                " export it again with scripts/export_onnx.py to reject unknown pixels with --backend onnxruntime."
             )
         pixel_values = torch.as_tensor(pixel_values, dtype=torch.float32)
         channels = self.config.num_channels
@@ -286,7 +308,12 @@ class OnnxRuntimeModel:
         pad_h, pad_w = max(0, EXPORT_MIN_SIZE[0] - height), max(0, EXPORT_MIN_SIZE[1] - width)
         if pad_h or pad_w:
             pixel_values = torch.nn.functional.pad(pixel_values, (0, pad_w, 0, pad_h))
-        (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values.contiguous().numpy()})
+        names = ["logits", "max_similarity"] if output_max_similarity else ["logits"]
+        logits, *nearest = self.session.run(names, {"pixel_values": pixel_values.contiguous().numpy()})
         if logits.ndim != 4 or logits.shape[1] != self.config.num_labels:  # a graph whose class axis is dynamic
             self._class_count_mismatch(f"logits of shape {logits.shape}")
-        return SimpleNamespace(logits=torch.from_numpy(logits)[:, :, : (height + 3) // 4, : (width + 3) // 4])
+        grid = (slice(None), slice(0, (height + 3) // 4), slice(0, (width + 3) // 4))
+        return SimpleNamespace(
+            logits=torch.from_numpy(logits)[:, :, grid[1], grid[2]],
+            max_similarity=torch.from_numpy(nearest[0])[grid] if nearest else None,
+        )

@@ -10,6 +10,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .palette import IGNORE_COLOUR
+
+# The colour of pixels rejected as unknown in overlays: the label PNG's colour of the ignore value they get (a light
+# neutral, apart from every class colour: `palette.RESERVED_COLOURS`).
+UNKNOWN_COLOUR = IGNORE_COLOUR
+
 
 def class_colormap(num_classes: int) -> np.ndarray:
     """(max(num_classes, 256), 3) uint8 colours of classes 0 .. K-1 (`palette.class_palette`: far apart in OKLab,
@@ -71,8 +77,12 @@ def colour_overlay(
     id2label: dict[int, str] | None = None,
     alpha: float = 0.5,
     legend: bool = True,
+    unknown_map: np.ndarray | None = None,
 ) -> np.ndarray:
     """(H, W, 3) uint8: class colours blended over the image, with a legend of the classes present.
+
+    `unknown_map` (H, W) bool: the pixels rejected as unknown (`Prediction.unknown_map`), painted in the neutral
+    `UNKNOWN_COLOUR` and listed last in the legend as "unknown".
 
     The legend (font scaled with the image) sits in the bottom-right corner when it covers at most
     `visualization.LEGEND_MAX_FRACTION` of the image; for a smaller image it goes on a white strip beside it, so the
@@ -81,11 +91,17 @@ def colour_overlay(
     from .visualization import attach_legend, legend_picture
 
     colormap = label_colours(label_map, len(id2label or {}))
-    blended = blend(image, colormap[label_map], alpha)
+    colours = colormap[label_map]
+    unknown = unknown_map is not None and bool(unknown_map.any())
+    if unknown:
+        colours[unknown_map] = UNKNOWN_COLOUR
+    blended = blend(image, colours, alpha)
     present = present_classes(label_map, id2label)
-    if not legend or not present:
+    if not legend or not (present or unknown):
         return blended
     items = [(str(id2label[k]), colormap[k]) for k in present]
+    if unknown:
+        items.append(("unknown", np.asarray(UNKNOWN_COLOUR, dtype=np.uint8)))
     return attach_legend(blended, legend_picture(items, legend_font_size(image)))
 
 

@@ -74,7 +74,10 @@ def prediction_pictures(
     """{kind: (picture, save options)} of one image's outputs (the kinds of `output_paths`), rendered in memory."""
     pictures: dict[str, tuple[Image.Image, dict[str, Any]]] = {
         "label": (label_png(prediction.label_map, len(id2label)), {}),
-        "overlay": (Image.fromarray(colour_overlay(image, prediction.label_map, id2label)), {"quality": 90}),
+        "overlay": (
+            Image.fromarray(colour_overlay(image, prediction.label_map, id2label, unknown_map=prediction.unknown_map)),
+            {"quality": 90},
+        ),
     }
     if prediction.prototype_map is not None:
         raw = index_png(prediction.prototype_map, num_prototypes, prototype_colormap(num_prototypes))

@@ -42,6 +42,7 @@ from .prototype_math import (
     average_across_processes,
     class_logits,
     l2_normalize,
+    max_similarity,
     momentum_update,
     random_unit_prototypes,
 )
@@ -72,6 +73,10 @@ class ProtoSegSemanticSegmenterOutput(ModelOutput):
             similarity product), returned when `output_prototype_indices=True` without labels.
         loss_ce, loss_ppc, loss_ppd (`torch.FloatTensor` of shape `()`, *optional*):
             The loss terms, detached, for logging (returned with `loss`).
+        max_similarity (`torch.FloatTensor` of shape `(batch_size, h, w)`, *optional*):
+            The unknown score: the largest cosine similarity of each pixel to any prototype, max_{k,m} <e, p_{k,m}>
+            in [-1, 1], from the class scores of the same pass as the logits (before their normalisation), returned
+            when `output_max_similarity=True`. Pixels below `config.unknown_threshold` are unknown.
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,6 +88,7 @@ class ProtoSegSemanticSegmenterOutput(ModelOutput):
     loss_ppc: torch.FloatTensor | None = None
     loss_ppd: torch.FloatTensor | None = None
     prototype_indices: torch.LongTensor | None = None
+    max_similarity: torch.FloatTensor | None = None
 
 
 class ProtoSegformerDecodeHead(nn.Module):
@@ -557,6 +563,7 @@ class PrototypeHeadMixin:
         output_hidden_states: bool | None = None,
         output_pixel_embeddings: bool = False,
         output_prototype_indices: bool = False,
+        output_max_similarity: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ProtoSegSemanticSegmenterOutput | tuple:
@@ -569,6 +576,8 @@ class PrototypeHeadMixin:
             output_pixel_embeddings (`bool`): also return the unit pixel embeddings (B, D, h, w).
             output_prototype_indices (`bool`): also return, without labels, the index of each class's nearest
                 prototype at each pixel (B, num_labels, h, w), computed with the logits.
+            output_max_similarity (`bool`): also return the unknown score `max_similarity` (B, h, w), the largest
+                similarity to any prototype, computed with the logits.
             output_hidden_states (`bool`, `int` or `list[int]`, *optional*): the encoder stages to return, as for
                 SegFormer: all four for True, the listed stage indices (negative from the end) as a list with None in
                 place of the others.
@@ -587,7 +596,7 @@ class PrototypeHeadMixin:
         # docs/method.md, forward pass steps 1-3: encoder, decoder, projection to unit embeddings (B, D, h, w).
         embeddings, encoder_outputs = self.embed_pixels(pixel_values, output_attentions=output_attentions)
 
-        loss = loss_ce = loss_ppc = loss_ppd = prototype_indices = None
+        loss = loss_ce = loss_ppc = loss_ppd = prototype_indices = nearest = None
         similarity_dtype = _similarity_dtype(config)
         if labels is None:  # steps 5-6: nearest-prototype class scores, normalised over the classes
             logits = inference_logits(
@@ -600,11 +609,15 @@ class PrototypeHeadMixin:
                 chunk_size=config.inference_chunk_size,
                 similarity_dtype=similarity_dtype,
                 prototype_indices=output_prototype_indices,
+                with_max_similarity=output_max_similarity,
             )
-            if output_prototype_indices:
-                logits, prototype_indices = logits
+            if output_prototype_indices or output_max_similarity:
+                logits, *extras = logits
+                prototype_indices = extras[0] if output_prototype_indices else None
+                nearest = extras[-1] if output_max_similarity else None
         else:  # the training step: scores and logits, assignment, losses, (train mode) update and averaging
-            logits, loss, loss_ce, loss_ppc, loss_ppd = self._train_head(embeddings, labels)
+            logits, loss, loss_ce, loss_ppc, loss_ppd, nearest = self._train_head(embeddings, labels)
+            nearest = nearest if output_max_similarity else None
 
         output = ProtoSegSemanticSegmenterOutput(
             loss=loss,
@@ -613,6 +626,7 @@ class PrototypeHeadMixin:
             attentions=encoder_outputs.attentions if output_attentions else None,
             pixel_embeddings=embeddings if output_pixel_embeddings else None,
             prototype_indices=prototype_indices,
+            max_similarity=nearest,
             loss_ce=loss_ce,
             loss_ppc=loss_ppc,
             loss_ppd=loss_ppd,
@@ -646,6 +660,7 @@ class PrototypeHeadMixin:
         scores = head.scores.view(batch, height, width, num_classes)
         logits = class_logits(scores, -1, config.class_score_normalization, config.class_score_temperature)
         logits = logits.permute(0, 3, 1, 2).contiguous()
+        nearest = max_similarity(scores.detach(), dim=-1)
 
         # Step 2: the cross-entropy of the upsampled logits: the mean over the labelled pixels, 0 when every pixel is
         # ignored (a sum divided by their count: no data-dependent branch, so torch.compile traces it whole).
@@ -661,7 +676,7 @@ class PrototypeHeadMixin:
             updated = momentum_update(prototypes, update_embeddings, targets, config.prototype_momentum, mask=mask)
             with torch.no_grad():
                 self.prototypes.copy_(average_across_processes(updated))
-        return logits, loss, loss_ce.detach(), head.loss_ppc.detach(), head.loss_ppd.detach()
+        return logits, loss, loss_ce.detach(), head.loss_ppc.detach(), head.loss_ppd.detach(), nearest
 
     def add_classes(self, images, masks, names, **options) -> dict[str, int]:
         """Learn new classes from a few labelled images, without training; returns {name: new class id}.

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .prototype_math import (
     class_logits,
     class_scores,
+    max_similarity,
     normalize_class_scores,
     ppc_loss,
     ppd_loss,
@@ -111,14 +112,16 @@ def traced_prototype_logits(
     eps: float = 1e-5,
     num_blocks: int = TRACED_PIXEL_BLOCKS,
     similarity_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    with_max_similarity: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The traced inference head: `normalize_class_scores(class_scores(embeddings, prototypes), dim=1)` as tensor
     operations over a fixed number of pixel blocks, (B, D, h, w) -> (B, K, h, w).
 
     Same values as `prototype_logits` (per block: one matmul against the prototype-major prototypes, the max over the
     M prototypes of each class, the class-axis LayerNorm), with no Python loop over the batch or the pixels, so
     torch.export and torch.compile keep batch, height and width symbolic. Differentiable w.r.t. `embeddings`.
-    `similarity_dtype` as in `prototype_logits`.
+    `similarity_dtype` as in `prototype_logits`. `with_max_similarity`: also the largest similarity to any prototype
+    (B, h, w) (`prototype_math.max_similarity` of the block's class scores), as (logits, max_similarity).
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
@@ -129,16 +132,16 @@ def traced_prototype_logits(
         flat_prototypes = _prototype_major(prototypes, matmul_dtype).t()
         # Zero rows pad the pixels to a multiple of the block count (no guard on the symbolic size); dropped below.
         padded = F.pad(pixels, (0, 0, 0, (-num_pixels) % num_blocks))
-        blocks = [
-            F.layer_norm(
-                (block @ flat_prototypes).view(-1, num_prototypes, num_classes).amax(dim=1).to(out_dtype),
-                (num_classes,),
-                eps=eps,
-            )
+        class_blocks = [
+            (block @ flat_prototypes).view(-1, num_prototypes, num_classes).amax(dim=1).to(out_dtype)
             for block in padded.view(num_blocks, -1, dim).unbind(0)
         ]
-        scores = torch.cat(blocks)[:num_pixels]
-    return scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2).contiguous()
+        scores = torch.cat([F.layer_norm(block, (num_classes,), eps=eps) for block in class_blocks])[:num_pixels]
+        logits = scores.view(batch, height, width, num_classes).permute(0, 3, 1, 2).contiguous()
+        if not with_max_similarity:
+            return logits
+        nearest = torch.cat([max_similarity(block, dim=-1) for block in class_blocks])[:num_pixels]
+    return logits, nearest.view(batch, height, width)
 
 
 def prototype_logits(
@@ -149,6 +152,7 @@ def prototype_logits(
     similarity_dtype: torch.dtype | None = None,
     block_shape: tuple[int, int] | None = None,
     indices: torch.Tensor | None = None,
+    nearest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The eager inference head: `normalize_class_scores(class_scores(embeddings, prototypes), dim=1)`, (B, K, h, w).
 
@@ -160,7 +164,7 @@ def prototype_logits(
 
     `similarity_dtype` (None: the embeddings' dtype, or autocast's): the dtype of the similarity matmul, e.g.
     torch.bfloat16 for CPUs and GPUs with fast bf16 matrix units; the class scores are then normalised in float32
-    (or the embeddings' wider dtype). `indices`: see `blocked_prototype_logits`.
+    (or the embeddings' wider dtype). `indices`, `nearest`: see `blocked_prototype_logits`.
     """
     _check_similarity_dtype(similarity_dtype)
     matmul_dtype, out_dtype = _head_dtypes(embeddings, similarity_dtype)
@@ -170,7 +174,7 @@ def prototype_logits(
     rows, classes = _bounded_block_shape(block_shape, num_classes, num_prototypes, chunk_size)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return blocked_prototype_logits(
-            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps, indices
+            embeddings.detach(), prototypes.detach(), rows, classes, matmul_dtype, out_dtype, eps, indices, nearest
         )
 
 
@@ -214,6 +218,7 @@ def blocked_prototype_logits(
     out_dtype: torch.dtype,
     eps: float = 1e-5,
     indices: torch.Tensor | None = None,
+    nearest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The inference head, blocked for the caches: (B, D, h, w), (K, M, D) -> logits (B, K, h, w), contiguous.
 
@@ -226,6 +231,8 @@ def blocked_prototype_logits(
 
     `indices`, optional (B, K, h*w) int64: filled in the same pass with the index m of each class's nearest prototype
     (the first of equal maxima), the max itself unchanged, so the logits are the same bits with or without it.
+    `nearest`, optional (B, h*w) in `out_dtype`: filled in the same pass with the largest similarity to any prototype
+    (`prototype_math.max_similarity` of the block's class scores, before the LayerNorm).
     """
     batch, dim, height, width = embeddings.shape
     num_classes, num_prototypes, _ = prototypes.shape
@@ -256,6 +263,8 @@ def blocked_prototype_logits(
                     best, index = similarities.view(num_prototypes, width_k, count).max(dim=0)
                     scores[first : first + width_k, :count] = best
                     indices[image, first : first + width_k, start : start + count] = index
+            if nearest is not None:
+                nearest[image, start : start + count] = max_similarity(scores[:, :count], dim=0)
             _normalize_columns(scores[:, :count].to(out_dtype), eps, out=logits[image, :, start : start + count])
     return logits.view(batch, num_classes, height, width)
 
@@ -577,7 +586,8 @@ def inference_logits(
     chunk_size: int | None = None,
     similarity_dtype: torch.dtype | None = None,
     prototype_indices: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    with_max_similarity: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The inference head: logits (B, K, h, w) from unit embeddings (B, D, h, w) and prototypes (K, M, D).
 
     | path | taken when |
@@ -596,26 +606,48 @@ def inference_logits(
     With `prototype_indices`, returns (logits, indices): indices (B, K, h, w) int64, the index m of each class's
     nearest prototype at each pixel, found in the same pass as the class scores (the path's own max over the M
     prototypes, so the logits are those of the path without indices; the traced path takes the reference's).
+    With `with_max_similarity`, the largest similarity to any prototype (B, h, w) (`prototype_math.max_similarity`,
+    the unknown score) comes last in the tuple, taken from the same class scores as the logits.
     """
     _check_similarity_dtype(similarity_dtype)
     if prototype_indices:
         return _logits_and_prototype_indices(
-            embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
+            embeddings,
+            prototypes,
+            fast,
+            tracing,
+            normalization,
+            temperature,
+            chunk_size,
+            similarity_dtype,
+            with_max_similarity,
         )
     if fast and normalization == "layer_norm":
         if tracing:
-            return traced_prototype_logits(embeddings, prototypes, similarity_dtype=similarity_dtype)
+            return traced_prototype_logits(
+                embeddings, prototypes, similarity_dtype=similarity_dtype, with_max_similarity=with_max_similarity
+            )
         if torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad):
-            return normalize_class_scores(class_scores(embeddings, prototypes, chunk_size), dim=1)
-        return prototype_logits(embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype)
+            scores = class_scores(embeddings, prototypes, chunk_size)
+            logits = normalize_class_scores(scores, dim=1)
+            return (logits, max_similarity(scores, dim=1)) if with_max_similarity else logits
+        if not with_max_similarity:
+            return prototype_logits(embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype)
+        batch, _, height, width = embeddings.shape
+        nearest = embeddings.new_empty(batch, height * width, dtype=_head_dtypes(embeddings, similarity_dtype)[1])
+        logits = prototype_logits(
+            embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype, nearest=nearest
+        )
+        return logits, nearest.view(batch, height, width)
     scores = class_scores(embeddings.to(similarity_dtype or embeddings.dtype), prototypes, chunk_size=chunk_size)
     scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
-    return class_logits(scores, 1, normalization, temperature)
+    logits = class_logits(scores, 1, normalization, temperature)
+    return (logits, max_similarity(scores, dim=1)) if with_max_similarity else logits
 
 
 def _logits_and_prototype_indices(
-    embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+    embeddings, prototypes, fast, tracing, normalization, temperature, chunk_size, similarity_dtype, with_max_similarity
+) -> tuple[torch.Tensor, ...]:
     """`inference_logits(..., prototype_indices=True)`: the blocked head fills the indices in its own pass; the other
     paths take the reference's class scores with their argmax over the M prototypes."""
     batch, _, height, width = embeddings.shape
@@ -623,14 +655,24 @@ def _logits_and_prototype_indices(
     needs_grad = torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad)
     if fast and normalization == "layer_norm" and not tracing and not needs_grad:
         indices = torch.empty(batch, num_classes, height * width, dtype=torch.long, device=embeddings.device)
+        nearest = None
+        if with_max_similarity:
+            nearest = embeddings.new_empty(batch, height * width, dtype=_head_dtypes(embeddings, similarity_dtype)[1])
         logits = prototype_logits(
-            embeddings, prototypes, chunk_size=chunk_size, similarity_dtype=similarity_dtype, indices=indices
+            embeddings,
+            prototypes,
+            chunk_size=chunk_size,
+            similarity_dtype=similarity_dtype,
+            indices=indices,
+            nearest=nearest,
         )
-        return logits, indices.view(batch, num_classes, height, width)
+        indices = indices.view(batch, num_classes, height, width)
+        return (logits, indices, nearest.view(batch, height, width)) if with_max_similarity else (logits, indices)
     dtype = embeddings.dtype if fast else (similarity_dtype or embeddings.dtype)
     scores, indices = class_scores(embeddings.to(dtype), prototypes, chunk_size, return_indices=True)
     scores = scores.to(torch.promote_types(scores.dtype, embeddings.dtype))
-    return class_logits(scores, 1, normalization, temperature), indices
+    logits = class_logits(scores, 1, normalization, temperature)
+    return (logits, indices, max_similarity(scores, dim=1)) if with_max_similarity else (logits, indices)
 
 
 @dataclass

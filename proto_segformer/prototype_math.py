@@ -108,6 +108,14 @@ def class_logits(
     return normalize_class_scores(scores, dim=dim)
 
 
+def max_similarity(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The unknown score: max_k S_k(i) = max_{k,m} <e_i, p_{k,m}>, the cosine similarity of a pixel to its nearest
+    prototype of any class, from the class scores S (classes along `dim`, before the class-axis normalisation, which
+    removes the scale). In [-1, 1]; low means far from everything the model has seen (docs/method.md, "Unknown
+    pixels")."""
+    return scores.amax(dim=dim)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Assignment: Sinkhorn-Knopp within each class, argmax robust to rounding (training step, step 1)
 

@@ -82,6 +82,7 @@ from .preflight import check_failed, check_training_command
 from .trainer import ProtoSegTrainer, RankPrototypesCallback, TrainingDivergedError
 from .trainer_metrics import MeanIoUMetric
 from .training import SaveFailedError, save_training_outputs
+from .unknown_calibration import calibrate_after_training
 
 logger = logging.getLogger(__name__)
 
@@ -914,6 +915,11 @@ def _train_and_save(model_args, data_args, training_args, model, data, image_pro
         if training_args.do_eval:
             eval_metrics = trainer.final_evaluation()
             results["eval"] = eval_metrics
+            # Every process runs the same forwards over the whole split (a sharded model gathers its weights in
+            # each), so each holds the same threshold; the main process saves it with the config.
+            calibrate_after_training(
+                model, image_processor, data.validation, data.crop_size, training_args.per_device_eval_batch_size
+            )
         save_training_outputs(
             trainer,
             training_args.output_dir,

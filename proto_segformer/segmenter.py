@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import DEFAULT_CROP, ModelFolder, load_image_processor, load_model, validate_checkpoint
-from .configuration_proto_segformer import check_similarity_dtype
+from .configuration_proto_segformer import check_similarity_dtype, check_unknown_threshold
 from .image_decoding import to_rgb_array
 from .label_maps import upsampled_argmax
 from .training_crop import CROP_RECORDS, recorded_training_crop
+from .unknown import required_threshold, upsample_scores
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,13 @@ class InferenceOptions:
     prototype_maps: also compute which prototype of the predicted class each pixel matched.
     similarity_dtype: the head's similarity dtype ("bfloat16": the reduced-precision option; `None`: the model's
         config, float32 unless set there). PyTorch backend only.
+    reject_unknown: pixels whose unknown score `max_similarity` (upsampled like the logits) is below the threshold
+        get `ignore_index` (the model's `semantic_loss_ignore_index`, 255) in the label map and are marked in
+        `Prediction.unknown_map`: the one switch of predict, evaluate, the endpoint handler and the Space. Off by
+        default; needs a calibrated model (`config.unknown_threshold`, proto_segformer/unknown.py).
+    unknown_threshold: the threshold to use instead of the model's calibrated one, in [-1, 1] (`None`: the model's).
+    unknown_scores: also return each pixel's unknown score (`Prediction.max_similarity`) without rejecting anything
+        (what calibration reads: `unknown.calibrate_segmenter`).
     """
 
     mode: str = "auto"
@@ -144,6 +152,9 @@ class InferenceOptions:
     batch_size: int = 4
     prototype_maps: bool = False
     similarity_dtype: str | None = None
+    reject_unknown: bool = False
+    unknown_threshold: float | None = None
+    unknown_scores: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -151,6 +162,9 @@ class InferenceOptions:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         check_similarity_dtype(self.similarity_dtype)
+        check_unknown_threshold(self.unknown_threshold)
+        if self.unknown_threshold is not None and not self.reject_unknown:
+            raise ValueError("An unknown threshold was given without rejection: add --reject_unknown.")
         for name in ("crop_size", "stride"):
             value = getattr(self, name)
             if value is None:
@@ -165,10 +179,15 @@ class Prediction:
 
     label_map: (H, W) int64 class index (argmax of the nearest-prototype scores).
     prototype_map: (H, W) int64 index in [0, M) of the predicted class's prototype each pixel matched, or None.
+    unknown_map: (H, W) bool, True where the pixel was rejected as unknown (`InferenceOptions.reject_unknown`; its
+        label is then the ignore value), or None without rejection.
+    max_similarity: (H, W) float32 unknown score of each pixel (the largest similarity to any prototype), or None.
     """
 
     label_map: np.ndarray
     prototype_map: np.ndarray | None
+    unknown_map: np.ndarray | None = None
+    max_similarity: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------------- the forward
@@ -176,28 +195,39 @@ class Prediction:
 
 @torch.no_grad()
 def forward_batches(
-    model, pixel_values: torch.Tensor, batch_size: int, with_embeddings: bool, with_prototype_indices: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    model,
+    pixel_values: torch.Tensor,
+    batch_size: int,
+    with_embeddings: bool,
+    with_prototype_indices: bool = False,
+    with_max_similarity: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Logits (N, K, h, w) and, if asked, unit embeddings (N, D, h, w) of (N, 3, H, W) inputs in chunks; with
-    `with_prototype_indices` also each class's nearest prototype (N, K, h, w), from the model's own head pass."""
+    `with_prototype_indices` also each class's nearest prototype (N, K, h, w), with `with_max_similarity` the unknown
+    score (N, h, w), both from the model's own head pass."""
     device, dtype = model.device, model.dtype
-    logits, embeddings, indices = [], [], []
+    logits, embeddings, indices, nearest = [], [], [], []
+    extra = {"output_max_similarity": True} if with_max_similarity else {}
     for start in range(0, pixel_values.shape[0], batch_size):
         chunk = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
         output = model(
             pixel_values=chunk,
             output_pixel_embeddings=with_embeddings,
             output_prototype_indices=with_prototype_indices,
+            **extra,
         )
         logits.append(output.logits.float())
         if with_embeddings:
             embeddings.append(output.pixel_embeddings.float())
         if with_prototype_indices:
             indices.append(output.prototype_indices)
+        if with_max_similarity:
+            nearest.append(output.max_similarity.float())
     return (
         torch.cat(logits),
         torch.cat(embeddings) if with_embeddings else None,
         torch.cat(indices) if with_prototype_indices else None,
+        torch.cat(nearest) if with_max_similarity else None,
     )
 
 
@@ -214,14 +244,16 @@ def slide_grid(
     stride: tuple[int, int],
     batch_size: int,
     with_embeddings: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    with_max_similarity: bool = False,
+) -> tuple:
     """Sliding-window logits of one image (1, 3, H, W) on its padded 1/4 grid.
 
     The image is padded to a multiple of 4 and at least the crop; windows start on multiples of 4, so every window's
     (crop/4) logits land exactly on the padded image's 1/4 grid, where overlaps are averaged (as mmseg averages
     upsampled window logits; bilinear upsampling commutes with the average away from window borders).
 
-    Returns: averaged logits (K, Hp/4, Wp/4), averaged unit embeddings (D, Hp/4, Wp/4) or None, and (Hp, Wp).
+    Returns: averaged logits (K, Hp/4, Wp/4), averaged unit embeddings (D, Hp/4, Wp/4) or None, and (Hp, Wp);
+    with `with_max_similarity` a fourth item, the unknown score (Hp/4, Wp/4) averaged over the windows like the logits.
     """
     _, _, height, width = pixel_values.shape
     padded_h = max(crop[0], math.ceil(height / GRID) * GRID)
@@ -231,20 +263,28 @@ def slide_grid(
         (y, x) for y in window_starts(padded_h, crop[0], stride[0]) for x in window_starts(padded_w, crop[1], stride[1])
     ]
     windows = torch.cat([padded[:, :, y : y + crop[0], x : x + crop[1]] for y, x in origins])
-    logits, embeddings, _ = forward_batches(model, windows, batch_size, with_embeddings)
+    logits, embeddings, _, nearest = forward_batches(
+        model, windows, batch_size, with_embeddings, with_max_similarity=with_max_similarity
+    )
     grid_h, grid_w = padded_h // GRID, padded_w // GRID
     win_h, win_w = logits.shape[2], logits.shape[3]
     logit_sum = logits.new_zeros(logits.shape[1], grid_h, grid_w)
     counts = logits.new_zeros(1, grid_h, grid_w)
     embedding_sum = embeddings.new_zeros(embeddings.shape[1], grid_h, grid_w) if with_embeddings else None
+    nearest_sum = nearest.new_zeros(1, grid_h, grid_w) if with_max_similarity else None
     for index, (y, x) in enumerate(origins):
         gy, gx = y // GRID, x // GRID
         logit_sum[:, gy : gy + win_h, gx : gx + win_w] += logits[index]
         counts[:, gy : gy + win_h, gx : gx + win_w] += 1
         if embedding_sum is not None:
             embedding_sum[:, gy : gy + win_h, gx : gx + win_w] += embeddings[index]
+        if nearest_sum is not None:
+            nearest_sum[:, gy : gy + win_h, gx : gx + win_w] += nearest[index]
     averaged_embeddings = F.normalize(embedding_sum, dim=0) if embedding_sum is not None else None
-    return logit_sum / counts.clamp_min(1), averaged_embeddings, (padded_h, padded_w)
+    result = (logit_sum / counts.clamp_min(1), averaged_embeddings, (padded_h, padded_w))
+    if with_max_similarity:
+        return (*result, (nearest_sum / counts.clamp_min(1))[0])
+    return result
 
 
 def nearest_prototype_per_class(embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -269,6 +309,8 @@ def grid_to_prediction(
     scaled_size: tuple[int, int],
     output_size: tuple[int, int],
     prototype_indices: torch.Tensor | None = None,
+    rejection: UnknownRejection | None = None,
+    max_similarity: torch.Tensor | None = None,
 ) -> Prediction:
     """Upsample 1/4-grid logits (K, h, w) to `scaled_size`, crop to `output_size` and take the argmax.
 
@@ -276,6 +318,8 @@ def grid_to_prediction(
     input for "slide"); `output_size` = (H, W) of the original image. The prototype map takes each class's nearest
     prototype from `prototype_indices` (K, h, w) (the model's head found them with the logits: "whole"), else from
     `embeddings` (D, h, w) and `prototypes` ("slide": the embeddings averaged over the windows belong to no window).
+    With `rejection` and the unknown score `max_similarity` (h, w): pixels whose score, upsampled like the logits, is
+    below the threshold get the ignore value (`UnknownRejection.apply`).
     """
     height, width = output_size
     label_map = upsampled_argmax(logits, scaled_size, (height, width))
@@ -292,7 +336,35 @@ def grid_to_prediction(
         rows = (torch.arange(height, device=per_class.device) * grid_h // scaled_size[0]).clamp_max(grid_h - 1)
         cols = (torch.arange(width, device=per_class.device) * grid_w // scaled_size[1]).clamp_max(grid_w - 1)
         prototype_map = per_class[position, rows[:, None], cols[None, :]].cpu().numpy()
-    return Prediction(label_map.cpu().numpy(), prototype_map)
+    label_map = label_map.cpu().numpy()
+    if max_similarity is None:
+        return Prediction(label_map, prototype_map)
+    scores = upsample_scores(max_similarity[None], scaled_size)[0, :height, :width].cpu().numpy()
+    unknown = rejection.apply(label_map, scores) if rejection is not None else None
+    return Prediction(label_map, prototype_map, unknown, scores)
+
+
+@dataclass(frozen=True)
+class UnknownRejection:
+    """The rejection of unknown pixels: the threshold on `max_similarity` and the label value they get."""
+
+    threshold: float
+    ignore_index: int
+
+    @classmethod
+    def for_model(cls, model, options: InferenceOptions) -> UnknownRejection | None:
+        """The rejection `options` ask for (None when off); a model without a calibrated threshold (or an ONNX
+        export without the score) is one ValueError naming the fix."""
+        if not options.reject_unknown:
+            return None
+        threshold = required_threshold(model.config, options.unknown_threshold)
+        return cls(threshold, int(getattr(model.config, "semantic_loss_ignore_index", 255)))
+
+    def apply(self, label_map: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Set the label of pixels scoring below the threshold to the ignore value, in place; returns that mask."""
+        unknown = scores < self.threshold
+        label_map[unknown] = self.ignore_index
+        return unknown
 
 
 class Segmenter:
@@ -310,6 +382,9 @@ class Segmenter:
         self.model = model.eval()
         self.processor = processor
         self.options = options or InferenceOptions()
+        self.rejection = UnknownRejection.for_model(model, self.options)
+        # The unknown score is computed for rejection or when asked for (calibration).
+        self.scores = self.rejection is not None or self.options.unknown_scores
         if training_crop is None:
             training_crop = sliding_window_crop(None, processor)[0]
         self.crop = tuple(self.options.crop_size or self._aligned(training_crop))
@@ -429,8 +504,8 @@ class Segmenter:
         input_h, input_w = pixel_values.shape[2:]
         # Smaller than the encoder accepts (a small image that is not resized): pad, predict, crop back.
         padded = pad_to(pixel_values, max(input_h, self.min_input_size), max(input_w, self.min_input_size))
-        maps = self.options.prototype_maps
-        logits, _, indices = forward_batches(self.model, padded, self.options.batch_size, False, maps)
+        maps, reject = self.options.prototype_maps, self.scores
+        logits, _, indices, nearest = forward_batches(self.model, padded, self.options.batch_size, False, maps, reject)
         predictions = []
         for i, array in enumerate(arrays):
             height, width = array.shape[:2]
@@ -440,7 +515,16 @@ class Segmenter:
                 round(padded.shape[3] * width / input_w) if padded.shape[3] != input_w else width,
             )
             predictions.append(
-                grid_to_prediction(logits[i], None, None, scaled, (height, width), indices[i] if maps else None)
+                grid_to_prediction(
+                    logits[i],
+                    None,
+                    None,
+                    scaled,
+                    (height, width),
+                    indices[i] if maps else None,
+                    self.rejection,
+                    nearest[i] if reject else None,
+                )
             )
         return predictions
 
@@ -462,7 +546,7 @@ class Segmenter:
         pixel_values = self._pixel_values([array], **resize)
         scale = tuple(pixel_values.shape[2:])
         covered = (max(scale[0], self.min_input_size), max(scale[1], self.min_input_size))
-        logits, embeddings, _ = forward_batches(
+        logits, embeddings, _, _ = forward_batches(
             self.model, pad_to(pixel_values, *covered), self.options.batch_size, with_embeddings
         )
         return logits, embeddings[0] if with_embeddings else None, covered, scale
@@ -483,19 +567,28 @@ class Segmenter:
 
     def _predict_slide(self, array: np.ndarray) -> Prediction:
         pixel_values = self._pixel_values(array, do_resize=False)
-        logits, embeddings, padded = slide_grid(
-            self.model, pixel_values, self.crop, self.stride, self.options.batch_size, self.options.prototype_maps
+        reject = self.scores
+        logits, embeddings, padded, *nearest = slide_grid(
+            self.model,
+            pixel_values,
+            self.crop,
+            self.stride,
+            self.options.batch_size,
+            self.options.prototype_maps,
+            with_max_similarity=reject,
         )
         prototypes = self.model.prototypes.float() if self.options.prototype_maps else None
-        return grid_to_prediction(logits, embeddings, prototypes, padded, array.shape[:2])
+        scores = nearest[0] if reject else None
+        return grid_to_prediction(logits, embeddings, prototypes, padded, array.shape[:2], None, self.rejection, scores)
 
 
 def check_prediction_size(prediction: Prediction, size: tuple[int, int]) -> None:
     """`RuntimeError` unless the prediction's maps have the image's (H, W): a wrong-sized label file is never
     written."""
     shapes = {prediction.label_map.shape[:2]}
-    if prediction.prototype_map is not None:
-        shapes.add(prediction.prototype_map.shape[:2])
+    for extra in (prediction.prototype_map, prediction.unknown_map, prediction.max_similarity):
+        if extra is not None:
+            shapes.add(extra.shape[:2])
     if shapes != {tuple(size)}:
         raise RuntimeError(
             f"internal error: the prediction has size {sorted(shapes)} for an image of {tuple(size)}; not written."

@@ -82,6 +82,16 @@ class EvaluateArguments:
     )
     builtin_num_validation: int = field(default=200, metadata={"help": "Built-in data: validation images."})
     builtin_seed: int = field(default=0, metadata={"help": "Built-in data: seed of the generated images."})
+    reject_unknown: bool = field(
+        default=False,
+        metadata={
+            "help": "Reject pixels far from every prototype (max_similarity below the model's calibrated threshold) as"
+            " unknown: they count as missed, and the report says what fraction of the labelled pixels was rejected."
+        },
+    )
+    unknown_threshold: float | None = field(
+        default=None, metadata={"help": "With --reject_unknown: this threshold in [-1, 1] instead of the model's."}
+    )
     top_confusions: int = field(default=20, metadata={"help": "Pairs shown in evaluation_confusion.png."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})

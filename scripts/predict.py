@@ -4,8 +4,10 @@
         --prototype_maps --device cpu --batch_size 4
 
 For each image: <name>_label.png (palette PNG, value = class index), <name>_overlay.jpg (classes over the image,
-with a legend) and with --prototype_maps <name>_prototype.png (value = index of the predicted class's prototype the
-pixel matched; 16-bit for more than 256 prototypes) and <name>_prototype_overlay.jpg (with a legend of the shades).
+with a legend; with --reject_unknown, pixels unlike anything the model was trained on get 255 in the label PNG and
+a light neutral "unknown" colour in the overlay and its legend) and with --prototype_maps <name>_prototype.png
+(value = index of the predicted class's prototype the pixel matched; 16-bit for more than 256 prototypes) and
+<name>_prototype_overlay.jpg (with a legend of the shades).
 Every output has its image's size. Images larger than the sliding window go through sliding-window inference (--mode
 auto); the window is the crop the model was trained on (see --crop_size). Images smaller than the encoder accepts
 are padded and the result cropped back. Files that are not readable images, or that fail, are skipped with their
@@ -82,6 +84,17 @@ class PredictArguments:
             "help": "The prototype patches file for explanations (default: <model>/prototype_patches.safetensors)."
         },
     )
+    reject_unknown: bool = field(
+        default=False,
+        metadata={
+            "help": "Label pixels far from every prototype (max_similarity below the model's calibrated"
+            " unknown_threshold) as unknown: the ignore value 255 in the label PNG, grey in the overlay and its legend."
+            " Needs a calibrated model (scripts/calibrate_unknown.py)."
+        },
+    )
+    unknown_threshold: float | None = field(
+        default=None, metadata={"help": "With --reject_unknown: this threshold in [-1, 1] instead of the model's."}
+    )
     recursive: bool = field(default=False, metadata={"help": "Descend into sub-folders of input folders."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
@@ -139,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             prototype_maps=args.prototype_maps,
             similarity_dtype=args.similarity_dtype,
+            reject_unknown=args.reject_unknown,
+            unknown_threshold=args.unknown_threshold,
         )
         paths = collect_inputs(args.inputs, recursive=args.recursive)
         if not paths:

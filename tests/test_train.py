@@ -59,6 +59,11 @@ def test_output_folder_is_complete(demo_run: Path) -> None:
     card = (demo_run / "README.md").read_text()
     assert "| Training crop | 64x64 |" in card and "trained on `builtin:scenes`" in card  # what was used
     assert "\nwidget:" not in card.split("\n---\n")[0]  # no houses and cats for a digit model
+    # The unknown-pixel threshold, calibrated on the validation split after the final evaluation (issue 24).
+    calibration = config["unknown_calibration"]
+    assert -1.0 <= config["unknown_threshold"] <= 1.0 and calibration["split"] == "validation"
+    assert calibration["accepted_fraction"] == 0.95 and calibration["known_pixels"] > 0
+    assert calibration["measured_accepted_fraction"] >= 0.95
     weights = load_file(str(demo_run / "model.safetensors"))
     assert weights["prototypes"].shape == (11, 3, 16)
     assert torch.allclose(weights["prototypes"].norm(dim=-1), torch.ones(11, 3), atol=1e-5)

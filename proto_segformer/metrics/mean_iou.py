@@ -151,6 +151,12 @@ class ConfusionMatrix:
         self._matrix += self._numpy_counts(np.asarray(predictions), np.asarray(references))
         return self
 
+    def known_mask(self, references: Any) -> np.ndarray:
+        """(shape of `references`) bool: the reference pixels counted in a class's row (a class in [0, K) after the
+        mapping; not the ignore index)."""
+        mapped = map_reference_values(np.asarray(references), self.label_map, self.reduce_labels)
+        return (mapped >= 0) & (mapped < self.num_labels) & (mapped != self.ignore_index)
+
     def _bins(self) -> tuple[int, int]:
         size = self.num_labels + 1
         return size, size * size

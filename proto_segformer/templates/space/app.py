@@ -18,6 +18,10 @@ computed as `proto_segformer.explanations` computes them).
 Images are decoded by `image_decoding.py` (a byte-identical copy of `proto_segformer/image_decoding.py` beside this
 file), as in training and `predict`: an uploaded file gives the model the pixels it gave in training.
 
+"Mark unknown pixels" (a toggle, off by default) paints the pixels whose largest similarity to any prototype is
+below the model's calibrated `unknown_threshold` in the neutral ignore colour and lists them as "unknown" in the
+legend: the rule of proto_segformer's `--reject_unknown`. A model without a calibrated threshold says so.
+
 Settings (environment variables): PROTOSEG_MODEL, the model repository id or a local folder (default: the model this
 Space was written for); PROTOSEG_MAX_PIXELS, the largest image segmented at full size (default 1,048,576 =
 1024 x 1024): larger images are downscaled to it first, so the work per request is bounded.
@@ -144,23 +148,32 @@ class PrototypePatches:
         return self.table.get(self.fingerprints[k * self.num_prototypes + m], [])
 
 
-def unknown_threshold(config) -> float | None:
+def calibrated_threshold(config) -> float | None:
     """The calibrated similarity below which a pixel is unknown, when the model records one."""
     value = getattr(config, "unknown_threshold", None)
     return float(value) if isinstance(value, (int, float)) else None
 
 
 def explanation_html(
-    x: int, y: int, name: str, k: int, m: int, similarity: float, threshold: float | None, patches: PrototypePatches
+    x: int,
+    y: int,
+    name: str,
+    k: int,
+    m: int,
+    similarity: float,
+    threshold: float | None,
+    known: bool | None,
+    patches: PrototypePatches,
 ) -> str:
-    """What a click shows: the pixel's class, its similarity to the prototype that won, known / unknown, and the
-    training patches of that prototype (or why there are none)."""
-    if threshold is None:
+    """What a click shows: the pixel's class, its similarity to the prototype that won, known / unknown (`known`:
+    None for a model without a calibrated `threshold`), and the training patches of that prototype (or why there
+    are none)."""
+    if known is None:
         verdict = "no unknown threshold (the model is not calibrated)"
         state = "uncalibrated"
     else:
-        state = "known" if similarity >= threshold else "unknown"
-        verdict = f"<b>{state}</b> (threshold {threshold:.3f})"
+        state = "known" if known else "unknown"
+        verdict = f"<b>{state}</b> (calibrated threshold {threshold:.3f} on the largest similarity to any prototype)"
     entries = patches.entries(k, m)
     if entries:
         figures = "".join(
@@ -369,14 +382,34 @@ class Segmenter:
         self.colours = label_colormap(len(self.id2label))
         self.patches = PrototypePatches(find_patches_file(model_id), self.model)
 
+    def unknown_threshold(self) -> float:
+        """The model's calibrated threshold on max_similarity; a gr.Error naming the calibration command if none."""
+        threshold = calibrated_threshold(self.model.config)
+        if threshold is None:
+            raise gr.Error(
+                "This model has no calibrated unknown_threshold: calibrate it with python scripts/calibrate_unknown.py"
+                " --model MODEL_FOLDER --dataset_name DATA and upload it again."
+            )
+        return threshold
+
     def label_and_prototype_maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size."""
-        return self.maps(image)[:2]
+        label_map, prototype_map, _ = self.maps(image)
+        return label_map, prototype_map
+
+    def maps(
+        self, image: Image.Image, reject_unknown: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(H, W) class index and (H, W) index of the predicted class's nearest prototype, at the image's size, and
+        with `reject_unknown` the (H, W) mask of the pixels below the model's unknown threshold (else None)."""
+        return self.maps_and_similarity(image, reject_unknown)[:3]
 
     @torch.no_grad()
-    def maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(H, W) class index, (H, W) index of the predicted class's nearest prototype and (H, W) cosine similarity
-        of the pixel's embedding to that prototype (on the 1/4 grid, taken as the prototype map takes it).
+    def maps_and_similarity(
+        self, image: Image.Image, reject_unknown: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """`maps` and the (H, W) cosine similarity of each pixel's embedding to the prototype that won there (on the
+        1/4 grid, taken as the prototype map takes it): what a click shows.
 
         An input smaller than the encoder accepts (a small image and a processor that does not resize) is padded
         with the mean colour and the result cropped back."""
@@ -389,7 +422,9 @@ class Segmenter:
         minimum = int(getattr(self.model, "min_input_size", 1))
         padded_h, padded_w = max(input_h, minimum), max(input_w, minimum)
         pixel_values = F.pad(pixel_values, (0, padded_w - input_w, 0, padded_h - input_h))
-        outputs = self.model(pixel_values=pixel_values, output_pixel_embeddings=True)
+        threshold = self.unknown_threshold() if reject_unknown else None
+        extra = {"output_max_similarity": True} if reject_unknown else {}
+        outputs = self.model(pixel_values=pixel_values, output_pixel_embeddings=True, **extra)
         logits, embeddings = outputs.logits.float(), outputs.pixel_embeddings[0].float()  # (1, K, h, w), (D, h, w)
         if not torch.isfinite(logits).all():
             raise gr.Error("The model produced NaN or inf scores for this image; its weights may be broken.")
@@ -404,40 +439,58 @@ class Segmenter:
         columns = torch.arange(size[1]) * nearest.shape[2] // scaled[1]
         prototype_map = nearest[label_map, rows[:, None], columns[None, :]]
         similarity_map = best[label_map, rows[:, None], columns[None, :]]
-        return label_map.numpy(), prototype_map.numpy(), similarity_map.numpy()
+        unknown = None
+        if reject_unknown:
+            scores = F.interpolate(outputs.max_similarity[:, None].float(), size=scaled, mode="bilinear")
+            unknown = (scores[0, 0, : size[0], : size[1]] < threshold).numpy()
+        return label_map.numpy(), prototype_map.numpy(), unknown, similarity_map.numpy()
 
-    def pictures(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str]:
-        """(overlay, prototype map, legend HTML) of an image at its (bounded) size."""
-        return self.results(image)[:3]
+    def pictures(self, image: Image.Image, reject_unknown: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+        """(overlay, prototype map, legend HTML) of an image at its (bounded) size; with `reject_unknown` the
+        unknown pixels are in the neutral ignore colour in the overlay and listed as "unknown" in the legend."""
+        return self.results(image, reject_unknown)[:3]
 
-    def results(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, str, dict]:
-        """`pictures` and the maps a click reads (`explain`): label, prototype and similarity maps."""
+    def results(self, image: Image.Image, reject_unknown: bool = False) -> tuple[np.ndarray, np.ndarray, str, dict]:
+        """`pictures` and the maps a click reads (`explain`): label, prototype, similarity and unknown maps."""
         image = bounded(image, self.max_pixels)
-        label_map, prototype_map, similarity_map = self.maps(image)
+        label_map, prototype_map, unknown, similarity_map = self.maps_and_similarity(image, reject_unknown)
         array = np.asarray(image)
         num_prototypes = int(self.model.prototypes.shape[1])
+        overlay = overlay_picture(array, label_map, self.colours)
+        legend = legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes)
+        if unknown is not None and unknown.any():
+            overlay[unknown] = overlay_picture(array, np.full_like(label_map, 255), self.colours)[unknown]
+            legend = legend.replace(
+                "</ul>",
+                f'<li class="legend-entry" data-class="unknown">{swatch(IGNORE_COLOUR, "unknown")}'
+                f' <b class="legend-name">unknown</b>: {100 * unknown.mean():.1f}% of the image, below the'
+                " calibrated similarity threshold</li></ul>",
+            )
         return (
-            overlay_picture(array, label_map, self.colours),
+            overlay,
             prototype_picture(array, label_map, prototype_map, num_prototypes, self.colours),
-            legend_html(label_map, prototype_map, self.id2label, self.colours, num_prototypes),
-            {"label": label_map, "prototype": prototype_map, "similarity": similarity_map},
+            legend,
+            {"label": label_map, "prototype": prototype_map, "similarity": similarity_map, "unknown": unknown},
         )
 
-    def __call__(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str]:
+    def __call__(self, image: Image.Image | None, reject_unknown: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
         """What the page shows: the pictures enlarged for display (`for_display`) and the legend."""
-        return self.segment(image)[:3]
+        return self.segment(image, reject_unknown)[:3]
 
-    def segment(self, image: Image.Image | None) -> tuple[np.ndarray, np.ndarray, str, dict, str]:
+    def segment(
+        self, image: Image.Image | None, reject_unknown: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, str, dict, str]:
         """`__call__`, the maps a click reads (with the display's enlargement factor) and a cleared explanation."""
         if image is None:
             raise gr.Error("Upload an image (or pick an example) first.")
-        overlay, prototypes, legend, maps = self.results(image)
+        overlay, prototypes, legend, maps = self.results(image, reject_unknown)
         shown = for_display(overlay)
         maps["factor"] = shown.shape[0] // overlay.shape[0]
         return shown, for_display(prototypes), legend, maps, CLICK_HINT
 
     def explain(self, maps: dict | None, event: gr.SelectData) -> str:
-        """What a click at `event.index` (x, y on the shown, enlarged picture) shows (`explanation_html`)."""
+        """What a click at `event.index` (x, y on the shown, enlarged picture) shows (`explanation_html`): known /
+        unknown as the rejection marked it when it was on, else by the model's calibrated threshold."""
         if not maps:
             raise gr.Error("Segment an image first, then click on a pixel of a result.")
         factor = int(maps.get("factor", 1))
@@ -447,8 +500,13 @@ class Segmenter:
             raise gr.Error(f"The click at {event.index} is outside the image ({width}x{height} pixels).")
         k, m = int(maps["label"][y, x]), int(maps["prototype"][y, x])
         similarity = float(maps["similarity"][y, x])
+        threshold = calibrated_threshold(self.model.config)
+        if maps.get("unknown") is not None:
+            known = not bool(maps["unknown"][y, x])
+        else:
+            known = None if threshold is None else similarity >= threshold
         name = self.id2label.get(k, str(k))
-        return explanation_html(x, y, name, k, m, similarity, unknown_threshold(self.model.config), self.patches)
+        return explanation_html(x, y, name, k, m, similarity, threshold, known, self.patches)
 
 
 def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr.Blocks:
@@ -466,6 +524,11 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
         with gr.Row():
             image = gr.Image(type="pil", image_mode=INPUT_IMAGE_MODE, label="Image", elem_id="input-image")
             legend = gr.HTML(label="Classes", elem_id="legend")
+        reject = gr.Checkbox(
+            value=False,
+            label="Mark unknown pixels (far from every prototype: below the model's calibrated threshold)",
+            elem_id="reject-unknown",
+        )
         button = gr.Button("Segment", variant="primary", elem_id="segment")
         # Captions stand above the pictures (gr.Image's own label is drawn over the picture's top-left corner), with
         # the same height, so that both pictures start on one line; the legend above explains the shades.
@@ -487,7 +550,9 @@ def build_demo(model_id: str | None = None, max_pixels: int | None = None) -> gr
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=image, cache_examples=False)
         maps = gr.State(None)
-        button.click(segmenter.segment, inputs=image, outputs=[overlay, prototypes, legend, maps, explanation])
+        button.click(
+            segmenter.segment, inputs=[image, reject], outputs=[overlay, prototypes, legend, maps, explanation]
+        )
         overlay.select(segmenter.explain, inputs=maps, outputs=explanation)
         prototypes.select(segmenter.explain, inputs=maps, outputs=explanation)
     return demo
