@@ -261,6 +261,12 @@ def test_a_click_explains_the_pixel_with_the_patches_of_the_winning_prototype(sp
     assert 'data-state="unknown"' in segmenter.explain(maps, event)
     model.config.unknown_threshold = float(similarity[y, x]) - 0.01
     assert 'data-state="known"' in segmenter.explain(maps, event)
+    # with the toggle on, known / unknown is what the rejection marked (the max_similarity rule)
+    *_, rejected, _ = segmenter.segment(image, True)
+    marked = rejected["unknown"][y, x]
+    assert f'data-state="{"unknown" if marked else "known"}"' in segmenter.explain(rejected, event)
+    rejected["unknown"][y, x] = not marked
+    assert f'data-state="{"known" if marked else "unknown"}"' in segmenter.explain(rejected, event)
     model.config.unknown_threshold = None
     # a stale file (the prototypes moved): no patches, and the page says why
     with torch.no_grad():
