@@ -44,6 +44,8 @@ def test_every_script_is_listed():
         "benchmark_precision.py",
         "benchmark_quality.py",
         "benchmark_startup.py",
+        "benchmark_unknown.py",
+        "calibrate_unknown.py",
         "evaluate_model.py",
         "export_onnx.py",
         "make_card_pictures.py",
@@ -88,6 +90,9 @@ def test_train_misspelled_flag_is_a_one_line_error(tmp_path, args, message):
         ("benchmark_add_classes.py", ["--quik"], "--quick"),
         ("benchmark_metric.py", ["--image", "3"], "--images"),
         ("benchmark_startup.py", ["--run", "1"], "--runs"),
+        ("benchmark_unknown.py", ["--quik"], "--quick"),
+        ("calibrate_unknown.py", ["--model", "m", "--dataset_nme", "x"], "--dataset_name"),
+        ("evaluate_model.py", ["--model", "m", "--dataset_nme", "x"], "--dataset_name"),
         ("benchmark_quality.py", ["--quick", "--ablatoins", "M-1"], "--ablations"),
         ("benchmark_precision.py", ["--model", "m", "--num_valdation", "3"], "--num_validation"),
         (
