@@ -20,62 +20,23 @@ import sys
 from dataclasses import dataclass, field
 
 from proto_segformer.cli import exit_if_write_failure, parse, run_main
+from proto_segformer.evaluation_arguments import LabelledDataArguments, check_labelled_data_arguments
 from proto_segformer.preflight import check_failed
 
 
 @dataclass
-class CalibrateArguments:
-    model: str = field(metadata={"help": "Local model folder (training output, checkpoint-*, assembled repo)."})
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Any data train.py reads: a built-in name (scenes, voc, ...; builtin:<name>), a Hub id, a"
-            " save_to_disk folder, a parquet folder or an ADE20K-style folder. Default: builtin:scenes."
-        },
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
-    split: str = field(default="validation", metadata={"help": "The labelled split to calibrate on."})
+class CalibrateArguments(LabelledDataArguments):
     accepted_fraction: float = field(
         default=0.95, metadata={"help": "Fraction of the labelled pixels the threshold accepts, in (0, 1]."}
     )
-    mode: str = field(
-        default="whole",
-        metadata={"help": "whole (the image processor's resize) or slide (as predict).", "choices": ["whole", "slide"]},
-    )
-    batch_size: int = field(default=4, metadata={"help": "Images (whole mode) or windows (slide) per forward pass."})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto."})
-    crop_size: int | None = field(default=None, metadata={"help": "Sliding window side (default: the training crop)."})
-    stride: int | None = field(default=None, metadata={"help": "Sliding window step (default: 2/3 of the crop)."})
-    reduce_labels: bool | None = field(
-        default=None, metadata={"help": "Labels start at 1 (0 = ignore). Default: as the model's image processor."}
-    )
-    id2label: str | None = field(default=None, metadata={"help": "json file with the data's class names."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: found by name)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: found by name)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N samples."})
-    check_samples: int = field(default=200, metadata={"help": "Samples checked before the run (-1: all)."})
-    train_val_split: float = field(
-        default=0.15, metadata={"help": "Held-out fraction of train when the data has no validation split."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of that hold-out (train.py's --seed)."})
-    builtin_image_size: int | None = field(default=None, metadata={"help": "Built-in data: image side."})
-    builtin_num_validation: int = field(default=200, metadata={"help": "Built-in data: validation images."})
-    builtin_seed: int = field(default=0, metadata={"help": "Built-in data: seed of the generated images."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
 
 
 def check_arguments(args: CalibrateArguments) -> None:
     """Paths and options, before torch loads."""
-    from proto_segformer.preflight import check_dataset_name, check_existing, check_model_folder
     from proto_segformer.unknown import check_accepted_fraction
 
     check_accepted_fraction(args.accepted_fraction)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
-    check_model_folder(args.model)
-    check_dataset_name(args.dataset_name)
-    if args.id2label is not None:
-        check_existing(args.id2label, "--id2label", kind="file")
+    check_labelled_data_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:
