@@ -10,8 +10,9 @@ the model card reads when it sits in the model folder (--stats_output <model>/pr
 
 With --patches_output <model>/prototype_patches.safetensors it also stores, for case-based explanations, the
 --patches_per_prototype best patches of every prototype (small JPEGs, their sources and similarities, fingerprints of
-the prototypes and network: proto_segformer/explanations.py). Use training images (--split train) for them: predict
---explain_pixel / --explain_class and the Space show them beside a decision; push_to_hub ships the file.
+the prototypes and network: proto_segformer/explanations.py), from training images (the train split, unless --split
+says otherwise): predict --explain_pixel / --explain_class and the Space show them beside a decision; push_to_hub
+ships the file.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ class AtlasArguments:
             " save_to_disk (image/label)."
         },
     )
-    split: str = field(default="validation", metadata={"help": "Split of the data set."})
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of the data set (default: train with --patches_output, whose patches explain decisions by"
+            " training images; validation otherwise)."
+        },
+    )
     num_images: int = field(default=64, metadata={"help": "Images used (the first N of the split)."})
     image_size: int | None = field(
         default=None,
@@ -54,7 +61,7 @@ class AtlasArguments:
         default=None,
         metadata={
             "help": "Also store each prototype's best patches here, for explanations (e.g."
-            " <model>/prototype_patches.safetensors; use --split train)."
+            " <model>/prototype_patches.safetensors; from the train split unless --split says otherwise)."
         },
     )
     patches_per_prototype: int = field(default=3, metadata={"help": "Patches stored per prototype (--patches_output)."})
@@ -144,6 +151,8 @@ def check_paths(args: AtlasArguments) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse(AtlasArguments, argv, description=__doc__)
+    if args.split is None:
+        args.split = "train" if args.patches_output is not None else "validation"
     if check_failed(check_paths, args):
         return 2
 

@@ -134,7 +134,8 @@ def test_visualize_prototypes_writes_the_patches_file(tmp_path, capsys):
     model.save_pretrained(folder)
     SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     visualize = script("visualize_prototypes")
-    arguments = ["--model", str(folder), "--dataset", "scenes", "--split", "train", "--num_images", "4"]
+    # No --split: with --patches_output the patches come from the training images (validation without it).
+    arguments = ["--model", str(folder), "--dataset", "scenes", "--num_images", "4"]
     arguments += ["--output", str(tmp_path / "atlas.png"), "--patches_output", str(folder / PATCHES_FILE)]
     assert visualize.main(arguments) == 0
     assert "Patches for explanations" in capsys.readouterr().out
